@@ -1,0 +1,41 @@
+"""The ``mtrobust-fast`` command line: one table of sub-commands, each implemented in its own module.
+
+Each module named below defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+import argparse
+import importlib
+import sys
+
+# (words of the sub-command, module implementing it, one-line help)
+COMMANDS = [
+    (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
+    (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mtrobust-fast", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups = {}
+    for words, module_name, help_text in COMMANDS:
+        parent = subparsers
+        for depth, word in enumerate(words[:-1]):
+            key = words[: depth + 1]
+            if key not in groups:
+                group = parent.add_parser(word, help=f"{word} commands")
+                groups[key] = group.add_subparsers(dest=f"{word}_command", required=True, metavar="COMMAND")
+            parent = groups[key]
+        sub = parent.add_parser(words[-1], help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
