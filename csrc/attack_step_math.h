@@ -1,0 +1,102 @@
+// The arithmetic of the fused attack step (SPEC §5), shared by the CPU and CUDA kernels.
+//
+// Everything here is plain C++ usable from host and device code and includes no torch header, so the
+// CUDA kernels that use it compile with a bare nvcc. A row is one sample: B rows of N elements each;
+// per-task gradients are T blocks of B rows. The update of one element needs only per-row scalars
+// (task coefficients, and for L2 the step scale s and projection factor k), which come from per-row
+// reductions computed in double precision.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MTR_HD __host__ __device__ __forceinline__
+#else
+#define MTR_HD inline
+#endif
+
+namespace mtr {
+
+// Guard of every norm division: max(‖v‖, kTiny). A zero gradient therefore gives a zero step.
+constexpr double kTiny = 1e-12;
+// Largest number of tasks a single call accepts (bounds the per-row coefficient buffers).
+constexpr int kMaxTasks = 64;
+
+enum class Norm : int { Linf = 0, L2 = 1 };
+
+// The pointers and sizes of one call. acc_t is the "opmath" type: float for half/bfloat16/float, double
+// for double. weights is [B,T] (nullptr = all ones); eps and alpha are [B]; alpha is unused when T == 0
+// (projection only). out may alias x (in-place form): every element is read before it is written.
+template <typename scalar_t, typename acc_t>
+struct StepProblem {
+  const scalar_t* x;
+  const scalar_t* x0;
+  const scalar_t* grads;  // [T, B, N]
+  scalar_t* out;
+  const acc_t* weights;
+  const acc_t* eps;
+  const acc_t* alpha;
+  int64_t B, N, T;
+  Norm norm;
+  bool normalize_task_grads;
+  acc_t lo, hi;
+};
+
+// sign() that keeps NaN (a NaN gradient must not silently become "no move") and maps ±0 to ±0.
+template <typename acc_t>
+MTR_HD acc_t sign_of(acc_t g) {
+  return g > acc_t(0) ? acc_t(1) : (g < acc_t(0) ? acc_t(-1) : g);
+}
+
+// torch.clamp semantics: NaN propagates, and when lower > upper the upper bound wins.
+template <typename acc_t>
+MTR_HD acc_t clamp_between(acc_t v, acc_t lower, acc_t upper) {
+  v = v < lower ? lower : v;
+  return v > upper ? upper : v;
+}
+
+// Coefficient of task t in row b: w[b,t], divided by the task gradient's row norm when normalising.
+template <typename acc_t>
+MTR_HD acc_t task_coefficient(const acc_t* weights, int64_t b, int64_t t, int64_t T, bool normalize,
+                              double task_sumsq) {
+  const acc_t w = weights ? weights[b * T + t] : acc_t(1);
+  if (!normalize) return w;
+  const double n = sqrt(task_sumsq);
+  return w / static_cast<acc_t>(n > kTiny ? n : kTiny);
+}
+
+// Linf update of one element: x + α·sign(g), clamped to [max(x0−ε, lo), min(x0+ε, hi)].
+template <typename acc_t>
+MTR_HD acc_t linf_update(acc_t x, acc_t x0, acc_t g, acc_t alpha, acc_t eps, acc_t lo, acc_t hi) {
+  const acc_t lower = x0 - eps > lo ? x0 - eps : lo;
+  const acc_t upper = x0 + eps < hi ? x0 + eps : hi;
+  return clamp_between(x + alpha * sign_of(g), lower, upper);
+}
+
+// Per-row L2 scalars from the row sums gg = Σg², dg = Σ(x−x0)·g, dd = Σ(x−x0)²:
+// step scale s = α / max(‖g‖, tiny), and the projection factor k = min(1, ε / max(‖δ‖, tiny)) of
+// δ = x + s·g − x0, whose squared norm is dd + 2·s·dg + s²·gg (no second pass over memory needed).
+struct L2RowScalars {
+  double s, k;
+};
+
+MTR_HD L2RowScalars l2_row_scalars(double gg, double dg, double dd, double alpha, double eps) {
+  const double gnorm = sqrt(gg);
+  const double s = alpha / (gnorm > kTiny ? gnorm : kTiny);
+  double dnorm2 = dd + 2.0 * s * dg + s * s * gg;
+  dnorm2 = dnorm2 > 0.0 ? dnorm2 : 0.0;
+  const double dnorm = sqrt(dnorm2);
+  const double ratio = eps / (dnorm > kTiny ? dnorm : kTiny);
+  return {s, ratio < 1.0 ? ratio : 1.0};
+}
+
+// L2 update of one element, in the reference's order: y = x + s·g; δ = y − x0; x0 + k·δ, clamped.
+template <typename acc_t>
+MTR_HD acc_t l2_update(acc_t x, acc_t x0, acc_t g, acc_t s, acc_t k, acc_t lo, acc_t hi) {
+  const acc_t y = x + s * g;
+  const acc_t delta = y - x0;
+  return clamp_between(x0 + delta * k, lo, hi);
+}
+
+}  // namespace mtr
