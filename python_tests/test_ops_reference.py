@@ -232,3 +232,50 @@ def test_unknown_norm_is_rejected():
         R.attack_step(x, x, x, eps=0.1, alpha=0.1, norm="l1")
     with pytest.raises(ValueError, match="norm"):
         R.project(x, x, eps=0.1, norm="l1")
+
+
+# ------------------------------------------------------------------------------------------------
+# The error model of the fused-op tests (python_tests/ops_cases.py), checked on the oracle itself:
+# the oracle in its opmath dtype must agree with the same math done in float64 (then rounded once)
+# within HALF the tolerance the fused op gets. Two implementations each within half of it of the
+# exact answer are then within the full tolerance of each other, and the model is not looser than
+# the arithmetic needs.
+# ------------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+
+import ops_cases as C  # noqa: E402
+
+
+def _float64_step(b):
+    grads = b.grads.double()
+    weights = None if b.weights is None else b.weights.double()
+    out = R.attack_step(b.x.double(), b.x0.double(), grads, weights, eps=b.eps_rows, alpha=b.alpha_rows,
+                        norm=b.case.norm, normalize_task_grads=b.case.normalize, lo=b.case.box[0],
+                        hi=b.case.box[1])
+    return out.to(b.case.dtype)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=C.step_cases())
+def test_error_model_covers_the_oracle_opmath_rounding_with_half_the_tolerance(case):
+    """Oracle (opmath) vs oracle (float64): within half the fused-op tolerance, ambiguity included."""
+    b = C.build(case)
+    C.assert_matches_reference_step(_float64_step(b), b, slack=0.5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=C.step_cases(projection=True))
+def test_error_model_covers_the_oracle_projection_with_half_the_tolerance(case):
+    """Projection oracle (opmath) vs float64: within half the fused-op tolerance."""
+    b = C.build(case)
+    exact = R.project(b.x.double(), b.x0.double(), eps=b.eps_rows, norm=case.norm, lo=case.box[0],
+                      hi=case.box[1]).to(case.dtype)
+    C.assert_matches_reference_project(exact, b, slack=0.5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=C.step_cases())
+def test_oracle_satisfies_the_step_invariants(case):
+    """The oracle's own results lie in the ball ∩ box and move at most alpha from inside points."""
+    b = C.build(case)
+    C.assert_step_invariants(R.attack_step(b.x, b.x0, b.grads, b.weights, **b.step_kwargs()), b)
