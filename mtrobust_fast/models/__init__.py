@@ -1,0 +1,27 @@
+"""Multi-task Taskonomy models: encoders, decoders, the registry that assembles them, and checkpoints."""
+from mtrobust_fast.models.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
+from mtrobust_fast.models.decoders import TaskonomyDecoder
+from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel, check_image_batch
+from mtrobust_fast.models.registry import (
+    build_encoder,
+    build_model,
+    list_encoders,
+    model_from_config,
+    register_encoder,
+)
+
+__all__ = [
+    "FORMAT",
+    "STRIDE",
+    "MultiTaskModel",
+    "TaskonomyDecoder",
+    "build_encoder",
+    "build_model",
+    "check_image_batch",
+    "list_encoders",
+    "load_checkpoint",
+    "model_from_config",
+    "read_checkpoint",
+    "register_encoder",
+    "save_checkpoint",
+]

@@ -1,0 +1,116 @@
+"""Checkpoints that hold only plain data and tensors, load with ``torch.load(weights_only=True)``, and rebuild
+their model from the file alone (the source pickled whole modules behind DataParallel ``module.`` prefixes).
+
+File layout: ``{"format": FORMAT, "config": model.config, "state_dict": ..., "meta": {...}}``.
+"""
+import os
+import pickle
+
+import torch
+
+from mtrobust_fast.models.registry import model_from_config
+
+FORMAT = "mtrobust-fast/multitask-checkpoint/v1"
+
+
+def _check_plain(value, where):
+    """Raise TypeError unless ``value`` is something ``torch.load(weights_only=True)`` can read back."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; only str/int keys are allowed")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; checkpoints hold only tensors, numbers, strings, lists and dicts"
+    )
+
+
+def save_checkpoint(path, model, **metadata):
+    """Write ``model`` (its config and state_dict) plus ``metadata`` to ``path`` atomically.
+
+    The file is written next to ``path`` under a temporary name and renamed over it, so an interrupted save
+    never leaves a truncated checkpoint behind. ``model`` may be wrapped (DDP): its ``.module`` is saved.
+    """
+    model = getattr(model, "module", model)
+    if not getattr(model, "config", None):
+        raise ValueError("model has no config; build it with mtrobust_fast.models.build_model")
+    payload = {"format": FORMAT, "config": dict(model.config), "state_dict": model.state_dict(), "meta": metadata}
+    _check_plain(payload["config"], "config")
+    _check_plain(metadata, "metadata")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load and validate the raw checkpoint dict (format, config, state_dict, meta) without building a model."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is not an mtrobust-fast checkpoint (torch.load weights_only failed: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not an mtrobust-fast checkpoint (expected format {FORMAT!r}, found {found!r})")
+    for key in ("config", "state_dict", "meta"):
+        if not isinstance(payload.get(key), dict):
+            raise ValueError(f"{path} is a damaged checkpoint: its {key!r} entry is missing or not a dict")
+    return payload
+
+
+def _state_dict_mismatch(expected, found):
+    """Describe how ``found`` differs from ``expected`` (missing, unexpected, wrong shape), or '' if it matches."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", reshaped)):
+        if items:
+            more = f" … (+{len(items) - 5} more)" if len(items) > 5 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    return "; ".join(parts)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the model described by the checkpoint's config, load its weights, and return ``(model, meta)``.
+
+    The model is returned in eval mode, on ``map_location``.
+    """
+    payload = read_checkpoint(path, map_location)
+    config = payload["config"]
+    try:
+        model = model_from_config(config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot rebuild the model from its config {config!r}: {err}") from err
+    state_dict = payload["state_dict"]
+    mismatch = _state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise ValueError(f"{path}: state_dict does not match its config {config!r}: {mismatch}")
+    model.load_state_dict(state_dict)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval(), payload["meta"]

@@ -1,0 +1,54 @@
+"""Hard-parameter-sharing multi-task model: one shared encoder, one decoder per task (keyed by task name)."""
+import torch.nn as nn
+
+# Every encoder ends at stride 32 and every decoder up-samples ×32, so inputs must be multiples of this.
+STRIDE = 32
+
+
+def check_image_batch(x, stride=STRIDE):
+    """Raise a clear ValueError unless ``x`` is a floating [B, 3, H, W] batch with H, W divisible by ``stride``."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x must be an image batch of shape [B, 3, H, W], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor of pixels in [0, 1], got dtype {x.dtype}")
+    height, width = x.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(f"x height and width must be divisible by {stride}, got {height}×{width}")
+
+
+class MultiTaskModel(nn.Module):
+    """Images in [0, 1] → ``{task name: raw output at the input resolution}``.
+
+    The model maps pixels to [-1, 1] itself (as the source's data pipeline did), so attacks and users work in
+    [0, 1] pixel space. ``encode`` gives the shared representation, ``decode`` applies every task head to it,
+    and ``forward`` is their composition; the representation is not part of ``forward``'s output so that the
+    output dict holds only task predictions. ``config`` is the plain-data recipe that rebuilds the model
+    (see ``registry.build_model`` and ``checkpoint``).
+    """
+
+    def __init__(self, encoder, decoders, config=None):
+        super().__init__()
+        if not decoders:
+            raise ValueError("decoders must hold at least one task head")
+        self.encoder = encoder
+        self.decoders = nn.ModuleDict(decoders)
+        self.config = dict(config or {})
+
+    @property
+    def task_names(self):
+        return list(self.decoders.keys())
+
+    @staticmethod
+    def normalize(x):
+        """[0, 1] pixels → [-1, 1], the range the Taskonomy models were trained on."""
+        return x * 2.0 - 1.0
+
+    def encode(self, x):
+        check_image_batch(x)
+        return self.encoder(self.normalize(x))
+
+    def decode(self, representation):
+        return {name: decoder(representation) for name, decoder in self.decoders.items()}
+
+    def forward(self, x):
+        return self.decode(self.encode(x))

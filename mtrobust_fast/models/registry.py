@@ -1,0 +1,102 @@
+"""Encoders registered by name, and ``build_model`` which assembles a multi-task model from a task string."""
+import mtrobust_fast
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.models import encoders
+from mtrobust_fast.models.decoders import TaskonomyDecoder
+from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel
+
+_ENCODERS = {}
+
+# Names the source's CLI used (``--arch``) for the same encoders.
+_ALIASES = {"wresnet50": "wide_resnet50_2", "xception": "xception_small"}
+
+
+def register_encoder(name):
+    """Decorator: make an encoder constructor (``**kw -> nn.Module`` with ``out_channels``) buildable by name."""
+
+    def register(constructor):
+        if name in _ENCODERS:
+            raise ValueError(f"encoder {name!r} is already registered")
+        _ENCODERS[name] = constructor
+        return constructor
+
+    return register
+
+
+for _constructor in (
+    encoders.resnet18, encoders.resnet50, encoders.resnet152, encoders.wide_resnet50_2, encoders.xception_small
+):
+    register_encoder(_constructor.__name__)(_constructor)
+
+
+def list_encoders():
+    return sorted(_ENCODERS)
+
+
+def canonical_encoder_name(name):
+    """The registered name for ``name`` (accepting the source's aliases); ValueError listing the choices."""
+    name = _ALIASES.get(name, name)
+    if name not in _ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(list_encoders())}")
+    return name
+
+
+def build_encoder(name, **kw):
+    return _ENCODERS[canonical_encoder_name(name)](**kw)
+
+
+def _weights_by_name(resolved, task_weights):
+    """Task weights keyed by task name; ``None`` → uniform 1/N (the source's unweighted models)."""
+    if task_weights is None:
+        return task_registry.task_weights(resolved)
+    by_key = {}
+    for t in resolved:
+        for key in (t.name, t.letter):
+            if key in task_weights:
+                by_key[t.name] = float(task_weights[key])
+    known = {t.name for t in resolved} | {t.letter for t in resolved}
+    stray = [k for k in task_weights if k not in known]
+    missing = [t.name for t in resolved if t.name not in by_key]
+    if stray or missing:
+        raise ValueError(
+            f"task_weights must give one weight per model task ({', '.join(t.name for t in resolved)}); "
+            f"missing {missing}, not in the model {stray}"
+        )
+    return by_key
+
+
+def build_model(tasks="sdnE", encoder="resnet18", input_size=256, task_weights=None, **kw):
+    """A ``MultiTaskModel`` with the named encoder and one Taskonomy decoder per task of ``tasks``.
+
+    ``tasks``: letters (``"sdnE"``) or a list of letters/names; decoders follow the canonical task order.
+    ``input_size``: the training resolution recorded in the config (any multiple of 32 runs).
+    ``task_weights``: ``None`` (uniform) or a mapping from task letter or name to its loss weight.
+    ``**kw``: passed to the encoder constructor and recorded so checkpoints rebuild the same model.
+    """
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % STRIDE:
+        raise ValueError(f"input_size must be a positive multiple of {STRIDE}, got {input_size!r}")
+    name = canonical_encoder_name(encoder)
+    resolved = task_registry.resolve(tasks)
+    weights = _weights_by_name(resolved, task_weights)
+    trunk = build_encoder(name, **kw)
+    decoders = {t.name: TaskonomyDecoder(trunk.out_channels, t.channels) for t in resolved}
+    config = {
+        "encoder": name,
+        "encoder_kwargs": dict(kw),
+        "tasks": "".join(t.letter for t in resolved),
+        "task_weights": weights,
+        "input_size": input_size,
+        "version": mtrobust_fast.__version__,
+    }
+    return MultiTaskModel(trunk, decoders, config)
+
+
+def model_from_config(config):
+    """Rebuild (fresh weights) the model a ``MultiTaskModel.config`` describes."""
+    return build_model(
+        tasks=config["tasks"],
+        encoder=config["encoder"],
+        input_size=config["input_size"],
+        task_weights=config["task_weights"],
+        **config.get("encoder_kwargs", {}),
+    )
