@@ -19,6 +19,7 @@ Deliberate differences from MTRobust (the training code the AAAI'22 study forked
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
@@ -126,7 +127,8 @@ def _gaussian_blur(x, sigma):
 def _occlusion_target(pixels):
     """Clipped (unlike the source) then blurred with sigma = H/64, i.e. the source's 4 px at 256 x 256."""
     target, _ = _heatmap_target(pixels, EDGE_OCCLUSION_CLIP)
-    return _gaussian_blur(target, pixels.shape[0] * OCCLUSION_BLUR_FRACTION), None
+    blurred = _gaussian_blur(target, pixels.shape[0] * OCCLUSION_BLUR_FRACTION)
+    return blurred.clamp_(-1.0, 1.0), None  # only float rounding can leave [-1, 1] here
 
 
 def _autoencoder_target(pixels):
@@ -225,7 +227,8 @@ def segment_stats(output, target, mask=None):
 
 
 def segment_scores(stats):
-    """mIoU (fraction, over classes present in target or prediction) and pixel accuracy of valid pixels."""
+    """mIoU (a fraction, over classes present in target or prediction) and pixel accuracy, on pixels whose label
+    is not 0. The source averaged IoU x 100 over all 18 classes and counted uncertain pixels as background."""
     classes = math.isqrt(stats.numel())
     confusion = stats.view(classes, classes)
     iou, present = _class_iou(confusion)
@@ -252,8 +255,8 @@ def dense_scores(stats):
     return {"l1": float(stats[0]) / count, "mse": float(stats[1]) / count}
 
 
-SEGMENT_DIRECTIONS = {"miou": True, "pixel_acc": True}
-DENSE_DIRECTIONS = {"l1": False, "mse": False}
+SEGMENT_DIRECTIONS = MappingProxyType({"miou": True, "pixel_acc": True})
+DENSE_DIRECTIONS = MappingProxyType({"l1": False, "mse": False})
 
 
 # ---- the registry ----
@@ -276,6 +279,10 @@ class Task:
     metric_stats: Callable = field(compare=False, repr=False)
     metric_scores: Callable = field(compare=False, repr=False)
     higher_is_better: Mapping = field(compare=False, repr=False)
+
+    def __reduce__(self):
+        """Pickle by letter: unpickling (e.g. in DataLoader workers) gives back the registry's own record."""
+        return get_task, (self.letter,)
 
     @property
     def is_segmentation(self):

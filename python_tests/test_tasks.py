@@ -1,6 +1,7 @@
 """The task registry: decoding of the real Taskonomy encodings, per-sample losses/errors, metrics, resolve, weights."""
 import io
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_tasks_are_frozen_and_hashable():
     with pytest.raises(Exception):
         task.channels = 2
     assert len({task, get_task("depth_zbuffer")}) == 1
+    assert pickle.loads(pickle.dumps(task)) is task
 
 
 def test_resolve_orders_canonically_and_accepts_names():
