@@ -298,7 +298,7 @@ class Task:
         found = array_format(pixels)
         if found not in self.formats:
             wanted = " or ".join(FORMAT_NAMES[f] for f in self.formats)
-            raise ValueError(f"{self.name} needs a {wanted} image, got {FORMAT_NAMES.get(found, found)}")
+            raise ValueError(f"{self.name} needs {wanted} pixels, got {FORMAT_NAMES.get(found, found)}")
         target, own = self.pixels_to_target(pixels)
         height, width = pixels.shape[:2]
         mask = torch.ones((1, height, width), dtype=torch.bool)

@@ -320,11 +320,11 @@ def test_corrupt_png_data_names_the_file(tmp_path):
 def test_wrong_bit_depth_or_colour_type_names_the_file(tmp_path):
     write_sample(tmp_path, 1, 0, domains=["depth_zbuffer", "normal"])
     Image.fromarray(np.zeros((SIDE, SIDE), dtype=np.uint8)).save(one_file(tmp_path, "depth_zbuffer"))
-    with pytest.raises(TaskonomyFileError, match="domain_depth_zbuffer.png: expected a 16-bit grayscale PNG, "
+    with pytest.raises(TaskonomyFileError, match="domain_depth_zbuffer.png: expected a PNG in 16-bit grayscale, "
                                                  "found 8-bit grayscale"):
         TaskonomyDataset(tmp_path, "d", split="all")[0]
     Image.fromarray(np.zeros((SIDE, SIDE, 4), dtype=np.uint8)).save(one_file(tmp_path, "normal"))
-    with pytest.raises(TaskonomyFileError, match="domain_normal.png: expected a 8-bit RGB PNG, found 8-bit RGBA"):
+    with pytest.raises(TaskonomyFileError, match="domain_normal.png: expected a PNG in 8-bit RGB, found 8-bit RGBA"):
         TaskonomyDataset(tmp_path, "n", split="all")[0]
 
 

@@ -217,9 +217,9 @@ def test_extra_validity_is_anded_and_checked():
 
 
 def test_wrong_format_is_refused():
-    with pytest.raises(ValueError, match="depth_zbuffer needs a 16-bit grayscale"):
+    with pytest.raises(ValueError, match="depth_zbuffer needs 16-bit grayscale pixels, got 8-bit grayscale"):
         get_task("d").decode(np.zeros((2, 2), dtype=np.uint8))
-    with pytest.raises(ValueError, match="normal needs a 8-bit RGB"):
+    with pytest.raises(ValueError, match="normal needs 8-bit RGB pixels"):
         get_task("n").decode(np.zeros((2, 2), dtype=np.uint8))
     with pytest.raises(ValueError, match="mode"):
         get_task("n").decode(Image.new("RGBA", (2, 2)))

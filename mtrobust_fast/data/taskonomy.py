@@ -70,7 +70,7 @@ def read_png(path, formats):
         if PNG_FORMATS.get((bits, colour)) not in formats:
             wanted = " or ".join(FORMAT_NAMES[f] for f in formats)
             found = f"{bits}-bit {PNG_COLOUR_TYPES.get(colour, f'colour type {colour}')}"
-            raise TaskonomyFileError(path, f"expected a {wanted} PNG, found {found}")
+            raise TaskonomyFileError(path, f"expected a PNG in {wanted}, found {found}")
         handle.seek(-len(PNG_END), os.SEEK_END)
         if handle.read() != PNG_END:
             raise TaskonomyFileError(path, "truncated or corrupt PNG (it does not end with an IEND chunk)")
