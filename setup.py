@@ -32,7 +32,7 @@ def extensions():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and want_cuda != "0"
     if want_cuda == "1" and not with_cuda:
         raise RuntimeError("MTROBUST_FAST_CUDA=1 but torch has no CUDA or nvcc was not found")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] if os.name != "nt" else ["/O2"]
     if not with_cuda:
         return [CppExtension("mtrobust_fast._C", sources["cpp"], extra_compile_args={"cxx": cxx},
                              extra_link_args=["-fopenmp"], include_dirs=[str(ROOT / "csrc")])]
