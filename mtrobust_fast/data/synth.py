@@ -1,0 +1,325 @@
+"""``mtrobust-fast data synth``: a synthetic Taskonomy dataset in the real encodings and omnidata layout.
+
+Each image is one ray-cast room (:mod:`mtrobust_fast.data.rooms`, :mod:`mtrobust_fast.data.scene`); every
+domain is derived from that single cast, so depth, normals, curvature, shading, labels, edges and keypoints
+agree with each other the way the real ones do. Files land in
+``DIR/{domain}/taskonomy/{building}/point_{P}_view_{V}_domain_{tag}.png`` next to the split CSV
+``DIR/train_val_test_synthetic.csv`` (``id,train,val,test``, one building per row), so the loader that reads
+real Taskonomy reads this too. Everything is a function of (seed, building, point, view): the same seed gives
+byte-identical files whatever the number of workers.
+"""
+import json
+import math
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from mtrobust_fast.data import rooms, scene
+
+# Folder name -> file tag (only segmentation differs), in the order files are written.
+DOMAIN_TAGS = {
+    "rgb": "rgb",
+    "segment_semantic": "segmentsemantic",
+    "depth_zbuffer": "depth_zbuffer",
+    "depth_euclidean": "depth_euclidean",
+    "normal": "normal",
+    "principal_curvature": "principal_curvature",
+    "reshading": "reshading",
+    "edge_texture": "edge_texture",
+    "edge_occlusion": "edge_occlusion",
+    "keypoints2d": "keypoints2d",
+    "keypoints3d": "keypoints3d",
+    "mask_valid": "mask_valid",
+}
+SPLIT_CSV = "train_val_test_synthetic.csv"
+INFO_JSON = "synthetic_info.json"
+
+DEPTH_UNITS_PER_M = 512  # Taskonomy: 1/512 m per unit
+INVALID_DEPTH = 65535
+NORMAL_INVALID = 128
+CURVATURE_ZERO = 127
+CURVATURE_SCALE = 5.0  # encoded units per 1/m: bevels (25/m) just fit in 1..255
+# Peak values of the 16-bit maps, matched to the real samples (research note §1.2).
+EDGE_TEXTURE_GAIN = 70000.0  # per unit of blurred-luminance gradient; strong edges reach ~9-10k
+EDGE_OCCLUSION_PEAK = 4700
+KEYPOINTS2D_PEAK = 1100
+KEYPOINTS2D_SCALE = 1e-3  # corner strength (structure-tensor eigenvalue) that reaches 63 % of the peak
+KEYPOINTS3D_PEAK = 58000
+KEYPOINTS3D_SCALE = 20.0  # blurred |k1 k2| in 1/m^2 that reaches 63 % of the peak
+OCCLUSION_MIN_JUMP = 0.05  # relative depth jump that makes an occlusion edge
+VIEWS_PER_POINT = 3
+IMAGES_PER_BUILDING = 100
+SIZE_MULTIPLE = 32
+PNG_COMPRESS_LEVEL = 1  # with zlib's run-length strategy: the fastest Pillow setting, ~260 KB per 256-px image
+PNG_COMPRESS_TYPE = 3  # zlib Z_RLE
+
+_BUILDING_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class ImageId:
+    """Where one synthetic image lives and which random streams draw it."""
+
+    building_index: int
+    building: str
+    point: int
+    view: int
+
+    def filename(self, domain):
+        return f"point_{self.point}_view_{self.view}_domain_{DOMAIN_TAGS[domain]}.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits and image ids
+# --------------------------------------------------------------------------------------------------
+def split_counts(n):
+    """(train, val, test) sizes for n buildings: about 70/15/15, each split non-empty when n >= 3."""
+    if n >= 3:
+        val = test = max(1, round(0.15 * n))
+    else:
+        val, test = (1 if n == 2 else 0), 0
+    return n - val - test, val, test
+
+
+def default_buildings(images):
+    """Names for about IMAGES_PER_BUILDING images per building, at least three buildings when possible."""
+    count = min(images, max(3, math.ceil(images / IMAGES_PER_BUILDING)))
+    return [f"synth{b:03d}" for b in range(count)]
+
+
+def plan(images, buildings=None):
+    """The ImageIds of a dataset (images spread evenly over buildings) and each building's split."""
+    buildings = default_buildings(images) if buildings is None else list(buildings)
+    if not buildings:
+        raise ValueError("need at least one building")
+    if len(buildings) > images:
+        raise ValueError(f"{len(buildings)} buildings need at least as many images, got {images}")
+    if len(set(buildings)) != len(buildings):
+        raise ValueError("building names must be unique")
+    for name in buildings:
+        if not _BUILDING_NAME.match(name):
+            raise ValueError(f"building name {name!r} must be lowercase letters, digits, '_' or '-'")
+    n_train, n_val, _ = split_counts(len(buildings))
+    splits = {name: "train" if b < n_train else "val" if b < n_train + n_val else "test" for b, name in enumerate(buildings)}
+    per_building, extra = divmod(images, len(buildings))
+    ids = []
+    for b, name in enumerate(buildings):
+        for j in range(per_building + (b < extra)):
+            ids.append(ImageId(b, name, j // VIEWS_PER_POINT, j % VIEWS_PER_POINT))
+    return ids, splits
+
+
+def write_split_csv(path, splits):
+    lines = ["id,train,val,test"]
+    for name, split in splits.items():
+        lines.append(",".join([name] + [str(int(split == s)) for s in ("train", "val", "test")]))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Domains from one render
+# --------------------------------------------------------------------------------------------------
+def _luminance(rgb):
+    return rgb @ np.array([0.299, 0.587, 0.114], rgb.dtype)
+
+
+def _central_differences(image):
+    """x and y derivatives per pixel (zero on the border): cheaper than Sobel and enough after smoothing."""
+    gx, gy = np.zeros_like(image), np.zeros_like(image)
+    gx[:, 1:-1] = (image[:, 2:] - image[:, :-2]) * 0.5
+    gy[1:-1] = (image[2:] - image[:-2]) * 0.5
+    return gx, gy
+
+
+def _structure_min_eigenvalue(gx, gy, sigma):
+    """Smaller eigenvalue of the smoothed structure tensor of a field whose channels have gradients gx, gy:
+    large only where the field varies in two directions (corners), not along straight edges."""
+    a = ndimage.gaussian_filter(sum(g * g for g in gx), sigma)
+    c = ndimage.gaussian_filter(sum(g * g for g in gy), sigma)
+    b = ndimage.gaussian_filter(sum(x * y for x, y in zip(gx, gy)), sigma)
+    return np.maximum((a + c) / 2 - np.sqrt(((a - c) / 2) ** 2 + b * b), 0.0)
+
+
+def _to_uint16(values):
+    return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+
+def encode_depth(metres, valid):
+    return np.where(valid, np.clip(np.rint(np.where(valid, metres, 0) * DEPTH_UNITS_PER_M), 0, INVALID_DEPTH - 1), INVALID_DEPTH).astype(np.uint16)
+
+
+def occlusion_edges(distance, surface_id, valid):
+    """Pixels on the near side of a depth discontinuity between different surfaces (bool)."""
+    edges = np.zeros_like(valid)
+    depth = np.where(valid, distance, 0.0)
+    for axis in (0, 1):
+        for shift in (1, -1):
+            other = np.roll(depth, shift, axis)
+            other_valid = np.roll(valid, shift, axis)
+            other_id = np.roll(surface_id, shift, axis)
+            border = np.zeros_like(valid)
+            index = [slice(None), slice(None)]
+            index[axis] = 0 if shift == 1 else -1
+            border[tuple(index)] = True
+            jump = (other - depth) > OCCLUSION_MIN_JUMP * depth
+            edges |= valid & other_valid & ~border & (other_id != surface_id) & jump
+    return edges
+
+
+def domains_of(render):
+    """Every Taskonomy domain of one render, as the arrays written to PNG."""
+    size = render.rgb.shape[0]
+    px = size / 256.0  # filters scale with resolution so maps look alike at any size
+    valid = render.valid
+    rgb8 = np.clip(np.rint(render.rgb * 255), 0, 255).astype(np.uint8)
+
+    normal = np.where(valid[..., None], np.clip(np.rint((render.normal + 1) * 127.5), 0, 255), NORMAL_INVALID)
+    curv = np.clip(np.rint(CURVATURE_ZERO + CURVATURE_SCALE * render.curvature), 1, 255)
+    curvature = np.zeros((size, size, 3), np.uint8)
+    curvature[..., :2] = np.where(valid[..., None], curv, 0)
+    shade = np.where(valid, np.clip(np.rint(render.shading * 255), 0, 255), 0).astype(np.uint8)
+
+    # Derivatives are taken per 1/256 of the image side so the maps do not depend on the resolution.
+    luminance = ndimage.gaussian_filter(_luminance(rgb8.astype(np.float32) / 255), max(0.6, px))
+    gx, gy = (g * px for g in _central_differences(luminance))
+    edge_texture = _to_uint16(np.hypot(gx, gy) * EDGE_TEXTURE_GAIN)
+    corners_2d = _structure_min_eigenvalue([gx], [gy], 1.5 * px)
+    keypoints2d = _to_uint16(KEYPOINTS2D_PEAK * (1 - np.exp(-corners_2d / KEYPOINTS2D_SCALE)))
+
+    occlusion = occlusion_edges(render.distance, render.surface_id, valid).astype(np.float32)
+    sigma = 0.7 * px  # the blurred 1-px line peaks at 1 after the rescale
+    occlusion = ndimage.gaussian_filter(occlusion, sigma) * (np.sqrt(2 * np.pi) * sigma)
+    edge_occlusion = _to_uint16(EDGE_OCCLUSION_PEAK * np.clip(occlusion, 0, 1))
+
+    # 3-D keypoints: where both principal curvatures are large (box and room corners, small spheres, rims).
+    gaussian_curvature = np.abs(render.curvature[..., 0] * render.curvature[..., 1])
+    corners_3d = ndimage.gaussian_filter(gaussian_curvature, 2.0 * px)
+    keypoints3d = _to_uint16(KEYPOINTS3D_PEAK * (1 - np.exp(-corners_3d / KEYPOINTS3D_SCALE)))
+    keypoints3d[~valid] = 0
+
+    return {
+        "rgb": rgb8,
+        "segment_semantic": render.label,
+        "depth_zbuffer": encode_depth(render.zdepth, valid),
+        "depth_euclidean": encode_depth(render.distance, valid),
+        "normal": normal.astype(np.uint8),
+        "principal_curvature": curvature,
+        "reshading": np.repeat(shade[..., None], 3, axis=2),
+        "edge_texture": edge_texture,
+        "edge_occlusion": edge_occlusion,
+        "keypoints2d": keypoints2d,
+        "keypoints3d": keypoints3d,
+        "mask_valid": np.where(valid, 255, 0).astype(np.uint8),
+    }
+
+
+def render_image(image_id, size, seed):
+    """The render of one image: style from (seed, building), room from the point, camera from the view."""
+    b, p, v = image_id.building_index, image_id.point, image_id.view
+    style = rooms.sample_style(np.random.default_rng([seed, 0, b]))
+    room = rooms.sample_scene(style, np.random.default_rng([seed, 1, b, p]))
+    camera = rooms.sample_camera(room, np.random.default_rng([seed, 2, b, p, v]))
+    return scene.render(room, camera, size)
+
+
+def _write_image(job):
+    out, size, seed, image_id = job
+    for domain, array in domains_of(render_image(image_id, size, seed)).items():
+        path = Path(out) / domain / "taskonomy" / image_id.building / image_id.filename(domain)
+        Image.fromarray(array).save(path, compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_TYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+def _check_arguments(images, size, seed, workers):
+    if not isinstance(images, int) or images <= 0:
+        raise ValueError(f"images must be a positive integer, got {images!r}")
+    if not isinstance(size, int) or size <= 0 or size % SIZE_MULTIPLE:
+        raise ValueError(f"size must be a positive multiple of {SIZE_MULTIPLE} (what the models accept), got {size!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if workers is not None and (not isinstance(workers, int) or workers <= 0):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+
+
+def _prepare_output(out, overwrite):
+    ours = [out / d for d in DOMAIN_TAGS] + [out / SPLIT_CSV, out / INFO_JSON]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a synthetic dataset ({existing[0].name}); pass overwrite=True / --overwrite")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def synthesize(out, images, size=256, seed=0, workers=None, progress=True, buildings=None, overwrite=False):
+    """Write ``images`` synthetic Taskonomy images of ``size`` px under ``out``; returns ``out`` as a Path."""
+    _check_arguments(images, size, seed, workers)
+    ids, splits = plan(images, buildings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_output(out, overwrite)
+    for domain in DOMAIN_TAGS:
+        for name in splits:
+            (out / domain / "taskonomy" / name).mkdir(parents=True, exist_ok=True)
+
+    workers = min(workers or os.cpu_count() or 1, images)
+    jobs = [(str(out), size, seed, image_id) for image_id in ids]
+    with tqdm(total=images, disable=not progress, unit="img", desc="synth") as bar:
+        if workers == 1:
+            for job in jobs:
+                _write_image(job)
+                bar.update()
+        else:
+            chunk = max(1, min(8, images // (4 * workers)))
+            with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+                for _ in pool.map(_write_image, jobs, chunksize=chunk):
+                    bar.update()
+
+    write_split_csv(out / SPLIT_CSV, splits)
+    info = {
+        "generator": "mtrobust_fast.data.synth",
+        "images": images, "size": size, "seed": seed,
+        "intrinsics": scene.camera_intrinsics(size).tolist(),
+        "fov_degrees": scene.FOV_DEGREES,
+        "depth_units_per_m": DEPTH_UNITS_PER_M,
+        "curvature": {"zero": CURVATURE_ZERO, "units_per_inverse_m": CURVATURE_SCALE, "bevel_m": scene.BEVEL_M},
+        "normal_frame": "camera: x right, y up, z towards the viewer; p = (n + 1) * 127.5",
+        "views_per_point": VIEWS_PER_POINT,
+        "splits": splits,
+    }
+    (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
+    parser.add_argument("--images", required=True, type=int, help="number of images")
+    parser.add_argument("--size", type=int, default=256, help=f"image side in px, a multiple of {SIZE_MULTIPLE} (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--buildings", nargs="+", default=None, metavar="NAME",
+                        help="building names, split 70/15/15 in the order given (default: synth000, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args):
+    try:
+        out = synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.quiet, args.buildings, args.overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise SystemExit(f"mtrobust-fast data synth: error: {error}")
+    print(f"wrote {args.images} images ({args.size} px) to {out}")
+    return 0
