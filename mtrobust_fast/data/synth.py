@@ -192,17 +192,18 @@ def domains_of(render):
     luminance = ndimage.gaussian_filter(_luminance(rgb8.astype(np.float32) / 255), max(0.6, px))
     gx, gy = (g * px for g in _central_differences(luminance))
     edge_texture = _to_uint16(np.hypot(gx, gy) * EDGE_TEXTURE_GAIN)
-    corners_2d = _structure_min_eigenvalue([gx], [gy], 1.5 * px)
+    corners_2d = _structure_min_eigenvalue([gx], [gy], 1.5 * max(px, 0.5))
     keypoints2d = _to_uint16(KEYPOINTS2D_PEAK * (1 - np.exp(-corners_2d / KEYPOINTS2D_SCALE)))
 
     occlusion = occlusion_edges(render.distance, render.surface_id, valid).astype(np.float32)
-    sigma = 0.7 * px  # the blurred 1-px line peaks at 1 after the rescale
-    occlusion = ndimage.gaussian_filter(occlusion, sigma) * (np.sqrt(2 * np.pi) * sigma)
+    sigma = 0.7 * max(px, 1.0)
+    line_peak = ndimage.gaussian_filter1d(np.eye(1, 9, 4, dtype=np.float32)[0], sigma)[4]  # blurred 1-px line -> 1
+    occlusion = ndimage.gaussian_filter(occlusion, sigma) / line_peak
     edge_occlusion = _to_uint16(EDGE_OCCLUSION_PEAK * np.clip(occlusion, 0, 1))
 
     # 3-D keypoints: where both principal curvatures are large (box and room corners, small spheres, rims).
     gaussian_curvature = np.abs(render.curvature[..., 0] * render.curvature[..., 1])
-    corners_3d = ndimage.gaussian_filter(gaussian_curvature, 2.0 * px)
+    corners_3d = ndimage.gaussian_filter(gaussian_curvature, 2.0 * max(px, 0.5))
     keypoints3d = _to_uint16(KEYPOINTS3D_PEAK * (1 - np.exp(-corners_3d / KEYPOINTS3D_SCALE)))
     keypoints3d[~valid] = 0
 
