@@ -1,0 +1,191 @@
+"""Property tests: the fused ops ``mtrobust_fast.ops.{attack_step, attack_step_, project, project_}``
+agree with the pure-PyTorch oracle and satisfy the invariants of SPEC §5.
+
+Needs the native extension (``pip install --no-build-isolation -e .``); a missing build fails at import,
+on purpose. Cases (``ops_cases.step_cases``) cover dtypes float64/32/16/bfloat16, B = 1..4, rows of
+1-D, 2-D and 3-D shape (odd sizes such as 3x5x7), T = 1..8, per-row and scalar eps/alpha (zeros
+included), both norms, with/without task normalisation, contiguous / channels_last / strided layouts,
+zero, sparse, integer-tied and exactly opposite task gradients, weights None/ones/random/with zeros, and
+x at x0, inside the ball or anywhere (x0 sometimes outside [lo, hi]). The error model (per-dtype
+tolerances, sign/direction ambiguity under cancellation) is documented in ``ops_cases.py``.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtrobust_fast.ops as ops
+import ops_cases as C
+
+R = C.R
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+MAIN = settings(max_examples=60, deadline=None)
+SMALL = settings(max_examples=30, deadline=None)
+
+
+def _snapshot(b):
+    return [t.clone() for t in (b.x, b.x0, b.grads, b.weights) if t is not None]
+
+
+def _assert_unchanged(b, snap):
+    now = [t for t in (b.x, b.x0, b.grads, b.weights) if t is not None]
+    for before, after in zip(snap, now):
+        assert torch.equal(before, after), "an input tensor was modified"
+
+
+def _assert_layout_kept(out, x):
+    """Contiguous and channels_last inputs give a result with the same strides (documented layout rule)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        assert out.stride() == x.stride(), f"result strides {out.stride()} != input strides {x.stride()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MAIN
+@given(case=C.step_cases())
+def test_attack_step_matches_reference_and_invariants(device, case):
+    """Out-of-place step == oracle (ambiguous signs: an admissible value); in ball ∩ box; |move| <= alpha."""
+    b = C.build(case, device)
+    snap = _snapshot(b)
+    out = ops.attack_step(b.x, b.x0, b.grads, b.weights, **b.step_kwargs())
+    _assert_unchanged(b, snap)
+    _assert_layout_kept(out, b.x)
+    C.assert_matches_reference_step(out, b)
+    C.assert_step_invariants(out, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MAIN
+@given(case=C.step_cases())
+def test_attack_step_inplace_updates_and_returns_x(device, case):
+    """attack_step_ writes the step into x itself (any layout) and returns that same tensor."""
+    b = C.build(case, device)
+    target = C.build(case, device).x  # same values, same layout, a separate tensor
+    ptr, strides = target.data_ptr(), target.stride()
+    out = ops.attack_step_(target, b.x0, b.grads, b.weights, **b.step_kwargs())
+    assert out is target
+    assert target.data_ptr() == ptr and target.stride() == strides
+    C.assert_matches_reference_step(target, b)
+    C.assert_step_invariants(target, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MAIN
+@given(case=C.step_cases(projection=True))
+def test_project_matches_reference_and_is_idempotent(device, case):
+    """project == oracle; result in ball ∩ box; projecting again changes nothing (within rounding)."""
+    b = C.build(case, device)
+    snap = _snapshot(b)
+    out = ops.project(b.x, b.x0, **b.project_kwargs())
+    _assert_unchanged(b, snap)
+    _assert_layout_kept(out, b.x)
+    C.assert_matches_reference_project(out, b)
+    C.assert_project_invariants(out, b)
+    if case.x0_in_box:  # with conflicting bounds the "upper wins" result is not a fixed point in general
+        again = ops.project(out, b.x0, **b.project_kwargs())
+        slack = C.ball_box_slack(b, out)
+        diff = (again.double() - out.double()).abs()
+        if case.norm == "l2":
+            # rounding P(x) to the dtype moves it off the sphere by up to the norm of the rounding errors of
+            # its row (large for bf16 and a small eps), and the second projection may take that back
+            diff, slack = C.row_view(diff).norm(dim=1), C.row_view(slack).norm(dim=1)
+        assert bool((diff <= slack).all()), f"project is not idempotent: max change {float(diff.max())}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases(projection=True))
+def test_project_inplace_updates_and_returns_x(device, case):
+    """project_ writes the projection into x itself and returns that same tensor."""
+    b = C.build(case, device)
+    target = C.build(case, device).x
+    ptr = target.data_ptr()
+    out = ops.project_(target, b.x0, **b.project_kwargs())
+    assert out is target and target.data_ptr() == ptr
+    C.assert_matches_reference_project(target, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases(grad_kinds=("normal", "sparse", "ties")), data=st.data())
+def test_single_task_forms_and_budget_forms_agree(device, case, data):
+    """T=1: grads [B,*S] == [1,B,*S]; weights None == ones; float eps/alpha == the same value per row."""
+    b = C.build(case, device)
+    g = b.grads if b.grads.dim() == b.x.dim() + 1 else b.grads.unsqueeze(0)
+    g1 = g[:1]
+    kw = b.step_kwargs()
+    base = ops.attack_step(b.x, b.x0, g1, None, **kw)
+    forms = {
+        "[B,*S]": ops.attack_step(b.x, b.x0, g1[0], None, **kw),
+        "weights ones": ops.attack_step(b.x, b.x0, g1, torch.ones(b.x.shape[0], 1, device=device,
+                                                                  dtype=b.x.dtype), **kw),
+        "per-row eps/alpha": ops.attack_step(
+            b.x, b.x0, g1, None, **{**kw, "eps": b.eps_rows.to(device, C.R.opmath_dtype(case.dtype)),
+                                     "alpha": b.alpha_rows.to(device, C.R.opmath_dtype(case.dtype))}),
+    }
+    for name, out in forms.items():
+        assert torch.equal(out, base), f"{name} differs from [1,B,*S] with weights None"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases(grad_kinds=("zeros",), starts=("at_x0", "inside"), x0_in_box=True))
+def test_zero_gradient_does_not_move_points_inside_the_ball(device, case):
+    """All task gradients zero and x in ball ∩ box: x' == x (up to rounding of the projection)."""
+    b = C.build(case, device)
+    out = ops.attack_step(b.x, b.x0, b.grads, b.weights, **b.step_kwargs())
+    # x is the rounding of a point inside the ball, so a projection may pull it back by that rounding only
+    diff = (out.double() - b.x.double()).abs()
+    slack = 2 * C.ball_box_slack(b, b.x) + (C.C_REDUCE * case.n ** 0.5 * C.unit_roundoff(case.dtype)
+                                            if case.norm == "l2" else 0.0)
+    assert bool((diff <= slack).all()), f"zero gradient moved x by up to {float(diff.max())}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases(starts=("at_x0", "inside"), x0_in_box=True),
+       weights=st.sampled_from([None, "ones", "twos"]))
+def test_exactly_opposite_task_gradients_give_no_move(device, case, weights):
+    """Tasks G and -G with weights None, 1 or 2 (unnormalised) cancel exactly in any order, even with FMA:
+    x' == x. (With normalisation, w/||G|| * G is not exact and an FMA may leave a rounding residue whose
+    sign is arbitrary; the main test treats that as the documented ambiguity.)"""
+    b = C.build(case, device)
+    g = b.grads if b.grads.dim() == b.x.dim() + 1 else b.grads.unsqueeze(0)
+    pair = torch.stack([g[0], -g[0]])
+    w = None if weights is None else torch.full((b.x.shape[0], 2), 1.0 if weights == "ones" else 2.0,
+                                                dtype=b.x.dtype, device=device)
+    out = ops.attack_step(b.x, b.x0, pair, w, **{**b.step_kwargs(), "normalize_task_grads": False})
+    diff = (out.double() - b.x.double()).abs()
+    slack = 2 * C.ball_box_slack(b, b.x) + (C.C_REDUCE * case.n ** 0.5 * C.unit_roundoff(case.dtype)
+                                            if case.norm == "l2" else 0.0)
+    assert bool((diff <= slack).all()), f"opposite gradients moved x by up to {float(diff.max())}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases(x0_in_box=True), per_row=st.booleans())
+def test_eps_zero_returns_x0_exactly(device, case, per_row):
+    """eps = 0 (as a float or per row): attack_step and project both return clamp(x0, lo, hi) = x0."""
+    b = C.build(case, device)
+    eps = torch.zeros(b.x.shape[0], device=device, dtype=R.opmath_dtype(case.dtype)) if per_row else 0.0
+    kw = {**b.step_kwargs(), "eps": eps}
+    out = ops.attack_step(b.x, b.x0, b.grads, b.weights, **kw)
+    assert torch.equal(out, b.x0), f"max |x' - x0| = {float((out.double() - b.x0.double()).abs().max())}"
+    out = ops.project(b.x, b.x0, eps=eps, norm=case.norm, lo=case.box[0], hi=case.box[1])
+    assert torch.equal(out, b.x0), f"max |P(x) - x0| = {float((out.double() - b.x0.double()).abs().max())}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases())
+def test_alpha_zero_step_is_the_projection(device, case):
+    """alpha = 0: the step reduces to projecting x (fused attack_step == fused project)."""
+    b = C.build(case, device)
+    step = ops.attack_step(b.x, b.x0, b.grads, b.weights, **{**b.step_kwargs(), "alpha": 0.0})
+    proj = ops.project(b.x, b.x0, **b.project_kwargs())
+    tol = C.Tolerance(b, proj).abs if case.norm == "l2" else 0.0
+    diff = (step.double() - proj.double()).abs()
+    assert bool((diff <= tol).all()), f"alpha=0 step differs from projection by {float(diff.max())}"
