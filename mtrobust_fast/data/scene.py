@@ -72,8 +72,11 @@ class Material:
             mix = grout.astype(q.dtype)
         else:
             mix = np.zeros_like(qa)
-        noise = np.sin(self.noise_waves.astype(q.dtype) @ q + self.noise_phase.astype(q.dtype)[:, None]).mean(0)
-        shade = 1.0 + self.noise_amp * noise
+        noise = sum(  # explicit sums: BLAS is slow for an inner dimension of 3
+            np.sin(q[0] * float(w[0]) + q[1] * float(w[1]) + q[2] * float(w[2]) + float(phase))
+            for w, phase in zip(self.noise_waves, self.noise_phase)
+        )
+        shade = 1.0 + (self.noise_amp / len(self.noise_phase)) * noise
         color_a, color_b = (c[:, None].astype(q.dtype) for c in (self.color_a, self.color_b))
         return np.clip((color_a + (color_b - color_a) * mix) * shade, 0.0, 1.0)
 
@@ -314,17 +317,30 @@ def look_at(position, target):
     return Camera(np.asarray(position, float), right, np.cross(right, forward), forward)
 
 
+# Corner pairs (indices into the 8 corners of a box, ordered as by np.meshgrid) joined by its 12 edges.
+_BOX_EDGES = np.array([(a, a | bit) for bit in (1, 2, 4) for a in range(8) if not a & bit])
+
+
 def _pixel_rect(aabb, camera, size, focal):
-    """Rows and columns (slices) that can see the box ``aabb``; the whole image if it crosses the near plane."""
+    """Rows and columns (slices) that can see the box ``aabb``: the projection of its part in front of the
+    near plane (corners in front, plus the points where its edges cross the plane)."""
     lo, hi = aabb
     corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T - camera.position
-    z = corners @ camera.forward
-    if z.min() < _NEAR:
-        return slice(0, size), slice(0, size)
-    cols = focal * (corners @ camera.right) / z + size / 2
-    rows = -focal * (corners @ camera.up) / z + size / 2
-    c0, c1 = int(max(np.floor(cols.min()) - 1, 0)), int(min(np.ceil(cols.max()) + 1, size))
-    r0, r1 = int(max(np.floor(rows.min()) - 1, 0)), int(min(np.ceil(rows.max()) + 1, size))
+    cam = np.stack([corners @ camera.right, -(corners @ camera.up), corners @ camera.forward], axis=1)
+    z = cam[:, 2]
+    if z.max() < _NEAR:
+        return slice(0, 0), slice(0, 0)
+    points = cam[z >= _NEAR]
+    a, b = cam[_BOX_EDGES[:, 0]], cam[_BOX_EDGES[:, 1]]
+    crossing = (a[:, 2] < _NEAR) != (b[:, 2] < _NEAR)
+    if crossing.any():
+        a, b = a[crossing], b[crossing]
+        w = ((_NEAR - a[:, 2]) / (b[:, 2] - a[:, 2]))[:, None]
+        points = np.concatenate([points, a + w * (b - a)])
+    cols = focal * points[:, 0] / points[:, 2] + size / 2
+    rows = focal * points[:, 1] / points[:, 2] + size / 2
+    c0, c1 = int(np.clip(np.floor(cols.min()) - 1, 0, size)), int(np.clip(np.ceil(cols.max()) + 1, 0, size))
+    r0, r1 = int(np.clip(np.floor(rows.min()) - 1, 0, size)), int(np.clip(np.ceil(rows.max()) + 1, 0, size))
     return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
 
 
@@ -333,17 +349,15 @@ def _bounding_sphere(prim):
     return (lo + hi) / 2, float(np.linalg.norm(hi - lo) / 2)
 
 
-def _shadowed(scene, points, dtype):
-    """Which surface points (3, N) the light cannot see.
+def _shadowed(scene, to_light, dist):
+    """Which surface points the light cannot see, given their offsets to the light (3, N) and distances (N,).
 
     Rays go from the light to the points; a point is tested against a primitive only if its ray lies in the
     cone around that primitive's bounding sphere, and against a furniture item's parts only if it lies in
     the item's cone.
     """
-    to_point = points - scene.light[:, None].astype(dtype)
-    dist = np.sqrt((to_point**2).sum(axis=0))
-    unit = to_point / np.maximum(dist, 1e-6)
-    blocked = np.zeros(points.shape[1], bool)
+    unit = to_light / -np.maximum(dist, 1e-6)
+    blocked = np.zeros(dist.shape, bool)
     tolerance = 2e-3 + 1e-3 * dist
 
     def in_cone(aabb, ux, uy, uz):
@@ -394,8 +408,9 @@ def render(scene, camera, size, dtype=np.float32):
     surface_id[~valid] = -1
 
     n_pix = size * size
-    flat_t = t.ravel()
     direction = np.stack([dx.ravel(), dy.ravel(), dz.ravel()])
+    hit_t = np.where(valid, t, 0.0).ravel()
+    points = np.stack([float(origin[a]) + direction[a] * hit_t for a in range(3)])
     normal = np.zeros((3, n_pix), dtype)
     curvature = np.zeros((2, n_pix), dtype)
     albedo = np.zeros((3, n_pix), dtype)
@@ -408,28 +423,26 @@ def render(scene, camera, size, dtype=np.float32):
         if sid < 0:
             continue
         idx = order[start:stop]
-        p = origin[:, None].astype(dtype) + direction[:, idx] * flat_t[idx]
         if sid < 6:
-            n, k1, k2, q = scene.room.surface(int(sid), p)
+            n, k1, k2, q = scene.room.surface(int(sid), points[:, idx])
             material, sem = scene.room.materials[sid], BACKGROUND
         else:
             prim = scene.primitives[sid - 6]
-            n, k1, k2, q = prim.surface(p)
+            n, k1, k2, q = prim.surface(points[:, idx])
             material, sem = prim.material, prim.label
         normal[:, idx], curvature[0, idx], curvature[1, idx] = n, k1, k2
         albedo[:, idx] = material.albedo(q)
         label[idx] = sem
 
-    vidx = np.flatnonzero(valid.ravel())
-    points = origin[:, None].astype(dtype) + direction[:, vidx] * flat_t[vidx]
-    to_light = scene.light[:, None].astype(dtype) - points
-    light_dist = np.sqrt((to_light**2).sum(axis=0))
-    lambert = np.maximum((normal[:, vidx] * to_light).sum(axis=0) / light_dist, 0.0)
+    # Lambertian shading from the point light with soft distance fall-off and hard shadows (0 where invalid:
+    # the normal is 0 there), plus ambient light on every surface.
+    to_light = np.stack([float(scene.light[a]) - points[a] for a in range(3)])
+    light_dist = np.sqrt(to_light[0] ** 2 + to_light[1] ** 2 + to_light[2] ** 2)
+    lambert = np.maximum((normal[0] * to_light[0] + normal[1] * to_light[1] + normal[2] * to_light[2]) / light_dist, 0.0)
     direct = lambert / (1.0 + (light_dist / _UNIT_ATTENUATION_M) ** 2)
     facing = np.flatnonzero(direct > 0)  # only surfaces facing the light can be shadowed
-    direct[facing[_shadowed(scene, points[:, facing], dtype)]] = 0.0
-    shading = np.zeros(n_pix, dtype)
-    shading[vidx] = scene.ambient + (1.0 - scene.ambient) * direct
+    direct[facing[_shadowed(scene, to_light[:, facing], light_dist[facing])]] = 0.0
+    shading = np.where(valid.ravel(), scene.ambient + (1.0 - scene.ambient) * direct, 0.0).astype(dtype)
 
     lit = albedo * shading * (scene.light_color[:, None] * scene.exposure).astype(dtype)
     height = np.clip(direction[1] * 0.5 + 0.5, 0.0, 1.0)
