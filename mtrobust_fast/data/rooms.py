@@ -409,14 +409,14 @@ def sample_scene(style, rng):
 
 
 def sample_camera(scene, rng):
-    """A camera inside the room, outside all furniture, 1-5.5 m from the fixation point and looking at it."""
+    """A camera inside the room, outside all furniture, 1.5-5.5 m from the fixation point and looking at it."""
     size = scene.room.size
     boxes = [p.aabb() for p in scene.primitives]
     for _ in range(100):
         position = np.array([rng.uniform(0.3, size[0] - 0.3), rng.uniform(0.9, 1.8), rng.uniform(0.3, size[2] - 0.3)])
         offset = scene.fixation - position
         dist = np.linalg.norm(offset)
-        if not 1.0 < dist < 5.5 or abs(offset[1]) > 0.8 * dist:
+        if not 1.5 < dist < 5.5 or abs(offset[1]) > 0.8 * dist:
             continue
         if any(np.all(position > lo - 0.15) and np.all(position < hi + 0.15) for lo, hi in boxes):
             continue
