@@ -1,0 +1,217 @@
+"""The epoch loop: schedule, objective step (AMP, DDP), validation metrics, checkpoints, JSON-lines log.
+
+The per-batch objective is pluggable (see ``objectives``), so adversarial training and GAT reuse this loop.
+"""
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mtrobust_fast.models import save_checkpoint
+from mtrobust_fast.training import distributed
+from mtrobust_fast.training.config import lr_at
+
+LOG_NAME = "metrics.jsonl"
+LAST, BEST = "last.pt", "best.pt"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed, epoch, rank):
+    """A well-mixed seed for (run seed, epoch, process): re-seeding every epoch makes a resumed run draw the
+    same random numbers as an uninterrupted one, without storing per-process generator states."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def to_device(batch, device):
+    images, targets, masks = batch
+
+    def move(tensor):
+        return tensor.to(device, non_blocking=True)
+
+    return move(images), {k: move(v) for k, v in targets.items()}, {k: move(v) for k, v in masks.items()}
+
+
+def _plain(value):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summary_line(record):
+    """One human-readable line per epoch: train loss, then each task's validation metrics."""
+    parts = [f"epoch {record['epoch']}"]
+    if "train" in record:
+        parts.append(f"lr {record['train']['lr']:.2g} train loss {record['train']['loss']:.4f}")
+    val = record["val"]
+    parts.append(f"val loss {val['loss']:.4f}")
+    for name, scores in val["tasks"].items():
+        parts.append(name + " " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return " | ".join(parts)
+
+
+class Trainer:
+    """Trains ``model`` with ``objective`` on ``train_loader``; validates with ``loss`` and the tasks' metrics.
+
+    ``schedule``: parsed step schedule (see ``config.parse_schedule``). Checkpoints (rank 0 only) go to
+    ``run_dir``: ``last.pt`` every epoch, ``best.pt`` at the lowest weighted validation loss, and
+    ``epoch_NNNN.pt`` every ``save_every`` epochs; their ``meta`` holds the epoch, optimiser and scaler states,
+    the best loss so far and ``record`` (the run's configuration).
+    """
+
+    def __init__(self, model, objective, optimizer, schedule, train_loader, val_loader, loss, *, run_dir,
+                 ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None):
+        if amp and ctx.device.type != "cuda":
+            raise ValueError("amp (mixed precision) is supported on CUDA only; drop it on CPU")
+        if len(train_loader) == 0:
+            raise ValueError("the training loader yields no batch: the (per-process) training set is smaller "
+                             "than one batch; lower the batch size or add data")
+        self.ctx = ctx
+        self.module = model.to(ctx.device)
+        self.model = DistributedDataParallel(
+            self.module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        ) if ctx.distributed else self.module
+        self.objective, self.optimizer, self.schedule, self.loss = objective, optimizer, schedule, loss
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.run_dir = Path(run_dir)
+        self.amp, self.save_every, self.seed = amp, save_every, seed
+        self.progress = progress and ctx.is_main
+        self.record = dict(record or {})
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp)
+        self.best_loss = math.inf
+        self.task_names = [t.name for t in loss.tasks]
+
+    # ---- one epoch ----
+
+    def _autocast(self):
+        return torch.autocast(self.ctx.device.type, enabled=self.amp)
+
+    def train_epoch(self, epoch, epochs):
+        lr = lr_at(self.schedule, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self.model.train()
+        # Running sums on the device (no per-step host sync): total loss, per-task losses, sample count.
+        sums = torch.zeros(len(self.task_names) + 2, dtype=torch.float64, device=self.ctx.device)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress)
+        for step, batch in enumerate(bar):
+            images, targets, masks = to_device(batch, self.ctx.device)
+            with self._autocast():
+                out = self.objective(self.model, images, targets, masks)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            n = images.shape[0]
+            values = [out.loss.detach()] + [out.task_losses[name] for name in self.task_names]
+            sums[:-1] += torch.stack(values).double() * n
+            sums[-1] += n
+            if self.progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{out.loss.item():.4f}")
+        distributed.all_reduce_sum(self.ctx, sums)
+        means = (sums[:-1] / sums[-1]).tolist()
+        if not math.isfinite(means[0]):
+            raise FloatingPointError(f"training loss became {means[0]} in epoch {epoch + 1}; lower the learning rate")
+        return {"lr": lr, "loss": means[0], "samples": int(sums[-1]),
+                "task_losses": dict(zip(self.task_names, means[1:]))}
+
+    @torch.no_grad()
+    def validate(self):
+        """Per-task validation loss and clean metrics (pooled over every validation pixel of every process)."""
+        self.module.eval()
+        loss_sums = torch.zeros(len(self.task_names) + 1, dtype=torch.float64, device=self.ctx.device)
+        stats = {}
+        for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.progress):
+            images, targets, masks = to_device(batch, self.ctx.device)
+            with self._autocast():
+                outputs = self.module(images)
+            per_sample = self.loss.per_sample(outputs, targets, masks)
+            loss_sums[:-1] += torch.stack([per_sample[name].double().sum() for name in self.task_names])
+            loss_sums[-1] += images.shape[0]
+            for task in self.loss.tasks:
+                batch_stats = task.metric_stats(outputs[task.name], targets[task.name], masks.get(task.name))
+                stats[task.name] = batch_stats if task.name not in stats else stats[task.name] + batch_stats
+        if len(stats) != len(self.task_names):
+            raise ValueError("the validation loader yielded no batch on this process; it needs at least one "
+                             "validation sample per process")
+        distributed.all_reduce_sum(self.ctx, loss_sums)
+        task_means = dict(zip(self.task_names, (loss_sums[:-1] / loss_sums[-1]).tolist()))
+        tasks = {}
+        for task in self.loss.tasks:
+            scores = task.metric_scores(distributed.all_reduce_sum(self.ctx, stats[task.name]).cpu())
+            tasks[task.name] = {"loss": task_means[task.name], **scores}
+        return {"loss": float(self.loss.combine(task_means)), "samples": int(loss_sums[-1]), "tasks": tasks}
+
+    # ---- checkpoints and log ----
+
+    def save(self, name, epoch, metrics):
+        save_checkpoint(
+            self.run_dir / name, self.module, epoch=epoch, optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), best_val_loss=self.best_loss, train_config=self.record,
+            metrics=_plain(metrics),
+        )
+
+    def restore(self, payload):
+        """Continue from a checkpoint payload (``models.read_checkpoint``): weights, optimiser, scaler, best loss.
+
+        Returns the number of epochs already done. RNG streams need no restoring: every epoch re-seeds from
+        (seed, epoch, rank), and the shuffling order is a function of (seed, epoch).
+        """
+        meta = payload["meta"]
+        if "optimizer" not in meta or "epoch" not in meta:
+            raise ValueError("checkpoint holds no training state (optimizer, epoch); it cannot be resumed")
+        self.module.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(meta["optimizer"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.best_loss = meta.get("best_val_loss", math.inf)
+        return int(meta["epoch"])
+
+    def log(self, record):
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / LOG_NAME, "a") as f:
+                f.write(json.dumps(_plain(record)) + "\n")
+            tqdm.write(summary_line(record))
+
+    # ---- the run ----
+
+    def fit(self, epochs, start_epoch=0, val_before=False):
+        """Train epochs ``start_epoch`` … ``epochs - 1``; returns the last epoch's record."""
+        record = None
+        if val_before and start_epoch == 0:
+            record = {"epoch": 0, "val": self.validate()}
+            self.log(record)
+        for epoch in range(start_epoch, epochs):
+            seed_everything(epoch_seed(self.seed, epoch, self.ctx.rank))
+            started = time.perf_counter()
+            train = self.train_epoch(epoch, epochs)
+            val = self.validate()
+            record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": time.perf_counter() - started}
+            improved = val["loss"] < self.best_loss
+            self.best_loss = min(self.best_loss, val["loss"])
+            if self.ctx.is_main:
+                self.save(LAST, epoch + 1, record)
+                if improved:
+                    self.save(BEST, epoch + 1, record)
+                if self.save_every and (epoch + 1) % self.save_every == 0:
+                    self.save(f"epoch_{epoch + 1:04d}.pt", epoch + 1, record)
+            self.log(record)
+        distributed.barrier(self.ctx)
+        return record
