@@ -110,8 +110,8 @@ def test_project_inplace_updates_and_returns_x(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @SMALL
-@given(case=C.step_cases(grad_kinds=("normal", "sparse", "ties")), data=st.data())
-def test_single_task_forms_and_budget_forms_agree(device, case, data):
+@given(case=C.step_cases(grad_kinds=("normal", "sparse", "ties")))
+def test_single_task_forms_and_budget_forms_agree(device, case):
     """T=1: grads [B,*S] == [1,B,*S]; weights None == ones; float eps/alpha == the same value per row."""
     b = C.build(case, device)
     g = b.grads if b.grads.dim() == b.x.dim() + 1 else b.grads.unsqueeze(0)
