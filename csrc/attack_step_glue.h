@@ -44,14 +44,13 @@ struct OpsFor {
     run_if_needed<Run>(p);
     return p.out;
   }
-  static at::Tensor& attack_step_(at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
+  static void attack_step_(at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
                                   const c10::optional<at::Tensor>& weights, const at::Tensor& eps,
                                   const at::Tensor& alpha, c10::string_view norm, bool normalize_task_grads,
                                   double lo, double hi) {
     auto p = prepare(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi, true);
     run_if_needed<Run>(p);
     if (!p.out.is_same(x)) x.copy_(p.out);
-    return x;
   }
   static at::Tensor project(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& eps,
                             c10::string_view norm, double lo, double hi) {
@@ -59,12 +58,11 @@ struct OpsFor {
     run_if_needed<Run>(p);
     return p.out;
   }
-  static at::Tensor& project_(at::Tensor& x, const at::Tensor& x0, const at::Tensor& eps,
+  static void project_(at::Tensor& x, const at::Tensor& x0, const at::Tensor& eps,
                               c10::string_view norm, double lo, double hi) {
     auto p = prepare(x, x0, c10::nullopt, c10::nullopt, eps, c10::nullopt, norm, false, lo, hi, true);
     run_if_needed<Run>(p);
     if (!p.out.is_same(x)) x.copy_(p.out);
-    return x;
   }
 };
 

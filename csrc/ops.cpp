@@ -96,9 +96,9 @@ TORCH_LIBRARY(mtrobust_fast, m) {
   m.def("attack_step(Tensor x, Tensor x0, Tensor grads, Tensor? weights, Tensor eps, Tensor alpha, "
         "str norm, bool normalize_task_grads, float lo, float hi) -> Tensor");
   m.def("attack_step_(Tensor(a!) x, Tensor x0, Tensor grads, Tensor? weights, Tensor eps, Tensor alpha, "
-        "str norm, bool normalize_task_grads, float lo, float hi) -> Tensor(a!)");
+        "str norm, bool normalize_task_grads, float lo, float hi) -> ()");
   m.def("project(Tensor x, Tensor x0, Tensor eps, str norm, float lo, float hi) -> Tensor");
-  m.def("project_(Tensor(a!) x, Tensor x0, Tensor eps, str norm, float lo, float hi) -> Tensor(a!)");
+  m.def("project_(Tensor(a!) x, Tensor x0, Tensor eps, str norm, float lo, float hi) -> ()");
 }
 
 // `import mtrobust_fast._C` loads this library, which registers the operators above.

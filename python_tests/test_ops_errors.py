@@ -92,6 +92,14 @@ def test_no_task_gradient_is_a_value_error(name):
         _call(name, x, x0, empty, torch.ones(B, 0))
 
 
+@pytest.mark.parametrize("name", list(STEP_FUNCS))
+def test_too_many_tasks_is_a_value_error_naming_grads(name):
+    """More task gradients than the kernels support (ops.MAX_TASKS) is refused in Python, naming grads."""
+    x, x0, _, _ = _inputs()
+    with pytest.raises(ValueError, match="grads"):
+        _call(name, x, x0, torch.zeros((ops.MAX_TASKS + 1, B) + S))
+
+
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_zero_dim_x_is_a_value_error(name):
     """x needs a leading batch dimension."""

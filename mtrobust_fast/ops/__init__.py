@@ -20,6 +20,7 @@ from mtrobust_fast import _C  # noqa: F401  (loads the library that registers th
 __all__ = ["attack_step", "attack_step_", "project", "project_", "NORMS"]
 
 NORMS = ("linf", "l2")
+MAX_TASKS = 64  # csrc/attack_step_math.h: kMaxTasks
 _ops = torch.ops.mtrobust_fast
 
 
@@ -82,10 +83,12 @@ def _row_parameter(name, value, x):
     if value.dim() != 1 or value.shape[0] != batch:
         raise ValueError(f"{name} must be a float or a tensor of shape [{batch}] (one per row), "
                          f"got shape {tuple(value.shape)}")
-    if value.device.type == "cpu":
+    if value.device != x.device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
             raise ValueError(f"{name} must be finite and >= 0 in every row")
-    else:
+    else:  # checking on the host would synchronise with the device (or break a compiled graph)
         torch._assert_async(torch.isfinite(value).all() & (value >= 0).all(),
                             f"{name} must be finite and >= 0 in every row")
     return value.to(device=x.device, dtype=dtype, non_blocking=True)
@@ -101,6 +104,8 @@ def _task_grads(grads, weights, x):
     tasks = grads.shape[0]
     if tasks == 0:
         raise ValueError("grads holds no task (T=0); pass at least one gradient")
+    if tasks > MAX_TASKS:
+        raise ValueError(f"grads holds {tasks} tasks; at most {MAX_TASKS} are supported per call")
     if weights is not None:
         _check_tensor("weights", weights)
         if weights.device != x.device:
@@ -144,7 +149,8 @@ def attack_step(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normaliz
 def attack_step_(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normalize_task_grads=False,
                  lo=0.0, hi=1.0):
     """In-place form of :func:`attack_step`: updates and returns ``x``."""
-    return _ops.attack_step_(*_step_args(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi))
+    _ops.attack_step_(*_step_args(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi))
+    return x
 
 
 def _project_args(x, x0, eps, norm, lo, hi):
@@ -161,7 +167,8 @@ def project(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
 
 def project_(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
     """In-place form of :func:`project`: updates and returns ``x``."""
-    return _ops.project_(*_project_args(x, x0, eps, norm, lo, hi))
+    _ops.project_(*_project_args(x, x0, eps, norm, lo, hi))
+    return x
 
 
 def _fake_output(x):
@@ -178,7 +185,7 @@ def _attack_step_fake(x, x0, grads, weights, eps, alpha, norm, normalize_task_gr
 
 @torch.library.register_fake("mtrobust_fast::attack_step_")
 def _attack_step_inplace_fake(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi):
-    return x
+    return None
 
 
 @torch.library.register_fake("mtrobust_fast::project")
@@ -188,4 +195,4 @@ def _project_fake(x, x0, eps, norm, lo, hi):
 
 @torch.library.register_fake("mtrobust_fast::project_")
 def _project_inplace_fake(x, x0, eps, norm, lo, hi):
-    return x
+    return None
