@@ -31,7 +31,7 @@ import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -296,7 +296,10 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
                 bar.update()
         else:
             chunk = max(1, min(8, images // (4 * workers)))
-            with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+            # fork where there is one: no re-import of the caller's script (which spawn needs guarded by
+            # __main__) and a fast start; the workers use numpy, scipy and Pillow only, never torch.
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
                 for _ in pool.map(_write_image, jobs, chunksize=chunk):
                     bar.update()
 
