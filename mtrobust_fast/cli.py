@@ -8,6 +8,7 @@ import sys
 
 # (words of the sub-command, module implementing it, one-line help)
 COMMANDS = [
+    (("quickstart",), "mtrobust_fast.quickstart", "synthesise data, train small models, print their results"),
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
     (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
 ]

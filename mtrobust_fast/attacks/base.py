@@ -1,0 +1,286 @@
+"""The common machinery of the iterative attacks (SPEC §6): configuration checks, the per-row objective,
+input gradients, random starts, restarts and batched attacked-task subsets.
+
+Rows: an attack works on R rows, each an image with its own attacked-task weights (a row of ``W``, [R, T]),
+budget (eps, alpha) and sample id. A plain call has one row per image; :meth:`Attack.run_subsets` repeats the
+images once per attacked set, so every attacked set advances in the same forward/backward pass. Subclasses
+implement :meth:`Attack._optimize` (one restart from a start point); every update goes through the fused
+``attack_step`` operator. Nothing in a step loop reads a value back to the host.
+"""
+import abc
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import torch
+
+from mtrobust_fast import ops
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks.specs import resolve_specs
+
+_fused = torch.ops.mtrobust_fast
+_NOISE_KINDS = {"rand": 0, "randn": 1}
+
+
+def _check_budget(name, value, positive=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if positive and value == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _rows(t, repeats):
+    """t [B, ...] repeated `repeats` times along the batch: row s·B + b is t[b]."""
+    return t.repeat(repeats, *([1] * (t.dim() - 1)))
+
+
+@dataclass
+class Rows:
+    """The rows one attack call works on: clean inputs, per-task targets and masks, the tasks attacked in any
+    row (``active``) with per-row weights ``[R, len(active)]``, per-row budgets and sample ids."""
+
+    x0: torch.Tensor
+    targets: dict
+    masks: dict
+    active: list
+    weights: torch.Tensor
+    eps: torch.Tensor
+    alpha: torch.Tensor
+    ids: torch.Tensor
+
+
+class Attack(abc.ABC):
+    """Base of the attacks. See :class:`mtrobust_fast.attacks.PGD` for the arguments."""
+
+    default_random_start = True
+
+    def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=2 / 255, steps=25, norm="linf",
+                 random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
+                 channels_last=False, lo=0.0, hi=1.0):
+        self.model = model
+        self.specs = resolve_specs(model, tasks)
+        self.eps = _check_budget("eps", eps)
+        self.alpha = _check_budget("alpha", alpha)
+        self.steps = _check_count("steps", steps)
+        self.restarts = _check_count("restarts", restarts)
+        if not isinstance(norm, str) or norm.lower() not in ops.NORMS:
+            raise ValueError(f"norm must be one of {ops.NORMS}, got {norm!r}")
+        self.norm = norm.lower()
+        self.random_start = self.default_random_start if random_start is None else bool(random_start)
+        self.target_tasks = self.task_names(target_tasks) if target_tasks is not None else [s.name for s in self.specs]
+        self.seed = int(seed)
+        self.deterministic = bool(deterministic)
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+        self.channels_last = bool(channels_last)
+        if not lo < hi:
+            raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
+        self.lo, self.hi = float(lo), float(hi)
+        self._generator = None
+
+    # ---- public API ----
+
+    def task_names(self, keys):
+        """Names of the attack's tasks given as names or registry letters; errors name an unknown task."""
+        if isinstance(keys, str):
+            keys = [keys] if keys in {s.name for s in self.specs} else list(keys)
+        by_name = {s.name: s.name for s in self.specs}
+        names = []
+        for key in keys:
+            name = by_name.get(key)
+            if name is None and key in task_registry.BY_LETTER:
+                name = by_name.get(task_registry.BY_LETTER[key].name)
+            if name is None:
+                raise ValueError(f"unknown task {key!r}: this attack's tasks are {list(by_name)}")
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise ValueError("the attacked task set is empty")
+        return names
+
+    def __call__(self, x, targets, masks=None, sample_ids=None):
+        """Adversarial examples for the attack's ``target_tasks``: a tensor like ``x``."""
+        x, targets, masks, ids = self._check_batch(x, targets, masks, sample_ids)
+        return self._attack(x, targets, masks, [self.target_tasks], ids)
+
+    def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
+        """Attack the same images once per attacked set, all sets in one batch of rows.
+
+        ``subsets``: list of attacked sets (each a list of task names/letters, or a letter string); default
+        every non-empty subset of ``target_tasks``. Returns ``[len(subsets), *x.shape]``; entry s equals
+        ``self(x, ...)`` with ``target_tasks=subsets[s]`` (same seed and sample ids).
+        """
+        x, targets, masks, ids = self._check_batch(x, targets, masks, sample_ids)
+        if subsets is None:
+            subsets = [list(c) for k in range(1, len(self.target_tasks) + 1)
+                       for c in combinations(self.target_tasks, k)]
+        named = [self.task_names(s) for s in subsets]
+        if not named:
+            raise ValueError("subsets is empty")
+        repeats = len(named)
+        adv = self._attack(_rows(x, repeats), {k: _rows(v, repeats) for k, v in targets.items()},
+                           {k: _rows(v, repeats) for k, v in masks.items()}, named, ids.repeat(repeats))
+        return adv.reshape(repeats, *x.shape)
+
+    def losses(self, x, targets, masks=None):
+        """Per-sample losses of every task of the attack at ``x``: ``{name: [B]}`` (no gradient)."""
+        x, targets, masks, _ = self._check_batch(x, targets, masks, None)
+        with torch.no_grad(), self._eval_mode():
+            per_task = self._task_losses(self._prepare(x), targets, masks, [s.name for s in self.specs])
+        return {s.name: per_task[:, i] for i, s in enumerate(self.specs)}
+
+    # ---- for subclasses ----
+
+    @abc.abstractmethod
+    def _optimize(self, x, rows):
+        """One restart from start point ``x`` (modified in place or replaced); returns the final points."""
+
+    def _task_losses(self, x, targets, masks, names):
+        """[R, len(names)] per-sample losses at x (graph kept when x requires grad)."""
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            outputs = self.model(x)
+        by_name = {s.name: s for s in self.specs}
+        return torch.stack([by_name[n].loss(by_name[n].output(outputs).float(), targets[n], masks.get(n))
+                            for n in names], dim=1)
+
+    def _objective_and_grad(self, x, rows, weights=None):
+        """Per-row objective Σ_t W[r,t]·L_t (W = ``rows.weights`` unless given) and its input gradient; no
+        parameter gradient is computed. Returns (objective [R], per-task losses [R, T], gradient), detached."""
+        xg = x.detach().requires_grad_(True)
+        losses = self._task_losses(xg, rows.targets, rows.masks, rows.active)
+        objective = ((rows.weights if weights is None else weights) * losses).sum(dim=1)
+        (grad,) = torch.autograd.grad(objective.sum(), xg)
+        return objective.detach(), losses.detach(), grad
+
+    def _objective(self, x, rows):
+        with torch.no_grad():
+            return (rows.weights * self._task_losses(x, rows.targets, rows.masks, rows.active)).sum(dim=1)
+
+    def _step(self, x, rows, grads, alpha=None, task_weights=None, normalize_task_grads=False):
+        """In-place fused update of x (grads [T, R, ...], optional per-row step sizes and task weights [R, T]);
+        the arguments were checked when the attack started, so the registered operator is called directly."""
+        _fused.attack_step_(x, rows.x0, grads, task_weights, rows.eps, rows.alpha if alpha is None else alpha,
+                            self.norm, normalize_task_grads, self.lo, self.hi)
+        return x
+
+    # ---- internals ----
+
+    def _check_batch(self, x, targets, masks, sample_ids):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+            raise ValueError("x must be a floating-point tensor [B, ...] of inputs in [lo, hi]")
+        names = [s.name for s in self.specs]
+        if isinstance(targets, torch.Tensor):
+            if len(self.specs) != 1:
+                raise ValueError(f"targets must be a dict keyed by task name for tasks {names}")
+            targets = {names[0]: targets}
+        if not isinstance(targets, dict):
+            raise ValueError(f"targets must be a dict keyed by task name, got {type(targets).__name__}")
+        missing = [n for n in names if n not in targets]
+        if missing:
+            raise ValueError(f"targets has no entry for task(s) {missing}")
+        if isinstance(masks, torch.Tensor):
+            if len(self.specs) != 1:
+                raise ValueError(f"masks must be a dict keyed by task name for tasks {names}")
+            masks = {names[0]: masks}
+        masks = dict(masks or {})
+        for name, t in list(targets.items()) + list(masks.items()):
+            if t.shape[0] != x.shape[0]:
+                raise ValueError(f"targets/masks[{name!r}] has {t.shape[0]} rows but x has {x.shape[0]}")
+        if sample_ids is None:
+            ids = torch.arange(x.shape[0])
+        else:
+            ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1).cpu()
+            if ids.numel() != x.shape[0]:
+                raise ValueError(f"sample_ids has {ids.numel()} entries but x has {x.shape[0]} rows")
+        targets = {n: targets[n] for n in names}
+        masks = {n: masks[n] for n in names if n in masks}
+        return x, targets, masks, ids
+
+
+    def _prepare(self, x):
+        x = x.detach()
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x.clone()
+
+    @contextmanager
+    def _eval_mode(self):
+        """Model in eval mode (BatchNorm frozen); deterministic algorithms when asked; restored afterwards."""
+        was_training = self.model.training
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        self.model.eval()
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    def _noise(self, shape, ids, restart, device, kind):
+        """Uniform [0,1) ("rand") or normal ("randn") noise of shape [R, ...]. Deterministic mode draws row r from
+        a generator seeded by (seed, sample id, restart) alone, so it does not depend on the batch."""
+        draw = torch.rand if kind == "rand" else torch.randn
+        if not self.deterministic:
+            if self._generator is None or self._generator.device != torch.device(device):
+                self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            return draw(shape, generator=self._generator, device=device)
+        per_row = []
+        gen = torch.Generator()
+        for sample in ids.tolist():
+            key = np.random.SeedSequence([self.seed, sample, restart, _NOISE_KINDS[kind]])
+            gen.manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
+            per_row.append(draw(shape[1:], generator=gen))
+        return torch.stack(per_row).to(device)
+
+    def _start(self, x0, ids, restart, eps):
+        """A start point uniform in the eps-ball around x0 (projected into [lo, hi]), or x0 itself."""
+        x = x0.clone()
+        if not self.random_start:
+            return x
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        if self.norm == "linf":
+            delta = (2 * self._noise(x0.shape, ids, restart, x0.device, "rand") - 1) * eps.view(view)
+        else:
+            direction = self._noise(x0.shape, ids, restart, x0.device, "randn").flatten(1)
+            direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            radius = self._noise((x0.shape[0], 1), ids, restart, x0.device, "rand") ** (1.0 / direction.shape[1])
+            delta = (direction * radius * eps[:, None]).view(x0.shape)
+        x += delta.to(x.dtype)
+        _fused.project_(x, x0, eps, self.norm, self.lo, self.hi)
+        return x
+
+    def _attack(self, x, targets, masks, attacked_sets, ids):
+        """Attack rows whose consecutive blocks of x.shape[0] / len(attacked_sets) rows attack one set each."""
+        x0 = self._prepare(x)
+        count = x0.shape[0]
+        active = [s.name for s in self.specs if any(s.name in group for group in attacked_sets)]
+        table = torch.tensor([[1.0 if n in group else 0.0 for n in active] for group in attacked_sets])
+        opmath = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        rows = Rows(x0, targets, masks, active,
+                    table.repeat_interleave(count // len(attacked_sets), dim=0).to(x0.device),
+                    torch.full((count,), self.eps, dtype=opmath, device=x0.device),
+                    torch.full((count,), self.alpha, dtype=opmath, device=x0.device), ids)
+        with self._eval_mode():
+            best_x, best_loss = None, None
+            for restart in range(self.restarts):
+                x_adv = self._optimize(self._start(x0, ids, restart, rows.eps), rows)
+                if self.restarts == 1:
+                    return x_adv.detach()
+                loss = self._objective(x_adv, rows)
+                if best_x is None:
+                    best_x, best_loss = x_adv.detach(), loss
+                else:
+                    better = loss > best_loss
+                    best_x = torch.where(better.view((-1,) + (1,) * (x0.dim() - 1)), x_adv.detach(), best_x)
+                    best_loss = torch.where(better, loss, best_loss)
+            return best_x

@@ -1,0 +1,48 @@
+"""Projected gradient descent (Madry et al.) on the sum of the attacked tasks' per-sample losses, and FGSM."""
+from mtrobust_fast.attacks.base import Attack
+
+
+class PGD(Attack):
+    """PGD on a multi-task model: each step ascends Σ_{t attacked} L_t per sample and projects (SPEC §6).
+
+    Args:
+        model: an ``nn.Module`` returning a dict (keyed by task name), a tuple or a tensor.
+        tasks: the model's tasks: None (``model.task_names``), a letter string like ``"sd"``, or a list of
+            :class:`~mtrobust_fast.attacks.TaskSpec`, registry tasks, letters or names.
+        eps, alpha: ball radius and step size in input units ([0, 1] pixels: 8/255 means 8/255).
+        steps: number of iterations (>= 1).
+        norm: ``"linf"`` or ``"l2"`` (per-sample norms).
+        random_start: start uniformly inside the ball (default True for PGD).
+        restarts: independent starts; the per-sample worst case (highest attacked loss) is kept.
+        target_tasks: the attacked set (names or letters); default every task.
+        seed, deterministic: with ``deterministic=True`` the random start of a sample depends only on
+            (seed, its sample id, restart), so results do not depend on batch composition, and torch's
+            deterministic algorithms are enabled during the attack.
+        autocast: None, ``torch.bfloat16`` or ``torch.float16`` for the model's forward/backward.
+        channels_last: run the model on channels_last inputs (faster convolutions on GPUs).
+        lo, hi: the valid input range.
+
+    Differences from the AAAI'22 code: the random start is uniform in the ball (the source always started at
+    the corner ``min(1, x + eps)``), and L2 norms are per sample (the source normalised over the whole batch).
+
+    ``atk(x, targets, masks)`` returns the adversarial batch; ``atk.run_subsets(...)`` attacks many attacked
+    sets at once.
+    """
+
+    def _optimize(self, x, rows):
+        for _ in range(self.steps):
+            _, _, grad = self._objective_and_grad(x, rows)
+            self._step(x, rows, grad.unsqueeze(0))
+        return x
+
+
+class FGSM(PGD):
+    """Fast gradient sign method: one step of size ``eps`` from the clean input (``alpha`` defaults to ``eps``).
+    With ``random_start=True`` and a smaller ``alpha`` it is the FGSM-RS step of fast adversarial training."""
+
+    default_random_start = False
+
+    def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, **kwargs):
+        if "steps" in kwargs:
+            raise ValueError("FGSM takes exactly one step; use PGD for more")
+        super().__init__(model, tasks, eps=eps, alpha=eps if alpha is None else alpha, steps=1, **kwargs)
