@@ -38,6 +38,11 @@ def _check_count(name, value):
     return value
 
 
+def _full_precision(output):
+    """Autocast outputs (float16/bfloat16) go to float32 for the loss; float32/float64 stay as they are."""
+    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+
+
 def _rows(t, repeats):
     """t [B, ...] repeated `repeats` times along the batch: row s·B + b is t[b]."""
     return t.repeat(repeats, *([1] * (t.dim() - 1)))
@@ -151,7 +156,7 @@ class Attack(abc.ABC):
         with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
             outputs = self.model(x)
         by_name = {s.name: s for s in self.specs}
-        return torch.stack([by_name[n].loss(by_name[n].output(outputs).float(), targets[n], masks.get(n))
+        return torch.stack([by_name[n].loss(_full_precision(by_name[n].output(outputs)), targets[n], masks.get(n))
                             for n in names], dim=1)
 
     def _objective_and_grad(self, x, rows, weights=None):
