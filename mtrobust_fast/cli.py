@@ -11,6 +11,7 @@ COMMANDS = [
     (("quickstart",), "mtrobust_fast.quickstart", "synthesise data, train small models, print their results"),
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
     (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
+    (("attack",), "mtrobust_fast.attack_cli", "attack a checkpoint's model and report its vulnerability"),
 ]
 
 

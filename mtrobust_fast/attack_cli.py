@@ -1,0 +1,279 @@
+"""``mtrobust-fast attack``: attack a checkpoint's model on Taskonomy data (real or synthetic) and report, per
+attacked set and evaluated task, the clean and adversarial error, the relative and adversarial vulnerability and
+the first-order gradient terms (see :mod:`mtrobust_fast.metrics`), as a table, a CSV and a JSON file.
+
+Several attacked sets (``--target s,sd,all``) are attacked in one batch of rows (``Attack.run_subsets``), and the
+marginal vulnerability between sets that differ by one task is reported. Budgets are in [0, 1] pixel units
+(``--eps 8/255`` means 8/255), not the source's "integer × 2/255" units.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from mtrobust_fast import attacks as attack_module
+from mtrobust_fast import metrics
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.data.taskonomy import SPLITS, TaskonomyDataset
+from mtrobust_fast.models import load_checkpoint
+from mtrobust_fast.training.distributed import resolve_device
+from mtrobust_fast.training.loop import to_device
+
+ATTACKS = {"pgd": "PGD", "wgd": "WGD", "apgd": "APGD", "fgsm": "FGSM"}
+
+
+class UsageError(ValueError):
+    """A bad command-line value found after parsing; the message starts with the argument's name."""
+
+
+def budget(text):
+    """A budget given as a float ("0.03") or a fraction ("8/255"); must be finite and >= 0."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def target_sets(text):
+    """Comma-separated attacked sets: task letters ("s", "sd") or "all"; letters are checked here, membership
+    in the model later."""
+    sets = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise argparse.ArgumentTypeError(f"empty attacked set in {text!r}")
+        if item == "all":
+            sets.append(item)
+            continue
+        try:
+            sets.append(metrics.set_label(t.name for t in task_registry.resolve(item)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return sets
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
+    add("--data", required=True, type=Path, help="Taskonomy root (real or from `mtrobust-fast data synth`)")
+    add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
+    add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
+    add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
+    add("--alpha", type=budget, default=None, help="step size, e.g. 2/255 (default: the attack's own)")
+    add("--steps", type=positive_int, default=None, help="iterations (default: the attack's own, 25 for PGD)")
+    add("--normalize-task-grads", action="store_true",
+        help="wgd: L2-normalise each task's input gradient per sample before weighting")
+    add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
+    add("--target", type=target_sets, default=["all"],
+        help="attacked sets, comma-separated: task letters or 'all' (default all), e.g. s,sd,all")
+    add("--split", choices=SPLITS, default="val", help="data split (default %(default)s)")
+    add("--size", type=positive_int, default=None, help="image side in px (default: the model's input size)")
+    add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
+    add("--limit", type=positive_int, default=None, help="attack only the first N images of the split")
+    add("--seed", type=int, default=0, help="random-start seed (default %(default)s)")
+    add("--deterministic", action="store_true",
+        help="random starts that depend only on (seed, image index), and deterministic algorithms")
+    add("--no-gradients", action="store_true",
+        help="skip the clean input-gradient statistics (one extra backward pass per task and batch)")
+    add("--out", type=Path, default=None,
+        help="write OUT.csv and OUT.json (a .csv or .json suffix is replaced)")
+    add("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def _attack_class(name):
+    cls = getattr(attack_module, ATTACKS[name], None)
+    if cls is None:
+        raise UsageError(f"--attack: {name} is not available in this installation "
+                         f"(mtrobust_fast.attacks has no {ATTACKS[name]})")
+    return cls
+
+
+def _resolve_sets(sets, model_tasks, checkpoint):
+    """Attacked sets as tuples of task names in the model's order; every task must be one of the model's."""
+    letters = "".join(task_registry.get_task(name).letter for name in model_tasks)
+    resolved = []
+    for item in sets:
+        names = list(model_tasks) if item == "all" else [t.name for t in task_registry.resolve(item)]
+        missing = [name for name in names if name not in model_tasks]
+        if missing:
+            raise UsageError(f"--target: the model in {checkpoint} has tasks {letters}; it has no "
+                             f"{', '.join(missing)} ({metrics.set_label(missing)}) to attack")
+        chosen = tuple(name for name in model_tasks if name in names)
+        if chosen not in resolved:
+            resolved.append(chosen)
+    return resolved
+
+
+def build_attack(args, model, sets):
+    """The attack the arguments describe, attacking the union of ``sets``."""
+    cls = _attack_class(args.attack)
+    kwargs = dict(eps=args.eps, norm=args.norm, restarts=args.restarts, seed=args.seed,
+                  deterministic=args.deterministic,
+                  target_tasks=[name for name in model.task_names if any(name in s for s in sets)])
+    if args.alpha is not None:
+        if args.attack == "apgd":
+            raise UsageError("--alpha: apgd sets its own step size (2*eps, halved at checkpoints); leave --alpha out")
+        kwargs["alpha"] = args.alpha
+    if args.normalize_task_grads:
+        if args.attack != "wgd":
+            raise UsageError(f"--normalize-task-grads applies to wgd only, not {args.attack}")
+        kwargs["normalize_task_grads"] = True
+    if args.steps is not None:
+        if args.attack == "fgsm":
+            raise UsageError("--steps: fgsm takes exactly one step; leave --steps out or use pgd")
+        kwargs["steps"] = args.steps
+    try:
+        return cls(model, **kwargs)
+    except ValueError as error:
+        raise UsageError(f"--attack {args.attack}: {error}") from error
+
+
+def _loader(args, model):
+    size = args.size or model.config.get("input_size")
+    try:
+        dataset = TaskonomyDataset(args.data, model.config["tasks"], split=args.split, size=size)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--data: {error}") from error
+    if args.limit:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    return DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.workers)
+
+
+def attack_dataset(args):
+    """Run the attack over the split; returns ``(config, meter)``."""
+    if not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
+    device = resolve_device(args.device)
+    try:
+        model, meta = load_checkpoint(args.checkpoint, map_location=device)
+    except ValueError as error:
+        raise UsageError(f"--checkpoint: {error}") from error
+    names = model.task_names
+    sets = _resolve_sets(args.target, names, args.checkpoint)
+    atk = build_attack(args, model, sets)
+    loader = _loader(args, model)
+    meter = metrics.VulnerabilityMeter(names, eps=args.eps, norm=args.norm)
+    start, seen = time.perf_counter(), 0
+    for batch in tqdm(loader, desc=f"attack {args.attack}", unit="batch", disable=args.no_progress):
+        x, targets, masks = to_device(batch, device)
+        ids = torch.arange(seen, seen + x.shape[0])
+        seen += x.shape[0]
+        with torch.no_grad():
+            clean = metrics.evaluate(model(x), targets, masks, names)
+        grads = None if args.no_gradients else metrics.input_gradients(model, x, targets, masks, names)
+        if len(sets) == 1:
+            adv = atk(x, targets, masks, sample_ids=ids)[None]
+        else:
+            adv = atk.run_subsets(x, targets, masks, subsets=[list(s) for s in sets], sample_ids=ids)
+        with torch.no_grad():
+            evaluations = {s: metrics.evaluate(model(adv[i]), targets, masks, names) for i, s in enumerate(sets)}
+        meter.update(clean, evaluations, grads)
+    config = {
+        "checkpoint": str(args.checkpoint), "checkpoint_epoch": meta.get("epoch"),
+        "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": args.attack,
+        "norm": args.norm, "eps": args.eps, "alpha": None if args.attack == "apgd" else atk.alpha,
+        "steps": atk.steps, "restarts": args.restarts, "normalize_task_grads": args.normalize_task_grads,
+        "target": [metrics.set_label(s) for s in sets], "split": args.split, "limit": args.limit,
+        "seed": args.seed, "deterministic": args.deterministic, "device": str(device),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return config, meter
+
+
+def _fmt(value):
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def format_report(config, summary):
+    """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
+    header = ("task", "clean err", "adv err", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
+    alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
+    lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} alpha={alpha} "
+             f"steps={config['steps']} restarts={config['restarts']} on {summary['samples']} {config['split']} "
+             f"images, model {config['model']} ({config['encoder']})"]
+    for label, entry in summary["attacks"].items():
+        rows = [header] + [(metrics.set_label([t]), _fmt(summary["clean"][t]["error"]), _fmt(v["adv_error"]),
+                            _fmt(v["rel_vuln"]), _fmt(v["rel_vuln_ratio_of_means"]), _fmt(v["adv_vuln"]))
+                           for t, v in entry["tasks"].items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_fmt(entry['joint_adv_vuln'])}"
+                     + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
+        lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        undefined = {t: v["rel_vuln_undefined"] for t, v in entry["tasks"].items() if v["rel_vuln_undefined"]}
+        if undefined:
+            lines.append("  samples left out of rel vuln (clean error 0): "
+                         + ", ".join(f"{metrics.set_label([t])} {n}" for t, n in undefined.items()))
+    for item in summary["marginal"]:
+        bound = f" (Theorem-4 bound {_fmt(item['theorem4_bound'])})" if "theorem4_bound" in item else ""
+        lines.append(f"marginal vulnerability {metrics.set_label(item['base'])} + "
+                     f"{metrics.set_label([item['added']])}: {_fmt(item['delta'])}{bound}")
+    if "gradients" in summary:
+        first = summary["gradients"]["first_order"]
+        lines.append(f"first order eps*E||grad L||_{summary['dual_norm'][1:]}: "
+                     + ", ".join(f"{metrics.set_label([t])} {_fmt(v)}" for t, v in first.items()))
+    return "\n".join(lines)
+
+
+def output_paths(out):
+    stem = out.with_suffix("") if out.suffix in (".csv", ".json") else out
+    return stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.json"
+
+
+def _plain(value):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_results(out, config, summary, rows):
+    """``OUT.csv`` (one row per attacked set and task, the config repeated) and ``OUT.json`` (config + summary)."""
+    csv_path, json_path = output_paths(out)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    flat_config = {k: ",".join(v) if isinstance(v, list) else v for k, v in config.items() if k != "target"}
+    table = [{**flat_config, **row} for row in rows]
+    fields = list(dict.fromkeys(key for row in table for key in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table)
+    json_path.write_text(json.dumps(_plain({"config": config, "summary": summary}), indent=1) + "\n")
+    return csv_path, json_path
+
+
+def run(args):
+    try:
+        config, meter = attack_dataset(args)
+    except UsageError as error:
+        print(f"mtrobust-fast attack: error: {error}", file=sys.stderr)
+        return 2
+    summary = meter.compute()
+    print(format_report(config, summary))
+    if args.out is not None:
+        paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
+        print("wrote " + " and ".join(str(p) for p in paths))
+    return 0

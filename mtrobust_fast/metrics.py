@@ -1,0 +1,378 @@
+"""Vulnerability metrics of multi-task models under attack (SPEC §7; AAAI'22 Definitions 1-4, Theorems 2 and 4).
+
+Everything is computed per sample (shape ``[B]``) and reduced only at the end, in :class:`VulnerabilityMeter`.
+
+- Relative task vulnerability (the paper's main metric) ``v_i = E_k[(f_i(x_k+δ) − f_i(x_k)) / f_i(x_k)]`` with
+  ``f_i`` the task error (``Task.error``: 1 − per-sample mIoU for s, masked MSE otherwise). A sample whose clean
+  error is 0 (a perfect prediction, or no valid pixel) has no defined relative change: it is left out of the mean
+  and counted (``rel_vuln_undefined``); v_i is NaN when no sample is left. The source code instead divided
+  batch-averaged errors (a ratio of means, reported as ``rel_vuln_ratio_of_means``) and measured the "clean" error
+  at its attack's start point x+ε rather than at x; here both variants use the clean input.
+- Adversarial vulnerability (Definition 1) ``E|L_T'(x+δ) − L_T'(x)|`` per task and for the joint loss of the
+  attacked set, ``L_T' = Σ_{t∈T'} w_t L_t`` with equal weights ``1/|T'|`` unless given (Theorem 4's setting).
+- Marginal vulnerability (Definition 3) ``Δ_N = E[δL(T_{N+1})] − E[δL(T_N)]`` for every pair of attacked sets
+  where one is the other plus one task, with the Theorem-4 first-order bound
+  ``ε((N+1)·w_{N+1}·E‖r_{N+1}‖_q + N·max_{i≤N} w_i·E‖r_i‖_q)``; ``r_i = ∇ₓL_i``, q the dual norm of the attack
+  (L1 for L∞ attacks, L2 for L2), so ``ε·‖r‖_q`` is the first-order loss increase (Lemma 2).
+- Input-gradient statistics between tasks (Theorem 2): per-sample norms, dot products, cosines and covariances
+  (over input elements) of the per-task input gradients ``[T, B, ...]``, and Theorem 2's factor
+  ``sqrt((1 + (2/M)·Σ_i Σ_{j<i} Cov(r_i, r_j)/Cov(r_i, r_i)) / M)`` from the mean covariances.
+- Clean and adversarial task performance through the tasks' own metric helpers (mIoU, pixel accuracy, L1, MSE).
+"""
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Dict, Optional
+
+import torch
+
+from mtrobust_fast import tasks as task_registry
+
+DUAL_NORMS = {"linf": "l1", "l2": "l2"}
+
+
+# ---- relative task vulnerability ----
+
+def relative_change(clean_error, adv_error):
+    """Per-sample ``(adv − clean) / clean`` [B]; NaN where the clean error is 0 (undefined)."""
+    clean, adv = clean_error.double(), adv_error.double()
+    defined = clean != 0
+    ratio = (adv - clean) / torch.where(defined, clean, torch.ones_like(clean))
+    return torch.where(defined, ratio, torch.full_like(ratio, math.nan))
+
+
+def relative_vulnerability(clean_error, adv_error):
+    """The paper's v_i: the mean per-sample relative change over samples with a non-zero clean error (NaN if none)."""
+    change = relative_change(clean_error, adv_error)
+    defined = ~change.isnan()
+    return float(change[defined].mean()) if defined.any() else math.nan
+
+
+def relative_vulnerability_of_means(clean_error, adv_error):
+    """The source code's variant: ``(mean adv error − mean clean error) / mean clean error`` (NaN if the mean is 0)."""
+    clean, adv = float(clean_error.double().mean()), float(adv_error.double().mean())
+    return (adv - clean) / clean if clean != 0 else math.nan
+
+
+# ---- adversarial and marginal vulnerability ----
+
+def adversarial_vulnerability(clean_loss, adv_loss):
+    """Per-sample loss increase ``|L(x+δ) − L(x)|`` [B] (its mean is Definition 1's vulnerability)."""
+    return (adv_loss.double() - clean_loss.double()).abs()
+
+
+def set_weights(attacked, weights=None):
+    """Joint-loss weights of an attacked set: ``weights[t]`` for each task, or equal weights 1/|T'| when None."""
+    if weights is None:
+        return {name: 1.0 / len(attacked) for name in attacked}
+    missing = [name for name in attacked if name not in weights]
+    if missing:
+        raise ValueError(f"weights has no entry for task(s) {missing}")
+    return {name: float(weights[name]) for name in attacked}
+
+
+def joint_loss(losses, attacked, weights=None):
+    """Per-sample joint loss ``Σ_{t∈attacked} w_t·L_t`` [B] of per-task losses ``{name: [B]}`` (see set_weights)."""
+    return sum(w * losses[name].double() for name, w in set_weights(attacked, weights).items())
+
+
+def marginal_vulnerabilities(vulnerability):
+    """Δ_N for every pair of attacked sets in ``vulnerability`` (``{tuple of task names: E[δL]}``) where one set is
+    the other plus one task: a list of ``{"base", "added", "delta"}``, base as a tuple, in the mapping's order."""
+    sets = {frozenset(key): key for key in vulnerability}
+    pairs = []
+    for key in vulnerability:
+        for added in key:
+            base = sets.get(frozenset(key) - {added})
+            if base is not None:
+                pairs.append({"base": base, "added": added, "delta": vulnerability[key] - vulnerability[base]})
+    return pairs
+
+
+# ---- input-gradient statistics ----
+
+def dual_norm(norm):
+    """The norm q of the gradient bounding an ε-ball attack in ``norm``: L1 for L∞ attacks, L2 for L2 attacks."""
+    if norm not in DUAL_NORMS:
+        raise ValueError(f"norm must be one of {sorted(DUAL_NORMS)}, got {norm!r}")
+    return DUAL_NORMS[norm]
+
+
+def _flat(grads):
+    if grads.dim() < 3:
+        raise ValueError(f"grads must be per-task input gradients [T, B, ...], got shape {tuple(grads.shape)}")
+    return grads.detach().double().flatten(2)
+
+
+def gradient_norms(grads):
+    """Per-sample L1, L2 and L∞ norms of per-task input gradients ``[T, B, ...]``: ``{"l1"|"l2"|"linf": [T, B]}``."""
+    flat = _flat(grads)
+    return {"l1": flat.abs().sum(2), "l2": flat.norm(dim=2), "linf": flat.abs().amax(2)}
+
+
+def gradient_similarity(grads):
+    """Per-sample pairwise statistics of per-task input gradients ``[T, B, ...]``, each ``[T, T, B]``: ``dot``
+    (r_i·r_j), ``cosine`` (0 where a gradient is zero) and ``covariance`` (over the input elements, n−1 divisor,
+    as numpy.cov of the two flattened gradients)."""
+    flat = _flat(grads)
+    dot = torch.einsum("tbn,sbn->tsb", flat, flat)
+    norms = dot.diagonal(dim1=0, dim2=1).permute(1, 0).sqrt()  # [T, B]
+    denominator = norms[:, None] * norms[None, :]
+    cosine = torch.where(denominator > 0, dot / denominator.clamp_min(1e-300), torch.zeros_like(dot))
+    centred = flat - flat.mean(2, keepdim=True)
+    covariance = torch.einsum("tbn,sbn->tsb", centred, centred) / max(flat.shape[2] - 1, 1)
+    return {"dot": dot, "cosine": cosine, "covariance": covariance}
+
+
+def theorem2_factor(covariance):
+    """Theorem 2's ``sqrt((1 + (2/M)·Σ_i Σ_{j<i} Cov(r_i, r_j)/Cov(r_i, r_i)) / M)`` from a ``[M, M]`` covariance
+    matrix (NaN if a variance is 0 or the radicand is negative)."""
+    cov = torch.as_tensor(covariance, dtype=torch.float64)
+    m = cov.shape[0]
+    if cov.shape != (m, m) or m == 0:
+        raise ValueError(f"covariance must be a non-empty square matrix, got shape {tuple(cov.shape)}")
+    variances = cov.diagonal()
+    if (variances == 0).any():
+        return math.nan
+    ratios = sum(float(cov[i, j] / variances[i]) for i in range(m) for j in range(i))
+    radicand = (1 + 2 / m * ratios) / m
+    return math.sqrt(radicand) if radicand >= 0 else math.nan
+
+
+def theorem4_bound(mean_grad_norms, base, added, eps, weights=None):
+    """Theorem 4's first-order bound on Δ_N when ``added`` joins the attacked set ``base`` (N tasks):
+    ``ε·((N+1)·w_{N+1}·E‖r_{N+1}‖ + N·max_{i∈base} w_i·E‖r_i‖)``.
+
+    ``mean_grad_norms``: ``{task: E‖r_i‖_q}``. ``weights``: ``{task: w}``; None means equal weights (1/(N+1) in
+    the grown set, 1/N in the base), which gives the paper's ``ε·(E‖r_{N+1}‖ + max_i E‖r_i‖)``.
+    """
+    base = list(base)
+    if not base:
+        raise ValueError("base must hold at least one task")
+    if added in base:
+        raise ValueError(f"added task {added!r} is already in base {base}")
+    n = len(base)
+    w_added = 1.0 / (n + 1) if weights is None else float(weights[added])
+    w_base = {t: 1.0 / n for t in base} if weights is None else {t: float(weights[t]) for t in base}
+    worst = max(w_base[t] * mean_grad_norms[t] for t in base)
+    return eps * ((n + 1) * w_added * mean_grad_norms[added] + n * worst)
+
+
+def input_gradients(model, x, targets, masks, task_names):
+    """Per-task input gradients ``[T, B, *x.shape[1:]]`` of the per-sample losses at ``x`` (model in eval mode;
+    one forward, one backward per task, no parameter gradient). Row b of task t is ∇ₓL_t(x_b): samples do not
+    interact in eval mode, so the gradient of the batch sum gives every sample's own gradient."""
+    xg = x.detach().requires_grad_(True)
+    outputs = model(xg)
+    grads = []
+    for i, name in enumerate(task_names):
+        task = task_registry.get_task(name)
+        loss = task.loss(outputs[name].float(), targets[name], masks.get(name)).sum()
+        (grad,) = torch.autograd.grad(loss, xg, retain_graph=i + 1 < len(task_names))
+        grads.append(grad)
+    return torch.stack(grads)
+
+
+# ---- per-batch evaluation and the meter ----
+
+@dataclass
+class Evaluation:
+    """One batch at one input (clean or adversarial): per-sample ``losses`` and ``errors`` ``{task: [B]}``, and
+    optionally the tasks' summable metric statistics ``{task: tensor}`` (``Task.metric_stats``)."""
+
+    losses: Dict[str, torch.Tensor]
+    errors: Dict[str, torch.Tensor]
+    stats: Optional[Dict[str, torch.Tensor]] = field(default=None)
+
+
+@torch.no_grad()
+def evaluate(outputs, targets, masks, task_names):
+    """The :class:`Evaluation` of model outputs ``{task: output}`` for registry tasks."""
+    losses, errors, stats = {}, {}, {}
+    for name in task_names:
+        task = task_registry.get_task(name)
+        output, target, mask = outputs[name].float(), targets[name], masks.get(name)
+        losses[name] = task.loss(output, target, mask)
+        errors[name] = task.error(output, target, mask)
+        stats[name] = task.metric_stats(output, target, mask)
+    return Evaluation(losses, errors, stats)
+
+
+def set_label(names):
+    """A short label of a task set: registry letters in the given order ("sd"), else names joined with "+"."""
+    try:
+        return "".join(task_registry.get_task(name).letter for name in names)
+    except ValueError:
+        return "+".join(names)
+
+
+def _cat(chunks):
+    return torch.cat([c.detach().double().cpu() for c in chunks])
+
+
+class VulnerabilityMeter:
+    """Collects per-sample clean and adversarial losses/errors (and optionally clean input gradients) batch by
+    batch, and computes every metric of this module at the end.
+
+    ``tasks``: the evaluated tasks (names, e.g. the model's ``task_names``). ``eps``/``norm``: the attack budget,
+    used by the first-order terms. ``weights``: joint-loss weights ``{task: w}``; None = equal weights per
+    attacked set. Every :meth:`update` must give the same attacked sets, so samples stay aligned.
+    """
+
+    def __init__(self, tasks, eps, norm="linf", weights=None):
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("tasks is empty")
+        self.eps = float(eps)
+        self.q = dual_norm(norm)
+        self.weights = None if weights is None else set_weights(self.tasks, weights)
+        self._clean = {"losses": {t: [] for t in self.tasks}, "errors": {t: [] for t in self.tasks}}
+        self._adv = {}
+        self._stats = {}
+        self._grads = {"norms": [], "cosine": [], "covariance": [], "dot": [], "joint": {}}
+        self._sets = None
+        self.samples = 0
+
+    def _attacked(self, key):
+        names = [key] if isinstance(key, str) and key in self.tasks else list(key)
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown or not names:
+            raise ValueError(f"attacked set {key!r} must be non-empty task names from {self.tasks}")
+        return tuple(n for n in self.tasks if n in names)
+
+    def _add_stats(self, where, evaluation):
+        for name, value in (evaluation.stats or {}).items():
+            key = (where, name)
+            self._stats[key] = value.detach() if key not in self._stats else self._stats[key] + value.detach()
+
+    def update(self, clean, adversarial, grads=None):
+        """Add one batch: ``clean`` (an :class:`Evaluation`), ``adversarial`` ``{attacked set: Evaluation}`` (a set
+        is a tuple of task names) and, optionally, the clean per-task input gradients ``[T, B, ...]`` in the order
+        of ``tasks``. Everything is checked before anything is stored."""
+        sets = {self._attacked(key): value for key, value in adversarial.items()}
+        if not sets:
+            raise ValueError("adversarial is empty: give at least one attacked set")
+        if self._sets is not None and set(sets) != set(self._sets):
+            raise ValueError(f"every batch must give the same attacked sets: {self._sets}, got {list(sets)}")
+        evaluations = [("clean", clean)] + list(sets.items())
+        batch = self._check_batch(evaluations)
+        if self.samples and (grads is None) != (not self._grads["norms"]):
+            raise ValueError("grads must be given for every batch or for none")
+        if grads is not None and tuple(grads.shape[:2]) != (len(self.tasks), batch):
+            raise ValueError(f"grads must be [T={len(self.tasks)}, B={batch}, ...], got {tuple(grads.shape)}")
+        if self._sets is None:
+            self._sets = list(sets)
+            self._adv = {s: {"losses": {t: [] for t in self.tasks}, "errors": {t: [] for t in self.tasks}}
+                         for s in self._sets}
+        for where, evaluation in evaluations:
+            store = self._clean if where == "clean" else self._adv[where]
+            for kind in ("losses", "errors"):
+                for name in self.tasks:
+                    store[kind][name].append(getattr(evaluation, kind)[name].detach())
+            self._add_stats(where, evaluation)
+        if grads is not None:
+            self._update_gradients(grads)
+        self.samples += batch
+
+    def _check_batch(self, evaluations):
+        """The batch size shared by every per-sample value of the batch."""
+        sizes = set()
+        for _, evaluation in evaluations:
+            for kind in ("losses", "errors"):
+                for name in self.tasks:
+                    value = getattr(evaluation, kind).get(name)
+                    if value is None or value.dim() != 1:
+                        raise ValueError(f"{kind}[{name!r}] must be a [B] tensor in every evaluation of the batch")
+                    sizes.add(value.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"the evaluations of one batch have different batch sizes {sorted(sizes)}")
+        return sizes.pop()
+
+    def _update_gradients(self, grads):
+        flat = _flat(grads)  # one float64 copy, shared by the statistics below (a no-op for them)
+        self._grads["norms"].append(gradient_norms(flat)[self.q])
+        for key, value in gradient_similarity(flat).items():
+            self._grads[key].append(value)
+        for attacked in self._sets:
+            weights = set_weights(attacked, self.weights)
+            joint = sum(w * flat[self.tasks.index(t)] for t, w in weights.items())
+            norm = joint.abs().sum(1) if self.q == "l1" else joint.norm(dim=1)
+            self._grads["joint"].setdefault(attacked, []).append(norm)
+
+    def _scores(self, where, name):
+        stats = self._stats.get((where, name))
+        return {} if stats is None else task_registry.get_task(name).metric_scores(stats.cpu())
+
+    def compute(self):
+        """The summary: a JSON-ready dict (see the module docstring for the definitions)."""
+        if self._sets is None:
+            raise RuntimeError("VulnerabilityMeter has seen no batch")
+        clean = {kind: {t: _cat(v) for t, v in per.items()} for kind, per in self._clean.items()}
+        summary = {
+            "tasks": list(self.tasks), "samples": self.samples, "eps": self.eps, "dual_norm": self.q,
+            "clean": {t: {"loss": float(clean["losses"][t].mean()), "error": float(clean["errors"][t].mean()),
+                          **self._scores("clean", t)} for t in self.tasks},
+            "attacks": {},
+        }
+        joint_vulnerability = {}
+        for attacked in self._sets:
+            adv = {kind: {t: _cat(v) for t, v in per.items()} for kind, per in self._adv[attacked].items()}
+            per_task = {}
+            for t in self.tasks:
+                change = relative_change(clean["errors"][t], adv["errors"][t])
+                per_task[t] = {
+                    "adv_loss": float(adv["losses"][t].mean()),
+                    "adv_error": float(adv["errors"][t].mean()),
+                    "rel_vuln": relative_vulnerability(clean["errors"][t], adv["errors"][t]),
+                    "rel_vuln_undefined": int(change.isnan().sum()),
+                    "rel_vuln_ratio_of_means": relative_vulnerability_of_means(clean["errors"][t], adv["errors"][t]),
+                    "adv_vuln": float(adversarial_vulnerability(clean["losses"][t], adv["losses"][t]).mean()),
+                    **{f"adv_{k}": v for k, v in self._scores(attacked, t).items()},
+                }
+            joint = adversarial_vulnerability(joint_loss(clean["losses"], attacked, self.weights),
+                                              joint_loss(adv["losses"], attacked, self.weights))
+            joint_vulnerability[attacked] = float(joint.mean())
+            entry = {"attacked": list(attacked), "joint_adv_vuln": joint_vulnerability[attacked], "tasks": per_task}
+            if self._grads["norms"]:
+                entry["first_order_joint"] = self.eps * float(_cat(self._grads["joint"][attacked]).mean())
+            summary["attacks"][set_label(attacked)] = entry
+        summary["marginal"] = [{"base": list(p["base"]), "added": p["added"], "delta": p["delta"]}
+                               for p in marginal_vulnerabilities(joint_vulnerability)]
+        if self._grads["norms"]:
+            summary["gradients"] = self._gradient_summary(summary["marginal"])
+        return summary
+
+    def _gradient_summary(self, marginal):
+        norms = torch.cat([n.cpu() for n in self._grads["norms"]], dim=1).mean(1)
+        mean_norms = dict(zip(self.tasks, norms.tolist()))
+        pairs = {key: torch.cat([v.cpu() for v in self._grads[key]], dim=2).mean(2)
+                 for key in ("dot", "cosine", "covariance")}
+        by_pair = {key: {f"{set_label([a])}|{set_label([b])}": float(value[i, j])
+                         for (i, a), (j, b) in combinations(enumerate(self.tasks), 2)}
+                   for key, value in pairs.items()}
+        for item in marginal:
+            item["theorem4_bound"] = theorem4_bound(mean_norms, item["base"], item["added"], self.eps, self.weights)
+        return {
+            f"mean_norm_{self.q}": mean_norms,
+            "first_order": {t: self.eps * v for t, v in mean_norms.items()},
+            "variance": {t: float(pairs["covariance"][i, i]) for i, t in enumerate(self.tasks)},
+            **by_pair,
+            "theorem2_factor": theorem2_factor(pairs["covariance"]),
+        }
+
+
+def summary_rows(summary):
+    """A tidy table of a :meth:`VulnerabilityMeter.compute` summary: one dict per (attacked set, evaluated task)."""
+    table = []
+    for label, entry in summary["attacks"].items():
+        for t, values in entry["tasks"].items():
+            clean = summary["clean"][t]
+            row = {"attacked": label, "task": t, "samples": summary["samples"],
+                   "clean_loss": clean["loss"], "clean_error": clean["error"], **values,
+                   "joint_adv_vuln": entry["joint_adv_vuln"]}
+            row.update({f"clean_{k}": v for k, v in clean.items() if k not in ("loss", "error")})
+            if "gradients" in summary:
+                row["first_order"] = summary["gradients"]["first_order"][t]
+                row["first_order_joint"] = entry["first_order_joint"]
+            table.append(row)
+    return table
