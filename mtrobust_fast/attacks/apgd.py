@@ -41,13 +41,19 @@ class APGD(Attack):
     adaptive), plus ``rho`` (0.75 in the paper). ``steps`` = the paper's N_iter: ``steps`` updates with
     ``steps`` gradients, and one more forward pass to score the last iterate.
 
-    Deviations from the paper and the reference implementation (fra31/auto-attack):
-    - the random start is uniform in the ball (the reference starts on the ball's surface);
-    - on a restart from the best point the step continues from the gradient stored with that point (as the
-      reference does; the paper leaves it implicit), and the momentum term is x_best − x_{k−1}, the paper's
+    Where the paper leaves a choice open, or where the reference implementation (fra31/auto-attack) departs
+    from it, this follows the paper:
+    - a restart from the best point continues with the gradient stored with that point (the reference does
+      the same; the paper leaves it implicit), and its momentum term is x_best − x_{k−1}, the paper's
       x^{(k+1)} − x^{(k)} after its assignment x^{(k+1)} ← x_max;
-    - condition 1 uses the paper's strict "<" (the reference counts "<=");
-    - checkpoints whose ceilings coincide on very short runs are merged.
+    - checkpoints are the paper's ⌈p_j·N⌉; the reference uses whole-iteration intervals (⌊0.22·N⌋, shrinking
+      by ⌊0.03·N⌋ down to ⌊0.06·N⌋), the same for N = 100 but a step earlier for some N (e.g. 25);
+    - condition 1 is the paper's strict "<" (the reference counts "<="), and condition 2 already applies at
+      the first checkpoint (η(w_0) = η(w_1) holds there; the reference starts as if η had just been halved);
+    - the random start is uniform in the ball (the reference starts on the ball's surface);
+    - the point with the highest objective is returned (the reference's ``best_loss=True`` mode: dense tasks
+      have no "misclassified" point to stop at); restarts keep the per-sample best, as in PGD;
+    - coinciding checkpoints of very short runs are merged.
     """
 
     def __init__(self, model, tasks=None, *, rho=0.75, **kwargs):

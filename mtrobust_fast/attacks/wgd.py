@@ -31,22 +31,22 @@ class WGD(Attack):
         normalize_task_grads: L2-normalise each task's input gradient per sample before weighting, so the
             step direction depends on r and the gradients' directions, not their scales.
 
-    Without normalisation r is detached, so one backward of Σ_i r_i·L_i gives the combined gradient; with
-    one attacked task r = 1 exactly and WGD is PGD. With normalisation the per-task gradients come from one
-    batched vector-Jacobian product (``is_grads_batched``); a model whose backward cannot be batched that
-    way (vmap has no rule for one of its operators) falls back to one backward per task, and the attack
-    remembers that for its later steps. The fused ``attack_step`` normalises and combines them.
+    Without normalisation r is detached, so one backward of Σ_i r_i·L_i gives the combined gradient; with one
+    attacked task r = L̃/L̃ = 1 exactly (while its loss is positive) and WGD is PGD. With normalisation the
+    per-task gradients come from one batched vector-Jacobian product (``is_grads_batched``); a model whose
+    backward cannot be batched that way (vmap raises for one of its operators) falls back to one backward per
+    task, and the attack remembers that for its later steps. The fused ``attack_step`` normalises and combines.
 
     Zero start losses: L̃_i is undefined when L_i(0) = 0 (a task already perfect at the start point); such a
-    task gets L̃_i = 1 for the whole restart, i.e. the row's average weight, rather than an infinite one.
+    task gets L̃_i = 1 for the whole restart (as if its loss had not moved) rather than an infinite weight.
     Losses are assumed non-negative (the Taskonomy losses and cross-entropy are).
 
-    Differences from the source's ``RELATIVE_WEIGHT`` strategy (MTVulnerability ``mtask_attack.py``): there
-    each task's loss is divided by its start loss, a fixed weight 1/L_i(0) that ignores the current losses
-    (and the mean divisor, which a sign step would ignore anyway), step 0 is unweighted, and the start is
-    always the corner x + eps (a bug). Here the weight follows the current losses as Definition 5 states,
-    every step is weighted (r = 1 at step 0 by definition), the start is uniform in the ball and the
-    per-task gradients can be normalised.
+    Differences from the source's ``RELATIVE_WEIGHT`` strategy (MTVulnerability ``mtask_attack.py``): from
+    step 1 on it ascends Σ_i L_i(t)/L_i(0) with L_i(0) detached, i.e. scales each task's gradient by the fixed
+    1/L_i(0), ignoring the current losses; here the scale is L_i(t)/L_i(0) as Definition 5 states (r's
+    row-wide mean divisor changes no step direction). Its step 0 is unweighted, which r_i(0) = 1 reproduces.
+    Its start is always the corner x + eps (a bug; here uniform in the ball), and it has no per-task gradient
+    normalisation.
     """
 
     def __init__(self, model, tasks=None, *, normalize_task_grads=False, **kwargs):
