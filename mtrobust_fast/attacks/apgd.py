@@ -47,7 +47,8 @@ class APGD(Attack):
       the same; the paper leaves it implicit), and its momentum term is x_best − x_{k−1}, the paper's
       x^{(k+1)} − x^{(k)} after its assignment x^{(k+1)} ← x_max;
     - checkpoints are the paper's ⌈p_j·N⌉; the reference uses whole-iteration intervals (⌊0.22·N⌋, shrinking
-      by ⌊0.03·N⌋ down to ⌊0.06·N⌋), the same for N = 100 but a step earlier for some N (e.g. 25);
+      by max(⌊0.03·N⌋, 1) down to max(⌊0.06·N⌋, 1)): the same for N = 100, not for others (N = 25: the
+      reference checks at 5, 9, 12, 14, 15 and then every iteration; the paper at 6, 11, 15, 18, 20, 22, 24);
     - condition 1 is the paper's strict "<" (the reference counts "<="), and condition 2 already applies at
       the first checkpoint (η(w_0) = η(w_1) holds there; the reference starts as if η had just been halved);
     - the random start is uniform in the ball (the reference starts on the ball's surface);
