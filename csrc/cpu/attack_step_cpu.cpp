@@ -115,60 +115,59 @@ class CpuStep {
     }
   }
 
-  void write_linf(int64_t b, int64_t c, const acc_t* coef, acc_t alpha, acc_t eps) const {
+  // Calls fn(x, x0, g, out, len) on each tile of chunk c of row b, g holding the tile's combined gradient.
+  template <typename Fn>
+  void for_tiles(int64_t b, int64_t c, const acc_t* coef, const Fn& fn) const {
     const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
-    const acc_t lo = p_.lo, hi = p_.hi;
     acc_t g[kTile];
     for (int64_t begin = c * kChunk; begin < end; begin += kTile) {
       const int64_t len = std::min(kTile, end - begin);
       combine_tile(b, begin, len, coef, g);
-      const scalar_t* x = p_.x + row + begin;
-      const scalar_t* x0 = p_.x0 + row + begin;
-      scalar_t* out = p_.out + row + begin;
+      fn(p_.x + row + begin, p_.x0 + row + begin, g, p_.out + row + begin, len);
+    }
+  }
+
+  void write_linf(int64_t b, int64_t c, const acc_t* coef, acc_t alpha, acc_t eps) const {
+    const acc_t lo = p_.lo, hi = p_.hi;
+    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out, int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
         out[i] = static_cast<scalar_t>(linf_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g[i],
                                                    alpha, eps, lo, hi));
       }
-    }
+    });
   }
 
+  // Sums in kLanes fixed lanes (element i goes to lane i % kLanes), added in lane order at the end: the
+  // compiler can vectorise that without reassociating, and the result stays independent of threading.
   void l2_sums(int64_t b, int64_t c, const acc_t* coef, double* sums) const {
-    const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
-    double gg = 0.0, dg = 0.0, dd = 0.0;
-    acc_t g[kTile];
-    for (int64_t begin = c * kChunk; begin < end; begin += kTile) {
-      const int64_t len = std::min(kTile, end - begin);
-      combine_tile(b, begin, len, coef, g);
-      const scalar_t* x = p_.x + row + begin;
-      const scalar_t* x0 = p_.x0 + row + begin;
+    constexpr int kLanes = 4;
+    double gg[kLanes] = {}, dg[kLanes] = {}, dd[kLanes] = {};
+    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t*, int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
         const double gi = static_cast<double>(g[i]);
-        const double d = static_cast<double>(static_cast<acc_t>(x[i])) - static_cast<double>(static_cast<acc_t>(x0[i]));
-        gg += gi * gi;
-        dg += d * gi;
-        dd += d * d;
+        const double d =
+            static_cast<double>(static_cast<acc_t>(x[i])) - static_cast<double>(static_cast<acc_t>(x0[i]));
+        gg[i % kLanes] += gi * gi;
+        dg[i % kLanes] += d * gi;
+        dd[i % kLanes] += d * d;
       }
+    });
+    sums[0] = sums[1] = sums[2] = 0.0;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      sums[0] += gg[lane];
+      sums[1] += dg[lane];
+      sums[2] += dd[lane];
     }
-    sums[0] = gg;
-    sums[1] = dg;
-    sums[2] = dd;
   }
 
   void write_l2(int64_t b, int64_t c, const acc_t* coef, acc_t s, acc_t k) const {
-    const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
     const acc_t lo = p_.lo, hi = p_.hi;
-    acc_t g[kTile];
-    for (int64_t begin = c * kChunk; begin < end; begin += kTile) {
-      const int64_t len = std::min(kTile, end - begin);
-      combine_tile(b, begin, len, coef, g);
-      const scalar_t* x = p_.x + row + begin;
-      const scalar_t* x0 = p_.x0 + row + begin;
-      scalar_t* out = p_.out + row + begin;
+    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out, int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
         out[i] = static_cast<scalar_t>(
             l2_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g[i], s, k, lo, hi));
       }
-    }
+    });
   }
 };
 

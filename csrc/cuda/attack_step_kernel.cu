@@ -139,6 +139,22 @@ __device__ __forceinline__ void combine(const StepProblem<scalar_t, acc_t>& p, i
   }
 }
 
+// Calls fn(i, g, x, x0) for each V-element vector this thread owns in chunk c of row b (g: combined gradient).
+template <typename scalar_t, typename acc_t, int V, typename Fn>
+__device__ __forceinline__ void for_vectors(const StepProblem<scalar_t, acc_t>& p, const Geometry& geo, int64_t b,
+                                            int64_t c, const acc_t* coef, const Fn& fn) {
+  const int64_t end = min(p.N, (c + 1) * geo.chunk);
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int64_t i = c * geo.chunk + (int64_t(item) * kThreads + threadIdx.x) * V;
+    if (i < end) {
+      acc_t g[V];
+      combine<scalar_t, acc_t, V>(p, b, i, coef, g);
+      fn(i, g, load<scalar_t, V>(p.x + b * p.N + i), load<scalar_t, V>(p.x0 + b * p.N + i));
+    }
+  }
+}
+
 // Per-chunk (Σ g², Σ (x−x0)·g, Σ (x−x0)²) of each row, for the L2 step.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -146,26 +162,18 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t coef[kMaxTasks];
   const int64_t b = blockIdx.x / geo.nchunks, c = blockIdx.x % geo.nchunks;
   row_coefficients(p, b, geo.nchunks, task_partial, coef);
-  const int64_t end = min(p.N, (c + 1) * geo.chunk);
   double acc[3] = {0.0, 0.0, 0.0};
+  for_vectors<scalar_t, acc_t, V>(p, geo, b, c, coef,
+                                  [&](int64_t, const acc_t(&g)[V], const Vec<scalar_t, V>& x, const Vec<scalar_t, V>& x0) {
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) {
-    const int64_t i = c * geo.chunk + (int64_t(item) * kThreads + threadIdx.x) * V;
-    if (i < end) {
-      acc_t g[V];
-      combine<scalar_t, acc_t, V>(p, b, i, coef, g);
-      const Vec<scalar_t, V> x = load<scalar_t, V>(p.x + b * p.N + i);
-      const Vec<scalar_t, V> x0 = load<scalar_t, V>(p.x0 + b * p.N + i);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const double gj = g[j];
-        const double d = double(to_acc(x.v[j])) - double(to_acc(x0.v[j]));
-        acc[0] += gj * gj;
-        acc[1] += d * gj;
-        acc[2] += d * d;
-      }
-    }
-  }
+                                    for (int j = 0; j < V; ++j) {
+                                      const double gj = g[j];
+                                      const double d = double(to_acc(x.v[j])) - double(to_acc(x0.v[j]));
+                                      acc[0] += gj * gj;
+                                      acc[1] += d * gj;
+                                      acc[2] += d * d;
+                                    }
+                                  });
   block_sum<3>(acc);
   if (threadIdx.x == 0)
     for (int k = 0; k < 3; ++k) partial[blockIdx.x * 3 + k] = acc[k];
@@ -194,26 +202,19 @@ __global__ void __launch_bounds__(kThreads)
     row_k = static_cast<acc_t>(r.k);
   }
   row_coefficients(p, b, geo.nchunks, task_partial, coef);  // ends with __syncthreads()
-  const int64_t end = min(p.N, (c + 1) * geo.chunk);
+  const acc_t s = p.norm == Norm::L2 ? row_s : acc_t(0), k = p.norm == Norm::L2 ? row_k : acc_t(0);
+  for_vectors<scalar_t, acc_t, V>(
+      p, geo, b, c, coef, [&](int64_t i, const acc_t(&g)[V], const Vec<scalar_t, V>& x, const Vec<scalar_t, V>& x0) {
+        Vec<scalar_t, V> out;
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) {
-    const int64_t i = c * geo.chunk + (int64_t(item) * kThreads + threadIdx.x) * V;
-    if (i < end) {
-      acc_t g[V];
-      combine<scalar_t, acc_t, V>(p, b, i, coef, g);
-      const Vec<scalar_t, V> x = load<scalar_t, V>(p.x + b * p.N + i);
-      const Vec<scalar_t, V> x0 = load<scalar_t, V>(p.x0 + b * p.N + i);
-      Vec<scalar_t, V> out;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const acc_t xj = to_acc(x.v[j]), x0j = to_acc(x0.v[j]);
-        const acc_t r = p.norm == Norm::Linf ? linf_update(xj, x0j, g[j], alpha, eps, p.lo, p.hi)
-                                             : l2_update(xj, x0j, g[j], row_s, row_k, p.lo, p.hi);
-        out.v[j] = from_acc<scalar_t>(r);
-      }
-      *reinterpret_cast<Vec<scalar_t, V>*>(p.out + b * p.N + i) = out;
-    }
-  }
+        for (int j = 0; j < V; ++j) {
+          const acc_t xj = to_acc(x.v[j]), x0j = to_acc(x0.v[j]);
+          const acc_t r = p.norm == Norm::Linf ? linf_update(xj, x0j, g[j], alpha, eps, p.lo, p.hi)
+                                               : l2_update(xj, x0j, g[j], s, k, p.lo, p.hi);
+          out.v[j] = from_acc<scalar_t>(r);
+        }
+        *reinterpret_cast<Vec<scalar_t, V>*>(p.out + b * p.N + i) = out;
+      });
 }
 
 template <typename scalar_t>
