@@ -1,4 +1,10 @@
-"""Assemble and run a clean training from a ``TrainConfig``: data, model, optimiser, objective, ``Trainer``."""
+"""Assemble and run a clean training from a ``TrainConfig``: data, model, optimiser, objective, ``Trainer``.
+
+Differences from the source's training (MTRobust ``mtask_train_loop``): training batches are shuffled every
+epoch (seeded; the source used ``shuffle=False``); task losses are the registry's valid-pixel means; ``best.pt``
+is really written (the source compared against 0 and never saved its best model); checkpoints are plain data
+that rebuild the model (no DataParallel ``module.`` keys, no pickled modules).
+"""
 import json
 from pathlib import Path
 
