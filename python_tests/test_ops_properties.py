@@ -189,3 +189,25 @@ def test_alpha_zero_step_is_the_projection(device, case):
     tol = C.Tolerance(b, proj).abs if case.norm == "l2" else 0.0
     diff = (step.double() - proj.double()).abs()
     assert bool((diff <= tol).all()), f"alpha=0 step differs from projection by {float(diff.max())}"
+
+
+@pytest.mark.parametrize("norm,normalize", [("linf", False), ("linf", True), ("l2", False), ("l2", True)])
+@pytest.mark.parametrize("batch,row", [(1, 3 * 100 * 100), (5, 3 * 40 * 40)])
+def test_cpu_result_does_not_depend_on_the_thread_count(norm, normalize, batch, row):
+    """Chunked per-row sums are added in a fixed order: 1 and 2 threads give bit-identical results, both
+    when rows are split over threads (B=1, long rows) and when whole rows go to threads (B >= threads)."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch, row, generator=gen)
+    x = (x0 + 0.05 * torch.randn(batch, row, generator=gen)).clamp(0, 1)
+    grads = torch.randn(3, batch, row, generator=gen)
+    weights = torch.rand(batch, 3, generator=gen)
+    kwargs = dict(eps=0.3, alpha=0.1, norm=norm, normalize_task_grads=normalize)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.attack_step(x, x0, grads, weights, **kwargs)
+        torch.set_num_threads(2)
+        two = ops.attack_step(x, x0, grads, weights, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
