@@ -1,28 +1,62 @@
-"""``mtrobust-fast quickstart``: the main job end to end on embedded synthetic data, in a few minutes on a CPU.
+"""``mtrobust-fast quickstart``: the paper's Table 1 in miniature, end to end on embedded synthetic data.
 
-Synthesises a small Taskonomy dataset, trains a ResNet-18 model per task set (``s`` and ``sd`` by default) at
-64 px, and prints every task's clean validation metrics before and after training. Re-running it reuses what
-is already in the work directory (the dataset, finished runs). Attacks and the paper's Table 1 join it once
-the attack engine lands.
+Synthesises a small Taskonomy dataset, trains a ResNet-18 per task set at 64 px (the main task ``s`` alone and
+with each auxiliary task d, D, n, E by default), attacks every model twice in one batch of rows (a single-task
+attack on the main task, a multi-task attack on all the model's tasks), and prints the clean error of the main
+task and its relative vulnerability under both attacks, one row per auxiliary task, as in the paper's Table 1
+(Baseline A). Re-running reuses what is already in the work directory: the dataset, finished trainings and
+attack results made with the same settings. Flags scale it up (images, size, epochs, steps).
 """
 import json
+import math
+import time
 from pathlib import Path
 
-from mtrobust_fast import cli
+from mtrobust_fast import attack_cli, cli
+from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data import synth
-from mtrobust_fast.training.loop import LOG_NAME
+from mtrobust_fast.training.loop import LAST, LOG_NAME
+
+AUXILIARIES = "dDnE"  # the paper's Table 1 columns (besides the main task itself)
+BUILDINGS = 10  # split 6/2/2 by building: 60% of the images train, 20% are attacked
 
 
 def add_arguments(parser):
     parser.add_argument("--workdir", type=Path, default=Path("mtrobust-quickstart"),
-                        help="where the dataset and runs go (default ./mtrobust-quickstart)")
-    parser.add_argument("--models", default="s,sd", help="comma-separated task sets to train (default s,sd)")
-    parser.add_argument("--images", type=int, default=320, help="synthetic images (default 320)")
+                        help="where the dataset, runs and attack results go (default ./mtrobust-quickstart)")
+    parser.add_argument("--main", default="s", help="main task letter (default s)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated task sets, each with the main task (default: the main task alone "
+                             f"and with each of {', '.join(AUXILIARIES)})")
+    parser.add_argument("--images", type=int, default=240, help="synthetic images (default 240)")
     parser.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs per model (default 6)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs per model (default 5)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--attack", choices=tuple(attack_cli.ATTACKS), default="pgd", help="attack (default pgd)")
+    parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    parser.add_argument("--eps", type=attack_cli.budget, default=8 / 255, help="default 8/255")
+    parser.add_argument("--alpha", type=attack_cli.budget, default=None, help="default: the attack's (2/255)")
+    parser.add_argument("--steps", type=attack_cli.positive_int, default=10, help="attack steps (default 10)")
+    parser.add_argument("--attack-limit", type=attack_cli.positive_int, default=None,
+                        help="attack only the first N validation images (default: all)")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def model_sets(main, models):
+    """The task sets to train, in canonical letters, each holding the main task."""
+    main = task_registry.get_task(main)
+    if models is None:
+        chosen = [main.letter] + [main.letter + aux for aux in AUXILIARIES if aux != main.letter]
+    else:
+        chosen = [part.strip() for part in models.split(",") if part.strip()]
+    sets = [task_registry.task_string(letters) for letters in chosen]
+    lacking = [s for s in sets if main.letter not in s]
+    if lacking:
+        raise ValueError(f"--models: every task set must hold the main task {main.letter}; "
+                         f"{', '.join(lacking)} do not")
+    return sets
 
 
 def _records(run_dir):
@@ -30,36 +64,104 @@ def _records(run_dir):
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _table(rows):
-    header = ("model", "task", "metric", "before", "after")
+def _train(args, data, tasks, run_dir):
+    argv = ["train", "--tasks", tasks, "--encoder", "resnet18", "--data", str(data), "--size", str(args.size),
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "1e-3",
+            "--seed", str(args.seed), "--out", str(run_dir), "--workers", str(args.workers),
+            "--val-before", "--resume"]
+    return cli.main(argv + (["--no-progress"] if args.no_progress else []))
+
+
+def _attack(args, data, tasks, run_dir):
+    """The attack results of one model (read back from its JSON when made with the same settings)."""
+    out = run_dir / f"attack_{args.attack}_{args.norm}"
+    wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "steps": args.steps,
+              "limit": args.attack_limit, "seed": args.seed, "checkpoint_epoch": args.epochs}
+    if args.alpha is not None:
+        wanted["alpha"] = args.alpha
+    json_path = attack_cli.output_paths(out)[1]
+    if json_path.exists():
+        saved = json.loads(json_path.read_text())
+        if all(saved["config"].get(k) == v for k, v in wanted.items()):
+            print(f"reusing {json_path}")
+            return saved["summary"]
+    argv = ["attack", "--checkpoint", str(run_dir / LAST), "--data", str(data), "--attack", args.attack,
+            "--norm", args.norm, "--eps", repr(args.eps), "--steps", str(args.steps),
+            "--target", f"{args.main},all", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--workers", str(args.workers), "--out", str(out)]
+    argv += ["--alpha", repr(args.alpha)] if args.alpha is not None else []
+    argv += ["--limit", str(args.attack_limit)] if args.attack_limit else []
+    argv += ["--no-progress"] if args.no_progress else []
+    if cli.main(argv):
+        return None
+    return json.loads(json_path.read_text())["summary"]
+
+
+def _clean_rows(tasks, run_dir):
+    records = _records(run_dir)
+    before = next(r for r in records if r["epoch"] == 0)["val"]["tasks"]
+    after = records[-1]["val"]["tasks"]
+    return [(tasks, name, metric, f"{before[name][metric]:.4f}", f"{value:.4f}")
+            for name, scores in after.items() for metric, value in scores.items()]
+
+
+def _table(header, rows):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(header, widths))]
     lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
 
+def _value(x):
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def table1_rows(main, results):
+    """Rows (auxiliary, clean error, rel. vulnerability single-task attack, multi-task attack) of the main task;
+    ``results``: ``{task set: attack summary}``. The main task alone has no multi-task attack ("-")."""
+    main_task = task_registry.get_task(main)
+    rows = []
+    for tasks, summary in results.items():
+        aux = tasks.replace(main_task.letter, "") or "∅"
+        single = summary["attacks"][main_task.letter]["tasks"][main_task.name]["rel_vuln"]
+        multi = "-" if tasks == main_task.letter else _value(summary["attacks"][tasks]["tasks"][main_task.name]["rel_vuln"])
+        rows.append((aux, _value(summary["clean"][main_task.name]["error"]), _value(single), multi))
+    return rows
+
+
 def run(args):
+    start = time.perf_counter()
+    try:
+        sets = model_sets(args.main, args.models)
+    except ValueError as error:
+        print(f"mtrobust-fast quickstart: error: {error}")
+        return 2
     data = args.workdir / "data"
     if not (data / synth.SPLIT_CSV).exists():
-        synth.synthesize(data, args.images, size=args.size, seed=args.seed, progress=not args.no_progress)
-    rows = []
-    for tasks in [t.strip() for t in args.models.split(",") if t.strip()]:
+        buildings = [f"synth{b:03d}" for b in range(BUILDINGS)] if args.images >= 5 * BUILDINGS else None
+        synth.synthesize(data, args.images, size=args.size, seed=args.seed, progress=not args.no_progress,
+                         buildings=buildings)
+    clean_rows, results = [], {}
+    for tasks in sets:
         run_dir = args.workdir / f"resnet18_{tasks}"
-        argv = ["train", "--tasks", tasks, "--encoder", "resnet18", "--data", str(data), "--size", str(args.size),
-                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "1e-3",
-                "--seed", str(args.seed), "--out", str(run_dir), "--val-before", "--resume"]
-        if args.no_progress:
-            argv.append("--no-progress")
-        status = cli.main(argv)
+        status = _train(args, data, tasks, run_dir)
         if status:
             return status
-        records = _records(run_dir)
-        before = next(r for r in records if r["epoch"] == 0)["val"]["tasks"]
-        after = records[-1]["val"]["tasks"]
-        for name, scores in after.items():
-            for metric, value in scores.items():
-                rows.append((tasks, name, metric, f"{before[name][metric]:.4f}", f"{value:.4f}"))
+        clean_rows += _clean_rows(tasks, run_dir)
+        summary = _attack(args, data, tasks, run_dir)
+        if summary is None:
+            return 2
+        results[tasks] = summary
     print(f"\nClean validation metrics, ResNet-18 at {args.size} px, {args.epochs} epochs "
           f"(mIoU and pixel accuracy: higher is better; losses, L1, MSE: lower is better)")
-    print(_table(rows))
+    print(_table(("model", "task", "metric", "before", "after"), clean_rows))
+    main = task_registry.get_task(args.main)
+    samples = next(iter(results.values()))["samples"]
+    print(f"\nTable 1 (Baseline A) in miniature: main task {main.letter} ({main.name}), {args.attack.upper()} "
+          f"{args.norm} eps={args.eps:.4g}, {args.steps} steps, {samples} validation images. Clean error of "
+          f"{main.letter} (1 - mIoU for s, MSE otherwise) and its relative vulnerability (lower is better) "
+          f"when only {main.letter} is attacked and when all the model's tasks are attacked.")
+    print(_table(("auxiliary", f"clean error {main.letter}", "rel vuln single-task attack",
+                  "rel vuln multi-task attack"), table1_rows(main.letter, results)))
+    print(f"\nquickstart wall time {time.perf_counter() - start:.0f} s")
     return 0

@@ -1,0 +1,141 @@
+"""``mtrobust-fast attack`` end to end on a tiny synthetic dataset, its outputs, and its argument errors."""
+import csv
+import json
+
+import pytest
+import torch
+
+from mtrobust_fast import attack_cli, quickstart
+from mtrobust_fast.cli import main as cli_main
+from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.models import build_model, save_checkpoint
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """12 synthetic 32-px images (4 in val) and an untrained ResNet-18 for s and d."""
+    root = tmp_path_factory.mktemp("attack")
+    data = synthesize(root / "data", 12, size=SIZE, seed=0, workers=1, progress=False)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(root / "sd.pt", build_model("sd", "resnet18", input_size=SIZE), epoch=0)
+    return root, data, checkpoint
+
+
+def _attack(setup, *extra):
+    root, data, checkpoint = setup
+    return cli_main(["attack", "--checkpoint", str(checkpoint), "--data", str(data), "--no-progress",
+                     "--steps", "2", *extra])
+
+
+def test_budget_parsing():
+    assert attack_cli.budget("8/255") == 8 / 255 and attack_cli.budget("0.5") == 0.5
+    assert attack_cli.budget("0") == 0.0
+    assert attack_cli.target_sets("s, ds ,all") == ["s", "sd", "all"]
+
+
+def test_attack_writes_table_csv_and_json(setup, capsys):
+    root = setup[0]
+    assert _attack(setup, "--target", "s,sd", "--batch-size", "2", "--limit", "3", "--eps", "8/255",
+                   "--alpha", "2/255", "--out", str(root / "res.csv")) == 0
+    printed = capsys.readouterr().out
+    assert "attacked set s:" in printed and "attacked set sd:" in printed and "rel vuln" in printed
+    assert "marginal vulnerability s + d" in printed
+    with open(root / "res.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["attacked"], r["task"]) for r in rows] == [
+        ("s", "segment_semantic"), ("s", "depth_zbuffer"), ("sd", "segment_semantic"), ("sd", "depth_zbuffer")]
+    assert all(r["samples"] == "3" and r["attack"] == "pgd" for r in rows)
+    assert float(rows[0]["eps"]) == pytest.approx(8 / 255) and float(rows[0]["alpha"]) == pytest.approx(2 / 255)
+    saved = json.loads((root / "res.json").read_text())
+    assert saved["config"]["target"] == ["s", "sd"] and saved["config"]["steps"] == 2
+    summary = saved["summary"]
+    assert summary["samples"] == 3 and summary["dual_norm"] == "l1"
+    assert set(summary["attacks"]) == {"s", "sd"} and len(summary["marginal"]) == 1
+    assert "theorem4_bound" in summary["marginal"][0] and "theorem2_factor" in summary["gradients"]
+    assert summary["attacks"]["s"]["tasks"]["segment_semantic"]["adv_vuln"] >= 0
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "wgd", "apgd"])
+def test_other_attacks_run(setup, capsys, attack):
+    extra = [] if attack == "fgsm" else ["--steps", "2"]
+    root, data, checkpoint = setup
+    argv = ["attack", "--checkpoint", str(checkpoint), "--data", str(data), "--no-progress", "--attack", attack,
+            "--limit", "1", "--no-gradients", "--norm", "l2", "--eps", "0.5", *extra]
+    assert cli_main(argv) == 0
+    assert f"{attack.upper()} l2 eps=0.5" in capsys.readouterr().out
+
+
+def test_same_seed_same_results(setup, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        assert _attack(setup, "--target", "d", "--limit", "1", "--no-gradients", "--seed", "3",
+                       "--out", str(tmp_path / name)) == 0
+        outs.append(json.loads((tmp_path / f"{name}.json").read_text())["summary"])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["--target", "sx"], "--target"),
+    (["--eps=-1/255"], "--eps"),
+    (["--eps", "eight"], "--eps"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_values_fail_at_parsing(setup, capsys, argv, name):
+    with pytest.raises(SystemExit) as exit_info:
+        _attack(setup, *argv)
+    assert exit_info.value.code != 0
+    assert f"argument {name}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "n"], "--target: the model in"),
+    (["--attack", "apgd", "--alpha", "2/255"], "--alpha"),
+    (["--attack", "fgsm"], "--steps: fgsm"),
+    (["--attack", "pgd", "--normalize-task-grads"], "--normalize-task-grads"),
+])
+def test_bad_combinations_are_named(setup, capsys, argv, message):
+    assert _attack(setup, *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_data(setup, tmp_path, capsys):
+    root, data, checkpoint = setup
+    assert cli_main(["attack", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(data)]) == 2
+    assert "--checkpoint: checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["attack", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nothing")]) == 2
+    assert "--data:" in capsys.readouterr().err
+
+
+# ---- quickstart (Table 1 in miniature) ----
+
+def test_quickstart_model_sets_and_table_rows():
+    assert quickstart.model_sets("s", None) == ["s", "sd", "sD", "sn", "sE"]
+    assert quickstart.model_sets("d", "d, ds") == ["d", "sd"]
+    with pytest.raises(ValueError, match="--models: every task set must hold the main task s"):
+        quickstart.model_sets("s", "s,dn")
+
+    def summary(tasks, clean, single, multi=None):
+        attacks = {"s": {"tasks": {"segment_semantic": {"rel_vuln": single}}}}
+        if multi is not None:
+            attacks[tasks] = {"tasks": {"segment_semantic": {"rel_vuln": multi}}}
+        return {"clean": {"segment_semantic": {"error": clean}}, "attacks": attacks}
+
+    rows = quickstart.table1_rows("s", {"s": summary("s", 0.9, 0.5), "sd": summary("sd", 0.8, 0.25, 0.125)})
+    assert rows == [("∅", "0.900", "0.500", "-"), ("d", "0.800", "0.250", "0.125")]
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
+    argv = ["quickstart", "--workdir", str(tmp_path), "--models", "s,sd", "--images", "12", "--size", "32",
+            "--epochs", "1", "--batch-size", "4", "--steps", "1", "--workers", "0", "--no-progress"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Table 1"):]
+    assert "rel vuln single-task attack" in table and "\n∅ " in table and "\nd " in table
+    assert (tmp_path / "resnet18_sd" / "attack_pgd_linf.json").exists()
+    assert cli_main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("reusing") == 2 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
+        table.split("\nquickstart wall")[0]
