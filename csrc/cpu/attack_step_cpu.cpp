@@ -20,6 +20,16 @@ namespace {
 
 constexpr int64_t kChunk = 16384;
 constexpr int64_t kTile = 512;
+// Row sums go to kLanes fixed lanes (element i to lane i % kLanes), added in lane order at the end: the
+// compiler can then vectorise and pipeline them without reassociating, and results stay independent of
+// threading.
+constexpr int kLanes = 4;
+
+inline double lane_total(const double (&lanes)[kLanes]) {
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
+  return total;
+}
 
 template <typename scalar_t, typename acc_t>
 class CpuStep {
@@ -64,12 +74,12 @@ class CpuStep {
         const int64_t begin = c * kChunk, end = std::min(p_.N, begin + kChunk);
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* g = task_row(t, b);
-          double acc = 0.0;
+          double acc[kLanes] = {};
           for (int64_t i = begin; i < end; ++i) {
             const double v = static_cast<double>(static_cast<acc_t>(g[i]));
-            acc += v * v;
+            acc[i % kLanes] += v * v;
           }
-          partial[c * T + t] = acc;
+          partial[c * T + t] = lane_total(acc);
         }
       });
       for (int64_t c = 0; c < chunks_; ++c)
@@ -137,10 +147,7 @@ class CpuStep {
     });
   }
 
-  // Sums in kLanes fixed lanes (element i goes to lane i % kLanes), added in lane order at the end: the
-  // compiler can vectorise that without reassociating, and the result stays independent of threading.
   void l2_sums(int64_t b, int64_t c, const acc_t* coef, double* sums) const {
-    constexpr int kLanes = 4;
     double gg[kLanes] = {}, dg[kLanes] = {}, dd[kLanes] = {};
     for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t*, int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
@@ -152,12 +159,9 @@ class CpuStep {
         dd[i % kLanes] += d * d;
       }
     });
-    sums[0] = sums[1] = sums[2] = 0.0;
-    for (int lane = 0; lane < kLanes; ++lane) {
-      sums[0] += gg[lane];
-      sums[1] += dg[lane];
-      sums[2] += dd[lane];
-    }
+    sums[0] = lane_total(gg);
+    sums[1] = lane_total(dg);
+    sums[2] = lane_total(dd);
   }
 
   void write_l2(int64_t b, int64_t c, const acc_t* coef, acc_t s, acc_t k) const {
