@@ -20,7 +20,7 @@ Everything is computed per sample (shape ``[B]``) and reduced only at the end, i
 - Clean and adversarial task performance through the tasks' own metric helpers (mIoU, pixel accuracy, L1, MSE).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Dict, Optional
 
@@ -182,7 +182,7 @@ class Evaluation:
 
     losses: Dict[str, torch.Tensor]
     errors: Dict[str, torch.Tensor]
-    stats: Optional[Dict[str, torch.Tensor]] = field(default=None)
+    stats: Optional[Dict[str, torch.Tensor]] = None
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ attack results made with the same settings. Flags scale it up (images, size, epo
 """
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--attack", choices=tuple(attack_cli.ATTACKS), default="pgd", help="attack (default pgd)")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
     parser.add_argument("--eps", type=attack_cli.budget, default=8 / 255, help="default 8/255")
-    parser.add_argument("--alpha", type=attack_cli.budget, default=None, help="default: the attack's (2/255)")
-    parser.add_argument("--steps", type=attack_cli.positive_int, default=10, help="attack steps (default 10)")
+    parser.add_argument("--alpha", type=attack_cli.budget, default=None,
+                        help="step size (default 2/255; fgsm: eps; apgd adapts its own)")
+    parser.add_argument("--steps", type=attack_cli.positive_int, default=10, help="attack steps (default 10; fgsm: 1)")
     parser.add_argument("--attack-limit", type=attack_cli.positive_int, default=None,
                         help="attack only the first N validation images (default: all)")
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
@@ -72,13 +74,28 @@ def _train(args, data, tasks, run_dir):
     return cli.main(argv + (["--no-progress"] if args.no_progress else []))
 
 
+def step_size(args):
+    """The attack's step size, always explicit so that saved results record it (None: APGD's adaptive step)."""
+    if args.attack == "apgd":
+        if args.alpha is not None:
+            raise ValueError("--alpha: apgd sets its own step size; leave --alpha out")
+        return None
+    if args.alpha is not None:
+        return args.alpha
+    return args.eps if args.attack == "fgsm" else 2 / 255
+
+
+def attack_steps(args):
+    return 1 if args.attack == "fgsm" else args.steps
+
+
 def _attack(args, data, tasks, run_dir):
     """The attack results of one model (read back from its JSON when made with the same settings)."""
     out = run_dir / f"attack_{args.attack}_{args.norm}"
-    wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "steps": args.steps,
+    alpha = step_size(args)
+    steps = attack_steps(args)
+    wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": steps,
               "limit": args.attack_limit, "seed": args.seed, "checkpoint_epoch": args.epochs}
-    if args.alpha is not None:
-        wanted["alpha"] = args.alpha
     json_path = attack_cli.output_paths(out)[1]
     if json_path.exists():
         saved = json.loads(json_path.read_text())
@@ -86,10 +103,11 @@ def _attack(args, data, tasks, run_dir):
             print(f"reusing {json_path}")
             return saved["summary"]
     argv = ["attack", "--checkpoint", str(run_dir / LAST), "--data", str(data), "--attack", args.attack,
-            "--norm", args.norm, "--eps", repr(args.eps), "--steps", str(args.steps),
+            "--norm", args.norm, "--eps", repr(args.eps),
             "--target", f"{args.main},all", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
             "--workers", str(args.workers), "--out", str(out)]
-    argv += ["--alpha", repr(args.alpha)] if args.alpha is not None else []
+    argv += ["--alpha", repr(alpha)] if alpha is not None else []
+    argv += ["--steps", str(steps)] if args.attack != "fgsm" else []
     argv += ["--limit", str(args.attack_limit)] if args.attack_limit else []
     argv += ["--no-progress"] if args.no_progress else []
     if cli.main(argv):
@@ -122,10 +140,12 @@ def table1_rows(main, results):
     main_task = task_registry.get_task(main)
     rows = []
     for tasks, summary in results.items():
-        aux = tasks.replace(main_task.letter, "") or "∅"
-        single = summary["attacks"][main_task.letter]["tasks"][main_task.name]["rel_vuln"]
-        multi = "-" if tasks == main_task.letter else _value(summary["attacks"][tasks]["tasks"][main_task.name]["rel_vuln"])
-        rows.append((aux, _value(summary["clean"][main_task.name]["error"]), _value(single), multi))
+        def rel_vuln(attacked):
+            return summary["attacks"][attacked]["tasks"][main_task.name]["rel_vuln"]
+
+        multi = "-" if tasks == main_task.letter else _value(rel_vuln(tasks))
+        rows.append((tasks.replace(main_task.letter, "") or "∅", _value(summary["clean"][main_task.name]["error"]),
+                     _value(rel_vuln(main_task.letter)), multi))
     return rows
 
 
@@ -133,8 +153,9 @@ def run(args):
     start = time.perf_counter()
     try:
         sets = model_sets(args.main, args.models)
+        step_size(args)
     except ValueError as error:
-        print(f"mtrobust-fast quickstart: error: {error}")
+        print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
         return 2
     data = args.workdir / "data"
     if not (data / synth.SPLIT_CSV).exists():
@@ -158,7 +179,7 @@ def run(args):
     main = task_registry.get_task(args.main)
     samples = next(iter(results.values()))["samples"]
     print(f"\nTable 1 (Baseline A) in miniature: main task {main.letter} ({main.name}), {args.attack.upper()} "
-          f"{args.norm} eps={args.eps:.4g}, {args.steps} steps, {samples} validation images. Clean error of "
+          f"{args.norm} eps={args.eps:.4g}, {attack_steps(args)} steps, {samples} validation images. Clean error of "
           f"{main.letter} (1 - mIoU for s, MSE otherwise) and its relative vulnerability (lower is better) "
           f"when only {main.letter} is attacked and when all the model's tasks are attacked.")
     print(_table(("auxiliary", f"clean error {main.letter}", "rel vuln single-task attack",
