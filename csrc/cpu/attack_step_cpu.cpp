@@ -6,7 +6,8 @@
 // with fewer rows the chunks of each row are spread over the threads instead. Within a chunk, tiles of
 // kTile elements are combined into a small buffer with simple loops the compiler vectorises.
 // Passes over memory: linf 1; linf with normalised task gradients 2 (the first reads only the gradients);
-// l2 2; l2 normalised 3.
+// l2 2; l2 normalised 3. For L2 the pass that sums the row also keeps the combined gradient in a row
+// buffer, so the final pass reads one gradient instead of T, starting from the end of the row (in cache).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,6 +26,19 @@ constexpr int64_t kTile = 512;
 // threading.
 constexpr int kLanes = 4;
 
+// Calls fn(i, i % kLanes) for i in [begin, end), the lane index a compile-time constant in the main loop so
+// the lane accumulators stay in registers.
+template <typename Fn>
+inline void for_lanes(int64_t begin, int64_t end, const Fn& fn) {
+  int64_t i = begin;
+  for (; i < end && i % kLanes != 0; ++i) fn(i, static_cast<int>(i % kLanes));
+  for (; i + kLanes <= end; i += kLanes) {
+#pragma GCC unroll 4
+    for (int lane = 0; lane < kLanes; ++lane) fn(i + lane, lane);
+  }
+  for (; i < end; ++i) fn(i, static_cast<int>(i % kLanes));
+}
+
 inline double lane_total(const double (&lanes)[kLanes]) {
   double total = 0.0;
   for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
@@ -38,12 +52,16 @@ class CpuStep {
 
   void run() {
     const int threads = at::get_num_threads();
+    // L2 keeps each row's combined gradient in a row buffer between its last two passes.
+    const int64_t buffer = p_.norm == Norm::L2 ? p_.N : 0;
     if (p_.B >= threads || chunks_ == 1) {
       at::parallel_for(0, p_.B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) run_row(b, false);
+        std::vector<acc_t> g_row(buffer);
+        for (int64_t b = begin; b < end; ++b) run_row(b, false, g_row.data());
       });
     } else {
-      for (int64_t b = 0; b < p_.B; ++b) run_row(b, true);
+      std::vector<acc_t> g_row(buffer);
+      for (int64_t b = 0; b < p_.B; ++b) run_row(b, true, g_row.data());
     }
   }
 
@@ -51,13 +69,16 @@ class CpuStep {
   const StepProblem<scalar_t, acc_t>& p_;
   const int64_t chunks_;
 
-  // Calls fn(chunk) for every chunk of a row, spread over threads when `parallel`.
+  // Calls fn(chunk) for every chunk of a row, spread over threads when `parallel`. Serially, `backwards`
+  // starts with the chunks the previous pass touched last, which are still in cache.
   template <typename Fn>
-  void for_chunks(bool parallel, const Fn& fn) const {
+  void for_chunks(bool parallel, const Fn& fn, bool backwards = false) const {
     if (parallel) {
       at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) fn(c);
       });
+    } else if (backwards) {
+      for (int64_t c = chunks_ - 1; c >= 0; --c) fn(c);
     } else {
       for (int64_t c = 0; c < chunks_; ++c) fn(c);
     }
@@ -65,7 +86,7 @@ class CpuStep {
 
   const scalar_t* task_row(int64_t t, int64_t b) const { return p_.grads + (t * p_.B + b) * p_.N; }
 
-  void run_row(int64_t b, bool parallel) const {
+  void run_row(int64_t b, bool parallel, acc_t* g_row) const {
     const int64_t T = p_.T;
     std::vector<double> task_sumsq(T, 0.0);
     if (p_.normalize_task_grads) {
@@ -75,10 +96,10 @@ class CpuStep {
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* g = task_row(t, b);
           double acc[kLanes] = {};
-          for (int64_t i = begin; i < end; ++i) {
+          for_lanes(begin, end, [&](int64_t i, int lane) {
             const double v = static_cast<double>(static_cast<acc_t>(g[i]));
-            acc[i % kLanes] += v * v;
-          }
+            acc[lane] += v * v;
+          });
           partial[c * T + t] = lane_total(acc);
         }
       });
@@ -96,7 +117,7 @@ class CpuStep {
       return;
     }
     std::vector<double> partial(chunks_ * 3, 0.0);
-    for_chunks(parallel, [&](int64_t c) { l2_sums(b, c, coef.data(), &partial[c * 3]); });
+    for_chunks(parallel, [&](int64_t c) { l2_sums(b, c, coef.data(), g_row, &partial[c * 3]); });
     double gg = 0.0, dg = 0.0, dd = 0.0;
     for (int64_t c = 0; c < chunks_; ++c) {
       gg += partial[c * 3];
@@ -104,9 +125,9 @@ class CpuStep {
       dd += partial[c * 3 + 2];
     }
     const L2RowScalars r = l2_row_scalars(gg, dg, dd, alpha, eps);
-    for_chunks(parallel, [&](int64_t c) {
-      write_l2(b, c, coef.data(), static_cast<acc_t>(r.s), static_cast<acc_t>(r.k));
-    });
+    for_chunks(
+        parallel, [&](int64_t c) { write_l2(b, c, g_row, static_cast<acc_t>(r.s), static_cast<acc_t>(r.k)); },
+        true);
   }
 
   // g[i] = Σ_t coef[t]·grads[t, b, begin + i] for one tile.
@@ -125,13 +146,15 @@ class CpuStep {
     }
   }
 
-  // Calls fn(x, x0, g, out, len) on each tile of chunk c of row b, g holding the tile's combined gradient.
+  // Calls fn(x, x0, g, out, len) on each tile of chunk c of row b, g holding the tile's combined gradient
+  // (kept in g_row, the row's buffer, when one is given).
   template <typename Fn>
-  void for_tiles(int64_t b, int64_t c, const acc_t* coef, const Fn& fn) const {
+  void for_tiles(int64_t b, int64_t c, const acc_t* coef, acc_t* g_row, const Fn& fn) const {
     const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
-    acc_t g[kTile];
+    acc_t tile[kTile];
     for (int64_t begin = c * kChunk; begin < end; begin += kTile) {
       const int64_t len = std::min(kTile, end - begin);
+      acc_t* g = g_row ? g_row + begin : tile;
       combine_tile(b, begin, len, coef, g);
       fn(p_.x + row + begin, p_.x0 + row + begin, g, p_.out + row + begin, len);
     }
@@ -139,7 +162,8 @@ class CpuStep {
 
   void write_linf(int64_t b, int64_t c, const acc_t* coef, acc_t alpha, acc_t eps) const {
     const acc_t lo = p_.lo, hi = p_.hi;
-    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out, int64_t len) {
+    for_tiles(b, c, coef, nullptr, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out,
+                                       int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
         out[i] = static_cast<scalar_t>(linf_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g[i],
                                                    alpha, eps, lo, hi));
@@ -147,31 +171,34 @@ class CpuStep {
     });
   }
 
-  void l2_sums(int64_t b, int64_t c, const acc_t* coef, double* sums) const {
+  void l2_sums(int64_t b, int64_t c, const acc_t* coef, acc_t* g_row, double* sums) const {
     double gg[kLanes] = {}, dg[kLanes] = {}, dd[kLanes] = {};
-    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t*, int64_t len) {
-      for (int64_t i = 0; i < len; ++i) {
+    for_tiles(b, c, coef, g_row, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t*, int64_t len) {
+      for_lanes(0, len, [&](int64_t i, int lane) {
         const double gi = static_cast<double>(g[i]);
         const double d =
             static_cast<double>(static_cast<acc_t>(x[i])) - static_cast<double>(static_cast<acc_t>(x0[i]));
-        gg[i % kLanes] += gi * gi;
-        dg[i % kLanes] += d * gi;
-        dd[i % kLanes] += d * d;
-      }
+        gg[lane] += gi * gi;
+        dg[lane] += d * gi;
+        dd[lane] += d * d;
+      });
     });
     sums[0] = lane_total(gg);
     sums[1] = lane_total(dg);
     sums[2] = lane_total(dd);
   }
 
-  void write_l2(int64_t b, int64_t c, const acc_t* coef, acc_t s, acc_t k) const {
+  // The final L2 pass: reads the combined gradient back from the row buffer instead of re-combining tasks.
+  void write_l2(int64_t b, int64_t c, const acc_t* g_row, acc_t s, acc_t k) const {
+    const int64_t row = b * p_.N, begin = c * kChunk, end = std::min(p_.N, begin + kChunk);
+    const scalar_t* x = p_.x + row;
+    const scalar_t* x0 = p_.x0 + row;
+    scalar_t* out = p_.out + row;
     const acc_t lo = p_.lo, hi = p_.hi;
-    for_tiles(b, c, coef, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out, int64_t len) {
-      for (int64_t i = 0; i < len; ++i) {
-        out[i] = static_cast<scalar_t>(
-            l2_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g[i], s, k, lo, hi));
-      }
-    });
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = static_cast<scalar_t>(
+          l2_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g_row[i], s, k, lo, hi));
+    }
   }
 };
 
