@@ -33,15 +33,6 @@ class ThreeHeads(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds OpenMP spin-waiting, which on a busy
-    2-core machine made this file 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def net(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)

@@ -19,14 +19,6 @@ BIG_ENCODERS = ["resnet152", "wide_resnet50_2"]
 TASK_SETS = ["s", "dnE", "DpA"]  # every channel count (18, 1, 3, 2) appears
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not stall when the CPU is shared (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def _seeded():
