@@ -230,3 +230,70 @@ def test_bad_batches_raise_clear_errors():
     spec = TaskSpec("y", lambda out, y, m=None: out.sum(1), key="missing")
     with pytest.raises(ValueError, match="no entry 'missing'"):
         PGD(net, [spec], steps=1)(x, torch.zeros(4))
+
+
+class FullForward(nn.Module):
+    """A MultiTaskModel seen as a plain module: attacks must run its whole forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.task_names = model.task_names
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.fixture(scope="module")
+def taskonomy_net():
+    from mtrobust_fast.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("sdn", "resnet18", input_size=32).double().eval()
+
+
+def taskonomy_batch(n=3):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(n, 3, 32, 32, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (n, 32, 32), generator=gen)
+    targets = {SEG.name: labels, DEPTH.name: torch.rand(n, 1, 32, 32, generator=gen, dtype=torch.float64),
+               tasks.BY_LETTER["n"].name: torch.rand(n, 3, 32, 32, generator=gen, dtype=torch.float64)}
+    return x, targets, {SEG.name: (labels > 0)[:, None]}
+
+
+@pytest.mark.parametrize("target", ["s", "dn"])
+def test_multitask_model_runs_only_attacked_heads_with_the_same_result(taskonomy_net, target):
+    x, targets, masks = taskonomy_batch()
+    rows_seen = {name: 0 for name in taskonomy_net.task_names}
+    hooks = [taskonomy_net.decoders[name].register_forward_hook(
+        lambda module, args, out, name=name: rows_seen.__setitem__(name, rows_seen[name] + out.shape[0]))
+        for name in taskonomy_net.task_names]
+    try:
+        split = PGD(taskonomy_net, steps=2, target_tasks=target, deterministic=True)(x, targets, masks)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    attacked = {tasks.BY_LETTER[letter].name for letter in target}
+    assert all((rows_seen[name] > 0) == (name in attacked) for name in rows_seen)
+    full = PGD(FullForward(taskonomy_net), steps=2, target_tasks=target, deterministic=True)(x, targets, masks)
+    torch.testing.assert_close(split, full, rtol=0, atol=1e-12)
+
+
+def test_multitask_model_subsets_run_heads_on_their_rows_only(taskonomy_net):
+    x, targets, masks = taskonomy_batch()
+    subsets = ["s", "d", "sd", "n"]
+    atk = PGD(taskonomy_net, steps=2, deterministic=True, seed=1)
+    rows_seen = {}
+    hooks = [taskonomy_net.decoders[name].register_forward_hook(
+        lambda module, args, out, name=name: rows_seen.setdefault(name, set()).add(out.shape[0]))
+        for name in taskonomy_net.task_names]
+    try:
+        together = atk.run_subsets(x, targets, masks, subsets=subsets)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # s is attacked by 2 of the 4 row blocks, d by 2, n by 1 (3 images per block).
+    assert rows_seen == {SEG.name: {6}, DEPTH.name: {6}, tasks.BY_LETTER["n"].name: {3}}
+    for k, subset in enumerate(subsets):
+        alone = PGD(taskonomy_net, steps=2, deterministic=True, seed=1, target_tasks=subset)(x, targets, masks)
+        torch.testing.assert_close(together[k], alone, rtol=0, atol=1e-12)

@@ -19,6 +19,7 @@ import torch
 from mtrobust_fast import ops
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks.specs import resolve_specs
+from mtrobust_fast.models.multitask import MultiTaskModel
 
 _fused = torch.ops.mtrobust_fast
 _NOISE_KINDS = {"rand": 0, "randn": 1}
@@ -51,7 +52,8 @@ def _rows(t, repeats):
 @dataclass
 class Rows:
     """The rows one attack call works on: clean inputs, per-task targets and masks, the tasks attacked in any
-    row (``active``) with per-row weights ``[R, len(active)]``, per-row budgets and sample ids."""
+    row (``active``) with per-row weights ``[R, len(active)]``, per-row budgets and sample ids.
+    ``task_rows[name]``: indices of the rows that attack that task (None: every row)."""
 
     x0: torch.Tensor
     targets: dict
@@ -61,6 +63,7 @@ class Rows:
     eps: torch.Tensor
     alpha: torch.Tensor
     ids: torch.Tensor
+    task_rows: dict
 
 
 class Attack(abc.ABC):
@@ -150,27 +153,56 @@ class Attack(abc.ABC):
     def _optimize(self, x, rows):
         """One restart from start point ``x`` (modified in place or replaced); returns the final points."""
 
-    def _task_losses(self, x, targets, masks, names):
-        """[R, len(names)] per-sample losses at x (graph kept when x requires grad)."""
-        device_type = x.device.type
-        with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
-            outputs = self.model(x)
+    def _task_losses(self, x, targets, masks, names, task_rows=None):
+        """[R, len(names)] per-sample losses at x (graph kept when x requires grad).
+
+        With ``task_rows`` (task name -> row indices or None for all rows) and a :class:`MultiTaskModel`, the
+        shared encoder runs once and each task head only on the rows that attack that task; the other
+        entries are 0. Heads no row attacks are neither run forward nor back-propagated, so a single-task
+        attack costs encoder + one head, and ``run_subsets`` does no more head work than separate runs."""
         by_name = {s.name: s for s in self.specs}
-        return torch.stack([by_name[n].loss(_full_precision(by_name[n].output(outputs)), targets[n], masks.get(n))
-                            for n in names], dim=1)
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if task_rows is None or not self._splits_heads(names):
+                outputs = self.model(x)
+                return torch.stack([by_name[n].loss(_full_precision(by_name[n].output(outputs)), targets[n],
+                                                    masks.get(n)) for n in names], dim=1)
+            representation = self.model.encode(x)
+            columns = []
+            for n in names:
+                index = task_rows.get(n)
+                if index is None:
+                    columns.append(by_name[n].loss(_full_precision(self.model.decoders[n](representation)),
+                                                   targets[n], masks.get(n)))
+                    continue
+                output = _full_precision(self.model.decoders[n](representation[index]))
+                mask = masks.get(n)
+                loss = by_name[n].loss(output, targets[n][index], None if mask is None else mask[index])
+                columns.append(loss.new_zeros(x.shape[0]).index_copy(0, index, loss))
+            return torch.stack(columns, dim=1)
+
+    def _splits_heads(self, names):
+        """Whether heads can run on row subsets: a MultiTaskModel whose heads the specs read by task name."""
+        if not isinstance(self.model, MultiTaskModel):
+            return False
+        by_name = {s.name: s for s in self.specs}
+        return all(n in self.model.decoders and by_name[n].key == n for n in names)
+
+    def _row_losses(self, x, rows):
+        """[R, len(rows.active)] losses of the attacked tasks (0 where a row does not attack a task)."""
+        return self._task_losses(x, rows.targets, rows.masks, rows.active, rows.task_rows)
 
     def _objective_and_grad(self, x, rows, weights=None):
         """Per-row objective Σ_t W[r,t]·L_t (W = ``rows.weights`` unless given) and its input gradient; no
         parameter gradient is computed. Returns (objective [R], per-task losses [R, T], gradient), detached."""
         xg = x.detach().requires_grad_(True)
-        losses = self._task_losses(xg, rows.targets, rows.masks, rows.active)
+        losses = self._row_losses(xg, rows)
         objective = ((rows.weights if weights is None else weights) * losses).sum(dim=1)
         (grad,) = torch.autograd.grad(objective.sum(), xg)
         return objective.detach(), losses.detach(), grad
 
     def _objective(self, x, rows):
         with torch.no_grad():
-            return (rows.weights * self._task_losses(x, rows.targets, rows.masks, rows.active)).sum(dim=1)
+            return (rows.weights * self._row_losses(x, rows)).sum(dim=1)
 
     def _step(self, x, rows, grads, alpha=None, task_weights=None, normalize_task_grads=False):
         """In-place fused update of x (grads [T, R, ...], optional per-row step sizes and task weights [R, T]);
@@ -270,11 +302,16 @@ class Attack(abc.ABC):
         count = x0.shape[0]
         active = [s.name for s in self.specs if any(s.name in group for group in attacked_sets)]
         table = torch.tensor([[1.0 if n in group else 0.0 for n in active] for group in attacked_sets])
+        block = count // len(attacked_sets)
+        task_rows = {}
+        for n in active:
+            blocks = [k for k, group in enumerate(attacked_sets) if n in group]
+            task_rows[n] = None if len(blocks) == len(attacked_sets) else torch.cat(
+                [torch.arange(k * block, (k + 1) * block) for k in blocks]).to(x0.device)
         opmath = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        rows = Rows(x0, targets, masks, active,
-                    table.repeat_interleave(count // len(attacked_sets), dim=0).to(x0.device),
+        rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
                     torch.full((count,), self.eps, dtype=opmath, device=x0.device),
-                    torch.full((count,), self.alpha, dtype=opmath, device=x0.device), ids)
+                    torch.full((count,), self.alpha, dtype=opmath, device=x0.device), ids, task_rows)
         with self._eval_mode():
             best_x, best_loss = None, None
             for restart in range(self.restarts):

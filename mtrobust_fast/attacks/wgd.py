@@ -64,7 +64,7 @@ class WGD(Attack):
         """One in-place WGD step of x; ``start`` holds L(0) [R, T] (None at step 0: measured here). Returns
         L(0). A method of its own so the step's graph is freed before the next forward."""
         xg = x.detach().requires_grad_(True)
-        losses = self._task_losses(xg, rows.targets, rows.masks, rows.active)
+        losses = self._row_losses(xg, rows)
         current = losses.detach()
         start = current if start is None else start
         task_weights = rows.weights * relative_rates(current, start, rows.weights)
