@@ -297,3 +297,35 @@ def test_multitask_model_subsets_run_heads_on_their_rows_only(taskonomy_net):
     for k, subset in enumerate(subsets):
         alone = PGD(taskonomy_net, steps=2, deterministic=True, seed=1, target_tasks=subset)(x, targets, masks)
         torch.testing.assert_close(together[k], alone, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_per_sample_budgets_equal_separate_runs_with_each_budget(norm):
+    net = model(torch.float64)
+    x, targets, masks = batch(dtype=torch.float64)
+    scale = 1 / 255 if norm == "linf" else 0.1
+    eps = torch.tensor([2.0, 4.0, 0.0, 8.0], dtype=torch.float64) * scale
+    atk = PGD(net, eps=eps, alpha=eps / 4, steps=3, norm=norm, deterministic=True, seed=2)
+    together = atk(x, targets, masks)
+    delta = (together - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert bool((size <= eps * (1 + 1e-9)).all())
+    for b in range(4):
+        one = slice(b, b + 1)
+        alone = PGD(net, eps=float(eps[b]), alpha=float(eps[b]) / 4, steps=3, norm=norm, deterministic=True,
+                    seed=2)(x[one], {k: v[one] for k, v in targets.items()}, {k: v[one] for k, v in masks.items()},
+                            sample_ids=[b])
+        torch.testing.assert_close(together[b:b + 1], alone, rtol=0, atol=1e-12)
+    subsets = atk.run_subsets(x, targets, masks, subsets=["s", "sd"])
+    assert torch.equal(subsets[1], together)
+
+
+def test_per_sample_budgets_are_checked():
+    net = model()
+    x, targets, masks = batch()
+    with pytest.raises(ValueError, match="eps"):
+        PGD(net, eps=torch.tensor([0.1, -0.1]))
+    with pytest.raises(ValueError, match="alpha"):
+        PGD(net, alpha=[0.1, float("inf")])
+    with pytest.raises(ValueError, match="eps has 2 values but the batch has 4"):
+        PGD(net, eps=[0.1, 0.2], steps=1)(x, targets, masks)

@@ -25,12 +25,27 @@ _fused = torch.ops.mtrobust_fast
 _NOISE_KINDS = {"rand": 0, "randn": 1}
 
 
-def _check_budget(name, value, positive=False):
+def _check_budget(name, value):
+    """A float, or one value per sample (a 1-D tensor or sequence), every value finite and >= 0."""
+    if isinstance(value, (list, tuple, torch.Tensor)):
+        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        if values.dim() != 1 or values.numel() == 0:
+            raise ValueError(f"{name} must be a number or one value per sample (1-D), got shape {tuple(values.shape)}")
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"{name} must be finite and >= 0 for every sample")
+        return values
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if positive and value == 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0 (or one per sample), got {value!r}")
     return float(value)
+
+
+def _row_budget(name, value, block, repeats, device, dtype):
+    """The per-row tensor of a budget for `repeats` blocks of `block` samples."""
+    if isinstance(value, float):
+        return torch.full((block * repeats,), value, dtype=dtype, device=device)
+    if value.numel() != block:
+        raise ValueError(f"{name} has {value.numel()} values but the batch has {block} samples")
+    return value.to(device=device, dtype=dtype).repeat(repeats)
 
 
 def _check_count(name, value):
@@ -309,9 +324,10 @@ class Attack(abc.ABC):
             task_rows[n] = None if len(blocks) == len(attacked_sets) else torch.cat(
                 [torch.arange(k * block, (k + 1) * block) for k in blocks]).to(x0.device)
         opmath = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        repeats = len(attacked_sets)
         rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
-                    torch.full((count,), self.eps, dtype=opmath, device=x0.device),
-                    torch.full((count,), self.alpha, dtype=opmath, device=x0.device), ids, task_rows)
+                    _row_budget("eps", self.eps, block, repeats, x0.device, opmath),
+                    _row_budget("alpha", self.alpha, block, repeats, x0.device, opmath), ids, task_rows)
         with self._eval_mode():
             best_x, best_loss = None, None
             for restart in range(self.restarts):

@@ -9,7 +9,8 @@ class PGD(Attack):
         model: an ``nn.Module`` returning a dict (keyed by task name), a tuple or a tensor.
         tasks: the model's tasks: None (``model.task_names``), a letter string like ``"sd"``, or a list of
             :class:`~mtrobust_fast.attacks.TaskSpec`, registry tasks, letters or names.
-        eps, alpha: ball radius and step size in input units ([0, 1] pixels: 8/255 means 8/255).
+        eps, alpha: ball radius and step size in input units ([0, 1] pixels: 8/255 means 8/255); a float, or
+            one value per sample of the batches the attack will see (per-row budgets).
         steps: number of iterations (>= 1).
         norm: ``"linf"`` or ``"l2"`` (per-sample norms).
         random_start: start uniformly inside the ball (default True for PGD).
