@@ -329,3 +329,19 @@ def test_per_sample_budgets_are_checked():
         PGD(net, alpha=[0.1, float("inf")])
     with pytest.raises(ValueError, match="eps has 2 values but the batch has 4"):
         PGD(net, eps=[0.1, 0.2], steps=1)(x, targets, masks)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "wgd", "apgd"])
+def test_record_steps_keeps_per_step_losses_of_the_attacked_tasks(trained, attack):
+    from mtrobust_fast.attacks import APGD, WGD
+
+    net, (x, targets, masks) = trained
+    cls = {"pgd": PGD, "wgd": WGD, "apgd": APGD}[attack]
+    atk = cls(net, steps=4, target_tasks="sd", record_steps=True)
+    atk(x, targets, masks)
+    assert set(atk.step_losses) == {SEG.name, DEPTH.name}
+    curve = atk.step_losses[SEG.name]
+    assert curve.shape[1] == x.shape[0] and curve.shape[0] >= 4
+    clean = atk.losses(x, targets, masks)[SEG.name]
+    assert float(curve[-1].mean()) > float(clean.mean())  # the attack climbs
+    assert PGD(net, steps=2).step_losses is None

@@ -88,7 +88,7 @@ class Attack(abc.ABC):
 
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=2 / 255, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
-                 channels_last=False, lo=0.0, hi=1.0):
+                 channels_last=False, lo=0.0, hi=1.0, record_steps=False):
         self.model = model
         self.specs = resolve_specs(model, tasks)
         self.eps = _check_budget("eps", eps)
@@ -109,6 +109,8 @@ class Attack(abc.ABC):
         if not lo < hi:
             raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
         self.lo, self.hi = float(lo), float(hi)
+        self.record_steps = bool(record_steps)
+        self.step_losses = None
         self._generator = None
 
     # ---- public API ----
@@ -213,7 +215,13 @@ class Attack(abc.ABC):
         losses = self._row_losses(xg, rows)
         objective = ((rows.weights if weights is None else weights) * losses).sum(dim=1)
         (grad,) = torch.autograd.grad(objective.sum(), xg)
+        self._record(losses)
         return objective.detach(), losses.detach(), grad
+
+    def _record(self, losses):
+        """Keeps a step's per-row, per-task losses (on the device, no sync) when ``record_steps`` is on."""
+        if self.record_steps:
+            self._steps.append(losses.detach())
 
     def _objective(self, x, rows):
         with torch.no_grad():
@@ -331,7 +339,11 @@ class Attack(abc.ABC):
         with self._eval_mode():
             best_x, best_loss = None, None
             for restart in range(self.restarts):
+                self._steps = []
                 x_adv = self._optimize(self._start(x0, ids, restart, rows.eps), rows)
+                if self.record_steps:  # the last restart's curves; 0 where a row does not attack the task
+                    stacked = torch.stack(self._steps)
+                    self.step_losses = {name: stacked[:, :, i] for i, name in enumerate(rows.active)}
                 if self.restarts == 1:
                     return x_adv.detach()
                 loss = self._objective(x_adv, rows)

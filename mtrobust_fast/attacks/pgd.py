@@ -22,6 +22,8 @@ class PGD(Attack):
         autocast: None, ``torch.bfloat16`` or ``torch.float16`` for the model's forward/backward.
         channels_last: run the model on channels_last inputs (faster convolutions on GPUs).
         lo, hi: the valid input range.
+        record_steps: keep the per-row losses of each attacked task at every step of the last restart in
+            ``step_losses`` (``{task name: [steps, R]}``, on the device), for attack curves.
 
     Differences from the AAAI'22 code: the random start is uniform in the ball (the source always started at
     the corner ``min(1, x + eps)``), and L2 norms are per sample (the source normalised over the whole batch).

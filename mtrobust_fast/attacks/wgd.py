@@ -65,6 +65,7 @@ class WGD(Attack):
         L(0). A method of its own so the step's graph is freed before the next forward."""
         xg = x.detach().requires_grad_(True)
         losses = self._row_losses(xg, rows)
+        self._record(losses)
         current = losses.detach()
         start = current if start is None else start
         task_weights = rows.weights * relative_rates(current, start, rows.weights)
