@@ -126,80 +126,128 @@ def _resolve_sets(sets, model_tasks, checkpoint):
     return resolved
 
 
-def build_attack(args, model, sets):
-    """The attack the arguments describe, attacking the union of ``sets``."""
-    cls = _attack_class(args.attack)
-    kwargs = dict(eps=args.eps, norm=args.norm, restarts=args.restarts, seed=args.seed,
-                  deterministic=args.deterministic,
+def build_attack(model, sets, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None, restarts=1,
+                 seed=0, deterministic=False, normalize_task_grads=False, record_steps=False):
+    """The attack these settings describe, attacking the union of ``sets``."""
+    cls = _attack_class(attack)
+    kwargs = dict(eps=eps, norm=norm, restarts=restarts, seed=seed, deterministic=deterministic,
                   target_tasks=[name for name in model.task_names if any(name in s for s in sets)])
-    if args.alpha is not None:
-        if args.attack == "apgd":
+    if record_steps:
+        kwargs["record_steps"] = True
+    if alpha is not None:
+        if attack == "apgd":
             raise UsageError("--alpha: apgd sets its own step size (2*eps, halved at checkpoints); leave --alpha out")
-        kwargs["alpha"] = args.alpha
-    if args.normalize_task_grads:
-        if args.attack != "wgd":
-            raise UsageError(f"--normalize-task-grads applies to wgd only, not {args.attack}")
+        kwargs["alpha"] = alpha
+    if normalize_task_grads:
+        if attack != "wgd":
+            raise UsageError(f"--normalize-task-grads applies to wgd only, not {attack}")
         kwargs["normalize_task_grads"] = True
-    if args.steps is not None:
-        if args.attack == "fgsm":
+    if steps is not None:
+        if attack == "fgsm":
             raise UsageError("--steps: fgsm takes exactly one step; leave --steps out or use pgd")
-        kwargs["steps"] = args.steps
+        kwargs["steps"] = steps
     try:
         return cls(model, **kwargs)
     except ValueError as error:
-        raise UsageError(f"--attack {args.attack}: {error}") from error
+        raise UsageError(f"--attack {attack}: {error}") from error
 
 
-def _loader(args, model):
-    size = args.size or model.config.get("input_size")
+def _loader(data, model, split, size, limit, batch_size, workers):
+    size = size or model.config.get("input_size")
     try:
-        dataset = TaskonomyDataset(args.data, model.config["tasks"], split=args.split, size=size)
+        dataset = TaskonomyDataset(data, model.config["tasks"], split=split, size=size)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"--data: {error}") from error
-    if args.limit:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    return DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.workers)
+    if limit:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    return DataLoader(dataset, batch_size, shuffle=False, num_workers=workers)
 
 
-def attack_dataset(args):
-    """Run the attack over the split; returns ``(config, meter)``."""
-    if not args.checkpoint.is_file():
-        raise UsageError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
-    device = resolve_device(args.device)
+class _Curves:
+    """Mean per-step loss of each attacked task, per attacked set, over every attacked image (attack curves)."""
+
+    def __init__(self, sets):
+        self.sets, self.sums, self.count = sets, {}, 0
+
+    def add(self, step_losses, batch):
+        for k, attacked in enumerate(self.sets):
+            for name in attacked:
+                block = step_losses[name][:, k * batch:(k + 1) * batch].double().sum(1).cpu()
+                key = (metrics.set_label(attacked), name)
+                self.sums[key] = block if key not in self.sums else self.sums[key] + block
+        self.count += batch
+
+    def result(self):
+        return {label: {name: (total / self.count).tolist() for (lab, name), total in self.sums.items()
+                        if lab == label} for label in dict.fromkeys(lab for lab, _ in self.sums)}
+
+
+def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
+                        restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
+                        batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, workers=0,
+                        device="auto", progress=False, record_steps=False):
+    """Attack a checkpoint's model over one split and return ``(config, summary)``.
+
+    ``sets``: attacked sets, each "all", task letters or a sequence of task names; all are attacked in one batch of
+    rows. ``summary`` is :meth:`metrics.VulnerabilityMeter.compute`'s, plus ``step_losses`` ``{set: {task: [mean
+    loss per step]}}`` when ``record_steps``. Shared by ``attack`` and ``sweep`` so both measure the same thing.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise UsageError(f"--checkpoint: checkpoint not found: {checkpoint}")
+    device = resolve_device(device)
     try:
-        model, meta = load_checkpoint(args.checkpoint, map_location=device)
+        model, meta = load_checkpoint(checkpoint, map_location=device)
     except ValueError as error:
         raise UsageError(f"--checkpoint: {error}") from error
     names = model.task_names
-    sets = _resolve_sets(args.target, names, args.checkpoint)
-    atk = build_attack(args, model, sets)
-    loader = _loader(args, model)
-    meter = metrics.VulnerabilityMeter(names, eps=args.eps, norm=args.norm)
+    sets = _resolve_sets(sets, names, checkpoint)
+    atk = build_attack(model, sets, attack=attack, norm=norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                       seed=seed, deterministic=deterministic, normalize_task_grads=normalize_task_grads,
+                       record_steps=record_steps)
+    loader = _loader(data, model, split, size, limit, batch_size, workers)
+    meter = metrics.VulnerabilityMeter(names, eps=eps, norm=norm)
+    curves = _Curves(sets)
     start, seen = time.perf_counter(), 0
-    for batch in tqdm(loader, desc=f"attack {args.attack}", unit="batch", disable=args.no_progress):
+    for batch in tqdm(loader, desc=f"attack {attack}", unit="batch", disable=not progress):
         x, targets, masks = to_device(batch, device)
         ids = torch.arange(seen, seen + x.shape[0])
         seen += x.shape[0]
         with torch.no_grad():
             clean = metrics.evaluate(model(x), targets, masks, names)
-        grads = None if args.no_gradients else metrics.input_gradients(model, x, targets, masks, names)
+        grads = metrics.input_gradients(model, x, targets, masks, names) if gradients else None
         if len(sets) == 1:
             adv = atk(x, targets, masks, sample_ids=ids)[None]
         else:
             adv = atk.run_subsets(x, targets, masks, subsets=[list(s) for s in sets], sample_ids=ids)
+        if record_steps:
+            curves.add(atk.step_losses, x.shape[0])
         with torch.no_grad():
             evaluations = {s: metrics.evaluate(model(adv[i]), targets, masks, names) for i, s in enumerate(sets)}
         meter.update(clean, evaluations, grads)
     config = {
-        "checkpoint": str(args.checkpoint), "checkpoint_epoch": meta.get("epoch"),
-        "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": args.attack,
-        "norm": args.norm, "eps": args.eps, "alpha": None if args.attack == "apgd" else atk.alpha,
-        "steps": atk.steps, "restarts": args.restarts, "normalize_task_grads": args.normalize_task_grads,
-        "target": [metrics.set_label(s) for s in sets], "split": args.split, "limit": args.limit,
-        "seed": args.seed, "deterministic": args.deterministic, "device": str(device),
+        "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
+        "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,
+        "norm": norm, "eps": eps, "alpha": None if attack == "apgd" else atk.alpha,
+        "steps": atk.steps, "restarts": restarts, "normalize_task_grads": normalize_task_grads,
+        "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
+        "seed": seed, "deterministic": deterministic, "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return config, meter
+    summary = meter.compute()
+    if record_steps:
+        summary["step_losses"] = curves.result()
+    return config, summary
+
+
+def attack_dataset(args):
+    """Run the attack the ``attack`` arguments describe; returns ``(config, summary)``."""
+    return evaluate_checkpoint(
+        args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
+        steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
+        split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        deterministic=args.deterministic, gradients=not args.no_gradients, workers=args.workers,
+        device=args.device, progress=not args.no_progress)
 
 
 def _fmt(value):
@@ -267,11 +315,10 @@ def write_results(out, config, summary, rows):
 
 def run(args):
     try:
-        config, meter = attack_dataset(args)
+        config, summary = attack_dataset(args)
     except UsageError as error:
         print(f"mtrobust-fast attack: error: {error}", file=sys.stderr)
         return 2
-    summary = meter.compute()
     print(format_report(config, summary))
     if args.out is not None:
         paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
