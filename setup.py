@@ -58,7 +58,7 @@ setup(
     packages=find_packages(include=["mtrobust_fast", "mtrobust_fast.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pillow"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "comet_ml"]},
     entry_points={"console_scripts": ["mtrobust-fast=mtrobust_fast.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext()},
