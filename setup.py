@@ -57,7 +57,7 @@ setup(
     description="Fast adversarial attacks and robustness sweeps for multi-task vision models",
     packages=find_packages(include=["mtrobust_fast", "mtrobust_fast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pillow"],
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pillow", "pandas", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis", "comet_ml"]},
     entry_points={"console_scripts": ["mtrobust-fast=mtrobust_fast.cli:main"]},
     ext_modules=extensions(),

@@ -1,0 +1,249 @@
+"""``mtrobust-fast report RESULTS --out DIR``: the AAAI'22 figures of a sweep's results table as PNGs, and a
+``summary.md`` that shows them with their numbers.
+
+- Main × auxiliary heatmaps of the main task's relative vulnerability (Tables 1–2 layout: row = main task m,
+  column = auxiliary a, cell = m on the model {m, a}, diagonal = the one-task model {m}); one figure per
+  attack configuration, with panels single-task attack (only m attacked) / multi-task attack (m and a attacked)
+  × the task weights of the models (uniform, zamir).
+- Adversarial vulnerability of the joint loss vs the number of attacked tasks (Figure 1), for models attacked
+  on sets of several sizes: one line per model through the mean over the sets of each size, every set a dot.
+- Surrogate vs full-cost scatter with Pearson/Spearman (Table 3), from ``mtrobust-fast select --out``.
+
+A figure whose data the table lacks is skipped with a note in the summary, so partial sweeps still report.
+"""
+import math
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mtrobust_fast import results_table, selection  # noqa: E402
+from mtrobust_fast import tasks as task_registry  # noqa: E402
+
+REQUIRED = ("model_tasks", "attacked", "task")
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("results", type=Path, help="results table written by the sweep (Parquet or CSV)")
+    add("--out", type=Path, required=True, help="folder for the PNGs and summary.md")
+    add("--metric", default="rel_vuln",
+        help="heatmap metric, e.g. rel_vuln or rel_vuln_ratio_of_means (default %(default)s)")
+    add("--selection", type=Path, default=None,
+        help="output folder (or its pairs.csv) of `mtrobust-fast select`, for the surrogate scatter")
+    add("--dpi", type=int, default=120, help="PNG resolution (default %(default)s)")
+
+
+def _ordered(values):
+    order = task_registry.CANONICAL_ORDER
+    return sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v))
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_") or "all"
+
+
+def _groups(table, keys):
+    """(label, sub-table) per distinct value of ``keys``; the whole table when there are none."""
+    if not keys:
+        return [("all", table)]
+    return [(results_table.config_label(keys, values if isinstance(values, tuple) else (values,)), group)
+            for values, group in table.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)]
+
+
+def _fmt(value):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
+def _markdown_matrix(matrix):
+    lines = ["| main \\ aux | " + " | ".join(matrix.columns) + " |", "|---" * (len(matrix.columns) + 1) + "|"]
+    lines += [f"| {main} | " + " | ".join(_fmt(v) for v in row) + " |" for main, row in matrix.iterrows()]
+    return lines
+
+
+def _draw_matrix(ax, matrix, title):
+    values = matrix.to_numpy(dtype=float)
+    shown = np.ma.masked_invalid(values)
+    image = ax.imshow(shown, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(matrix.columns)), matrix.columns)
+    ax.set_yticks(range(len(matrix.index)), matrix.index)
+    ax.set_xlabel("auxiliary task")
+    ax.set_ylabel("main task")
+    ax.set_title(title, fontsize=9)
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                    color="white" if value > middle else "black")
+    return image
+
+
+def heatmaps(table, out, metric, dpi):
+    """Tables 1–2: (markdown lines, figure paths)."""
+    if metric not in table.columns:
+        return [f"_Skipped: the table has no `{metric}` column._"], []
+    pairs = {kind: results_table.pair_values(table, metric, kind) for kind in ("single", "multi")}
+    if pairs["single"].empty and pairs["multi"].empty:
+        return ["_Skipped: no rows of one- or two-task models evaluated on an attacked main task._"], []
+    keys = [k for k in results_table.config_columns(table) if k != "task_weights"]
+    lines, paths = [], []
+    both = pd.concat([pairs["single"].assign(kind="single"), pairs["multi"].assign(kind="multi")])
+    for label, group in _groups(both, keys):
+        weights = (list(dict.fromkeys(group["task_weights"].fillna("unknown")))
+                   if "task_weights" in group.columns else ["(weights not recorded)"])
+        kinds = [k for k in ("single", "multi") if (group["kind"] == k).any()]
+        mains, auxes = _ordered(group["main"]), _ordered(group["aux"])
+        fig, axes = plt.subplots(len(kinds), len(weights), squeeze=False,
+                                 figsize=(1.2 + 0.55 * len(auxes) * len(weights) + 1.2 * len(weights),
+                                          0.8 + (0.5 * len(mains) + 1.0) * len(kinds)))
+        lines += [f"### {label}", ""]
+        for r, kind in enumerate(kinds):
+            for c, weight in enumerate(weights):
+                cell = group[group["kind"] == kind]
+                if "task_weights" in group.columns:
+                    cell = cell[cell["task_weights"].fillna("unknown") == weight]
+                matrix = (cell.pivot_table(index="main", columns="aux", values="value", aggfunc="mean")
+                          .reindex(index=mains, columns=auxes))
+                title = f"{kind}-task attack, {weight} weights"
+                image = _draw_matrix(axes[r][c], matrix, title)
+                fig.colorbar(image, ax=axes[r][c], shrink=0.8)
+                lines += [f"{title}:", ""] + _markdown_matrix(matrix) + [""]
+        fig.suptitle(textwrap.fill(f"{metric} of the main task — {label}", 90), fontsize=10)
+        fig.tight_layout()
+        path = out / f"heatmap_{_slug(label)}.png"
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        paths.append(path)
+        lines += [f"![{metric} heatmap, {label}]({path.name})", ""]
+    return lines, paths
+
+
+def vulnerability_vs_tasks(table, out, dpi):
+    """Figure 1: (markdown lines, figure paths)."""
+    if "joint_adv_vuln" not in table.columns:
+        return ["_Skipped: the table has no `joint_adv_vuln` column._"], []
+    model = "model" if "model" in table.columns else "model_tasks"
+    sets = table.dropna(subset=["joint_adv_vuln"]).drop_duplicates(
+        subset=results_table.config_columns(table) + [model, "attacked"])
+    sets = sets.assign(size=sets["attacked"].map(_set_size))
+    sizes = sets.groupby(results_table.config_columns(table) + [model], dropna=False)["size"].transform("nunique")
+    sets = sets[sizes > 1]
+    if sets.empty:
+        return ["_Skipped: no model is attacked on sets of more than one size._"], []
+    lines, paths = [], []
+    for label, group in _groups(sets, results_table.config_columns(sets)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, runs in group.groupby(model, sort=True):
+            mean = runs.groupby("size")["joint_adv_vuln"].mean()
+            line, = ax.plot(mean.index, mean.to_numpy(), marker="o", label=f"{name}")
+            ax.scatter(runs["size"], runs["joint_adv_vuln"], color=line.get_color(), alpha=0.4, s=12)
+            if len(runs) <= 32:
+                for _, row in runs.iterrows():
+                    ax.annotate(row["attacked"], (row["size"], row["joint_adv_vuln"]), fontsize=6,
+                                xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("number of attacked tasks")
+        ax.set_ylabel("adversarial vulnerability E|ΔL| (joint loss)")
+        ax.set_xticks(sorted(group["size"].unique()))
+        ax.set_title(textwrap.fill(label, 70), fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"vuln_vs_tasks_{_slug(label)}.png"
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        paths.append(path)
+        lines += [f"### {label}", "", f"![vulnerability vs number of attacked tasks, {label}]({path.name})", ""]
+    return lines, paths
+
+
+def _set_size(label):
+    """Number of tasks in an attacked-set label: letters ("sd") or names joined with "+"."""
+    return len(label.split("+")) if "+" in label else len(label)
+
+
+def _selection_pairs(path):
+    path = path / "pairs.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise results_table.TableError(f"selection results {path} do not exist (run `mtrobust-fast select --out`)")
+    pairs = pd.read_csv(path)
+    missing = [c for c in ("main", "aux", "full") if c not in pairs.columns]
+    if missing:
+        raise results_table.TableError(f"selection results {path} lack column(s) {', '.join(missing)}")
+    return pairs
+
+
+def surrogate_scatter(pairs, out, dpi):
+    """Table 3: (markdown lines, figure paths)."""
+    surrogates = [c for c in pairs.columns if c not in ("main", "aux", "full") and not c.endswith("_rank")]
+    if not surrogates:
+        return ["_Skipped: the selection results hold no surrogate column._"], []
+    fig, axes = plt.subplots(1, len(surrogates), squeeze=False, figsize=(4.2 * len(surrogates), 3.8))
+    lines = ["| surrogate | n | Pearson r | p | Spearman ρ | p | note |", "|---|---|---|---|---|---|---|"]
+    for ax, name in zip(axes[0], surrogates):
+        data = pairs.dropna(subset=[name, "full"])
+        result = selection.correlate(data[name], data["full"])
+        ax.scatter(data[name], data["full"])
+        for _, row in data.iterrows():
+            ax.annotate(f"{row['main']}+{row['aux']}", (row[name], row["full"]), fontsize=7,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(f"surrogate: {name}")
+        ax.set_ylabel("full-cost relative vulnerability")
+        ax.set_title(f"r={_fmt(result['pearson_r'])} (p={_fmt(result['pearson_p'])}), "
+                     f"ρ={_fmt(result['spearman_rho'])}", fontsize=9)
+        lines.append(f"| {name} | {result['n']} | {_fmt(result['pearson_r'])} | {_fmt(result['pearson_p'])} | "
+                     f"{_fmt(result['spearman_rho'])} | {_fmt(result['spearman_p'])} | {result['note']} |")
+    fig.tight_layout()
+    path = out / "surrogate_scatter.png"
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return lines + ["", f"![surrogate vs full cost]({path.name})", ""], [path]
+
+
+def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
+    """Write the figures and ``summary.md`` into ``out``; returns the paths written (summary last)."""
+    table = results_table.read(results, REQUIRED)
+    pairs = _selection_pairs(selection_path) if selection_path is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    configs = results_table.config_columns(table)
+    lines = [f"# Robustness report: `{results.name}`", "",
+             f"{len(table)} rows, {table['model_tasks'].nunique()} task sets of models"
+             + (f", configurations by {', '.join(configs)}" if configs else "") + ".", ""]
+    written = []
+    lines += [f"## Relative vulnerability of the main task (`{metric}`), main × auxiliary (Tables 1–2)", "",
+              "Row = main task m (evaluated), column = auxiliary a: m on the model {m, a}; diagonal: the one-task "
+              "model {m}. Single-task attack: only m attacked; multi-task: every task of the model. "
+              "Lower is more robust.", ""]
+    section, paths = heatmaps(table, out, metric, dpi)
+    lines += section + [""]
+    written += paths
+    lines += ["## Adversarial vulnerability vs number of attacked tasks (Figure 1)", ""]
+    section, paths = vulnerability_vs_tasks(table, out, dpi)
+    lines += section + [""]
+    written += paths
+    lines += ["## Surrogates vs full cost (Table 3)", ""]
+    if pairs is None:
+        lines += ["_Skipped: no `--selection` results given (see `mtrobust-fast select`)._", ""]
+    else:
+        section, paths = surrogate_scatter(pairs, out, dpi)
+        lines += section
+        written += paths
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines).rstrip() + "\n")
+    return written + [summary]
+
+
+def run(args):
+    try:
+        paths = build(args.results, args.out, args.metric, args.selection, args.dpi)
+    except results_table.TableError as error:
+        print(f"mtrobust-fast report: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0

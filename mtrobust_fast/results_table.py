@@ -1,0 +1,83 @@
+"""Reading a sweep's results table (one row per model × attacked set × evaluated task × attack config) for the
+report and task-selection commands, with task columns normalised to registry letters so that tables written
+with task names (``metrics.summary_rows`` uses names) and tables written with letters compare equal.
+"""
+from pathlib import Path
+
+import pandas as pd
+
+from mtrobust_fast import tasks as task_registry
+
+# Columns that tell attack configurations apart; the ones present in a table split it into groups.
+CONFIG_COLUMNS = ("encoder", "task_weights", "attack", "norm", "eps", "alpha", "steps", "restarts")
+
+
+class TableError(ValueError):
+    """A results table that cannot be used: missing, unreadable, or lacking columns."""
+
+
+def read(path, required=()):
+    """The table at ``path`` (Parquet, or CSV for any other suffix) with ``model_tasks``, ``attacked`` and
+    ``task`` as canonical letter strings; ``required`` columns must be present."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"results table {path} does not exist")
+    try:
+        table = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as error:  # pandas raises many unrelated types for a corrupt file
+        raise TableError(f"cannot read results table {path}: {error}") from error
+    missing = [column for column in required if column not in table.columns]
+    if missing:
+        raise TableError(f"results table {path} lacks column(s) {', '.join(missing)} "
+                         f"(it has {', '.join(map(str, table.columns))})")
+    for column in ("model_tasks", "attacked", "task"):
+        if column in table.columns:
+            table[column] = table[column].map(letters)
+    return table
+
+
+def letters(value):
+    """Canonical letters of a task set written as letters ("ds"), one task name, or names joined with "+";
+    a value that names no registry task is kept as it is."""
+    text = str(value)
+    items = text.split("+") if "+" in text else [text]
+    try:
+        return "".join(t.letter for t in task_registry.resolve(items if len(items) > 1 else text))
+    except ValueError:
+        return text
+
+
+def config_columns(table):
+    """The attack-configuration columns present in ``table``."""
+    return [column for column in CONFIG_COLUMNS if column in table.columns]
+
+
+def config_label(keys, values):
+    """A short human label of one configuration, e.g. "attack=pgd norm=linf eps=0.0314"."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, values))
+
+
+def pair_values(table, metric, attacked="single"):
+    """The main task's ``metric`` per (config…, main, aux) from the two-task models {main, aux} and, as the
+    diagonal main == aux, the one-task model {main}: a DataFrame with the config columns, ``main``, ``aux``,
+    ``value`` and ``rows`` (rows averaged, e.g. several seeds).
+
+    ``attacked``: "single" takes rows where only the main task is attacked, "multi" where every task of the
+    model is (the diagonal then is the one-task model attacked on its task in both cases).
+    """
+    if attacked not in ("single", "multi"):
+        raise ValueError(f"attacked must be 'single' or 'multi', got {attacked!r}")
+    columns = ["model_tasks", "attacked", "task", metric]
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise TableError(f"results table lacks column(s) {', '.join(missing)}")
+    rows = table[table["model_tasks"].astype(str).str.len().isin((1, 2))].copy()
+    rows = rows[[len(t) == 1 and t in m for m, t in zip(rows["model_tasks"], rows["task"])]]
+    wanted = rows["task"] if attacked == "single" else rows["model_tasks"]
+    rows = rows[rows["attacked"] == wanted]
+    rows["main"] = rows["task"]
+    rows["aux"] = [m.replace(t, "") or t for m, t in zip(rows["model_tasks"], rows["task"])]
+    keys = config_columns(rows) + ["main", "aux"]
+    rows = rows.dropna(subset=[metric])
+    grouped = rows.groupby(keys, dropna=False)[metric]
+    return grouped.mean().rename("value").to_frame().join(grouped.size().rename("rows")).reset_index()
