@@ -12,6 +12,7 @@ COMMANDS = [
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
     (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
     (("attack",), "mtrobust_fast.attack_cli", "attack a checkpoint's model and report its vulnerability"),
+    (("sweep",), "mtrobust_fast.sweep.cli", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),
 ]

@@ -1,0 +1,152 @@
+"""``mtrobust-fast sweep`` flags: a settings file (``--config``), flags, or both (a flag given replaces the
+file's key), expanded by :mod:`.plan`, run by an executor, collected by :mod:`.store`."""
+import json
+import sys
+from pathlib import Path
+
+from mtrobust_fast.attack_cli import UsageError
+from mtrobust_fast.sweep import plan as planning
+from mtrobust_fast.sweep.executors import EXECUTORS
+from mtrobust_fast.sweep.store import Store
+
+# flag dest -> settings key, for flags that take a comma-separated list
+LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "alpha": "alpha", "steps": "steps",
+              "restarts": "restarts", "seed": "seeds", "checkpoint": "models"}
+SCALAR_FLAGS = {"data": "data", "main": "main", "split": "split", "limit": "limit", "size": "size",
+                "batch_size": "batch_size"}
+
+
+def _list(text):
+    return [item.strip() for item in text.split(",")]
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("--config", type=Path, default=None, help="settings file (.yaml/.yml/.toml); see mtrobust_fast.sweep")
+    add("--out", type=Path, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
+    add("--data", default=None, help="Taskonomy root the models are evaluated on")
+    add("--checkpoint", type=_list, default=None, help="checkpoints, comma-separated (replaces the file's models)")
+    add("--attack", type=_list, default=None, help="attacks, comma-separated: pgd, wgd, apgd, fgsm")
+    add("--norm", type=_list, default=None, help="threat models, comma-separated: linf, l2")
+    add("--eps", type=_list, default=None, help="budgets in [0,1] pixels, comma-separated, e.g. 4/255,8/255")
+    add("--alpha", type=_list, default=None, help="step sizes, comma-separated ('none': the attack's own)")
+    add("--steps", type=_list, default=None, help="iterations, comma-separated ('none': the attack's own)")
+    add("--restarts", type=_list, default=None, help="random restarts, comma-separated")
+    add("--seed", type=_list, default=None, help="seeds, comma-separated")
+    add("--sets", default=None, help="attacked sets, comma-separated: main, all, subsets or task letters")
+    add("--main", default=None, help="main task letter for the set 'main' (default: the model's, else its first)")
+    add("--split", default=None, help="evaluation split (default val)")
+    add("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    add("--size", type=int, default=None, help="image side in px (default: each model's input size)")
+    add("--batch-size", type=int, default=None, help="images per batch (default 16)")
+    add("--no-gradients", action="store_true", help="skip the clean input-gradient statistics")
+    add("--deterministic", action="store_true", help="random starts that depend only on (seed, image index)")
+    add("--executor", choices=tuple(EXECUTORS), default="local", help="local (default) or ray")
+    add("--address", default=None, help="ray: cluster address ('auto', host:port); default: start a local one")
+    add("--ray-cpus", type=int, default=None, help="ray: CPUs of the local cluster it starts (default: all)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    add("--tracker", choices=("local", "comet", "comet-offline"), default=None,
+        help="log each cell's parameters, metrics and attack curves (under OUT/runs/CELL_ID)")
+    add("--project", default=None, help="Comet project name")
+    add("--dry-run", action="store_true", help="print the cells and whether each is finished; run nothing")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def _number(text):
+    """Flags come as text; ints stay ints so "2" and 2 in a file give the same cell."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def settings_from(args):
+    """The file's settings with every given flag replacing its key."""
+    settings = planning.load_file(args.config) if args.config else {}
+    for dest, key in LIST_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            settings[key] = [_number(v) for v in value] if dest in ("steps", "restarts", "seed") else value
+    if args.sets is not None:
+        settings["sets"] = args.sets
+    for dest, key in SCALAR_FLAGS.items():
+        if getattr(args, dest) is not None:
+            settings[key] = getattr(args, dest)
+    if args.no_gradients:
+        settings["gradients"] = False
+    if args.deterministic:
+        settings["deterministic"] = True
+    return settings
+
+
+def _train_models(cells):
+    """Train (or finish training) each train-spec model that a pending cell needs, in this process."""
+    from mtrobust_fast.training import train
+
+    for model in {cell.model for cell in cells if cell.model.train}:
+        print(f"sweep: training {model.name} into {Path(model.checkpoint).parent}", flush=True)
+        train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
+
+
+def _tracker_callback(args):
+    """``on_done`` extension logging a finished cell to its own tracker run (None without --tracker)."""
+    if args.tracker is None:
+        return None
+    from mtrobust_fast.tracking import make_tracker
+
+    def log(cell, result):
+        tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
+                               experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
+        try:
+            tracker.log_parameters({k: v for k, v in cell.settings().items() if k != "model"}
+                                   | {f"model_{k}": v for k, v in cell.settings()["model"].items()})
+            for row in result["rows"]:
+                tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)},
+                                    prefix=f"{row['attacked']}/{row['task_letter']}")
+            for label, curves in result["curves"].items():
+                for task, values in curves.items():
+                    tracker.log_curve(f"{label}/{task}/step_loss", values)
+        finally:
+            tracker.close()
+    return log
+
+
+def run(args):
+    try:
+        cells = planning.expand(settings_from(args), args.out)
+        if args.tracker is not None:
+            from mtrobust_fast.tracking import make_tracker  # noqa: F401  (fail before any cell runs)
+    except (planning.PlanError, ImportError) as error:
+        print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+        return 2
+    store = Store(args.out)
+    done = store.done()
+    pending = [cell for cell in cells if cell.cell_id not in done]
+    if args.dry_run:
+        for cell in cells:
+            state = "pending" if cell in pending else "done"
+            print(f"{cell.cell_id} {state:7} {cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
+                  f"alpha={cell.alpha} steps={cell.steps} restarts={cell.restarts} seed={cell.seed} "
+                  f"sets={','.join(cell.sets)}")
+        return 0
+    print(f"sweep: {len(cells)} cells, {len(cells) - len(pending)} already finished, {len(pending)} to run",
+          flush=True)
+    track = _tracker_callback(args)
+
+    def on_done(cell, result):
+        store.write(cell.cell_id, result["rows"])
+        if track is not None:
+            track(cell, result)
+
+    try:
+        _train_models(pending)
+        options = dict(device=args.device, record_steps=track is not None, progress=not args.no_progress)
+        if args.executor == "ray":
+            options.update(address=args.address, num_cpus=args.ray_cpus)
+        EXECUTORS[args.executor](pending, on_done, **options)
+    except UsageError as error:
+        print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+        return 2
+    table, paths = store.export()
+    print(f"sweep: {len(table)} rows from {len(store.done())} cells; wrote " + " and ".join(map(str, paths)))
+    return 0

@@ -1,0 +1,39 @@
+"""Where cells run: in this process, one after another (the default), or as Ray tasks over every GPU of a node or
+cluster. Either way ``on_done(cell, result)`` runs in this (the driver) process as each cell finishes, so parts are
+written by one process through the same atomic store and the table does not depend on the executor."""
+from tqdm import tqdm
+
+from mtrobust_fast.sweep.cell import run_cell
+
+
+def run_local(cells, on_done, device="auto", record_steps=False, progress=True):
+    for cell in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
+        on_done(cell, run_cell(cell.settings(), device, record_steps))
+
+
+def run_ray(cells, on_done, device="auto", record_steps=False, progress=True, address=None, num_cpus=None):
+    """One Ray task per cell: one GPU each when the cluster has GPUs, else one CPU each. ``address``: a running
+    cluster ("auto" or host:port); None starts a local one with ``num_cpus`` CPUs (default: all)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        task = ray.remote(run_cell).options(num_gpus=1, num_cpus=0) if gpus else \
+            ray.remote(run_cell).options(num_cpus=1)
+        pending = {task.remote(cell.settings(), device, record_steps): cell for cell in cells}
+        with tqdm(total=len(pending), desc="sweep (ray)", unit="cell", disable=not progress) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    on_done(pending.pop(ref), ray.get(ref))
+                    bar.update()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+EXECUTORS = {"local": run_local, "ray": run_ray}

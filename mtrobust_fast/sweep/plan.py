@@ -1,0 +1,304 @@
+"""A sweep's settings (a YAML or TOML file, command-line flags, or both) expanded into cells.
+
+A cell is one model × one attack configuration (attack, norm, eps, alpha, steps, restarts, seed) with all of its
+attacked sets, which run batched (``Attack.run_subsets``). Its id hashes everything that changes its rows plus the
+model's identity (the checkpoint's content hash, or a train spec's settings), so re-running a sweep finds the cells
+it has already finished, and a changed or retrained checkpoint is never mistaken for an old one.
+"""
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mtrobust_fast import metrics
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attack_cli import ATTACKS, budget
+from mtrobust_fast.models.checkpoint import read_checkpoint
+from mtrobust_fast.training.config import TrainConfig
+
+# key -> (default, kind); kind "list:..." keys take one value or a list and form the grid.
+KEYS = {
+    "data": (None, "path"),
+    "models": (None, "models"),
+    "attacks": (["pgd"], "list:attack"),
+    "norms": (["linf"], "list:norm"),
+    "eps": ([8 / 255], "list:budget"),
+    "alpha": ([None], "list:budget?"),
+    "steps": ([None], "list:int?"),
+    "restarts": ([1], "list:int"),
+    "seeds": ([0], "list:seed"),
+    "sets": (["all"], "sets"),
+    "main": (None, "task"),
+    "split": ("val", "split"),
+    "limit": (None, "int?"),
+    "size": (None, "int?"),
+    "batch_size": (16, "int"),
+    "gradients": (True, "bool"),
+    "deterministic": (False, "bool"),
+}
+SET_WORDS = ("main", "all", "subsets")
+MODEL_KEYS = ("checkpoint", "train", "name", "main")
+NORMS = ("linf", "l2")
+SPLITS = ("train", "val", "test")
+
+
+class PlanError(ValueError):
+    """A bad sweep setting; the message starts with the key (``eps[1]``, ``models[0].train``)."""
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    tasks: str  # letters, in the model's order
+    encoder: str
+    weights: str  # task-weight mode ("uniform", "zamir") or "" when the checkpoint does not say
+    main: str  # main task letter, for the attacked set "main"
+    identity: str  # "sha256:<checkpoint content>" or "train:<spec hash>"
+    checkpoint: str  # the file to attack (for a train spec: where it will be written)
+    train: str = ""  # JSON of the TrainConfig fields to train it with, or "" for a given checkpoint
+
+
+@dataclass(frozen=True)
+class Cell:
+    cell_id: str
+    model: Model
+    attack: str
+    norm: str
+    eps: float
+    alpha: object  # float, or None for the attack's own
+    steps: object  # int, or None for the attack's own
+    restarts: int
+    seed: int
+    sets: tuple  # attacked-set labels (task letters), in the order they are reported
+    data: str
+    split: str
+    limit: object
+    size: object
+    batch_size: int
+    gradients: bool
+    deterministic: bool
+
+    def settings(self):
+        """The cell as plain data (the model flattened), e.g. for a tracker or a Ray task."""
+        out = asdict(self)
+        out["model"] = asdict(self.model)
+        return out
+
+
+def load_file(path):
+    """The settings dict of a ``.yaml``/``.yml`` or ``.toml`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"--config: file not found: {path}")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise PlanError(f"--config: {path} must end in .yaml, .yml or .toml")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            settings = tomllib.loads(text)
+        else:
+            import yaml
+            settings = yaml.safe_load(text) or {}
+    except Exception as error:  # tomllib.TOMLDecodeError or yaml.YAMLError
+        raise PlanError(f"--config: cannot parse {path}: {error}") from None
+    if not isinstance(settings, dict):
+        raise PlanError(f"--config: {path} must hold a mapping of settings, not a {type(settings).__name__}")
+    return settings
+
+
+def _value(key, kind, value):
+    """One checked value of ``kind`` (``?`` allows None); errors name ``key``."""
+    if kind.endswith("?"):
+        if value is None or value == "none":
+            return None
+        kind = kind[:-1]
+    try:
+        if kind == "attack" and value in ATTACKS:
+            return value
+        if kind == "norm" and value in NORMS:
+            return value
+        if kind == "split" and value in SPLITS:
+            return value
+        if kind == "budget" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            return budget(str(value))
+        if kind in ("int", "seed") and isinstance(value, int) and not isinstance(value, bool):
+            if kind == "int" and value < 1:
+                raise ValueError(f"must be >= 1, got {value}")
+            return value
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "path" and isinstance(value, (str, Path)):
+            return str(value)
+        if kind == "task" and isinstance(value, str):
+            return task_registry.get_task(value).letter
+    except Exception as error:
+        raise PlanError(f"{key}: {error}") from None
+    choices = {"attack": tuple(ATTACKS), "norm": NORMS, "split": SPLITS}.get(kind)
+    expected = f"one of {', '.join(choices)}" if choices else f"a {kind}"
+    raise PlanError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _sets(value):
+    """Attacked-set words ("main", "all", "subsets") and task-letter sets, checked against the registry."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise PlanError(f"sets: expected main, all, subsets or task letters (a list or comma-separated), got {value!r}")
+    out = []
+    for i, item in enumerate(items):
+        item = item.strip() if isinstance(item, str) else item
+        if not isinstance(item, str) or not item:
+            raise PlanError(f"sets[{i}]: expected main, all, subsets or task letters, got {item!r}")
+        if item not in SET_WORDS:
+            try:
+                item = task_registry.task_string(item)
+            except ValueError as error:
+                raise PlanError(f"sets[{i}]: {error}") from None
+        out.append(item)
+    return out
+
+
+def check(settings):
+    """All settings with defaults filled in and every value checked; unknown keys are errors."""
+    unknown = sorted(set(settings) - set(KEYS))
+    if unknown:
+        raise PlanError(f"{unknown[0]}: unknown key (known keys: {', '.join(KEYS)})")
+    out = {}
+    for key, (default, kind) in KEYS.items():
+        value = settings.get(key, default)
+        if kind.startswith("list:"):
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise PlanError(f"{key}: empty list")
+            out[key] = list(dict.fromkeys(_value(f"{key}[{i}]", kind[5:], v) for i, v in enumerate(values)))
+        elif kind == "sets":
+            out[key] = _sets(value)
+        elif kind == "models" or value is None:
+            out[key] = value
+        else:
+            out[key] = _value(key, kind, value)
+    if out["data"] is None:
+        raise PlanError("data: missing (the Taskonomy root the models are evaluated on)")
+    if not out["models"]:
+        raise PlanError("models: missing (a list of checkpoints or train specs)")
+    return out
+
+
+def file_hash(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model(i, entry, settings, out):
+    """The :class:`Model` of ``models[i]``: a checkpoint path or ``{checkpoint|train, name, main}``."""
+    key = f"models[{i}]"
+    entry = {"checkpoint": entry} if isinstance(entry, str) else entry
+    if not isinstance(entry, dict):
+        raise PlanError(f"{key}: expected a checkpoint path or a mapping with checkpoint or train")
+    unknown = sorted(set(entry) - set(MODEL_KEYS))
+    if unknown or ("checkpoint" in entry) == ("train" in entry):
+        bad = f"{key}.{unknown[0]}: unknown key" if unknown else f"{key}: give exactly one of checkpoint or train"
+        raise PlanError(f"{bad} (a model is a checkpoint path, or a mapping with checkpoint or train, and "
+                        f"optionally name and main)")
+    main = _value(f"{key}.main", "task", entry["main"]) if "main" in entry else settings["main"]
+    if "checkpoint" in entry:
+        path = Path(_value(f"{key}.checkpoint", "path", entry["checkpoint"]))
+        try:
+            payload = read_checkpoint(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise PlanError(f"{key}.checkpoint: {error}") from None
+        config, meta = payload["config"], payload["meta"]
+        record = meta.get("train_config") or {}
+        tasks, encoder = task_registry.task_string(config["tasks"]), config["encoder"]
+        weights = record.get("weights", "")
+        main = main or record.get("main") or tasks[0]
+        identity, checkpoint, train = f"sha256:{file_hash(path)}", str(path), ""
+        name = entry.get("name") or (path.parent.name if path.stem in ("last", "best") else path.stem)
+    else:
+        spec = entry["train"]
+        if not isinstance(spec, dict):
+            raise PlanError(f"{key}.train: expected a mapping of training settings (tasks, encoder, epochs, ...)")
+        for forbidden in ("data", "out", "resume"):
+            if forbidden in spec:
+                raise PlanError(f"{key}.train.{forbidden}: set by the sweep (data: the sweep's data; out: under "
+                                f"--out/models); leave it out")
+        spec_hash = _hash({"train": spec, "data": str(Path(settings["data"]).resolve())})[:16]
+        checkpoint = str(Path(out) / "models" / spec_hash / "last.pt")
+        try:
+            config = train_config(spec, settings["data"], checkpoint)
+        except (TypeError, ValueError) as error:
+            raise PlanError(f"{key}.train: {error}") from None
+        tasks, encoder, weights = config.tasks, config.encoder, config.weights
+        main = main or config.main or tasks[0]
+        identity, train = f"train:{spec_hash}", json.dumps(spec, sort_keys=True)
+        name = entry.get("name") or f"{encoder}_{tasks}_{spec_hash[:8]}"
+    if main not in tasks:
+        raise PlanError(f"{key}.main: task {main} is not one of the model's tasks {tasks}")
+    return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train)
+
+
+def train_config(spec, data, checkpoint):
+    """The :class:`TrainConfig` of a train spec: trained into the checkpoint's folder, resumed if interrupted,
+    data loaded in-process unless the spec sets ``workers``."""
+    return TrainConfig(data=data, out=str(Path(checkpoint).parent), resume=True, progress=False,
+                       **{"workers": 0, **spec})
+
+
+def attacked_sets(words, model):
+    """Labels of the attacked sets ``words`` name for ``model``, in order, without repeats."""
+    labels = []
+    for word in words:
+        if word == "main":
+            labels.append(model.main)
+        elif word == "all":
+            labels.append(model.tasks)
+        elif word == "subsets":
+            labels += ["".join(c) for k in range(1, len(model.tasks) + 1)
+                       for c in itertools.combinations(model.tasks, k)]
+        else:
+            missing = [t for t in word if t not in model.tasks]
+            if missing:
+                raise PlanError(f"sets: model {model.name} has tasks {model.tasks}; it has no {''.join(missing)}")
+            labels.append(metrics.set_label(t.name for t in task_registry.resolve(word)))
+    return tuple(dict.fromkeys(labels))
+
+
+def expand(settings, out):
+    """The cells of the checked ``settings`` (see :func:`check`), in a deterministic order, without repeats.
+
+    Grid values that an attack does not take are dropped for it (fgsm's steps, apgd's alpha), so a grid mixing
+    attacks never asks for an impossible cell."""
+    settings = check(settings)
+    models = [_model(i, entry, settings, out) for i, entry in enumerate(settings["models"])]
+    data = str(Path(settings["data"]).resolve())
+    cells = {}
+    for model in models:
+        sets = attacked_sets(settings["sets"], model)
+        grid = itertools.product(settings["attacks"], settings["norms"], settings["eps"], settings["alpha"],
+                                 settings["steps"], settings["restarts"], settings["seeds"])
+        for attack, norm, eps, alpha, steps, restarts, seed in grid:
+            alpha = None if attack == "apgd" else alpha
+            steps = None if attack == "fgsm" else steps
+            values = dict(attack=attack, norm=norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                          seed=seed, sets=sets, data=data, split=settings["split"], limit=settings["limit"],
+                          size=settings["size"], batch_size=settings["batch_size"],
+                          gradients=settings["gradients"], deterministic=settings["deterministic"])
+            cell_id = _hash({"model": model.identity, **values})[:20]
+            cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values))
+    return list(cells.values())
+
+
+def cell_from_settings(settings):
+    """The inverse of :meth:`Cell.settings` (a Ray task gets plain data)."""
+    values = {f.name: settings[f.name] for f in fields(Cell)}
+    values["model"] = Model(**settings["model"])
+    values["sets"] = tuple(values["sets"])
+    return Cell(**values)

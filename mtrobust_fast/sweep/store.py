@@ -1,0 +1,58 @@
+"""The results table on disk: one Parquet part file per finished cell, written atomically, so an interrupted sweep
+(Ctrl-C, kill -9, a lost node) keeps every finished cell and leaves no partial one; a re-run skips the cells whose
+part exists, and since a cell has exactly one part the table never holds a row twice."""
+import os
+from pathlib import Path
+
+import pandas as pd
+
+ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
+
+
+def _atomic_write(path, write):
+    """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder: ``path`` is whole or absent."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class Store:
+    """``OUT/cells/<cell_id>.parquet`` parts, and ``OUT/results.parquet``/``.csv`` rebuilt from them."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.cells = self.out / "cells"
+        self.cells.mkdir(parents=True, exist_ok=True)
+        for stale in self.cells.glob(".*.tmp"):  # a part whose writer was killed before its rename
+            stale.unlink(missing_ok=True)
+
+    def done(self):
+        return {path.stem for path in self.cells.glob("*.parquet")}
+
+    def write(self, cell_id, rows):
+        frame = pd.DataFrame(rows)
+        _atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+
+    def table(self):
+        """Every part, parts ordered by their settings (so the order does not depend on which finished first),
+        each part's rows in their reported order."""
+        parts = [pd.read_parquet(path) for path in sorted(self.cells.glob("*.parquet"))]
+        if not parts:
+            return pd.DataFrame()
+        parts.sort(key=lambda part: tuple(str(part[key].iloc[0]) for key in ORDER))
+        return pd.concat(parts, ignore_index=True)
+
+    def export(self):
+        """Write ``results.parquet`` and ``results.csv``; returns ``(table, paths)``."""
+        table = self.table()
+        paths = self.out / "results.parquet", self.out / "results.csv"
+        _atomic_write(paths[0], lambda tmp: table.to_parquet(tmp, index=False))
+        _atomic_write(paths[1], lambda tmp: table.to_csv(tmp, index=False))
+        return table, paths
