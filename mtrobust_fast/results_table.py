@@ -30,7 +30,7 @@ def read(path, required=()):
     if missing:
         raise TableError(f"results table {path} lacks column(s) {', '.join(missing)} "
                          f"(it has {', '.join(map(str, table.columns))})")
-    for column in ("model_tasks", "attacked", "task"):
+    for column in ("model_tasks", "attacked", "task", "main"):
         if column in table.columns:
             table[column] = table[column].map(letters)
     return table
@@ -62,6 +62,7 @@ def pair_values(table, metric, attacked="single"):
     diagonal main == aux, the one-task model {main}: a DataFrame with the config columns, ``main``, ``aux``,
     ``value`` and ``rows`` (rows averaged, e.g. several seeds).
 
+    With a ``main`` column, rows of weighted (non-uniform) models count only for their own main task.
     ``attacked``: "single" takes rows where only the main task is attacked, "multi" where every task of the
     model is (the diagonal then is the one-task model attacked on its task in both cases).
     """
@@ -72,9 +73,14 @@ def pair_values(table, metric, attacked="single"):
     if missing:
         raise TableError(f"results table lacks column(s) {', '.join(missing)}")
     rows = table[table["model_tasks"].astype(str).str.len().isin((1, 2))].copy()
-    rows = rows[[len(t) == 1 and t in m for m, t in zip(rows["model_tasks"], rows["task"])]]
+    own = [len(t) == 1 and t in m for m, t in zip(rows["model_tasks"], rows["task"])]
+    rows = rows[pd.Series(own, index=rows.index, dtype=bool)]
     wanted = rows["task"] if attacked == "single" else rows["model_tasks"]
     rows = rows[rows["attacked"] == wanted]
+    if "main" in rows.columns and "task_weights" in rows.columns:
+        # a weighted model favours its own main task: {s, d} weighted for s is not the pair (d, s)
+        weighted = ~rows["task_weights"].fillna("").astype(str).isin(("", "uniform"))
+        rows = rows[~weighted | (rows["main"].map(letters) == rows["task"])]
     rows["main"] = rows["task"]
     rows["aux"] = [m.replace(t, "") or t for m, t in zip(rows["model_tasks"], rows["task"])]
     keys = config_columns(rows) + ["main", "aux"]

@@ -77,17 +77,17 @@ def _filtered(table, args, name, keys=FILTERS):
 
 def surrogate_scores(args):
     """One DataFrame (main, aux, full, <surrogate>...) over the pairs that the full table has."""
-    full_table = _filtered(results_table.read(args.full, ("model_tasks", "attacked", "task", args.metric)),
-                           args, str(args.full))
+    required = ("model_tasks", "attacked", "task", args.metric, *args.clean)
+    full_table = _filtered(results_table.read(args.full, required), args, str(args.full))
     scores = _one_config(results_table.pair_values(full_table, args.metric, args.attacked), str(args.full))
     scores = scores.rename(columns={"value": "full"}).drop(columns="rows")
-    sources = [(name, path, args.metric) for name, path in args.surrogate]
-    for column in args.clean:
-        sources.append((column, args.full, column))
-    for name, path, metric in sources:
-        keys = FILTERS if path == args.full else tuple(k for k in FILTERS if k != "encoder")
-        table = _filtered(results_table.read(path, ("model_tasks", "attacked", "task", metric)), args, str(path), keys)
-        values = _one_config(results_table.pair_values(table, metric, args.attacked), f"{path} ({metric})")
+    sources = [(column, full_table, column, str(args.full)) for column in args.clean]
+    keys = tuple(k for k in FILTERS if k != "encoder")  # a surrogate encoder may differ from the full one
+    for name, path in args.surrogate:
+        table = results_table.read(path, ("model_tasks", "attacked", "task", args.metric))
+        sources.append((name, _filtered(table, args, str(path), keys), args.metric, str(path)))
+    for name, table, metric, where in sources:
+        values = _one_config(results_table.pair_values(table, metric, args.attacked), f"{where} ({metric})")
         scores = scores.merge(values.rename(columns={"value": name}).drop(columns="rows"),
                               on=["main", "aux"], how="left")
     scores = scores[scores["main"].isin(args.main)]

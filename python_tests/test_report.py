@@ -1,0 +1,92 @@
+"""`mtrobust-fast report`: figures and summary from a small hand-made results table; partial tables skip figures
+with a note; missing or unusable tables give clear errors."""
+import pandas as pd
+import pytest
+
+from mtrobust_fast import report, results_table
+from mtrobust_fast.cli import main as cli_main
+
+NAMES = {"s": "segment_semantic", "d": "depth_zbuffer", "n": "normal"}
+
+
+def results(weights=("uniform", "zamir"), attacks=("pgd", "wgd")):
+    """Every one- and two-task model of s, d, n attacked on its main task and on all of its tasks, plus a
+    three-task model attacked on every subset; rel_vuln encodes (main, aux) so cells can be checked."""
+    rows = []
+    base = dict(encoder="resnet18", norm="linf", eps=8 / 255, steps=25, samples=4, clean_error=0.5)
+    for weight in weights:
+        for attack in attacks:
+            for model in ("s", "d", "n", "sd", "sn", "dn"):
+                for attacked in dict.fromkeys(list(model) + [model]):
+                    for task in model:
+                        aux = model.replace(task, "") or task
+                        value = "sdn".index(task) * 10 + "sdn".index(aux) + (0.5 if len(attacked) > 1 else 0)
+                        rows.append(dict(base, model=f"runs/{model}_{weight}", model_tasks=model,
+                                         task_weights=weight, attack=attack, attacked=attacked, task=NAMES[task],
+                                         rel_vuln=value, joint_adv_vuln=0.1 * len(attacked)))
+    for attacked in ("s", "d", "n", "sd", "sn", "dn", "sdn"):
+        for task in "sdn":
+            rows.append(dict(base, model="runs/sdn", model_tasks="sdn", task_weights="uniform", attack="pgd",
+                             attacked=attacked, task=NAMES[task], rel_vuln=1.0, joint_adv_vuln=len(attacked) ** 2))
+    return pd.DataFrame(rows)
+
+
+def test_pair_values_follow_the_table1_layout():
+    table = results()
+    table["task"] = table["task"].map(results_table.letters)
+    single = results_table.pair_values(table, "rel_vuln", "single")
+    multi = results_table.pair_values(table, "rel_vuln", "multi")
+    pick = lambda pairs, main, aux: pairs[(pairs.main == main) & (pairs.aux == aux) & (pairs.attack == "pgd")
+                                          & (pairs.task_weights == "uniform")]["value"].item()
+    assert pick(single, "d", "n") == 12 and pick(multi, "d", "n") == 12.5
+    assert pick(single, "n", "s") == 20 and pick(multi, "s", "s") == 0  # diagonal: the one-task model
+    assert len(single) == 2 * 2 * 9  # weights × attacks × (main, aux)
+
+
+def test_report_writes_figures_and_summary(tmp_path):
+    path = tmp_path / "results.parquet"
+    results().to_parquet(path)
+    written = report.build(path, tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len([p for p in pngs if p.name.startswith("heatmap_")]) == 2  # one per attack, weights as panels
+    assert any(p.name.startswith("vuln_vs_tasks_") for p in pngs)
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+        assert f"({png.name})" in summary
+    assert "| d | 10 | 11 | 12 |" in summary  # main d, auxiliaries s d n (single-task attack)
+    assert "Skipped: no `--selection`" in summary
+
+
+def test_partial_table_skips_figures_with_notes(tmp_path):
+    table = results(weights=("uniform",), attacks=("pgd",))
+    table = table[table["model_tasks"] == "sdn"].drop(columns=["joint_adv_vuln"])
+    table.to_csv(tmp_path / "partial.csv", index=False)
+    written = report.build(tmp_path / "partial.csv", tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert written == [tmp_path / "out" / "summary.md"]
+    assert "Skipped: no rows of one- or two-task models" in summary
+    assert "Skipped: the table has no `joint_adv_vuln` column" in summary
+
+
+def test_missing_columns_and_files_are_named(tmp_path, capsys):
+    results().drop(columns=["attacked", "task"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(results_table.TableError, match="lacks column\\(s\\) attacked, task"):
+        report.build(tmp_path / "bad.csv", tmp_path / "out")
+    assert cli_main(["report", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "out")]) == 2
+    assert "nope.csv does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(results_table.TableError, match="cannot read"):
+        report.build(tmp_path / "junk.parquet", tmp_path / "out")
+
+
+def test_cli_with_selection_draws_the_scatter(tmp_path):
+    results().to_csv(tmp_path / "full.csv", index=False)
+    pd.DataFrame({"main": list("sssd"), "aux": list("sdnn"), "full": [1.0, 2.0, 4.0, 3.0],
+                  "few": [1.5, 2.0, 3.0, 3.5], "full_rank": [1, 2, 4, 3], "few_rank": [1, 2, 3, 4]}).to_csv(
+        tmp_path / "pairs.csv", index=False)
+    assert cli_main(["report", str(tmp_path / "full.csv"), "--out", str(tmp_path / "out"),
+                     "--selection", str(tmp_path / "pairs.csv")]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "surrogate_scatter.png").stat().st_size > 1000
+    assert "| few | 4 |" in summary and "(surrogate_scatter.png)" in summary
