@@ -212,9 +212,12 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     pairs = _selection_pairs(selection_path) if selection_path is not None else None
     out.mkdir(parents=True, exist_ok=True)
     configs = results_table.config_columns(table)
+    fixed = results_table.fixed_settings(table)
     lines = [f"# Robustness report: `{results.name}`", "",
              f"{len(table)} rows, {table['model_tasks'].nunique()} task sets of models"
              + (f", configurations by {', '.join(configs)}" if configs else "") + ".", ""]
+    if fixed:
+        lines += ["Fixed settings: " + results_table.config_label(list(fixed), list(fixed.values())) + ".", ""]
     written = []
     lines += [f"## Relative vulnerability of the main task (`{metric}`), main × auxiliary (Tables 1–2)", "",
               "Row = main task m (evaluated), column = auxiliary a: m on the model {m, a}; diagonal: the one-task "

@@ -9,7 +9,7 @@ import pandas as pd
 from mtrobust_fast import tasks as task_registry
 
 # Columns that tell attack configurations apart; the ones present in a table split it into groups.
-CONFIG_COLUMNS = ("encoder", "task_weights", "attack", "norm", "eps", "alpha", "steps", "restarts")
+CONFIG_COLUMNS = ("encoder", "task_weights", "attack", "norm", "eps", "alpha", "steps", "restarts", "split", "limit")
 
 
 class TableError(ValueError):
@@ -48,8 +48,14 @@ def letters(value):
 
 
 def config_columns(table):
-    """The attack-configuration columns present in ``table``."""
-    return [column for column in CONFIG_COLUMNS if column in table.columns]
+    """The attack-configuration columns whose value varies in ``table`` (constant ones split nothing)."""
+    return [c for c in CONFIG_COLUMNS if c in table.columns and table[c].nunique(dropna=False) > 1]
+
+
+def fixed_settings(table):
+    """``{column: value}`` of the configuration columns that hold one value in ``table``."""
+    return {c: table[c].iloc[0] for c in CONFIG_COLUMNS
+            if c in table.columns and len(table) and table[c].nunique(dropna=False) == 1}
 
 
 def config_label(keys, values):
