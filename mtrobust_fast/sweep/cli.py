@@ -85,7 +85,10 @@ def _train_models(cells):
 
     for model in {cell.model for cell in cells if cell.model.train}:
         print(f"sweep: training {model.name} into {Path(model.checkpoint).parent}", flush=True)
-        train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
+        try:
+            train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
+        except (ValueError, FileExistsError) as error:
+            raise UsageError(f"models: training {model.name}: {error}") from error
 
 
 def _tracker_callback(args):

@@ -1,0 +1,173 @@
+"""``mtrobust-fast sweep``: plan expansion, resuming after a kill -9, the Ray executor, train specs, bad settings."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from mtrobust_fast.cli import main as cli_main
+from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.models import build_model, save_checkpoint
+from mtrobust_fast.sweep import plan
+from mtrobust_fast.sweep.store import Store
+
+SIZE = 32
+TIMING = ["seconds"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """8 synthetic 32-px images and untrained ResNet-18s for sdn and sd."""
+    root = tmp_path_factory.mktemp("sweep")
+    data = synthesize(root / "data", 8, size=SIZE, seed=0, workers=1, progress=False)
+    torch.manual_seed(0)
+    sdn = save_checkpoint(root / "sdn.pt", build_model("sdn", "resnet18", input_size=SIZE), epoch=0)
+    sd = save_checkpoint(root / "sd.pt", build_model("sd", "resnet18", input_size=SIZE), epoch=0)
+    return root, data, sdn, sd
+
+
+def _settings(setup, **extra):
+    root, data, sdn, sd = setup
+    return {"data": str(data), "models": [str(sdn)], **extra}
+
+
+def test_subsets_of_three_tasks_are_seven_sets_in_one_cell(setup, tmp_path):
+    cells = plan.expand(_settings(setup, sets="subsets"), tmp_path)
+    assert len(cells) == 1
+    assert cells[0].sets == ("s", "d", "n", "sd", "sn", "dn", "sdn")
+    cells = plan.expand(_settings(setup, sets=["main", "all", "ds"], main="d"), tmp_path)
+    assert cells[0].sets == ("d", "sdn", "sd")
+
+
+def test_grid_is_eps_times_steps_per_model_with_stable_ids(setup, tmp_path):
+    root, data, sdn, sd = setup
+    settings = _settings(setup, eps=["4/255", 8 / 255], steps=[1, 2, 3])
+    settings["models"] = [str(sdn), {"checkpoint": str(sd), "name": "two"}]
+    cells = plan.expand(settings, tmp_path)
+    assert len(cells) == 2 * 2 * 3 and len({c.cell_id for c in cells}) == 12
+    assert {(c.eps, c.steps) for c in cells} == {(e, s) for e in (4 / 255, 8 / 255) for s in (1, 2, 3)}
+    assert {c.model.name for c in cells} == {"sdn", "two"}
+    assert [c.cell_id for c in plan.expand(settings, tmp_path)] == [c.cell_id for c in cells]
+    # fgsm takes no steps and apgd no alpha: their grid values collapse instead of failing
+    mixed = plan.expand(_settings(setup, attacks=["fgsm", "apgd"], steps=[1, 2], alpha=["1/255"]), tmp_path)
+    assert sorted((c.attack, c.steps, c.alpha) for c in mixed) == [
+        ("apgd", 1, None), ("apgd", 2, None), ("fgsm", None, 1 / 255)]
+
+
+def test_yaml_and_toml_give_the_same_cells(setup, tmp_path):
+    root, data, sdn, sd = setup
+    (tmp_path / "s.yaml").write_text(f"data: {data}\nmodels:\n  - {sdn}\n  - checkpoint: {sd}\n    main: d\n"
+                                     "eps: [4/255, 0.5]\nsteps: [1, 2]\nsets: [main, subsets]\nlimit: 2\n")
+    (tmp_path / "s.toml").write_text(f'data = "{data}"\nmodels = ["{sdn}", {{checkpoint = "{sd}", main = "d"}}]\n'
+                                     'eps = ["4/255", 0.5]\nsteps = [1, 2]\nsets = ["main", "subsets"]\nlimit = 2\n')
+    from_yaml = plan.expand(plan.load_file(tmp_path / "s.yaml"), tmp_path)
+    from_toml = plan.expand(plan.load_file(tmp_path / "s.toml"), tmp_path)
+    assert len(from_yaml) == 8 and from_yaml == from_toml
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"epss": [0.1]}, "epss: unknown key"),
+    ({"eps": ["eight"]}, "eps[0]:"),
+    ({"steps": [0]}, "steps[0]:"),
+    ({"attacks": ["pgd", "cw"]}, "attacks[1]: expected one of"),
+    ({"sets": ["sx"]}, "sets[0]:"),
+    ({"sets": ["sE"]}, "sets: model sdn has tasks sdn; it has no E"),
+    ({"models": [{"checkpoint": "missing.pt"}]}, "models[0].checkpoint: checkpoint not found"),
+    ({"models": [{"train": {"tasks": "sd", "epochz": 1}}]}, "models[0].train:"),
+    ({"models": [{"path": "x.pt"}]}, "models[0].path: unknown key"),
+])
+def test_bad_settings_name_the_key(setup, tmp_path, extra, key):
+    with pytest.raises(plan.PlanError) as error:
+        plan.expand(_settings(setup, **extra), tmp_path)
+    assert str(error.value).startswith(key)
+
+
+def test_bad_flag_is_reported_by_the_command(setup, tmp_path, capsys):
+    root, data, sdn, sd = setup
+    assert cli_main(["sweep", "--out", str(tmp_path), "--data", str(data), "--checkpoint", str(sdn),
+                     "--norm", "l3"]) == 2
+    assert "norms[0]: expected one of linf, l2" in capsys.readouterr().err
+
+
+def _argv(setup, out, *extra):
+    root, data, sdn, sd = setup
+    return ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", f"{sdn},{sd}", "--steps", "1,2",
+            "--eps", "4/255,8/255", "--sets", "main,subsets", "--limit", "2", "--batch-size", "2",
+            "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The uninterrupted sweep's table (8 cells)."""
+    out = tmp_path_factory.mktemp("reference")
+    assert cli_main(_argv(setup, out)) == 0
+    return pd.read_parquet(out / "results.parquet")
+
+
+def _same(a, b):
+    pd.testing.assert_frame_equal(a.drop(columns=TIMING), b.drop(columns=TIMING))
+
+
+def test_table_has_one_row_per_model_set_task_and_config(reference):
+    assert len(reference) == 4 * (7 * 3 + 3 * 2)  # (eps × steps) × (sdn: 7 sets × 3 tasks + sd: 3 sets × 2)
+    assert not reference.duplicated(["cell_id", "attacked", "task"]).any()
+    for column in ("model", "model_tasks", "encoder", "attack", "norm", "eps", "alpha", "steps", "restarts",
+                   "attacked", "task", "split", "samples", "seed", "version", "seconds", "cell_id", "rel_vuln",
+                   "rel_vuln_ratio_of_means", "adv_vuln", "joint_adv_vuln", "clean_error", "marginal_vuln",
+                   "first_order", "theorem2_factor", "clean_miou"):
+        assert column in reference.columns, column
+    assert set(reference["samples"]) == {2} and set(reference["model_tasks"]) == {"sdn", "sd"}
+    sd = reference[(reference["attacked"] == "sd") & (reference["task"] == "depth_zbuffer")]
+    assert sd["marginal_vuln"].notna().all()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(setup, reference, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = "import sys, torch; torch.set_num_threads(1); from mtrobust_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", script, *_argv(setup, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list((out / "cells").glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "cells").glob("*.parquet")))
+    assert 2 <= finished < 8, "the sweep was not killed mid-way"
+    assert cli_main(_argv(setup, out)) == 0
+    _same(pd.read_parquet(out / "results.parquet"), reference)
+    assert len(pd.read_csv(out / "results.csv")) == len(reference)
+    assert len(Store(out).done()) == 8
+    again = Store(out).table()
+    assert cli_main(_argv(setup, out)) == 0  # everything finished: nothing runs, nothing is added
+    _same(pd.read_parquet(out / "results.parquet"), again)
+
+
+def test_ray_executor_gives_the_same_table(setup, reference, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install ray) — the Ray executor is not tested")
+    out = tmp_path / "ray"
+    assert cli_main(_argv(setup, out, "--executor", "ray", "--ray-cpus", "2")) == 0
+    _same(pd.read_parquet(out / "results.parquet"), reference)
+
+
+def test_train_spec_and_tracker(setup, tmp_path):
+    root, data, sdn, sd = setup
+    (tmp_path / "s.yaml").write_text(
+        f"data: {data}\nmodels:\n  - train: {{tasks: sd, size: 32, epochs: 1, batch_size: 2, lr: 0.001,"
+        " limit_train: 2, limit_val: 1, save_every: 0}\n    name: tiny\nsteps: 2\nsets: subsets\nlimit: 2\n")
+    argv = ["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--tracker", "local", "--no-gradients"]
+    assert cli_main(argv) == 0
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert len(table) == 3 * 2 and set(table["model"]) == {"tiny"} and set(table["task_weights"]) == {"uniform"}
+    runs = list((tmp_path / "out" / "runs").iterdir())
+    assert len(runs) == 1
+    curves = (runs[0] / "tracking" / "curves.jsonl").read_text()
+    assert curves.count("step_loss") == 4 and '"values": [' in curves  # s, d, and sd's two tasks
+    assert cli_main(argv) == 0  # trained and finished: nothing reruns
