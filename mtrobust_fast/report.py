@@ -51,9 +51,10 @@ def _slug(text):
 
 
 def _groups(table, keys):
-    """(label, sub-table) per distinct value of ``keys``; the whole table when there are none."""
+    """(label, sub-table) per distinct value of ``keys``; with no keys, the whole table, labelled by its attack."""
     if not keys:
-        return [("all", table)]
+        fixed = {k: v for k, v in results_table.fixed_settings(table).items() if k in ("attack", "norm", "eps")}
+        return [(results_table.config_label(list(fixed), list(fixed.values())) or "all", table)]
     return [(results_table.config_label(keys, values if isinstance(values, tuple) else (values,)), group)
             for values, group in table.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)]
 
@@ -97,8 +98,8 @@ def heatmaps(table, out, metric, dpi):
     lines, paths = [], []
     both = pd.concat([pairs["single"].assign(kind="single"), pairs["multi"].assign(kind="multi")])
     for label, group in _groups(both, keys):
-        weights = (list(dict.fromkeys(group["task_weights"].fillna("unknown")))
-                   if "task_weights" in group.columns else ["(weights not recorded)"])
+        weights = (list(dict.fromkeys(group["task_weights"].fillna("unknown").replace("", "unknown")))
+                   if "task_weights" in group.columns else ["unrecorded"])
         kinds = [k for k in ("single", "multi") if (group["kind"] == k).any()]
         mains, auxes = _ordered(group["main"]), _ordered(group["aux"])
         fig, axes = plt.subplots(len(kinds), len(weights), squeeze=False,
@@ -109,7 +110,7 @@ def heatmaps(table, out, metric, dpi):
             for c, weight in enumerate(weights):
                 cell = group[group["kind"] == kind]
                 if "task_weights" in group.columns:
-                    cell = cell[cell["task_weights"].fillna("unknown") == weight]
+                    cell = cell[cell["task_weights"].fillna("unknown").replace("", "unknown") == weight]
                 matrix = (cell.pivot_table(index="main", columns="aux", values="value", aggfunc="mean")
                           .reindex(index=mains, columns=auxes))
                 title = f"{kind}-task attack, {weight} weights"

@@ -47,9 +47,11 @@ def letters(value):
         return text
 
 
-def config_columns(table):
-    """The attack-configuration columns whose value varies in ``table`` (constant ones split nothing)."""
-    return [c for c in CONFIG_COLUMNS if c in table.columns and table[c].nunique(dropna=False) > 1]
+def config_columns(table, varying=True):
+    """The attack-configuration columns of ``table``: those whose value varies (constant ones split nothing),
+    or every one present when not ``varying``."""
+    return [c for c in CONFIG_COLUMNS
+            if c in table.columns and (not varying or table[c].nunique(dropna=False) > 1)]
 
 
 def fixed_settings(table):
@@ -89,7 +91,7 @@ def pair_values(table, metric, attacked="single"):
         rows = rows[~weighted | (rows["main"].map(letters) == rows["task"])]
     rows["main"] = rows["task"]
     rows["aux"] = [m.replace(t, "") or t for m, t in zip(rows["model_tasks"], rows["task"])]
-    keys = config_columns(rows) + ["main", "aux"]
+    keys = config_columns(rows, varying=False) + ["main", "aux"]
     rows = rows.dropna(subset=[metric])
     grouped = rows.groupby(keys, dropna=False)[metric]
     return grouped.mean().rename("value").to_frame().join(grouped.size().rename("rows")).reset_index()

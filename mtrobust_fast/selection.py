@@ -59,7 +59,7 @@ def _one_config(pairs, name):
         listed = "; ".join(results_table.config_label(keys, row) for row in configs.itertuples(index=False))
         raise results_table.TableError(f"{name}: several attack configurations remain ({listed}); choose one "
                                        f"with {', '.join('--' + k.replace('_', '-') for k in FILTERS)}")
-    return pairs.drop(columns=keys)
+    return pairs.drop(columns=results_table.config_columns(pairs, varying=False))
 
 
 def _filtered(table, args, name, keys=FILTERS):
