@@ -90,3 +90,18 @@ def test_cli_with_selection_draws_the_scatter(tmp_path):
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "surrogate_scatter.png").stat().st_size > 1000
     assert "| few | 4 |" in summary and "(surrogate_scatter.png)" in summary
+
+
+def test_weighted_models_count_only_for_their_main_task():
+    rows = []
+    for main, value in (("s", 1.0), ("d", 2.0)):  # two zamir {s, d} models, one per main task
+        for task in "sd":
+            rows.append(dict(model=f"sd_for_{main}", model_tasks="ds", main=main, task_weights="zamir",
+                             attacked=task, task=NAMES[task], rel_vuln=value + (0.5 if task != main else 0)))
+    rows.append(dict(model="s", model_tasks="s", main="s", task_weights="", attacked="s", task=NAMES["s"],
+                     rel_vuln=3.0))
+    table = pd.DataFrame(rows)
+    for column in ("model_tasks", "task", "main"):
+        table[column] = table[column].map(results_table.letters)
+    pairs = results_table.pair_values(table, "rel_vuln").set_index(["main", "aux"])["value"]
+    assert pairs.to_dict() == {("d", "s"): 2.0, ("s", "d"): 1.0, ("s", "s"): 3.0}

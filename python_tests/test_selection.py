@@ -84,3 +84,14 @@ def test_ambiguous_configs_and_missing_columns_are_clear_errors(tmp_path, capsys
     capsys.readouterr()
     assert cli_main(args[:-1] + ["clean_nothing"]) == 2
     assert "lacks column(s) clean_nothing" in capsys.readouterr().err
+
+
+def test_encoder_filter_applies_to_the_full_table_only(tmp_path):
+    full = pd.concat([table(FULL).assign(encoder="resnet50"), table(FEW).assign(encoder="resnet18")])
+    full.to_csv(tmp_path / "full.csv", index=False)
+    table(FEW).assign(encoder="resnet18").to_csv(tmp_path / "r18.csv", index=False)
+    out = tmp_path / "sel"
+    assert cli_main(["select", "--main", "s", "--full", str(tmp_path / "full.csv"), "--encoder", "resnet50",
+                     "--surrogate", f"resnet18={tmp_path / 'r18.csv'}", "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "pairs.csv").set_index("aux")
+    assert pairs["full"].to_dict() == FULL and pairs["resnet18"].to_dict() == FEW
