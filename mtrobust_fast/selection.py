@@ -58,18 +58,29 @@ def _one_config(pairs, name):
     if len(configs) > 1:
         listed = "; ".join(results_table.config_label(keys, row) for row in configs.itertuples(index=False))
         raise results_table.TableError(f"{name}: several attack configurations remain ({listed}); choose one "
-                                       f"with {', '.join('--' + k.replace('_', '-') for k in FILTERS)}")
+                                       f"with {', '.join('--' + k.replace('_', '-') for k in FILTERS)} or "
+                                       f"--where COLUMN=VALUE")
     return pairs.drop(columns=results_table.config_columns(pairs, varying=False))
 
 
+def _matches(column, wanted):
+    """Rows of ``column`` equal to ``wanted``: numerically (to a relative 1e-6, so eps=0.0314 finds 8/255
+    written in full) for numeric columns, as text otherwise."""
+    if pd.api.types.is_numeric_dtype(column):
+        try:
+            return np.isclose(column.astype(float), float(wanted), rtol=1e-6, atol=0)
+        except ValueError:
+            raise results_table.TableError(f"column {column.name} is numeric; {wanted!r} is not a number") from None
+    return column.astype(str) == str(wanted)
+
+
 def _filtered(table, args, name, keys=FILTERS):
-    for key in keys:
-        wanted = getattr(args, key)
-        if wanted is None or key not in table.columns:
-            continue
-        column = table[key]
-        keep = np.isclose(column.astype(float), wanted, rtol=1e-6) if key == "eps" else column.astype(str) == str(wanted)
-        table = table[keep]
+    wanted = [(key, getattr(args, key)) for key in keys if getattr(args, key) is not None] + list(args.where)
+    for key, value in wanted:
+        if key in table.columns:
+            table = table[_matches(table[key], value)]
+        elif (key, value) in args.where:
+            raise results_table.TableError(f"{name}: --where {key}=...: the table has no column {key}")
     if table.empty:
         raise results_table.TableError(f"{name}: no row matches the filters")
     return table
@@ -141,11 +152,11 @@ def _task_letters(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _named_path(text):
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, Path(path)
+def _assignment(text):
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def add_arguments(parser):
@@ -155,7 +166,7 @@ def add_arguments(parser):
         help="auxiliary task letters to rank, e.g. dDnE (default: every pair in --full, the one-task model "
              "included); include the main letter to rank the one-task model too")
     add("--full", required=True, type=Path, help="full-cost results table (Parquet or CSV)")
-    add("--surrogate", type=_named_path, action="append", default=[],
+    add("--surrogate", type=_assignment, action="append", default=[],
         help="NAME=TABLE: a cheaper results table, e.g. few_epochs=e50.parquet (repeatable)")
     add("--clean", action="append", default=[],
         help="a clean-performance column of --full as a surrogate, e.g. clean_error or clean_miou (repeatable)")
@@ -168,6 +179,8 @@ def add_arguments(parser):
     add("--steps", type=int, default=None, help="keep rows of this number of steps")
     add("--encoder", default=None, help="keep --full rows of this encoder (surrogate tables may use another)")
     add("--task-weights", dest="task_weights", default=None, help="keep rows of these task weights")
+    add("--where", type=_assignment, action="append", default=[], metavar="COLUMN=VALUE",
+        help="keep rows of every table whose COLUMN equals VALUE, e.g. limit=256 (repeatable)")
     add("--out", type=Path, default=None, help="write OUT/pairs.csv, OUT/correlations.csv, OUT/selection.json")
 
 

@@ -95,3 +95,13 @@ def test_encoder_filter_applies_to_the_full_table_only(tmp_path):
                      "--surrogate", f"resnet18={tmp_path / 'r18.csv'}", "--out", str(out)]) == 0
     pairs = pd.read_csv(out / "pairs.csv").set_index("aux")
     assert pairs["full"].to_dict() == FULL and pairs["resnet18"].to_dict() == FEW
+
+
+def test_where_filters_every_table_and_names_unknown_columns(tmp_path, capsys):
+    pd.concat([table(FULL).assign(limit=256), table(FEW).assign(limit=8)]).to_csv(tmp_path / "full.csv", index=False)
+    args = ["select", "--main", "s", "--full", str(tmp_path / "full.csv"), "--clean", "clean_error"]
+    assert cli_main(args) == 2 and "--where COLUMN=VALUE" in capsys.readouterr().err
+    assert cli_main(args + ["--where", "limit=256", "--out", str(tmp_path / "sel")]) == 0
+    assert pd.read_csv(tmp_path / "sel" / "pairs.csv").set_index("aux")["full"].to_dict() == FULL
+    assert cli_main(args + ["--where", "nothing=1"]) == 2
+    assert "no column nothing" in capsys.readouterr().err
