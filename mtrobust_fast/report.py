@@ -97,9 +97,10 @@ def heatmaps(table, out, metric, dpi):
     keys = [k for k in results_table.config_columns(table) if k != "task_weights"]
     lines, paths = [], []
     both = pd.concat([pairs["single"].assign(kind="single"), pairs["multi"].assign(kind="multi")])
+    both["weights"] = (both["task_weights"].fillna("").astype(str).replace("", "unknown")
+                       if "task_weights" in both.columns else "unrecorded")
     for label, group in _groups(both, keys):
-        weights = (list(dict.fromkeys(group["task_weights"].fillna("unknown").replace("", "unknown")))
-                   if "task_weights" in group.columns else ["unrecorded"])
+        weights = list(dict.fromkeys(group["weights"]))
         kinds = [k for k in ("single", "multi") if (group["kind"] == k).any()]
         mains, auxes = _ordered(group["main"]), _ordered(group["aux"])
         fig, axes = plt.subplots(len(kinds), len(weights), squeeze=False,
@@ -108,9 +109,7 @@ def heatmaps(table, out, metric, dpi):
         lines += [f"### {label}", ""]
         for r, kind in enumerate(kinds):
             for c, weight in enumerate(weights):
-                cell = group[group["kind"] == kind]
-                if "task_weights" in group.columns:
-                    cell = cell[cell["task_weights"].fillna("unknown").replace("", "unknown") == weight]
+                cell = group[(group["kind"] == kind) & (group["weights"] == weight)]
                 matrix = (cell.pivot_table(index="main", columns="aux", values="value", aggfunc="mean")
                           .reindex(index=mains, columns=auxes))
                 title = f"{kind}-task attack, {weight} weights"
