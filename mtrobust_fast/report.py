@@ -189,10 +189,12 @@ def surrogate_scatter(pairs, out, dpi):
     for ax, name in zip(axes[0], surrogates):
         data = pairs.dropna(subset=[name, "full"])
         result = selection.correlate(data[name], data["full"])
-        ax.scatter(data[name], data["full"])
+        for main, points in data.groupby("main", sort=False):
+            ax.scatter(points[name], points["full"], label=f"main {main}")
         for _, row in data.iterrows():
-            ax.annotate(f"{row['main']}+{row['aux']}", (row[name], row["full"]), fontsize=7,
-                        xytext=(3, 2), textcoords="offset points")
+            model = row["main"] if row["aux"] == row["main"] else f"{row['main']}+{row['aux']}"
+            ax.annotate(model, (row[name], row["full"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.legend(fontsize=7)
         ax.set_xlabel(f"surrogate: {name}")
         ax.set_ylabel("full-cost relative vulnerability")
         ax.set_title(f"r={_fmt(result['pearson_r'])} (p={_fmt(result['pearson_p'])}), "
