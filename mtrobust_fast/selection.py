@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from mtrobust_fast import results_table
+from mtrobust_fast.attack_cli import budget
 from mtrobust_fast import tasks as task_registry
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence
@@ -175,7 +176,7 @@ def add_arguments(parser):
         help="rows where the main task alone (single) or every model task (multi) is attacked")
     add("--attack", default=None, help="keep rows of this attack (pgd, wgd, apgd, fgsm)")
     add("--norm", default=None, help="keep rows of this norm")
-    add("--eps", type=float, default=None, help="keep rows of this eps (in [0,1] pixels)")
+    add("--eps", type=budget, default=None, help="keep rows of this eps in [0,1] pixels, e.g. 8/255")
     add("--steps", type=int, default=None, help="keep rows of this number of steps")
     add("--encoder", default=None, help="keep --full rows of this encoder (surrogate tables may use another)")
     add("--task-weights", dest="task_weights", default=None, help="keep rows of these task weights")

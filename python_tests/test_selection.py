@@ -81,7 +81,7 @@ def test_ambiguous_configs_and_missing_columns_are_clear_errors(tmp_path, capsys
     args = ["select", "--main", "s", "--full", str(tmp_path / "two.csv"), "--clean", "clean_error"]
     assert cli_main(args) == 2
     assert "several attack configurations" in capsys.readouterr().err
-    assert cli_main(args + ["--eps", str(4 / 255)]) == 0
+    assert cli_main(args + ["--eps", "4/255"]) == 0
     capsys.readouterr()
     assert cli_main(args[:-1] + ["clean_nothing"]) == 2
     assert "lacks column(s) clean_nothing" in capsys.readouterr().err
