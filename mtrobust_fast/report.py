@@ -15,6 +15,7 @@ import math
 import re
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -69,22 +70,29 @@ def _markdown_matrix(matrix):
     return lines
 
 
+def _row_scaled(values):
+    """Each row min–max scaled to [0, 1] (0.5 for a constant row): main tasks' errors have unrelated scales, so
+    colour compares auxiliaries of one main task, as the paper's tables are read; NaN stays NaN."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (a main task missing from this panel)
+        low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
+        span = high - low
+        return np.where(span > 0, (values - low) / np.where(span > 0, span, 1), 0.5 + 0 * values)
+
+
 def _draw_matrix(ax, matrix, title):
     values = matrix.to_numpy(dtype=float)
-    shown = np.ma.masked_invalid(values)
-    image = ax.imshow(shown, cmap="viridis_r", aspect="auto")
+    scaled = _row_scaled(values) if np.isfinite(values).any() else values
+    ax.imshow(np.ma.masked_invalid(scaled), cmap="viridis_r", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(matrix.columns)), matrix.columns)
     ax.set_yticks(range(len(matrix.index)), matrix.index)
     ax.set_xlabel("auxiliary task")
     ax.set_ylabel("main task")
     ax.set_title(title, fontsize=9)
-    finite = values[np.isfinite(values)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                    color="white" if value > middle else "black")
-    return image
+                    color="white" if scaled[i, j] > 0.5 else "black")
 
 
 def heatmaps(table, out, metric, dpi):
@@ -113,10 +121,11 @@ def heatmaps(table, out, metric, dpi):
                 matrix = (cell.pivot_table(index="main", columns="aux", values="value", aggfunc="mean")
                           .reindex(index=mains, columns=auxes))
                 title = f"{kind}-task attack, {weight} weights"
-                image = _draw_matrix(axes[r][c], matrix, title)
-                fig.colorbar(image, ax=axes[r][c], shrink=0.8)
+                _draw_matrix(axes[r][c], matrix, title)
                 lines += [f"{title}:", ""] + _markdown_matrix(matrix) + [""]
-        fig.suptitle(textwrap.fill(f"{metric} of the main task — {label}", 90), fontsize=10)
+        width = fig.get_size_inches()[0]
+        fig.suptitle(textwrap.fill(f"{metric} of the main task — {label} (colour: per-row min–max, darker = more "
+                                   f"vulnerable)", max(30, int(width * 10))), fontsize=9)
         fig.tight_layout()
         path = out / f"heatmap_{_slug(label)}.png"
         fig.savefig(path, dpi=dpi)
@@ -224,7 +233,7 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     lines += [f"## Relative vulnerability of the main task (`{metric}`), main × auxiliary (Tables 1–2)", "",
               "Row = main task m (evaluated), column = auxiliary a: m on the model {m, a}; diagonal: the one-task "
               "model {m}. Single-task attack: only m attacked; multi-task: every task of the model. "
-              "Lower is more robust.", ""]
+              "Lower is more robust; cell colours are scaled per row (per main task).", ""]
     section, paths = heatmaps(table, out, metric, dpi)
     lines += section + [""]
     written += paths

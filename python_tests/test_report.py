@@ -1,5 +1,7 @@
 """`mtrobust-fast report`: figures and summary from a small hand-made results table; partial tables skip figures
 with a note; missing or unusable tables give clear errors."""
+import warnings
+
 import pandas as pd
 import pytest
 
@@ -105,3 +107,15 @@ def test_weighted_models_count_only_for_their_main_task():
         table[column] = table[column].map(results_table.letters)
     pairs = results_table.pair_values(table, "rel_vuln").set_index(["main", "aux"])["value"]
     assert pairs.to_dict() == {("d", "s"): 2.0, ("s", "d"): 1.0, ("s", "s"): 3.0}
+
+
+def test_heatmap_with_missing_cells_and_rows(tmp_path):
+    table = results(weights=("uniform",), attacks=("pgd",))
+    single_only = table["model_tasks"].isin(["sn", "dn"]) & (table["attacked"] != table["model_tasks"])
+    table[~single_only & ~table["model_tasks"].isin(["n", "sdn"])].to_csv(tmp_path / "holes.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = report.build(tmp_path / "holes.csv", tmp_path / "out")
+    assert any(p.name.startswith("heatmap_") for p in written)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| d | 10 | 11 | - |" in summary and "| n | - | - | - |" in summary  # single-task attack panel
