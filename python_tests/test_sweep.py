@@ -79,6 +79,8 @@ def test_yaml_and_toml_give_the_same_cells(setup, tmp_path):
     ({"models": [{"checkpoint": "missing.pt"}]}, "models[0].checkpoint: checkpoint not found"),
     ({"models": [{"train": {"tasks": "sd", "epochz": 1}}]}, "models[0].train:"),
     ({"models": [{"path": "x.pt"}]}, "models[0].path: unknown key"),
+    ({"size": 33}, "size: must be a multiple of 32"),
+    ({"data": "no/such/folder"}, "data: no/such/folder is not a directory"),
 ])
 def test_bad_settings_name_the_key(setup, tmp_path, extra, key):
     with pytest.raises(plan.PlanError) as error:

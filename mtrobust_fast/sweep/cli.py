@@ -150,6 +150,10 @@ def run(args):
     except UsageError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sweep: interrupted with {len(store.done())} of {len(cells)} cells finished; run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
     table, paths = store.export()
     print(f"sweep: {len(table)} rows from {len(store.done())} cells; wrote " + " and ".join(map(str, paths)))
     return 0

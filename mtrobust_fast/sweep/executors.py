@@ -29,7 +29,11 @@ def run_ray(cells, on_done, device="auto", record_steps=False, progress=True, ad
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    on_done(pending.pop(ref), ray.get(ref))
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as error:  # the task's own exception, not Ray's wrapper
+                        raise error.cause from None
+                    on_done(pending.pop(ref), result)
                     bar.update()
     finally:
         if started:

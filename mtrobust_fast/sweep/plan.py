@@ -178,8 +178,12 @@ def check(settings):
             out[key] = value
         else:
             out[key] = _value(key, kind, value)
+    if out["size"] is not None and out["size"] % 32:
+        raise PlanError(f"size: must be a multiple of 32 (the encoders' stride), got {out['size']}")
     if out["data"] is None:
         raise PlanError("data: missing (the Taskonomy root the models are evaluated on)")
+    if not Path(out["data"]).is_dir():
+        raise PlanError(f"data: {out['data']} is not a directory (the Taskonomy root the models are evaluated on)")
     if not out["models"]:
         raise PlanError("models: missing (a list of checkpoints or train specs)")
     return out
