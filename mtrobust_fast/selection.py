@@ -208,6 +208,8 @@ def _aligned(rows):
 
 
 def write(out, ranked, records):
+    """OUT/pairs.csv (scores and ranks; read by `mtrobust-fast report --selection`), OUT/correlations.csv and
+    OUT/selection.json (both, NaN as null)."""
     out.mkdir(parents=True, exist_ok=True)
     ranked.to_csv(out / "pairs.csv", index=False)
     pd.DataFrame(records).to_csv(out / "correlations.csv", index=False)
@@ -231,6 +233,10 @@ def run(args):
     except results_table.TableError as error:
         print(f"mtrobust-fast select: {error}", file=sys.stderr)
         return 2
+    found = set(zip(scores["main"], scores["aux"]))
+    absent = [f"{m}+{a}" for m in args.main for a in args.candidates or () if (m, a) not in found]
+    if absent:
+        print(f"note: {args.full} has no model pair for {', '.join(absent)}", file=sys.stderr)
     ranked = rank(scores, surrogates)
     records = correlations(scores, surrogates)
     print(format_tables(ranked, records, surrogates))

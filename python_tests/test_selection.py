@@ -71,9 +71,11 @@ def test_ranking_and_correlations_on_known_data(tmp_path, capsys):
 def test_two_candidates_are_reported_as_undefined(tmp_path, capsys):
     table(FULL).to_csv(tmp_path / "full.csv", index=False)
     table(FEW).to_csv(tmp_path / "few.csv", index=False)
-    code = cli_main(["select", "--main", "s", "--candidates", "dD", "--full", str(tmp_path / "full.csv"),
+    code = cli_main(["select", "--main", "s", "--candidates", "dDK", "--full", str(tmp_path / "full.csv"),
                      "--surrogate", f"few={tmp_path / 'few.csv'}"])
-    assert code == 0 and "correlation needs at least 3" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert code == 0 and "correlation needs at least 3" in captured.out
+    assert "no model pair for s+K" in captured.err
 
 
 def test_ambiguous_configs_and_missing_columns_are_clear_errors(tmp_path, capsys):
