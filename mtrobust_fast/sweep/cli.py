@@ -98,8 +98,11 @@ def _tracker_callback(args):
     from mtrobust_fast.tracking import make_tracker
 
     def log(cell, result):
-        tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
-                               experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
+        try:
+            tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
+                                   experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
+        except (ImportError, RuntimeError) as error:  # no comet_ml, no API key
+            raise UsageError(f"--tracker {args.tracker}: {error}") from error
         try:
             tracker.log_parameters({k: v for k, v in cell.settings().items() if k != "model"}
                                    | {f"model_{k}": v for k, v in cell.settings()["model"].items()})
@@ -117,9 +120,7 @@ def _tracker_callback(args):
 def run(args):
     try:
         cells = planning.expand(settings_from(args), args.out)
-        if args.tracker is not None:
-            from mtrobust_fast.tracking import make_tracker  # noqa: F401  (fail before any cell runs)
-    except (planning.PlanError, ImportError) as error:
+    except planning.PlanError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
     store = Store(args.out)
@@ -137,9 +138,9 @@ def run(args):
     track = _tracker_callback(args)
 
     def on_done(cell, result):
-        store.write(cell.cell_id, result["rows"])
-        if track is not None:
+        if track is not None:  # first: a cell whose logging failed is not marked finished
             track(cell, result)
+        store.write(cell.cell_id, result["rows"])
 
     try:
         _train_models(pending)
