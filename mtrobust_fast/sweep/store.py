@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
+LAST = ["version", "seconds", "device"]
 
 
 def _atomic_write(path, write):
@@ -47,7 +48,9 @@ class Store:
         if not parts:
             return pd.DataFrame()
         parts.sort(key=lambda part: tuple(str(part[key].iloc[0]) for key in ORDER))
-        return pd.concat(parts, ignore_index=True)
+        table = pd.concat(parts, ignore_index=True)
+        last = [column for column in LAST if column in table.columns]  # after metric columns any part adds
+        return table[[column for column in table.columns if column not in last] + last]
 
     def export(self):
         """Write ``results.parquet`` and ``results.csv``; returns ``(table, paths)``."""
