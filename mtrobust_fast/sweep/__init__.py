@@ -34,7 +34,8 @@ Table columns (one row per model × attacked set × evaluated task × attack con
 
 - ``cell_id``: hash of the cell's settings and the model's identity (checkpoint content hash or train spec).
 - ``model``: the model's name (``name``, else the checkpoint's file stem, or its folder for best/last.pt);
-  ``checkpoint``: the file attacked; ``model_tasks``: the model's task letters; ``encoder``;
+  ``checkpoint``: the file attacked; ``model_tasks``: the model's task letters; ``main``: its main task letter
+  (the model's ``main`` setting, else the checkpoint's, else its first task); ``encoder``;
   ``task_weights``: the training loss-weight mode ("uniform", "zamir"), "" when the checkpoint does not record it.
 - ``attack``, ``norm``, ``eps``; ``alpha`` and ``steps``: the values the attack used (its defaults filled in;
   alpha null for apgd's adaptive step); ``restarts``; ``seed``.

@@ -27,7 +27,8 @@ def rows(cell, config, summary, seconds):
         extra = marginal.get((row["attacked"], task), {})
         out = {
             "cell_id": cell.cell_id, "model": cell.model.name, "checkpoint": cell.model.checkpoint,
-            "model_tasks": cell.model.tasks, "encoder": cell.model.encoder, "task_weights": cell.model.weights,
+            "model_tasks": cell.model.tasks, "main": cell.model.main, "encoder": cell.model.encoder,
+            "task_weights": cell.model.weights,
             "attack": cell.attack, "norm": cell.norm, "eps": cell.eps, "alpha": config["alpha"],
             "steps": config["steps"], "restarts": cell.restarts, "seed": cell.seed, "data": cell.data,
             "split": cell.split, "limit": cell.limit, "task_letter": _letter(task), **row,
