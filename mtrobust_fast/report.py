@@ -40,6 +40,9 @@ def add_arguments(parser):
     add("--selection", type=Path, default=None,
         help="output folder (or its pairs.csv) of `mtrobust-fast select`, for the surrogate scatter")
     add("--dpi", type=int, default=120, help="PNG resolution (default %(default)s)")
+    add("--tracker", choices=("local", "comet", "comet-offline"), default=None,
+        help="also log the figures and summary to a tracker run in OUT (see mtrobust_fast.tracking)")
+    add("--project", default=None, help="Comet project name")
 
 
 def _ordered(values):
@@ -260,4 +263,15 @@ def run(args):
         print(f"mtrobust-fast report: {error}", file=sys.stderr)
         return 2
     print("\n".join(f"wrote {p}" for p in paths))
+    if args.tracker is not None:
+        from mtrobust_fast.tracking import make_tracker
+
+        try:
+            with make_tracker(args.tracker, args.out, project=args.project, experiment_name="report") as tracker:
+                tracker.log_parameters({"results": str(args.results), "metric": args.metric})
+                for path in paths:
+                    tracker.log_figure(path)
+        except (RuntimeError, ImportError) as error:
+            print(f"mtrobust-fast report: --tracker {args.tracker}: {error}", file=sys.stderr)
+            return 2
     return 0

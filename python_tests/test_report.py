@@ -94,6 +94,17 @@ def test_cli_with_selection_draws_the_scatter(tmp_path):
     assert "| few | 4 |" in summary and "(surrogate_scatter.png)" in summary
 
 
+def test_report_logs_its_figures_to_the_local_tracker(tmp_path):
+    import json
+
+    results().to_csv(tmp_path / "full.csv", index=False)
+    assert cli_main(["report", str(tmp_path / "full.csv"), "--out", str(tmp_path / "out"), "--tracker", "local"]) == 0
+    logged = [json.loads(line)["path"] for line in
+              (tmp_path / "out" / "tracking" / "figures.jsonl").read_text().splitlines()]
+    pngs = sorted(str(p.resolve()) for p in (tmp_path / "out").glob("*.png"))
+    assert pngs and sorted(p for p in logged if p.endswith(".png")) == pngs
+
+
 def test_weighted_models_count_only_for_their_main_task():
     rows = []
     for main, value in (("s", 1.0), ("d", 2.0)):  # two zamir {s, d} models, one per main task
