@@ -8,7 +8,7 @@ import sys
 
 # (words of the sub-command, module implementing it, one-line help)
 COMMANDS = [
-    (("quickstart",), "mtrobust_fast.quickstart", "synthesise data, train small models, print their results"),
+    (("quickstart",), "mtrobust_fast.quickstart", "the main job in miniature: synthesise, train, attack, print Table 1"),
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
     (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
     (("attack",), "mtrobust_fast.attack_cli", "attack a checkpoint's model and report its vulnerability"),
