@@ -92,16 +92,24 @@ class CpuStep {
     if (p_.normalize_task_grads) {
       std::vector<double> partial(chunks_ * T, 0.0);
       for_chunks(parallel, [&](int64_t c) {
+        // Tile by tile, all tasks in turn: T streams in flight (more memory parallelism than one task's
+        // chunk after another), each lane still adding its elements in increasing order.
         const int64_t begin = c * kChunk, end = std::min(p_.N, begin + kChunk);
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* g = task_row(t, b);
-          double acc[kLanes] = {};
-          for_lanes(begin, end, [&](int64_t i, int lane) {
-            const double v = static_cast<double>(static_cast<acc_t>(g[i]));
-            acc[lane] += v * v;
-          });
-          partial[c * T + t] = lane_total(acc);
+        double lanes[kMaxTasks][kLanes] = {};
+        for (int64_t tile = begin; tile < end; tile += kTile) {
+          const int64_t tile_end = std::min(end, tile + kTile);
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* g = task_row(t, b);
+            double acc[kLanes];
+            for (int lane = 0; lane < kLanes; ++lane) acc[lane] = lanes[t][lane];
+            for_lanes(tile, tile_end, [&](int64_t i, int lane) {
+              const double v = static_cast<double>(static_cast<acc_t>(g[i]));
+              acc[lane] += v * v;
+            });
+            for (int lane = 0; lane < kLanes; ++lane) lanes[t][lane] = acc[lane];
+          }
         }
+        for (int64_t t = 0; t < T; ++t) partial[c * T + t] = lane_total(lanes[t]);
       });
       for (int64_t c = 0; c < chunks_; ++c)
         for (int64_t t = 0; t < T; ++t) task_sumsq[t] += partial[c * T + t];
