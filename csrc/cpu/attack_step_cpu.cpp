@@ -7,12 +7,20 @@
 // kTile elements are combined into a small buffer with simple loops the compiler vectorises.
 // Passes over memory: linf 1; linf with normalised task gradients 2 (the first reads only the gradients);
 // l2 2; l2 normalised 3. For L2 the pass that sums the row also keeps the combined gradient in a row
-// buffer, so the final pass reads one gradient instead of T, starting from the end of the row (in cache).
+// buffer, so the final pass reads one gradient instead of T, starting from the end of the row (in cache), and
+// streams a fresh float32 output past the cache.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "attack_step_glue.h"
 
@@ -197,16 +205,40 @@ class CpuStep {
   }
 
   // The final L2 pass: reads the combined gradient back from the row buffer instead of re-combining tasks.
+  // Results go through a tile buffer to store_tile, which streams float32 tiles past the cache.
   void write_l2(int64_t b, int64_t c, const acc_t* g_row, acc_t s, acc_t k) const {
-    const int64_t row = b * p_.N, begin = c * kChunk, end = std::min(p_.N, begin + kChunk);
+    const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
     const scalar_t* x = p_.x + row;
     const scalar_t* x0 = p_.x0 + row;
-    scalar_t* out = p_.out + row;
     const acc_t lo = p_.lo, hi = p_.hi;
-    for (int64_t i = begin; i < end; ++i) {
-      out[i] = static_cast<scalar_t>(
-          l2_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g_row[i], s, k, lo, hi));
+    scalar_t tile[kTile];
+    for (int64_t begin = c * kChunk; begin < end; begin += kTile) {
+      const int64_t len = std::min(kTile, end - begin);
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t j = begin + i;
+        tile[i] = static_cast<scalar_t>(
+            l2_update(static_cast<acc_t>(x[j]), static_cast<acc_t>(x0[j]), g_row[j], s, k, lo, hi));
+      }
+      store_tile(tile, p_.out + row + begin, len);
     }
+  }
+
+  // Copies a finished tile to the output. For a fresh float32 output on x86 the aligned part uses
+  // non-temporal stores: the output is not read again here, and plain stores would first read every line
+  // in (read-for-ownership). Values are identical either way. In place, x's lines are already cached.
+  void store_tile(const scalar_t* tile, scalar_t* out, int64_t len) const {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (p_.out != p_.x) {
+        int64_t i = 0;
+        for (; i < len && reinterpret_cast<uintptr_t>(out + i) % 16 != 0; ++i) out[i] = tile[i];
+        for (; i + 4 <= len; i += 4) _mm_stream_ps(out + i, _mm_loadu_ps(tile + i));
+        for (; i < len; ++i) out[i] = tile[i];
+        return;
+      }
+    }
+#endif
+    std::copy(tile, tile + len, out);
   }
 };
 
@@ -223,6 +255,9 @@ void run_cpu(PreparedStep& p) {
         p.alpha.defined() ? p.alpha.const_data_ptr<acc_t>() : nullptr,
         p.B, p.N, p.T, p.norm, p.normalize_task_grads, static_cast<acc_t>(p.lo), static_cast<acc_t>(p.hi)};
     CpuStep<scalar_t, acc_t>(prob).run();
+#if defined(__SSE2__)
+    _mm_sfence();  // order the streaming stores before the result is used
+#endif
   });
 }
 
