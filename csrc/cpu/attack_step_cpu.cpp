@@ -221,6 +221,9 @@ class CpuStep {
       }
       store_tile(tile, p_.out + row + begin, len);
     }
+#if defined(__SSE2__)
+    _mm_sfence();  // this thread's streaming stores are ordered before anything that follows
+#endif
   }
 
   // Copies a finished tile to the output. For a fresh float32 output on x86 the aligned part uses
@@ -255,9 +258,6 @@ void run_cpu(PreparedStep& p) {
         p.alpha.defined() ? p.alpha.const_data_ptr<acc_t>() : nullptr,
         p.B, p.N, p.T, p.norm, p.normalize_task_grads, static_cast<acc_t>(p.lo), static_cast<acc_t>(p.hi)};
     CpuStep<scalar_t, acc_t>(prob).run();
-#if defined(__SSE2__)
-    _mm_sfence();  // order the streaming stores before the result is used
-#endif
   });
 }
 
