@@ -27,6 +27,7 @@ from typing import Dict, Optional
 import torch
 
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.tasks import opmath
 
 DUAL_NORMS = {"linf": "l1", "l2": "l2"}
 
@@ -158,17 +159,17 @@ def theorem4_bound(mean_grad_norms, base, added, eps, weights=None):
     return eps * ((n + 1) * w_added * mean_grad_norms[added] + n * worst)
 
 
-def input_gradients(model, x, targets, masks, task_names):
+def input_gradients(model, x, targets, masks, tasks):
     """Per-task input gradients ``[T, B, *x.shape[1:]]`` of the per-sample losses at ``x`` (model in eval mode;
     one forward, one backward per task, no parameter gradient). Row b of task t is ∇ₓL_t(x_b): samples do not
-    interact in eval mode, so the gradient of the batch sum gives every sample's own gradient."""
+    interact in eval mode, so the gradient of the batch sum gives every sample's own gradient. ``tasks``: task
+    records or registry names."""
     xg = x.detach().requires_grad_(True)
     outputs = model(xg)
     grads = []
-    for i, name in enumerate(task_names):
-        task = task_registry.get_task(name)
-        loss = task.loss(outputs[name].float(), targets[name], masks.get(name)).sum()
-        (grad,) = torch.autograd.grad(loss, xg, retain_graph=i + 1 < len(task_names))
+    for i, task in enumerate(map(task_registry.record, tasks)):
+        loss = task.loss(opmath(outputs[task.name]), targets[task.name], masks.get(task.name)).sum()
+        (grad,) = torch.autograd.grad(loss, xg, retain_graph=i + 1 < len(tasks))
         grads.append(grad)
     return torch.stack(grads)
 
@@ -186,12 +187,12 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(outputs, targets, masks, task_names):
-    """The :class:`Evaluation` of model outputs ``{task: output}`` for registry tasks."""
+def evaluate(outputs, targets, masks, tasks):
+    """The :class:`Evaluation` of model outputs ``{task name: output}`` for ``tasks`` (records or registry names)."""
     losses, errors, stats = {}, {}, {}
-    for name in task_names:
-        task = task_registry.get_task(name)
-        output, target, mask = outputs[name].float(), targets[name], masks.get(name)
+    for task in map(task_registry.record, tasks):
+        name = task.name
+        output, target, mask = opmath(outputs[name]), targets[name], masks.get(name)
         losses[name] = task.loss(output, target, mask)
         errors[name] = task.error(output, target, mask)
         stats[name] = task.metric_stats(output, target, mask)
@@ -214,13 +215,14 @@ class VulnerabilityMeter:
     """Collects per-sample clean and adversarial losses/errors (and optionally clean input gradients) batch by
     batch, and computes every metric of this module at the end.
 
-    ``tasks``: the evaluated tasks (names, e.g. the model's ``task_names``). ``eps``/``norm``: the attack budget,
+    ``tasks``: the evaluated tasks (task records, or registry names). ``eps``/``norm``: the attack budget,
     used by the first-order terms. ``weights``: joint-loss weights ``{task: w}``; None = equal weights per
     attacked set. Every :meth:`update` must give the same attacked sets, so samples stay aligned.
     """
 
     def __init__(self, tasks, eps, norm="linf", weights=None):
-        self.tasks = list(tasks)
+        self.records = {task.name: task for task in map(task_registry.record, tasks)}
+        self.tasks = list(self.records)
         if not self.tasks:
             raise ValueError("tasks is empty")
         self.eps = float(eps)
@@ -301,7 +303,7 @@ class VulnerabilityMeter:
 
     def _scores(self, where, name):
         stats = self._stats.get((where, name))
-        return {} if stats is None else task_registry.get_task(name).metric_scores(stats.cpu())
+        return {} if stats is None else self.records[name].metric_scores(stats.cpu())
 
     def compute(self):
         """The summary: a JSON-ready dict (see the module docstring for the definitions)."""

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from mtrobust_fast import results_table
-from mtrobust_fast.attack_cli import budget
+from mtrobust_fast.cli.args import budget
 from mtrobust_fast import tasks as task_registry
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence

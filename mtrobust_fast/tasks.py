@@ -1,7 +1,8 @@
 """The one registry of the 11 Taskonomy tasks: files, decoding, loss, error, metrics and weights.
 
-Everything else in the project reads task facts from here. A task is a frozen record (LibMTL style:
-loss + metric + direction). Losses and errors are per sample (shape [B]), masked, and normalised by
+Everything else in the project reads Taskonomy task facts from here. A task is a frozen record (LibMTL style:
+loss + metric + direction) of the project's open task protocol (described in :mod:`mtrobust_fast.classification`,
+its second provider). Losses and errors are per sample (shape [B]), masked, and normalised by
 the sample's number of valid elements; reductions over the batch are the caller's.
 
 Deliberate differences from MTRobust (the training code the AAAI'22 study forked):
@@ -137,6 +138,12 @@ def _autoencoder_target(pixels):
 
 # ---- per-sample losses and errors ----
 
+def opmath(tensor):
+    """The precision losses are computed in: half-precision values in float32, float32 and float64 unchanged
+    (a float64 model is attacked and trained on float64 losses)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def _dense_mask(mask):
     """None or a bool/0-1 mask [B,H,W], [B,1,H,W] or [B,C,H,W] -> None or bool with a channel axis."""
     if mask is None:
@@ -162,13 +169,15 @@ def _check_dense(output, target):
 def l1_loss(output, target, mask=None):
     """Masked L1 per sample [B], normalised by the valid count (the source's mean over all elements is not)."""
     _check_dense(output, target)
-    return _masked_mean((output.float() - target.float()).abs(), _dense_mask(mask))
+    output = opmath(output)
+    return _masked_mean((output - target.to(output.dtype)).abs(), _dense_mask(mask))
 
 
 def mse_error(output, target, mask=None):
     """Masked MSE per sample [B] over valid elements."""
     _check_dense(output, target)
-    return _masked_mean((output.float() - target.float()).square(), _dense_mask(mask))
+    output = opmath(output)
+    return _masked_mean((output - target.to(output.dtype)).square(), _dense_mask(mask))
 
 
 def _label_mask(output, target, mask):
@@ -184,8 +193,16 @@ def _label_mask(output, target, mask):
 def segment_loss(output, target, mask=None):
     """Cross-entropy per sample [B], averaged over the sample's pixels with a label other than 0 (uncertain)."""
     valid = _label_mask(output, target, mask)
-    ce = F.cross_entropy(output.float(), target, reduction="none", ignore_index=SEGMENT_IGNORE)
+    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=SEGMENT_IGNORE)
     return _masked_mean(ce, valid)
+
+
+def segment_divergence(output, reference, mask=None):
+    """Per-sample mean over (masked) pixels of KL(softmax(reference) ‖ softmax(output)) over the classes."""
+    _check_dense(output, reference)
+    output, reference = opmath(output), opmath(reference)
+    kl = F.kl_div(F.log_softmax(output, 1), F.log_softmax(reference, 1), reduction="none", log_target=True)
+    return _masked_mean(kl.sum(1, keepdim=True), _dense_mask(mask))
 
 
 def _confusion(pred, target, valid, classes):
@@ -275,6 +292,7 @@ class Task:
     geometric: bool
     pixels_to_target: Callable = field(compare=False, repr=False)
     loss: Callable = field(compare=False, repr=False)
+    divergence: Callable = field(compare=False, repr=False)  # (output, reference output, mask) -> [B]
     error: Callable = field(compare=False, repr=False)
     metric_stats: Callable = field(compare=False, repr=False)
     metric_scores: Callable = field(compare=False, repr=False)
@@ -318,6 +336,7 @@ def _task(letter, name, channels, formats, pixels_to_target, geometric, folder=N
     return Task(letter=letter, name=name, folder=folder or name, tag=tag or name, channels=channels,
                 formats=formats, geometric=geometric, pixels_to_target=pixels_to_target,
                 loss=segment_loss if segmentation else l1_loss,
+                divergence=segment_divergence if segmentation else l1_loss,
                 error=segment_error if segmentation else mse_error,
                 metric_stats=segment_stats if segmentation else dense_stats,
                 metric_scores=segment_scores if segmentation else dense_scores,
@@ -340,6 +359,15 @@ TASKS = (
 BY_LETTER = {task.letter: task for task in TASKS}
 BY_NAME = {task.name: task for task in TASKS}
 _ALIASES = {"segmentsemantic": BY_NAME["segment_semantic"]}  # the source's folder name
+
+
+def record(task):
+    """A task record of the open task protocol (see :mod:`mtrobust_fast.classification`): ``task`` itself when it
+    is one (it has ``name``, ``loss``, ``error``, ``metric_stats``, ``metric_scores``), else the registry task
+    with that letter or name."""
+    if all(hasattr(task, attr) for attr in ("name", "loss", "error", "metric_stats", "metric_scores")):
+        return task
+    return get_task(task)
 
 
 def get_task(key):

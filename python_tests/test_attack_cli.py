@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from mtrobust_fast import attack_cli, quickstart
+from mtrobust_fast.cli import attack as attack_cli
+from mtrobust_fast.cli import args as cli_args
+from mtrobust_fast.cli import quickstart
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth import synthesize
 from mtrobust_fast.models import build_model, save_checkpoint
@@ -30,8 +32,8 @@ def _attack(setup, *extra):
 
 
 def test_budget_parsing():
-    assert attack_cli.budget("8/255") == 8 / 255 and attack_cli.budget("0.5") == 0.5
-    assert attack_cli.budget("0") == 0.0
+    assert cli_args.budget("8/255") == 8 / 255 and cli_args.budget("0.5") == 0.5
+    assert cli_args.budget("0") == 0.0
     assert attack_cli.target_sets("s, ds ,all") == ["s", "sd", "all"]
 
 

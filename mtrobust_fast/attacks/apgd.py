@@ -57,6 +57,9 @@ class APGD(Attack):
     - coinciding checkpoints of very short runs are merged.
     """
 
+    settings = ("steps",)
+    refused = {**Attack.refused, "alpha": "apgd sets its own step size (2*eps, halved at checkpoints)"}
+
     def __init__(self, model, tasks=None, *, rho=0.75, **kwargs):
         if "alpha" in kwargs:
             raise ValueError("APGD sets its own step size (2·eps, halved at checkpoints); do not pass alpha")

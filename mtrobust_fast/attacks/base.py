@@ -20,6 +20,7 @@ from mtrobust_fast import ops
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks.specs import resolve_specs
 from mtrobust_fast.models.multitask import MultiTaskModel
+from mtrobust_fast.tasks import opmath
 
 _fused = torch.ops.mtrobust_fast
 _NOISE_KINDS = {"rand": 0, "randn": 1}
@@ -54,11 +55,6 @@ def _check_count(name, value):
     return value
 
 
-def _full_precision(output):
-    """Autocast outputs (float16/bfloat16) go to float32 for the loss; float32/float64 stay as they are."""
-    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
-
-
 def _rows(t, repeats):
     """t [B, ...] repeated `repeats` times along the batch: row s·B + b is t[b]."""
     return t.repeat(repeats, *([1] * (t.dim() - 1)))
@@ -81,14 +77,32 @@ class Rows:
     task_rows: dict
 
 
+MODEL_MODES = ("eval", "train")
+
+
+def unwrap(model):
+    """The module itself when ``model`` is a DistributedDataParallel/DataParallel wrapper: an attack's
+    input-gradient passes must not trigger the wrapper's gradient all-reduce or its buffer broadcast."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
 class Attack(abc.ABC):
-    """Base of the attacks. See :class:`mtrobust_fast.attacks.PGD` for the arguments."""
+    """Base of the attacks. See :class:`mtrobust_fast.attacks.PGD` for the arguments.
+
+    ``settings``: the optional settings a front-end (CLI, sweep, training objective) may pass to this attack
+    besides the common ones (eps, norm, restarts, seed, ...); ``refused`` says why the others are refused.
+    """
 
     default_random_start = True
+    settings = ("alpha", "steps")
+    refused = {"normalize_task_grads": "only wgd normalises task gradients"}
 
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=2 / 255, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
-                 channels_last=False, lo=0.0, hi=1.0, record_steps=False):
+                 channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval"):
+        model = unwrap(model)
         self.model = model
         self.specs = resolve_specs(model, tasks)
         self.eps = _check_budget("eps", eps)
@@ -110,6 +124,9 @@ class Attack(abc.ABC):
             raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
         self.lo, self.hi = float(lo), float(hi)
         self.record_steps = bool(record_steps)
+        if model_mode not in MODEL_MODES:
+            raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
+        self.model_mode = model_mode
         self.step_losses = None
         self._generator = None
 
@@ -160,7 +177,7 @@ class Attack(abc.ABC):
     def losses(self, x, targets, masks=None):
         """Per-sample losses of every task of the attack at ``x``: ``{name: [B]}`` (no gradient)."""
         x, targets, masks, _ = self._check_batch(x, targets, masks, None)
-        with torch.no_grad(), self._eval_mode():
+        with torch.no_grad(), self._model_mode():
             per_task = self._task_losses(self._prepare(x), targets, masks, [s.name for s in self.specs])
         return {s.name: per_task[:, i] for i, s in enumerate(self.specs)}
 
@@ -181,17 +198,17 @@ class Attack(abc.ABC):
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if task_rows is None or not self._splits_heads(names):
                 outputs = self.model(x)
-                return torch.stack([by_name[n].loss(_full_precision(by_name[n].output(outputs)), targets[n],
+                return torch.stack([by_name[n].loss(opmath(by_name[n].output(outputs)), targets[n],
                                                     masks.get(n)) for n in names], dim=1)
             representation = self.model.encode(x)
             columns = []
             for n in names:
                 index = task_rows.get(n)
                 if index is None:
-                    columns.append(by_name[n].loss(_full_precision(self.model.decoders[n](representation)),
+                    columns.append(by_name[n].loss(opmath(self.model.decoders[n](representation)),
                                                    targets[n], masks.get(n)))
                     continue
-                output = _full_precision(self.model.decoders[n](representation[index]))
+                output = opmath(self.model.decoders[n](representation[index]))
                 mask = masks.get(n)
                 loss = by_name[n].loss(output, targets[n][index], None if mask is None else mask[index])
                 columns.append(loss.new_zeros(x.shape[0]).index_copy(0, index, loss))
@@ -273,16 +290,26 @@ class Attack(abc.ABC):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x.clone()
 
     @contextmanager
-    def _eval_mode(self):
-        """Model in eval mode (BatchNorm frozen); deterministic algorithms when asked; restored afterwards."""
+    def _model_mode(self):
+        """The model in the attack's ``model_mode``; deterministic algorithms when asked; all restored afterwards.
+
+        "eval": eval mode (BatchNorm uses its running statistics, dropout is off). "train": train mode (batch
+        statistics, as during training) with every BatchNorm's running statistics left exactly as they were,
+        so attacking inside a training step does not update them."""
         was_training = self.model.training
         was_deterministic = torch.are_deterministic_algorithms_enabled()
-        self.model.eval()
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
+                 for m in norms] if self.model_mode == "train" else []
+        self.model.train(self.model_mode == "train")
         if self.deterministic:
             torch.use_deterministic_algorithms(True)
         try:
             yield
         finally:
+            for module, state in zip(norms, saved):
+                for key, value in state.items():
+                    getattr(module, key).copy_(value)
             self.model.train(was_training)
             torch.use_deterministic_algorithms(was_deterministic)
 
@@ -336,7 +363,7 @@ class Attack(abc.ABC):
         rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
                     _row_budget("eps", self.eps, block, repeats, x0.device, opmath),
                     _row_budget("alpha", self.alpha, block, repeats, x0.device, opmath), ids, task_rows)
-        with self._eval_mode():
+        with self._model_mode():
             best_x, best_loss = None, None
             for restart in range(self.restarts):
                 self._steps = []

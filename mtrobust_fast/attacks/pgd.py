@@ -22,6 +22,10 @@ class PGD(Attack):
         autocast: None, ``torch.bfloat16`` or ``torch.float16`` for the model's forward/backward.
         channels_last: run the model on channels_last inputs (faster convolutions on GPUs).
         lo, hi: the valid input range.
+        model_mode: "eval" (default; BatchNorm running statistics, no dropout) or "train" (batch statistics as
+            in training, with BatchNorm running statistics left untouched): the mode the model runs in during
+            the attack, whatever mode it was in before (restored afterwards). A DDP/DataParallel wrapper is
+            unwrapped: the attack runs on its module.
         record_steps: keep the per-row losses of each attacked task at every step of the last restart in
             ``step_losses`` (``{task name: [steps, R]}``, on the device), for attack curves.
 
@@ -44,6 +48,8 @@ class FGSM(PGD):
     With ``random_start=True`` and a smaller ``alpha`` it is the FGSM-RS step of fast adversarial training."""
 
     default_random_start = False
+    settings = ("alpha",)
+    refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd"}
 
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, **kwargs):
         if "steps" in kwargs:

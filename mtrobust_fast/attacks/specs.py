@@ -2,15 +2,16 @@
 
 Attacks work on any ``nn.Module`` whose output is a dict (keyed by task name), a tuple or a single tensor.
 A :class:`TaskSpec` says which part of the output belongs to the task and how to turn
-``(output, target, mask)`` into one loss per sample (shape ``[B]``). Taskonomy tasks from
-:mod:`mtrobust_fast.tasks` become specs automatically; :func:`classification` makes one for a classifier head.
+``(output, target, mask)`` into one loss per sample (shape ``[B]``). Task records (Taskonomy tasks from
+:mod:`mtrobust_fast.tasks`, classification heads from :mod:`mtrobust_fast.classification`, or a model's own
+``task_records``) become specs automatically; :func:`classification` makes one for any classifier output.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
+from mtrobust_fast import classification as heads
 from mtrobust_fast import tasks as task_registry
 
 
@@ -36,49 +37,38 @@ class TaskSpec:
 
 
 def from_task(task):
-    """The spec of a registry task on a multi-task model whose dict is keyed by task name."""
+    """The spec of a task record (a registry task, a :class:`~mtrobust_fast.classification.ClassificationTask`, ...)
+    on a model whose output dict is keyed by the task's name."""
     return TaskSpec(task.name, task.loss, key=task.name, error=task.error)
 
 
-def cross_entropy(logits, labels, mask=None):
-    """Per-sample cross-entropy of a classifier ([B, K] logits, [B] labels)."""
-    return F.cross_entropy(logits.float(), labels, reduction="none")
-
-
-def dlr(logits, labels, mask=None):
-    """Per-sample Difference-of-Logits-Ratio loss (Croce & Hein 2020), as a loss to maximise."""
-    logits = logits.float()
-    ordered, _ = logits.sort(dim=1)
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    top_is_true = ordered[:, -1] == true
-    best_other = torch.where(top_is_true, ordered[:, -2], ordered[:, -1])
-    return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + 1e-12)
-
-
 def classification(name="label", key=None, loss="ce"):
-    """Spec of a classification head: ``loss`` is "ce" or "dlr" (needs at least 3 classes)."""
-    losses = {"ce": cross_entropy, "dlr": dlr}
-    if loss not in losses:
-        raise ValueError(f"loss must be one of {sorted(losses)}, got {loss!r}")
-    return TaskSpec(name, losses[loss], key=key,
-                    error=lambda logits, labels, mask=None: (logits.argmax(1) != labels).float())
+    """Spec of a classification head: ``loss`` is "ce", "dlr" (needs at least 3 classes) or "bce" (sigmoid BCE
+    on one-hot labels)."""
+    if loss not in heads.LOSSES:
+        raise ValueError(f"loss must be one of {heads.LOSSES}, got {loss!r}")
+    return TaskSpec(name, heads.LOSS_FUNCTIONS[loss], key=key, error=heads.top1_error)
 
 
 def resolve_specs(model, tasks):
     """``tasks`` as a list of TaskSpec: None (the model's ``task_names``), a letter string like "sd", or a list
     mixing TaskSpec, registry tasks, letters and names."""
+    records = dict(getattr(model, "task_records", {}) or {})
     if tasks is None:
         names = getattr(model, "task_names", None)
         if names is None:
             raise ValueError("tasks is required for a model without task_names (give TaskSpec objects)")
         tasks = list(names)
     if isinstance(tasks, (str, TaskSpec)):
-        tasks = [tasks] if isinstance(tasks, TaskSpec) or tasks in task_registry.BY_NAME else tasks
+        tasks = [tasks] if isinstance(tasks, TaskSpec) or tasks in task_registry.BY_NAME or tasks in records \
+            else tasks
     specs = []
     for item in tasks:
         if isinstance(item, TaskSpec):
             specs.append(item)
-        elif isinstance(item, task_registry.Task):
+        elif isinstance(item, str) and item in records:
+            specs.append(from_task(records[item]))
+        elif hasattr(item, "loss") and hasattr(item, "name"):
             specs.append(from_task(item))
         else:
             specs.extend(from_task(t) for t in task_registry.resolve(item))

@@ -49,6 +49,9 @@ class WGD(Attack):
     normalisation.
     """
 
+    settings = ("alpha", "steps", "normalize_task_grads")
+    refused = {}
+
     def __init__(self, model, tasks=None, *, normalize_task_grads=False, **kwargs):
         super().__init__(model, tasks, **kwargs)
         self.normalize_task_grads = bool(normalize_task_grads)

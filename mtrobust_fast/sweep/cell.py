@@ -5,7 +5,7 @@ import time
 import mtrobust_fast
 from mtrobust_fast import metrics
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.attack_cli import UsageError, evaluate_checkpoint
+from mtrobust_fast.evaluation import SettingError, evaluate_checkpoint
 from mtrobust_fast.sweep.plan import cell_from_settings
 
 
@@ -59,8 +59,8 @@ def run_cell(settings, device="auto", record_steps=False):
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
             gradients=cell.gradients, device=device, record_steps=record_steps)
-    except UsageError as error:
-        raise UsageError(f"{error} (cell {cell.cell_id}: model {cell.model.name}, {cell.attack} {cell.norm} "
+    except SettingError as error:
+        raise SettingError(f"{error} (cell {cell.cell_id}: model {cell.model.name}, {cell.attack} {cell.norm} "
                          f"eps={cell.eps:.4g} steps={cell.steps})") from error
     seconds = round(time.perf_counter() - start, 3)
     return {"rows": rows(cell, config, summary, seconds), "curves": summary.get("step_losses", {})}

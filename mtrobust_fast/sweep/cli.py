@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from mtrobust_fast.attack_cli import UsageError
+from mtrobust_fast.evaluation import SettingError
 from mtrobust_fast.sweep import plan as planning
 from mtrobust_fast.sweep.executors import EXECUTORS
 from mtrobust_fast.sweep.store import Store
@@ -88,7 +88,7 @@ def _train_models(cells):
         try:
             train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
         except (ValueError, FileExistsError) as error:
-            raise UsageError(f"models: training {model.name}: {error}") from error
+            raise SettingError(f"models: training {model.name}: {error}") from error
 
 
 def _tracker_callback(args):
@@ -102,7 +102,7 @@ def _tracker_callback(args):
             tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
                                    experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
         except (ImportError, RuntimeError) as error:  # no comet_ml, no API key
-            raise UsageError(f"--tracker {args.tracker}: {error}") from error
+            raise SettingError(f"--tracker {args.tracker}: {error}") from error
         try:
             tracker.log_parameters({k: v for k, v in cell.settings().items() if k != "model"}
                                    | {f"model_{k}": v for k, v in cell.settings()["model"].items()})
@@ -148,7 +148,7 @@ def run(args):
         if args.executor == "ray":
             options.update(address=args.address, num_cpus=args.ray_cpus)
         EXECUTORS[args.executor](pending, on_done, **options)
-    except UsageError as error:
+    except SettingError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

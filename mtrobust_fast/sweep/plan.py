@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mtrobust_fast import metrics
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.attack_cli import ATTACKS, budget
+from mtrobust_fast.attacks import ATTACKS
+from mtrobust_fast.cli.args import budget
 from mtrobust_fast.models.checkpoint import read_checkpoint
 from mtrobust_fast.training.config import TrainConfig
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from mtrobust_fast.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -25,18 +27,6 @@ class DistContext:
     @property
     def distributed(self):
         return self.world_size > 1
-
-
-def resolve_device(choice, local_rank=0):
-    """"auto" → this process's GPU if CUDA is available, else the CPU; "cuda" without CUDA is an error."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 def init(device_choice="auto"):

@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mtrobust_fast.device import to_device
 from mtrobust_fast.models import save_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.config import lr_at
@@ -31,15 +32,6 @@ def epoch_seed(seed, epoch, rank):
     """A well-mixed seed for (run seed, epoch, process): re-seeding every epoch makes a resumed run draw the
     same random numbers as an uninterrupted one, without storing per-process generator states."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def to_device(batch, device):
-    images, targets, masks = batch
-
-    def move(tensor):
-        return tensor.to(device, non_blocking=True)
-
-    return move(images), {k: move(v) for k, v in targets.items()}, {k: move(v) for k, v in masks.items()}
 
 
 def _plain(value):

@@ -13,9 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from mtrobust_fast import attack_cli, cli
+from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks import ATTACKS
+from mtrobust_fast.cli import attack as attack_cli
+from mtrobust_fast.cli.args import budget, positive_int
 from mtrobust_fast.data import synth
+from mtrobust_fast.training import TrainConfig, train
 from mtrobust_fast.training.loop import LAST, LOG_NAME
 
 AUXILIARIES = "dDnE"  # the paper's Table 1 columns (besides the main task itself)
@@ -33,13 +37,13 @@ def add_arguments(parser):
     parser.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs per model (default 5)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--attack", choices=tuple(attack_cli.ATTACKS), default="pgd", help="attack (default pgd)")
+    parser.add_argument("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default pgd)")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
-    parser.add_argument("--eps", type=attack_cli.budget, default=8 / 255, help="default 8/255")
-    parser.add_argument("--alpha", type=attack_cli.budget, default=None,
+    parser.add_argument("--eps", type=budget, default=8 / 255, help="default 8/255")
+    parser.add_argument("--alpha", type=budget, default=None,
                         help="step size (default 2/255; fgsm: eps; apgd adapts its own)")
-    parser.add_argument("--steps", type=attack_cli.positive_int, default=10, help="attack steps (default 10; fgsm: 1)")
-    parser.add_argument("--attack-limit", type=attack_cli.positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=10, help="attack steps (default 10; fgsm: 1)")
+    parser.add_argument("--attack-limit", type=positive_int, default=None,
                         help="attack only the first N validation images (default: all)")
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,11 +71,10 @@ def _records(run_dir):
 
 
 def _train(args, data, tasks, run_dir):
-    argv = ["train", "--tasks", tasks, "--encoder", "resnet18", "--data", str(data), "--size", str(args.size),
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "1e-3",
-            "--seed", str(args.seed), "--out", str(run_dir), "--workers", str(args.workers),
-            "--val-before", "--resume"]
-    return cli.main(argv + (["--no-progress"] if args.no_progress else []))
+    """Train (or finish training) one model; ValueError on a bad setting."""
+    train(TrainConfig(data=str(data), out=str(run_dir), tasks=tasks, encoder="resnet18", size=args.size,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, seed=args.seed,
+                      workers=args.workers, val_before=True, resume=True, progress=not args.no_progress))
 
 
 def step_size(args):
@@ -102,17 +105,13 @@ def _attack(args, data, tasks, run_dir):
         if all(saved["config"].get(k) == v for k, v in wanted.items()):
             print(f"reusing {json_path}")
             return saved["summary"]
-    argv = ["attack", "--checkpoint", str(run_dir / LAST), "--data", str(data), "--attack", args.attack,
-            "--norm", args.norm, "--eps", repr(args.eps),
-            "--target", f"{args.main},all", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--workers", str(args.workers), "--out", str(out)]
-    argv += ["--alpha", repr(alpha)] if alpha is not None else []
-    argv += ["--steps", str(steps)] if args.attack != "fgsm" else []
-    argv += ["--limit", str(args.attack_limit)] if args.attack_limit else []
-    argv += ["--no-progress"] if args.no_progress else []
-    if cli.main(argv):
-        return None
-    return json.loads(json_path.read_text())["summary"]
+    config, summary = evaluation.evaluate_checkpoint(
+        run_dir / LAST, data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=alpha,
+        steps=None if args.attack == "fgsm" else steps, sets=[args.main, "all"], batch_size=args.batch_size,
+        limit=args.attack_limit, seed=args.seed, workers=args.workers, progress=not args.no_progress)
+    print(attack_cli.format_report(config, summary))
+    attack_cli.write_results(out, config, summary, metrics.summary_rows(summary))
+    return summary
 
 
 def _clean_rows(tasks, run_dir):
@@ -165,14 +164,13 @@ def run(args):
     clean_rows, results = [], {}
     for tasks in sets:
         run_dir = args.workdir / f"resnet18_{tasks}"
-        status = _train(args, data, tasks, run_dir)
-        if status:
-            return status
-        clean_rows += _clean_rows(tasks, run_dir)
-        summary = _attack(args, data, tasks, run_dir)
-        if summary is None:
+        try:
+            _train(args, data, tasks, run_dir)
+            clean_rows += _clean_rows(tasks, run_dir)
+            results[tasks] = _attack(args, data, tasks, run_dir)
+        except ValueError as error:
+            print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
             return 2
-        results[tasks] = summary
     print(f"\nClean validation metrics, ResNet-18 at {args.size} px, {args.epochs} epochs "
           f"(mIoU and pixel accuracy: higher is better; losses, L1, MSE: lower is better)")
     print(_table(("model", "task", "metric", "before", "after"), clean_rows))

@@ -8,10 +8,10 @@ import sys
 
 # (words of the sub-command, module implementing it, one-line help)
 COMMANDS = [
-    (("quickstart",), "mtrobust_fast.quickstart", "the main job in miniature: synthesise, train, attack, print Table 1"),
+    (("quickstart",), "mtrobust_fast.cli.quickstart", "the main job in miniature: synthesise, train, attack, print Table 1"),
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
-    (("train",), "mtrobust_fast.training.cli", "train a multi-task model"),
-    (("attack",), "mtrobust_fast.attack_cli", "attack a checkpoint's model and report its vulnerability"),
+    (("train",), "mtrobust_fast.cli.train", "train a multi-task model"),
+    (("attack",), "mtrobust_fast.cli.attack", "attack a checkpoint's model and report its vulnerability"),
     (("sweep",), "mtrobust_fast.sweep.cli", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),
@@ -41,6 +41,3 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return args._run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

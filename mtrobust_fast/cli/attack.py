@@ -1,0 +1,153 @@
+"""``mtrobust-fast attack``: attack a checkpoint's model on Taskonomy data (real or synthetic) and report, per
+attacked set and evaluated task, the clean and adversarial error, the relative and adversarial vulnerability and
+the first-order gradient terms (see :mod:`mtrobust_fast.metrics`), as a table, a CSV and a JSON file.
+
+Several attacked sets (``--target s,sd,all``) are attacked in one batch of rows (``Attack.run_subsets``), and the
+marginal vulnerability between sets that differ by one task is reported. Budgets are in [0, 1] pixel units
+(``--eps 8/255`` means 8/255), not the source's "integer × 2/255" units.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from mtrobust_fast import evaluation, metrics
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks import ATTACKS
+from mtrobust_fast.cli.args import budget, positive_int
+from mtrobust_fast.data.taskonomy import SPLITS
+
+
+def target_sets(text):
+    """Comma-separated attacked sets: task letters ("s", "sd") or "all"; letters are checked here, membership
+    in the model later."""
+    sets = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise argparse.ArgumentTypeError(f"empty attacked set in {text!r}")
+        if item == "all":
+            sets.append(item)
+            continue
+        try:
+            sets.append(metrics.set_label(t.name for t in task_registry.resolve(item)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return sets
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
+    add("--data", required=True, type=Path, help="Taskonomy root (real or from `mtrobust-fast data synth`)")
+    add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
+    add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
+    add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
+    add("--alpha", type=budget, default=None, help="step size, e.g. 2/255 (default: the attack's own)")
+    add("--steps", type=positive_int, default=None, help="iterations (default: the attack's own, 25 for PGD)")
+    add("--normalize-task-grads", action="store_true",
+        help="wgd: L2-normalise each task's input gradient per sample before weighting")
+    add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
+    add("--target", type=target_sets, default=["all"],
+        help="attacked sets, comma-separated: task letters or 'all' (default all), e.g. s,sd,all")
+    add("--split", choices=SPLITS, default="val", help="data split (default %(default)s)")
+    add("--size", type=positive_int, default=None, help="image side in px (default: the model's input size)")
+    add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
+    add("--limit", type=positive_int, default=None, help="attack only the first N images of the split")
+    add("--seed", type=int, default=0, help="random-start seed (default %(default)s)")
+    add("--deterministic", action="store_true",
+        help="random starts that depend only on (seed, image index), and deterministic algorithms")
+    add("--no-gradients", action="store_true",
+        help="skip the clean input-gradient statistics (one extra backward pass per task and batch)")
+    add("--out", type=Path, default=None,
+        help="write OUT.csv and OUT.json (a .csv or .json suffix is replaced)")
+    add("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def attack_dataset(args):
+    """Run the attack the ``attack`` arguments describe; returns ``(config, summary)``."""
+    return evaluation.evaluate_checkpoint(
+        args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
+        steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
+        split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        deterministic=args.deterministic, gradients=not args.no_gradients, workers=args.workers,
+        device=args.device, progress=not args.no_progress)
+
+
+def _fmt(value):
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def format_report(config, summary):
+    """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
+    header = ("task", "clean err", "adv err", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
+    alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
+    lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} alpha={alpha} "
+             f"steps={config['steps']} restarts={config['restarts']} on {summary['samples']} {config['split']} "
+             f"images, model {config['model']} ({config['encoder']})"]
+    for label, entry in summary["attacks"].items():
+        rows = [header] + [(metrics.set_label([t]), _fmt(summary["clean"][t]["error"]), _fmt(v["adv_error"]),
+                            _fmt(v["rel_vuln"]), _fmt(v["rel_vuln_ratio_of_means"]), _fmt(v["adv_vuln"]))
+                           for t, v in entry["tasks"].items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_fmt(entry['joint_adv_vuln'])}"
+                     + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
+        lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        undefined = {t: v["rel_vuln_undefined"] for t, v in entry["tasks"].items() if v["rel_vuln_undefined"]}
+        if undefined:
+            lines.append("  samples left out of rel vuln (clean error 0): "
+                         + ", ".join(f"{metrics.set_label([t])} {n}" for t, n in undefined.items()))
+    for item in summary["marginal"]:
+        bound = f" (Theorem-4 bound {_fmt(item['theorem4_bound'])})" if "theorem4_bound" in item else ""
+        lines.append(f"marginal vulnerability {metrics.set_label(item['base'])} + "
+                     f"{metrics.set_label([item['added']])}: {_fmt(item['delta'])}{bound}")
+    if "gradients" in summary:
+        first = summary["gradients"]["first_order"]
+        lines.append(f"first order eps*E||grad L||_{summary['dual_norm'][1:]}: "
+                     + ", ".join(f"{metrics.set_label([t])} {_fmt(v)}" for t, v in first.items()))
+    return "\n".join(lines)
+
+
+def output_paths(out):
+    stem = out.with_suffix("") if out.suffix in (".csv", ".json") else out
+    return stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.json"
+
+
+def _plain(value):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_results(out, config, summary, rows):
+    """``OUT.csv`` (one row per attacked set and task, the config repeated) and ``OUT.json`` (config + summary)."""
+    csv_path, json_path = output_paths(out)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    flat_config = {k: ",".join(v) if isinstance(v, list) else v for k, v in config.items() if k != "target"}
+    table = [{**flat_config, **row} for row in rows]
+    fields = list(dict.fromkeys(key for row in table for key in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table)
+    json_path.write_text(json.dumps(_plain({"config": config, "summary": summary}), indent=1) + "\n")
+    return csv_path, json_path
+
+
+def run(args):
+    try:
+        config, summary = attack_dataset(args)
+    except evaluation.SettingError as error:
+        print(f"mtrobust-fast attack: error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(config, summary))
+    if args.out is not None:
+        paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
+        print("wrote " + " and ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,190 @@
+"""Robustness evaluation as a library: attack a model over a data loader and collect every vulnerability metric.
+
+:func:`evaluate` takes a model, a loader of ``(images, targets, masks)`` batches and an attack; per batch it
+scores the clean input, optionally the clean per-task input gradients, and the adversarial input of every
+attacked set (all sets attacked in one batch of rows, ``Attack.run_subsets``), and returns the
+:class:`~mtrobust_fast.metrics.VulnerabilityMeter` summary. :func:`evaluate_checkpoint` does the same from a
+checkpoint file and a data folder; ``mtrobust-fast attack``, the sweep, the quickstart and training-time
+robust validation all measure through these two functions.
+"""
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from mtrobust_fast import metrics
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks import SettingRefused, build_attack
+from mtrobust_fast.data import open_dataset
+from mtrobust_fast.device import resolve_device, to_device
+from mtrobust_fast.models import load_checkpoint
+
+
+class SettingError(ValueError):
+    """A bad evaluation setting; the message starts with the setting's command-line name (``--target: ...``)."""
+
+
+def task_letters(names):
+    """A model's task names as registry letters where they have one ("sd"), else the names joined by "+"."""
+    return metrics.set_label(names)
+
+
+def resolve_sets(sets, model_tasks, where="the model"):
+    """Attacked sets as tuples of task names in the model's order. Each set is "all", registry letters ("sd"), or
+    a sequence of task names; every task must be one of ``model_tasks``."""
+    resolved = []
+    for item in sets:
+        if item == "all":
+            names = list(model_tasks)
+        elif isinstance(item, str) and item in model_tasks:
+            names = [item]
+        elif isinstance(item, str):
+            try:
+                names = [t.name for t in task_registry.resolve(item)]
+            except ValueError as error:
+                raise SettingError(f"--target: {error}") from None
+        else:
+            names = list(item)
+        missing = [name for name in names if name not in model_tasks]
+        if missing:
+            raise SettingError(f"--target: {where} has tasks {task_letters(model_tasks)}; it has no "
+                               f"{', '.join(missing)} ({metrics.set_label(missing)}) to attack")
+        chosen = tuple(name for name in model_tasks if name in names)
+        if chosen not in resolved:
+            resolved.append(chosen)
+    return resolved
+
+
+class _Curves:
+    """Mean per-step loss of each attacked task, per attacked set, over every attacked image (attack curves)."""
+
+    def __init__(self, sets):
+        self.sets, self.sums, self.count = sets, {}, 0
+
+    def add(self, step_losses, batch):
+        for k, attacked in enumerate(self.sets):
+            for name in attacked:
+                block = step_losses[name][:, k * batch:(k + 1) * batch].double().sum(1).cpu()
+                key = (metrics.set_label(attacked), name)
+                self.sums[key] = block if key not in self.sums else self.sums[key] + block
+        self.count += batch
+
+    def result(self):
+        return {label: {name: (total / self.count).tolist() for (lab, name), total in self.sums.items()
+                        if lab == label} for label in dict.fromkeys(lab for lab, _ in self.sums)}
+
+
+def _records(model, tasks):
+    records = dict(getattr(model, "task_records", {}) or {})
+    if tasks is None:
+        tasks = list(getattr(model, "task_names", records))
+    return [records[t] if isinstance(t, str) and t in records else task_registry.record(t) for t in tasks]
+
+
+def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, progress=False, record_steps=False,
+             device=None, first_id=0):
+    """Attack every batch of ``loader`` and return the :class:`~mtrobust_fast.metrics.VulnerabilityMeter` summary.
+
+    ``tasks``: the evaluated tasks (records or names; default the model's). ``sets``: attacked sets (tuples of
+    task names; default one set, the attack's ``target_tasks``). ``gradients``: also collect the clean
+    per-task input-gradient statistics. ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
+    step]}}`` (the attack must have been built with ``record_steps=True``). Sample ids (for deterministic
+    attacks) count from ``first_id`` in loader order. The model is scored in eval mode; the attack runs in its
+    own ``model_mode``; the model's mode is restored afterwards.
+    """
+    records = _records(model, tasks)
+    sets = [tuple(attack.target_tasks)] if sets is None else [tuple(s) for s in sets]
+    device = device or next(model.parameters()).device
+    meter = metrics.VulnerabilityMeter(records, eps=_scalar(attack.eps), norm=attack.norm)
+    curves = _Curves(sets)
+    seen = first_id
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc=f"attack {type(attack).__name__}", unit="batch", disable=not progress):
+            x, targets, masks = to_device(batch, device)
+            ids = torch.arange(seen, seen + x.shape[0])
+            seen += x.shape[0]
+            with torch.no_grad():
+                clean = metrics.evaluate(model(x), targets, masks, records)
+            grads = metrics.input_gradients(model, x, targets, masks, records) if gradients else None
+            if len(sets) == 1:
+                adv = attack(x, targets, masks, sample_ids=ids)[None]
+            else:
+                adv = attack.run_subsets(x, targets, masks, subsets=[list(s) for s in sets], sample_ids=ids)
+            if record_steps:
+                curves.add(attack.step_losses, x.shape[0])
+            with torch.no_grad():
+                evaluations = {s: metrics.evaluate(model(adv[i]), targets, masks, records) for i, s in enumerate(sets)}
+            meter.update(clean, evaluations, grads)
+    finally:
+        model.train(was_training)
+    if meter.samples == 0:
+        raise SettingError("--data: the loader yielded no batch to evaluate")
+    summary = meter.compute()
+    if record_steps:
+        summary["step_losses"] = curves.result()
+    return summary
+
+
+def _scalar(eps):
+    """A budget for the first-order metrics: the float, or the mean of per-sample budgets."""
+    return float(eps) if isinstance(eps, (int, float)) else float(torch.as_tensor(eps).double().mean())
+
+
+def make_loader(data, model, split="val", size=None, limit=None, batch_size=16, workers=0):
+    """A fixed-order loader over ``split`` of the dataset at ``data`` that fits ``model`` (its tasks, input size)."""
+    try:
+        dataset = open_dataset(data, model, split=split, size=size)
+    except (FileNotFoundError, ValueError) as error:
+        raise SettingError(f"--data: {error}") from error
+    if limit:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    return DataLoader(dataset, batch_size, shuffle=False, num_workers=workers)
+
+
+def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
+                        restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
+                        batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, workers=0,
+                        device="auto", progress=False, record_steps=False):
+    """Attack a checkpoint's model over one split of ``data`` and return ``(config, summary)``.
+
+    ``sets``: attacked sets, each "all", task letters or a sequence of task names; all are attacked in one batch
+    of rows. ``summary`` is :func:`evaluate`'s; ``config`` records every setting, the checkpoint's epoch and the
+    wall time.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise SettingError(f"--checkpoint: checkpoint not found: {checkpoint}")
+    device = resolve_device(device)
+    try:
+        model, meta = load_checkpoint(checkpoint, map_location=device)
+    except ValueError as error:
+        raise SettingError(f"--checkpoint: {error}") from error
+    names = model.task_names
+    sets = resolve_sets(sets, names, f"the model in {checkpoint}")
+    try:
+        atk = build_attack(attack, model, eps=eps, norm=norm, restarts=restarts, seed=seed,
+                           deterministic=deterministic, alpha=alpha, steps=steps,
+                           normalize_task_grads=normalize_task_grads, record_steps=record_steps,
+                           target_tasks=[name for name in names if any(name in s for s in sets)])
+    except SettingRefused as error:
+        raise SettingError(f"--{error.setting.replace('_', '-')}: {error.reason}") from error
+    except ValueError as error:
+        raise SettingError(f"--attack {attack}: {error}") from error
+    loader = make_loader(data, model, split, size, limit, batch_size, workers)
+    start = time.perf_counter()
+    summary = evaluate(model, loader, atk, sets=sets, gradients=gradients, progress=progress,
+                       record_steps=record_steps, device=device)
+    config = {
+        "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
+        "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,
+        "norm": norm, "eps": eps, "alpha": atk.alpha if "alpha" in type(atk).settings else None,
+        "steps": atk.steps, "restarts": restarts, "normalize_task_grads": normalize_task_grads,
+        "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
+        "seed": seed, "deterministic": deterministic, "device": str(device),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return config, summary
