@@ -11,7 +11,8 @@ import torch
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth import synthesize
 from mtrobust_fast.models import build_model, load_checkpoint
-from mtrobust_fast.training import CleanObjective, ObjectiveOutput, TrainConfig, Trainer, WeightedTaskLoss
+from mtrobust_fast.training import CleanObjective, ObjectiveOutput, TaskLosses, TrainConfig, Trainer
+from mtrobust_fast.weighting import StaticWeighting
 from mtrobust_fast.training.config import lr_at, parse_schedule
 from mtrobust_fast.training.runner import make_datasets, make_loaders
 from mtrobust_fast.training.distributed import DistContext
@@ -67,16 +68,25 @@ def test_config_defaults_and_checks(tmp_path):
         TrainConfig(data="d", out="o", encoder="vgg")
 
 
-def test_weighted_task_loss_combines_per_sample_losses():
-    loss = WeightedTaskLoss({"d": 0.25, "segment_semantic": 1.0})
-    assert [t.name for t in loss.tasks] == ["segment_semantic", "depth_zbuffer"]
-    outputs = {"segment_semantic": torch.randn(2, 18, 4, 4), "depth_zbuffer": torch.zeros(2, 1, 4, 4)}
+def test_task_losses_and_static_weighting_combine_per_sample_losses():
+    losses = TaskLosses(["d", "segment_semantic"])
+    assert losses.names == ["depth_zbuffer", "segment_semantic"]
+    logits = torch.randn(2, 18, 4, 4, requires_grad=True)
+    outputs = {"segment_semantic": logits, "depth_zbuffer": torch.zeros(2, 1, 4, 4)}
     targets = {"segment_semantic": torch.randint(1, 18, (2, 4, 4)), "depth_zbuffer": torch.ones(2, 1, 4, 4)}
     masks = {"depth_zbuffer": torch.ones(2, 1, 4, 4, dtype=torch.bool)}
-    out = loss(outputs, targets, masks)
-    ce = torch.nn.functional.cross_entropy(outputs["segment_semantic"], targets["segment_semantic"])
-    assert torch.allclose(out.loss, ce + 0.25 * 1.0)
-    assert set(out.task_losses) == {"segment_semantic", "depth_zbuffer"}
+    means = losses.means(outputs, targets, masks)
+    ce = torch.nn.functional.cross_entropy(logits, targets["segment_semantic"])
+    assert torch.allclose(means["segment_semantic"], ce) and means["depth_zbuffer"] == 1.0
+    weighting = StaticWeighting({"segment_semantic": 1.0, "depth_zbuffer": -0.25})  # negative weights allowed
+    total = weighting.backward(means)
+    assert torch.allclose(total, ce - 0.25) and not total.requires_grad
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets["segment_semantic"]), logits)[0]
+    assert torch.allclose(logits.grad, expected)
+    with pytest.raises(KeyError, match="missing"):
+        weighting.backward({"segment_semantic": means["segment_semantic"]})
+    with pytest.raises(ValueError, match="non-zero"):
+        StaticWeighting({"segment_semantic": 0.0})
 
 
 def test_amp_needs_cuda(data, tmp_path):
@@ -138,20 +148,23 @@ def test_trainer_accepts_a_custom_objective(data, tmp_path):
     """The per-batch objective is the plug point for adversarial training and GAT."""
     config = TrainConfig(data=str(data), out=str(tmp_path), tasks="d", size=32, epochs=1, batch_size=2,
                          limit_train=4, limit_val=2, workers=0, progress=False)
-    model = build_model("d", "resnet18", input_size=32)
-    loss = WeightedTaskLoss(model.config["task_weights"])
+    train_set, val_set, model = make_datasets(config)
+    losses = TaskLosses(model.task_records.values())
     calls = []
 
-    def noisy_objective(model, images, targets, masks):
-        calls.append(images.shape[0])
-        return CleanObjective(loss)(model, (images + 0.01 * torch.randn_like(images)).clamp(0, 1), targets, masks)
+    class NoisyObjective(CleanObjective):
+        def __call__(self, model, images, targets, masks):
+            calls.append(images.shape[0])
+            return super().__call__(model, (images + 0.01 * torch.randn_like(images)).clamp(0, 1), targets, masks)
 
-    train_loader, val_loader = make_loaders(config, DistContext(), *make_datasets(config))
-    trainer = Trainer(model, noisy_objective, torch.optim.SGD(model.parameters(), lr=1e-3), [(0, 1e-3)],
-                      train_loader, val_loader, loss, run_dir=tmp_path, progress=False)
+    train_loader, val_loader = make_loaders(config, DistContext(), train_set, val_set)
+    trainer = Trainer(model, NoisyObjective(losses), StaticWeighting(model.config["task_weights"]),
+                      torch.optim.SGD(model.parameters(), lr=1e-3), [(0, 1e-3)],
+                      train_loader, val_loader, losses, run_dir=tmp_path, progress=False)
     record = trainer.fit(1)
     assert calls == [2, 2] and record["train"]["samples"] == 4
-    assert isinstance(noisy_objective(model, *next(iter(train_loader))), ObjectiveOutput)
+    assert isinstance(NoisyObjective(losses)(model, *next(iter(train_loader))[:1], *next(iter(train_loader))[1:]),
+                      ObjectiveOutput)
 
 
 def test_ddp_two_processes_on_gloo(data, tmp_path):

@@ -174,6 +174,12 @@ class Attack(abc.ABC):
                            {k: _rows(v, repeats) for k, v in masks.items()}, named, ids.repeat(repeats))
         return adv.reshape(repeats, *x.shape)
 
+    @torch.no_grad()
+    def outputs(self, x):
+        """The model's outputs at ``x`` in the attack's ``model_mode`` (no gradient)."""
+        with self._model_mode():
+            return self.model(self._prepare(x))
+
     def losses(self, x, targets, masks=None):
         """Per-sample losses of every task of the attack at ``x``: ``{name: [B]}`` (no gradient)."""
         x, targets, masks, _ = self._check_batch(x, targets, masks, None)

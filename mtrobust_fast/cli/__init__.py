@@ -10,7 +10,8 @@ import sys
 COMMANDS = [
     (("quickstart",), "mtrobust_fast.cli.quickstart", "the main job in miniature: synthesise, train, attack, print Table 1"),
     (("data", "synth"), "mtrobust_fast.data.synth", "write a synthetic Taskonomy dataset"),
-    (("train",), "mtrobust_fast.cli.train", "train a multi-task model"),
+    (("data", "synth-objects"), "mtrobust_fast.data.objects", "write a synthetic object-classification dataset"),
+    (("train",), "mtrobust_fast.cli.train", "train a multi-task model or a classifier, clean or adversarially"),
     (("attack",), "mtrobust_fast.cli.attack", "attack a checkpoint's model and report its vulnerability"),
     (("sweep",), "mtrobust_fast.sweep.cli", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),

@@ -1,16 +1,24 @@
-"""``mtrobust-fast train``: clean multi-task training on synthetic or real Taskonomy (``torchrun`` for DDP).
+"""``mtrobust-fast train``: clean or adversarial training of a multi-task Taskonomy model (Taskonomy data) or a
+classifier (an object set or CIFAR binary folder), single process or ``torchrun`` DDP.
 
 Example (4 GPUs): ``torchrun --nproc-per-node 4 -m mtrobust_fast.cli train --tasks sd --data DIR --out RUN``.
 """
 import dataclasses
 import sys
 
+from mtrobust_fast.attacks import MODEL_MODES
+from mtrobust_fast.cli.args import budget
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
+    ADVERSARIAL,
+    CLASS_LOSSES,
+    DEFAULT_ROBUST_VAL,
     DEFAULT_SCHEDULES,
+    DEFAULT_TASKS,
     DEFAULT_WEIGHT_DECAY,
+    NORMS,
     OPTIMIZERS,
-    WEIGHT_MODES,
+    SELECT,
     TrainConfig,
 )
 from mtrobust_fast.training.runner import train
@@ -22,13 +30,16 @@ def _default(name):
 
 def add_arguments(parser):
     add = parser.add_argument
-    add("--tasks", default=_default("tasks"), help="task letters, e.g. sdnE (default %(default)s)")
+    add("--tasks", default=None,
+        help=f"Taskonomy task letters, e.g. sdnE (default {DEFAULT_TASKS}); leave out on classification data")
     add("--encoder", default=_default("encoder"),
         help=f"one of {', '.join(list_encoders())} (default %(default)s)")
-    add("--data", required=True, help="Taskonomy root (real or from `mtrobust-fast data synth`)")
+    add("--data", required=True,
+        help="Taskonomy root (real or `mtrobust-fast data synth`), or classification data: an object set "
+             "(`mtrobust-fast data synth-objects`) or a CIFAR-10/100 binary folder")
     add("--out", required=True, help="run directory: checkpoints, metrics.jsonl, config.json")
-    add("--size", type=int, default=_default("size"),
-        help="image side in px, a multiple of 32 (default %(default)s)")
+    add("--size", type=int, default=None,
+        help="image side in px (default: 256 for Taskonomy, a multiple of 32; the images' own for classification)")
     add("--epochs", type=int, default=_default("epochs"), help="total epochs (default %(default)s)")
     add("--batch-size", type=int, default=_default("batch_size"),
         help="per-process batch size (default %(default)s)")
@@ -41,9 +52,41 @@ def add_arguments(parser):
     add("--momentum", type=float, default=_default("momentum"), help="SGD momentum (default %(default)s)")
     add("--weight-decay", type=float, default=None,
         help=f"default adam {DEFAULT_WEIGHT_DECAY['adam']}, sgd {DEFAULT_WEIGHT_DECAY['sgd']}")
-    add("--weights", choices=WEIGHT_MODES, default=_default("weights"),
-        help="task loss weights: uniform 1/N, or the paper's main/auxiliary table (needs --main)")
-    add("--main", default=None, help="main task letter for --weights zamir")
+    add("--weights", default=_default("weights"),
+        help="task loss weights: uniform (1/N), zamir (the paper's main/auxiliary table, needs --main), or "
+             "TASK=W,... for every task, negative weights allowed, e.g. s=1,d=-0.1 (default %(default)s)")
+    add("--main", default=None, help="main task letter (for --weights zamir and --attack-tasks main)")
+    add("--class-loss", choices=CLASS_LOSSES, default=_default("class_loss"),
+        help="classifier loss: softmax cross-entropy, or sigmoid BCE on one-hot labels (the GAT source's)")
+    adv = parser.add_argument_group("adversarial training")
+    adv.add_argument("--adversarial", choices=ADVERSARIAL, default=_default("adversarial"),
+                     help="objective: madry (loss at PGD x_adv), madry_mix (attacked tasks 0.5 clean + 0.5 adv), "
+                          "trades (clean + beta * divergence), fgsm_rs (one FGSM step from a random start), free "
+                          "(replayed batches; the perturbation reuses each backward) (default %(default)s)")
+    adv.add_argument("--attack-tasks", default=_default("attack_tasks"),
+                     help="tasks the inner attack raises: all, main, or letters such as s,d (default %(default)s)")
+    adv.add_argument("--norm", choices=NORMS, default=_default("norm"), help="threat model (default %(default)s)")
+    adv.add_argument("--eps", type=budget, default=_default("eps"),
+                     help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
+    adv.add_argument("--alpha", type=budget, default=None,
+                     help="step size (default: 2.5*eps/steps for PGD, 1.25*eps for fgsm_rs, eps for free)")
+    adv.add_argument("--steps", type=int, default=_default("steps"),
+                     help="PGD steps of the inner attack (default %(default)s)")
+    adv.add_argument("--beta", type=float, default=_default("beta"), help="trades: weight of the divergence "
+                     "(default %(default)s)")
+    adv.add_argument("--replays", type=int, default=_default("replays"),
+                     help="free: updates per batch (default %(default)s)")
+    adv.add_argument("--attack-mode", choices=MODEL_MODES, default=_default("attack_mode"),
+                     help="model mode during the inner attack: eval, or train with BatchNorm statistics frozen "
+                          "(default %(default)s)")
+    adv.add_argument("--robust-val", type=int, default=None,
+                     help=f"validation images attacked with PGD every epoch (default {DEFAULT_ROBUST_VAL} when "
+                          "training adversarially, else 0)")
+    adv.add_argument("--robust-val-steps", type=int, default=_default("robust_val_steps"),
+                     help="PGD steps of the robust validation (default %(default)s)")
+    adv.add_argument("--select", choices=SELECT, default=_default("select"),
+                     help="best.pt: lowest clean validation loss, or lowest adversarial validation error "
+                          "(default %(default)s)")
     add("--seed", type=int, default=_default("seed"), help="random seed (default %(default)s)")
     add("--save-every", type=int, default=_default("save_every"),
         help="also keep epoch_NNNN.pt every N epochs; 0: never (default %(default)s)")

@@ -1,8 +1,10 @@
-"""Multi-task Taskonomy models: encoders, decoders, the registry that assembles them, and checkpoints."""
+"""Models: encoders, task heads, the registry that assembles multi-task Taskonomy models and classifiers, and
+checkpoints."""
 from mtrobust_fast.models.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
-from mtrobust_fast.models.decoders import TaskonomyDecoder
+from mtrobust_fast.models.decoders import ClassificationHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel, check_image_batch
 from mtrobust_fast.models.registry import (
+    build_classifier,
     build_encoder,
     build_model,
     list_encoders,
@@ -13,8 +15,10 @@ from mtrobust_fast.models.registry import (
 __all__ = [
     "FORMAT",
     "STRIDE",
+    "ClassificationHead",
     "MultiTaskModel",
     "TaskonomyDecoder",
+    "build_classifier",
     "build_encoder",
     "build_model",
     "check_image_batch",

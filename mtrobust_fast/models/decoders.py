@@ -1,4 +1,5 @@
-"""The Taskonomy up-sampling decoder: one per dense task, ×32 up-sampling from the shared representation."""
+"""Task heads: the Taskonomy up-sampling decoder (one per dense task, ×32 up-sampling from the shared
+representation) and the classification head."""
 import torch.nn as nn
 
 from mtrobust_fast.models.encoders import init_weights
@@ -38,3 +39,13 @@ class TaskonomyDecoder(nn.Sequential):
         self.in_channels = in_channels
         self.out_channels = out_channels
         init_weights(self)
+
+
+class ClassificationHead(nn.Sequential):
+    """Global average pooling and one linear layer to ``classes`` logits."""
+
+    def __init__(self, in_channels, classes):
+        if in_channels < 1 or classes < 2:
+            raise ValueError(f"in_channels must be positive and classes >= 2, got {in_channels}, {classes}")
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, classes))
+        self.in_channels, self.classes = in_channels, classes

@@ -80,13 +80,18 @@ def _shortcut(in_channels, out_channels, stride):
 
 
 class ResNetEncoder(nn.Module):
-    """ResNet trunk: 7×7/2 stem + 3×3/2 max-pool, then four stages at strides 4, 8, 16, 32."""
+    """ResNet trunk: 7×7/2 stem + 3×3/2 max-pool, then four stages at strides 4, 8, 16, 32.
 
-    def __init__(self, block, layers, base_width=64):
+    ``small_input``: the stem of ResNets for 32-px images (CIFAR): one 3×3 stride-1 convolution, no max-pool,
+    so the stages run at strides 1, 2, 4, 8."""
+
+    def __init__(self, block, layers, base_width=64, small_input=False):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers}")
-        self.stem = nn.Sequential(conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(conv_bn(3, 64, 3, 1), nn.ReLU(inplace=True)) if small_input else \
+            nn.Sequential(conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stride = 8 if small_input else 32
         stages, in_channels = [], 64
         for i, (width, count) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
@@ -162,6 +167,7 @@ class XceptionSmallEncoder(nn.Module):
             SeparableConv(channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
         )
         self.out_channels = out_channels
+        self.stride = 32
         init_weights(self)
 
     def forward(self, x):

@@ -1,6 +1,9 @@
 """Hard-parameter-sharing multi-task model: one shared encoder, one decoder per task (keyed by task name)."""
 import torch.nn as nn
 
+from mtrobust_fast import classification
+from mtrobust_fast import tasks as task_registry
+
 # Every encoder ends at stride 32 and every decoder up-samples ×32, so inputs must be multiples of this.
 STRIDE = 32
 
@@ -38,13 +41,29 @@ class MultiTaskModel(nn.Module):
     def task_names(self):
         return list(self.decoders.keys())
 
-    @staticmethod
-    def normalize(x):
-        """[0, 1] pixels → [-1, 1], the range the Taskonomy models were trained on."""
-        return x * 2.0 - 1.0
+    @property
+    def task_records(self):
+        """``{task name: task record}``: Taskonomy registry tasks, and the heads ``config["heads"]`` describes."""
+        heads = self.config.get("heads", {})
+        return {name: classification.task_from_config(name, heads[name]) if name in heads
+                else task_registry.get_task(name) for name in self.decoders}
+
+    def shared_parameters(self):
+        """The parameters every task's gradient reaches (the encoder); each head owns the rest."""
+        return list(self.encoder.parameters())
+
+    def normalize(self, x):
+        """[0, 1] pixels → the encoder's input range: [-1, 1] for Taskonomy models (what they were trained on),
+        or (x − mean) / std per channel when ``config["normalization"]`` gives them (classifiers)."""
+        normalization = self.config.get("normalization")
+        if normalization is None:
+            return x * 2.0 - 1.0
+        mean = x.new_tensor(normalization["mean"]).view(1, -1, 1, 1)
+        std = x.new_tensor(normalization["std"]).view(1, -1, 1, 1)
+        return (x - mean) / std
 
     def encode(self, x):
-        check_image_batch(x)
+        check_image_batch(x, self.config.get("input_stride", STRIDE))
         return self.encoder(self.normalize(x))
 
     def decode(self, representation):

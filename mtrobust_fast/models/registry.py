@@ -2,7 +2,8 @@
 import mtrobust_fast
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models import encoders
-from mtrobust_fast.models.decoders import TaskonomyDecoder
+from mtrobust_fast import classification
+from mtrobust_fast.models.decoders import ClassificationHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel
 
 _ENCODERS = {}
@@ -91,8 +92,56 @@ def build_model(tasks="sdnE", encoder="resnet18", input_size=256, task_weights=N
     return MultiTaskModel(trunk, decoders, config)
 
 
+SMALL_INPUT_MAX = 64  # classifiers for images this small or smaller get the 32-px ResNet stem
+
+
+def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", normalization=None, name="class",
+                     **kw):
+    """An image classifier as a one-head :class:`MultiTaskModel`: ``{name: logits [B, classes]}``.
+
+    Images up to ``SMALL_INPUT_MAX`` px use the 32-px ResNet stem (3×3 stride-1 convolution, no max-pool).
+    ``normalization``: ``{"mean": [3 floats], "std": [3 floats]}`` applied inside the model, so attacks work
+    on [0, 1] pixels (default mean 0.5, std 0.5). ``loss``: the head's training loss, "ce" or "bce" (sigmoid
+    BCE on one-hot labels). ``**kw``: passed to the encoder and recorded.
+    """
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
+        raise ValueError(f"input_size must be an integer >= 8, got {input_size!r}")
+    head = classification.ClassificationTask(name, classes, loss)
+    enc_name = canonical_encoder_name(encoder)
+    kwargs = dict(kw)
+    if input_size <= SMALL_INPUT_MAX:
+        if not enc_name.startswith(("resnet", "wide_resnet")):
+            raise ValueError(f"encoder {enc_name!r} has no stem for {input_size}-px images; use a ResNet "
+                             f"(resnet18, resnet50, resnet152, wide_resnet50_2)")
+        kwargs.setdefault("small_input", True)
+    normalization = normalization or {"mean": [0.5] * 3, "std": [0.5] * 3}
+    if len(normalization.get("mean", ())) != 3 or len(normalization.get("std", ())) != 3 or \
+            any(not s > 0 for s in normalization["std"]):
+        raise ValueError(f"normalization needs 3 means and 3 positive stds, got {normalization!r}")
+    trunk = build_encoder(enc_name, **kwargs)
+    config = {
+        "kind": "classifier",
+        "encoder": enc_name,
+        "encoder_kwargs": kwargs,
+        "tasks": name,
+        "heads": {name: head.to_config()},
+        "task_weights": {name: 1.0},
+        "input_size": input_size,
+        "input_stride": 1,
+        "normalization": {k: [float(v) for v in normalization[k]] for k in ("mean", "std")},
+        "version": mtrobust_fast.__version__,
+    }
+    return MultiTaskModel(trunk, {name: ClassificationHead(trunk.out_channels, classes)}, config)
+
+
 def model_from_config(config):
     """Rebuild (fresh weights) the model a ``MultiTaskModel.config`` describes."""
+    if config.get("kind") == "classifier":
+        kwargs = dict(config.get("encoder_kwargs", {}))
+        kwargs.pop("small_input", None)
+        ((name, head),) = config["heads"].items()
+        return build_classifier(config["encoder"], head["classes"], config["input_size"], head.get("loss", "ce"),
+                                config.get("normalization"), name, **kwargs)
     return build_model(
         tasks=config["tasks"],
         encoder=config["encoder"],

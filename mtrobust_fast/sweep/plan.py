@@ -17,7 +17,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli.args import budget
 from mtrobust_fast.models.checkpoint import read_checkpoint
-from mtrobust_fast.training.config import TrainConfig
+from mtrobust_fast.training.config import DEFAULT_TASKS, TrainConfig
 
 # key -> (default, kind); kind "list:..." keys take one value or a list and form the grid.
 KEYS = {
@@ -241,7 +241,7 @@ def _model(i, entry, settings, out):
             config = train_config(spec, settings["data"], checkpoint)
         except (TypeError, ValueError) as error:
             raise PlanError(f"{key}.train: {error}") from None
-        tasks, encoder, weights = config.tasks, config.encoder, config.weights
+        tasks, encoder, weights = config.tasks or DEFAULT_TASKS, config.encoder, config.weights
         main = main or config.main or tasks[0]
         identity, train = f"train:{spec_hash}", json.dumps(spec, sort_keys=True)
         name = entry.get("name") or f"{encoder}_{tasks}_{spec_hash[:8]}"

@@ -4,13 +4,22 @@ from typing import Optional
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
+from mtrobust_fast.attacks import MODEL_MODES
+from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
+from mtrobust_fast.weighting import parse_weights
 
 # The source's step schedules (epoch index from which a learning rate applies), per optimiser:
 # Adam for every Taskonomy job, SGD's config default otherwise.
 DEFAULT_SCHEDULES = {"adam": "0:1e-3,120:1e-4,140:1e-5", "sgd": "0:1e-2,140:1e-3,200:1e-4"}
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "sgd": 1e-4}
 OPTIMIZERS = tuple(DEFAULT_SCHEDULES)
-WEIGHT_MODES = ("uniform", "zamir")
+WEIGHT_MODES = ("uniform", "zamir")  # or explicit "TASK=W,..." weights
+DEFAULT_TASKS = "sdnE"  # Taskonomy tasks when none are given
+ADVERSARIAL = ("none",) + OBJECTIVES
+NORMS = ("linf", "l2")
+CLASS_LOSSES = ("ce", "bce")
+SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
+DEFAULT_ROBUST_VAL = 64  # validation images attacked every epoch when training adversarially
 
 
 def parse_schedule(text):
@@ -40,13 +49,21 @@ def lr_at(schedule, epoch):
 
 @dataclass
 class TrainConfig:
-    """Every choice of a clean multi-task training run (the ``mtrobust-fast train`` flags)."""
+    """Every choice of a training run (the ``mtrobust-fast train`` flags), recorded in every checkpoint.
+
+    ``tasks``: Taskonomy task letters (default sdnE); None on classification data (the model has one "class"
+    head). ``size``: None means 256 px on Taskonomy data and the images' own size on classification data.
+    ``adversarial``: "none" or an objective of :mod:`mtrobust_fast.training.adversarial`, with its inner
+    attack (``attack_tasks``, ``norm``, ``eps``, ``alpha``, ``steps``, ``attack_mode``), ``beta`` (trades) and
+    ``replays`` (free). ``robust_val``: validation images attacked (PGD-``robust_val_steps``) every epoch; None
+    means 64 when training adversarially, else 0. ``select``: which validation score picks ``best.pt``.
+    """
 
     data: str
     out: str
-    tasks: str = "sdnE"
+    tasks: Optional[str] = None
     encoder: str = "resnet18"
-    size: int = 256
+    size: Optional[int] = None
     epochs: int = 150
     batch_size: int = 32
     val_batch_size: Optional[int] = None  # default: batch_size
@@ -69,23 +86,38 @@ class TrainConfig:
     layout: str = "auto"
     split_csv: Optional[str] = None
     point_threshold: Optional[int] = None
+    class_loss: str = "ce"
+    adversarial: str = "none"
+    attack_tasks: str = "all"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: Optional[float] = None
+    steps: int = 10
+    beta: float = 6.0
+    replays: int = 4
+    attack_mode: str = "eval"
+    robust_val: Optional[int] = None
+    robust_val_steps: int = 10
+    select: str = "clean"
     progress: bool = True
 
     def __post_init__(self):
-        self.tasks = task_registry.task_string(self.tasks)
+        if self.tasks is not None:
+            self.tasks = task_registry.task_string(self.tasks)
         self.encoder = canonical_encoder_name(self.encoder)
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
+            parse_weights(self.weights)
+        self._check_adversarial()
         if self.lr is not None and self.schedule is not None:
             raise ValueError("give lr (a constant rate) or schedule, not both")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("epochs", "batch_size", "size"):
+        for name in ("epochs", "batch_size", "steps", "replays", "robust_val_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("val_batch_size", "limit_train", "limit_val"):
+        for name in ("size", "val_batch_size", "limit_train", "limit_val"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 when given, got {value}")
@@ -94,11 +126,65 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         parse_schedule(self.lr_schedule)
-        self.task_weights()
+        if self.tasks is not None:
+            self.task_weights()
 
-    def task_weights(self):
-        """Loss weights by task name: uniform, or the paper's main/auxiliary ("Zamir") table for ``main``."""
-        return task_registry.task_weights(self.tasks, main=self.main, mode=self.weights)
+    def _check_adversarial(self):
+        choices = {"adversarial": ADVERSARIAL, "norm": NORMS, "attack_mode": MODEL_MODES, "select": SELECT,
+                   "class_loss": CLASS_LOSSES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("eps", "alpha"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.robust_val is not None and self.robust_val < 0:
+            raise ValueError(f"robust_val must be >= 0, got {self.robust_val}")
+        if self.select == "robust" and self.robust_images == 0:
+            raise ValueError("select: 'robust' needs robust validation (robust_val > 0)")
+
+    @property
+    def robust_images(self):
+        """Validation images attacked every epoch (0: no robust validation)."""
+        if self.robust_val is not None:
+            return self.robust_val
+        return DEFAULT_ROBUST_VAL if self.adversarial != "none" else 0
+
+    def attack_settings(self, validation=False, autocast=None):
+        """The inner attack of the objective, or (``validation``) the PGD of robust validation."""
+        if validation:
+            return AttackSettings("pgd", self.norm, self.eps, None, self.robust_val_steps, "eval", autocast)
+        attack = {"fgsm_rs": "fgsm", "free": "free"}.get(self.adversarial, "pgd")
+        return AttackSettings(attack, self.norm, self.eps, self.alpha, self.steps, self.attack_mode, autocast)
+
+    def task_weights(self, names=None):
+        """Loss weights by task name: uniform, the paper's main/auxiliary ("Zamir") table for ``main``, or the
+        explicit ``TASK=W,...`` weights (any sign). ``names``: the model's task names (default ``tasks``)."""
+        if self.weights in WEIGHT_MODES and self.tasks is not None and names is None:
+            return task_registry.task_weights(self.tasks, main=self.main, mode=self.weights)
+        names = list(names) if names is not None else [t.name for t in task_registry.resolve(self.tasks)]
+        if self.weights == "uniform":
+            return {name: 1.0 / len(names) for name in names}
+        if self.weights == "zamir":
+            return task_registry.task_weights(names, main=self.main, mode="zamir")
+        given = parse_weights(self.weights)
+        by_name = {}
+        for key, weight in given.items():
+            name = key if key in names else None
+            if name is None and key in task_registry.BY_LETTER and task_registry.BY_LETTER[key].name in names:
+                name = task_registry.BY_LETTER[key].name
+            if name is None:
+                raise ValueError(f"weights: {key!r} is not one of the model's tasks {names}")
+            by_name[name] = weight
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"weights: give a weight for every task; missing {missing}")
+        if all(w == 0 for w in by_name.values()):
+            raise ValueError("weights: at least one task weight must be non-zero")
+        return by_name
 
     @property
     def lr_schedule(self):
@@ -118,4 +204,6 @@ class TrainConfig:
 
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
-RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "main", "seed", "batch_size")
+RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "main", "seed", "batch_size", "class_loss",
+                "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
+                "select")

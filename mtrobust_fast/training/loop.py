@@ -13,13 +13,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mtrobust_fast import evaluation
 from mtrobust_fast.device import to_device
 from mtrobust_fast.models import save_checkpoint
 from mtrobust_fast.training import distributed
-from mtrobust_fast.training.config import lr_at
+from mtrobust_fast.training.config import SELECT, lr_at
 
 LOG_NAME = "metrics.jsonl"
 LAST, BEST = "last.pt", "best.pt"
+COLLAPSE_RISE = 0.2  # a jump of the adversarial validation error between epochs that triggers the warning
 
 
 def seed_everything(seed):
@@ -52,44 +54,69 @@ def summary_line(record):
     parts.append(f"val loss {val['loss']:.4f}")
     for name, scores in val["tasks"].items():
         parts.append(name + " " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if "robust_val" in record:
+        robust = record["robust_val"]
+        parts.append(f"adv ({robust['attack']}) " + " ".join(
+            f"{name} loss {v['adv_loss']:.4f} error {v['adv_error']:.4f}" for name, v in robust["tasks"].items()))
     return " | ".join(parts)
 
 
 class Trainer:
-    """Trains ``model`` with ``objective`` on ``train_loader``; validates with ``loss`` and the tasks' metrics.
+    """Trains ``model`` with ``objective`` and ``weighting`` on ``train_loader``; validates every task of ``losses``
+    (a :class:`~mtrobust_fast.training.objectives.TaskLosses`) with its metrics.
 
-    ``schedule``: parsed step schedule (see ``config.parse_schedule``). Checkpoints (rank 0 only) go to
-    ``run_dir``: ``last.pt`` every epoch, ``best.pt`` at the lowest weighted validation loss, and
-    ``epoch_NNNN.pt`` every ``save_every`` epochs; their ``meta`` holds the epoch, optimiser and scaler states,
-    the best loss so far and ``record`` (the run's configuration).
+    ``schedule``: parsed step schedule (see ``config.parse_schedule``). ``robust``: optional
+    :class:`RobustValidation`, run after the clean validation every epoch. ``select``: "clean" keeps as
+    ``best.pt`` the epoch with the lowest weighted clean validation loss, "robust" the one with the lowest
+    weighted adversarial validation error. Checkpoints (rank 0 only) go to ``run_dir``: ``last.pt`` every epoch,
+    ``best.pt``, and ``epoch_NNNN.pt`` every ``save_every`` epochs; their ``meta`` holds the epoch, optimiser and
+    scaler states, the best score so far and ``record`` (the run's configuration).
     """
 
-    def __init__(self, model, objective, optimizer, schedule, train_loader, val_loader, loss, *, run_dir,
-                 ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None):
+    def __init__(self, model, objective, weighting, optimizer, schedule, train_loader, val_loader, losses, *,
+                 run_dir, ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None,
+                 robust=None, select="clean"):
         if amp and ctx.device.type != "cuda":
             raise ValueError("amp (mixed precision) is supported on CUDA only; drop it on CPU")
         if len(train_loader) == 0:
             raise ValueError("the training loader yields no batch: the (per-process) training set is smaller "
                              "than one batch; lower the batch size or add data")
+        if select not in SELECT:
+            raise ValueError(f"select must be one of {SELECT}, got {select!r}")
+        if select == "robust" and robust is None:
+            raise ValueError("select='robust' needs robust validation (a robust validation subset)")
         self.ctx = ctx
         self.module = model.to(ctx.device)
         self.model = DistributedDataParallel(
             self.module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         ) if ctx.distributed else self.module
-        self.objective, self.optimizer, self.schedule, self.loss = objective, optimizer, schedule, loss
+        self.objective, self.weighting, self.optimizer, self.schedule = objective, weighting, optimizer, schedule
+        self.losses = losses
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.robust, self.select = robust, select
         self.run_dir = Path(run_dir)
         self.amp, self.save_every, self.seed = amp, save_every, seed
         self.progress = progress and ctx.is_main
         self.record = dict(record or {})
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp)
-        self.best_loss = math.inf
-        self.task_names = [t.name for t in loss.tasks]
+        self.best_score = math.inf
+        self._last_robust_error = None
+        self.task_names = losses.names
 
     # ---- one epoch ----
 
     def _autocast(self):
         return torch.autocast(self.ctx.device.type, enabled=self.amp)
+
+    def _updates(self, images, targets, masks):
+        """The objective's outputs for one batch, each computed under autocast."""
+        updates = self.objective.updates(self.model, images, targets, masks)
+        while True:
+            with self._autocast():
+                out = next(updates, None)
+            if out is None:
+                return
+            yield out
 
     def train_epoch(self, epoch, epochs):
         lr = lr_at(self.schedule, epoch)
@@ -98,24 +125,24 @@ class Trainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        self.objective.start_epoch(epoch)
         self.model.train()
-        # Running sums on the device (no per-step host sync): total loss, per-task losses, sample count.
+        # Running sums on the device (no per-step host sync): combined loss, per-task losses, sample count.
         sums = torch.zeros(len(self.task_names) + 2, dtype=torch.float64, device=self.ctx.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
             images, targets, masks = to_device(batch, self.ctx.device)
-            with self._autocast():
-                out = self.objective(self.model, images, targets, masks)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             n = images.shape[0]
-            values = [out.loss.detach()] + [out.task_losses[name] for name in self.task_names]
-            sums[:-1] += torch.stack(values).double() * n
-            sums[-1] += n
+            for out in self._updates(images, targets, masks):
+                self.optimizer.zero_grad(set_to_none=True)
+                total = self.weighting.backward(out.task_losses, scaler=self.scaler)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                values = [total] + [out.task_losses[name].detach() for name in self.task_names]
+                sums[:-1] += torch.stack(values).double() * n
+                sums[-1] += n
             if self.progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{out.loss.item():.4f}")
+                bar.set_postfix(loss=f"{total.item():.4f}")
         distributed.all_reduce_sum(self.ctx, sums)
         means = (sums[:-1] / sums[-1]).tolist()
         if not math.isfinite(means[0]):
@@ -133,10 +160,10 @@ class Trainer:
             images, targets, masks = to_device(batch, self.ctx.device)
             with self._autocast():
                 outputs = self.module(images)
-            per_sample = self.loss.per_sample(outputs, targets, masks)
+            per_sample = self.losses.per_sample(outputs, targets, masks)
             loss_sums[:-1] += torch.stack([per_sample[name].double().sum() for name in self.task_names])
             loss_sums[-1] += images.shape[0]
-            for task in self.loss.tasks:
+            for task in self.losses.tasks:
                 batch_stats = task.metric_stats(outputs[task.name], targets[task.name], masks.get(task.name))
                 stats[task.name] = batch_stats if task.name not in stats else stats[task.name] + batch_stats
         if len(stats) != len(self.task_names):
@@ -145,22 +172,42 @@ class Trainer:
         distributed.all_reduce_sum(self.ctx, loss_sums)
         task_means = dict(zip(self.task_names, (loss_sums[:-1] / loss_sums[-1]).tolist()))
         tasks = {}
-        for task in self.loss.tasks:
+        for task in self.losses.tasks:
             scores = task.metric_scores(distributed.all_reduce_sum(self.ctx, stats[task.name]).cpu())
             tasks[task.name] = {"loss": task_means[task.name], **scores}
-        return {"loss": float(self.loss.combine(task_means)), "samples": int(loss_sums[-1]), "tasks": tasks}
+        return {"loss": float(self.weighting.combine(task_means)), "samples": int(loss_sums[-1]), "tasks": tasks}
+
+    def validate_robust(self):
+        """Adversarial loss and error of every task on the robust validation subset (the attack of
+        ``self.robust``; per-process shards summed over processes)."""
+        summary = evaluation.evaluate(self.module, self.robust.loader, self.robust.make_attack(self.module),
+                                      self.losses.tasks, gradients=False, device=self.ctx.device)
+        (attacked,) = summary["attacks"].values()
+        n = summary["samples"]
+        keys = ("adv_loss", "adv_error")
+        sums = torch.tensor([[attacked["tasks"][name][k] * n for k in keys] + [summary["clean"][name]["error"] * n]
+                             for name in self.task_names] + [[n, 0.0, 0.0]], dtype=torch.float64,
+                            device=self.ctx.device)
+        distributed.all_reduce_sum(self.ctx, sums)
+        count = float(sums[-1, 0])
+        tasks = {name: {"adv_loss": float(sums[i, 0]) / count, "adv_error": float(sums[i, 1]) / count,
+                        "clean_error": float(sums[i, 2]) / count} for i, name in enumerate(self.task_names)}
+        return {"attack": self.robust.describe(), "attacked": attacked["attacked"], "samples": int(count),
+                "loss": float(self.weighting.combine({k: v["adv_loss"] for k, v in tasks.items()})),
+                "error": float(self.weighting.combine({k: v["adv_error"] for k, v in tasks.items()})),
+                "tasks": tasks}
 
     # ---- checkpoints and log ----
 
     def save(self, name, epoch, metrics):
         save_checkpoint(
             self.run_dir / name, self.module, epoch=epoch, optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), best_val_loss=self.best_loss, train_config=self.record,
-            metrics=_plain(metrics),
+            scaler=self.scaler.state_dict(), best_score=self.best_score, select=self.select,
+            train_config=self.record, metrics=_plain(metrics),
         )
 
     def restore(self, payload):
-        """Continue from a checkpoint payload (``models.read_checkpoint``): weights, optimiser, scaler, best loss.
+        """Continue from a checkpoint payload (``models.read_checkpoint``): weights, optimiser, scaler, best score.
 
         Returns the number of epochs already done. RNG streams need no restoring: every epoch re-seeds from
         (seed, epoch, rank), and the shuffling order is a function of (seed, epoch).
@@ -172,7 +219,7 @@ class Trainer:
         self.optimizer.load_state_dict(meta["optimizer"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        self.best_loss = meta.get("best_val_loss", math.inf)
+        self.best_score = meta.get("best_score", math.inf)
         return int(meta["epoch"])
 
     def log(self, record):
@@ -182,6 +229,19 @@ class Trainer:
                 f.write(json.dumps(_plain(record)) + "\n")
             tqdm.write(summary_line(record))
 
+    def _warn_if_collapsed(self, record):
+        """Catastrophic overfitting (typical of single-step adversarial training): the adversarial validation
+        error jumps while the clean one does not. Warn when it rose by more than ``COLLAPSE_RISE`` since the
+        previous epoch."""
+        error = record["robust_val"]["error"]
+        previous, self._last_robust_error = self._last_robust_error, error
+        if previous is not None and error - previous > COLLAPSE_RISE and self.ctx.is_main:
+            message = (f"warning: epoch {record['epoch']}: the adversarial validation error rose from {previous:.3f} "
+                       f"to {error:.3f}; this looks like catastrophic overfitting (common with fgsm_rs: lower "
+                       f"alpha, or train with madry/PGD)")
+            record["warning"] = message
+            tqdm.write(message)
+
     # ---- the run ----
 
     def fit(self, epochs, start_epoch=0, val_before=False):
@@ -189,15 +249,22 @@ class Trainer:
         record = None
         if val_before and start_epoch == 0:
             record = {"epoch": 0, "val": self.validate()}
+            if self.robust is not None:
+                record["robust_val"] = self.validate_robust()
             self.log(record)
         for epoch in range(start_epoch, epochs):
             seed_everything(epoch_seed(self.seed, epoch, self.ctx.rank))
             started = time.perf_counter()
             train = self.train_epoch(epoch, epochs)
             val = self.validate()
-            record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": time.perf_counter() - started}
-            improved = val["loss"] < self.best_loss
-            self.best_loss = min(self.best_loss, val["loss"])
+            record = {"epoch": epoch + 1, "train": train, "val": val}
+            if self.robust is not None:
+                record["robust_val"] = self.validate_robust()
+                self._warn_if_collapsed(record)
+            record["seconds"] = time.perf_counter() - started
+            score = record["robust_val"]["error"] if self.select == "robust" else val["loss"]
+            improved = score < self.best_score
+            self.best_score = min(self.best_score, score)
             if self.ctx.is_main:
                 self.save(LAST, epoch + 1, record)
                 if improved:

@@ -1,58 +1,73 @@
 """Per-batch training objectives: what the ``Trainer`` minimises, kept separate from the loop.
 
-An objective is any callable ``objective(model, images, targets, masks) -> ObjectiveOutput``. The clean one
-below runs the model on the images; adversarial training (Madry, TRADES, FGSM-RS) plugs in as an objective
-that first perturbs ``images`` with the attack engine, and GAT as one that adds auxiliary heads, weights the
-task losses (MGDA, PCGrad, …) and a curvature regulariser — the loop, AMP, DDP and checkpoints stay as they are.
+An objective maps a batch to one loss per trained task, each a scalar with its graph (:class:`ObjectiveOutput`);
+the weighting strategy (:mod:`mtrobust_fast.weighting`) turns them into gradients. ``updates`` yields one
+output per parameter update: one for most objectives, several when an objective replays a batch (Free
+adversarial training). The clean objective is here; the adversarial ones are in ``adversarial.py``.
 """
 from dataclasses import dataclass, field
-
-import torch
 
 from mtrobust_fast import tasks as task_registry
 
 
 @dataclass
 class ObjectiveOutput:
-    """``loss``: the scalar to back-propagate. ``task_losses``: detached per-task batch means, for logging."""
+    """``task_losses``: ``{task name: batch-mean loss}``, scalars that keep their graph."""
 
-    loss: torch.Tensor
     task_losses: dict = field(default_factory=dict)
 
 
-class WeightedTaskLoss:
-    """Σ_t w_t · mean_b L_t(b), with each task's per-sample masked loss from ``mtrobust_fast.tasks``.
+class TaskLosses:
+    """The per-sample losses of the trained tasks (task records of the open protocol, or registry names)."""
 
-    ``task_weights`` maps task names or letters to weights (a model's ``config["task_weights"]``).
-    """
+    def __init__(self, tasks):
+        self.tasks = [task_registry.record(t) for t in tasks]
+        if not self.tasks:
+            raise ValueError("at least one task must be trained")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is given twice: {names}")
 
-    def __init__(self, task_weights):
-        if not task_weights:
-            raise ValueError("task_weights must name at least one task")
-        self.weights = {task_registry.get_task(key).name: float(w) for key, w in task_weights.items()}
-        self.tasks = task_registry.resolve(list(self.weights))
+    @property
+    def names(self):
+        return [t.name for t in self.tasks]
 
-    def per_sample(self, outputs, targets, masks):
-        """{task name: per-sample loss [B]} for the loss's tasks."""
-        missing = [t.name for t in self.tasks if t.name not in outputs or t.name not in targets]
+    def per_sample(self, outputs, targets, masks, tasks=None):
+        """{task name: per-sample loss [B]} for ``tasks`` (default every trained task)."""
+        chosen = self.tasks if tasks is None else [t for t in self.tasks if t.name in tasks]
+        missing = [t.name for t in chosen if t.name not in outputs or t.name not in targets]
         if missing:
             raise KeyError(f"outputs and targets must hold every trained task; missing {missing}")
-        return {t.name: t.loss(outputs[t.name], targets[t.name], masks.get(t.name)) for t in self.tasks}
+        return {t.name: t.loss(outputs[t.name], targets[t.name], masks.get(t.name)) for t in chosen}
 
-    def combine(self, per_task_means):
-        """The weighted sum of per-task scalars (or any tensors of one shape)."""
-        return sum(self.weights[name] * value for name, value in per_task_means.items())
-
-    def __call__(self, outputs, targets, masks):
-        means = {name: loss.mean() for name, loss in self.per_sample(outputs, targets, masks).items()}
-        return ObjectiveOutput(self.combine(means), {name: m.detach() for name, m in means.items()})
+    def means(self, outputs, targets, masks, tasks=None):
+        """{task name: batch-mean loss} (with graph)."""
+        return {name: loss.mean() for name, loss in self.per_sample(outputs, targets, masks, tasks).items()}
 
 
-class CleanObjective:
-    """Standard (non-adversarial) multi-task training: the weighted task loss on the clean images."""
-
-    def __init__(self, loss):
-        self.loss = loss
+class Objective:
+    """Base of the objectives: ``objective(model, images, targets, masks) -> ObjectiveOutput``."""
 
     def __call__(self, model, images, targets, masks):
-        return self.loss(model(images), targets, masks)
+        raise NotImplementedError
+
+    def updates(self, model, images, targets, masks):
+        """The outputs to back-propagate for this batch, one per optimiser step (the trainer steps after each)."""
+        yield self(model, images, targets, masks)
+
+    def start_epoch(self, epoch):
+        """Called before each training epoch (0-based); objectives that carry state across batches reset it."""
+
+    def describe(self):
+        """Plain-data settings recorded with checkpoints."""
+        return {"objective": "clean"}
+
+
+class CleanObjective(Objective):
+    """Standard (non-adversarial) multi-task training: every task's loss on the clean images."""
+
+    def __init__(self, losses):
+        self.losses = losses
+
+    def __call__(self, model, images, targets, masks):
+        return ObjectiveOutput(self.losses.means(model(images), targets, masks))

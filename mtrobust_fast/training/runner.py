@@ -1,4 +1,8 @@
-"""Assemble and run a clean training from a ``TrainConfig``: data, model, optimiser, objective, ``Trainer``.
+"""Assemble and run a training from a ``TrainConfig``: data, model, optimiser, objective, weighting, ``Trainer``.
+
+The data folder decides the model: a Taskonomy root (real or synthetic) trains a multi-task model with one
+decoder per task; an object set or a CIFAR binary folder trains a classifier (one "class" head, the 32-px
+ResNet stem for small images, the training split's pixel statistics as the model's input normalisation).
 
 Differences from the source's training (MTRobust ``mtask_train_loop``): training batches are shuffled every
 epoch (seeded; the source used ``shuffle=False``); task losses are the registry's valid-pixel means; ``best.pt``
@@ -11,14 +15,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
-from mtrobust_fast.models import build_model, read_checkpoint
+from mtrobust_fast.models import build_classifier, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
-from mtrobust_fast.training.config import RESUME_FIXED, parse_schedule
+from mtrobust_fast.training.adversarial import RobustValidation, make_objective
+from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
-from mtrobust_fast.training.objectives import CleanObjective, WeightedTaskLoss
+from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
+from mtrobust_fast.weighting import StaticWeighting
 
 CONFIG_NAME = "config.json"
+DEFAULT_TASKONOMY_SIZE = 256
 
 
 def make_optimizer(config, parameters):
@@ -29,13 +38,36 @@ def make_optimizer(config, parameters):
                            weight_decay=config.decay)
 
 
-def make_datasets(config):
-    def split(name, limit):
-        dataset = TaskonomyDataset(config.data, config.tasks, split=name, size=config.size, layout=config.layout,
-                                   split_csv=config.split_csv, point_threshold=config.point_threshold)
-        return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+def _limited(dataset, limit):
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
-    return split("train", config.limit_train), split("val", config.limit_val)
+
+def make_datasets(config):
+    """(train set, val set, model) for the config's data: a classifier on classification data, else a
+    multi-task Taskonomy model."""
+    if is_classification_data(config.data):
+        if config.tasks is not None:
+            raise ValueError(f"tasks: {config.data} is a classification dataset; its model has one 'class' head "
+                             f"(leave --tasks out)")
+        train_set = open_classification(config.data, "train", config.size)
+        val_set = open_classification(config.data, "val", config.size)
+        if len(train_set) == 0 or len(val_set) == 0:
+            raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
+        size = config.size or int(train_set[0][0].shape[-1])
+        model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization)
+        model.config["task_weights"] = config.task_weights(model.task_names)
+    else:
+        tasks = config.tasks or DEFAULT_TASKS
+        size = config.size or DEFAULT_TASKONOMY_SIZE
+
+        def split(name):
+            return TaskonomyDataset(config.data, tasks, split=name, size=size, layout=config.layout,
+                                    split_csv=config.split_csv, point_threshold=config.point_threshold)
+
+        train_set, val_set = split("train"), split("val")
+        names = [t.name for t in task_registry.resolve(tasks)]
+        model = build_model(tasks, config.encoder, input_size=size, task_weights=config.task_weights(names))
+    return _limited(train_set, config.limit_train), _limited(val_set, config.limit_val), model
 
 
 def make_loaders(config, ctx, train_set, val_set):
@@ -50,6 +82,54 @@ def make_loaders(config, ctx, train_set, val_set):
     val_loader = DataLoader(val_set, config.val_batch_size or config.batch_size,
                             sampler=distributed.ShardSampler(len(val_set), ctx.rank, ctx.world_size), **common)
     return train_loader, val_loader
+
+
+def attacked_tasks(config, model):
+    """The task names ``attack_tasks`` names: "all", "main" (``main``, or the model's only task), or task
+    letters/names separated by commas ("s,d", "sd")."""
+    names = model.task_names
+    text = config.attack_tasks.strip()
+    if text == "all":
+        return list(names)
+    if text == "main":
+        if config.main is None and len(names) > 1:
+            raise ValueError(f"attack_tasks: 'main' needs --main when the model has several tasks ({names})")
+        return [names[0]] if config.main is None else [task_registry.get_task(config.main).name]
+    chosen = []
+    for part in (p.strip() for p in text.split(",")):
+        items = [part] if part in names else list(part)
+        for item in items:
+            name = item if item in names else task_registry.get_task(item).name if item in task_registry.BY_LETTER \
+                else None
+            if name not in names:
+                raise ValueError(f"attack_tasks: {item!r} is not one of the model's tasks {names}")
+            chosen.append(name)
+    return [n for n in names if n in chosen]
+
+
+def make_objective_for(config, model, losses):
+    """(training objective, attacked task names); the names are None when nothing is attacked, neither in
+    training nor in robust validation."""
+    if config.adversarial == "none" and config.robust_images == 0:
+        return CleanObjective(losses), None
+    attacked = attacked_tasks(config, model)
+    if config.adversarial == "none":
+        return CleanObjective(losses), attacked
+    settings = config.attack_settings(autocast=torch.float16 if config.amp else None)
+    return make_objective(config.adversarial, losses, settings, attacked, beta=config.beta,
+                          replays=config.replays), attacked
+
+
+def robust_validation(config, ctx, val_set, losses, attacked):
+    if config.robust_images == 0:
+        return None
+    subset = _limited(val_set, config.robust_images)
+    if len(subset) < ctx.world_size:
+        raise ValueError(f"robust_val: {len(subset)} images cannot be shared by {ctx.world_size} processes")
+    loader = DataLoader(subset, config.val_batch_size or config.batch_size,
+                        sampler=distributed.ShardSampler(len(subset), ctx.rank, ctx.world_size),
+                        num_workers=config.workers)
+    return RobustValidation(loader, config.attack_settings(validation=True), losses.tasks, attacked, config.seed)
 
 
 def check_resumable(config, meta, path):
@@ -77,14 +157,17 @@ def _train(config, ctx):
         raise FileExistsError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
                               f"or choose another --out")
     seed_everything(config.seed)
-    model = build_model(config.tasks, config.encoder, input_size=config.size, task_weights=config.task_weights())
-    loss = WeightedTaskLoss(model.config["task_weights"])
-    train_set, val_set = make_datasets(config)
+    train_set, val_set, model = make_datasets(config)
+    losses = TaskLosses(model.task_records.values())
+    objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
     trainer = Trainer(
-        model, CleanObjective(loss), make_optimizer(config, model.parameters()), parse_schedule(config.lr_schedule),
-        train_loader, val_loader, loss, run_dir=run_dir, ctx=ctx, amp=config.amp, save_every=config.save_every,
-        progress=config.progress, seed=config.seed, record=config.to_dict(),
+        model, objective, StaticWeighting(model.config["task_weights"]), make_optimizer(config, model.parameters()),
+        parse_schedule(config.lr_schedule), train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
+        amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,
+        record={**config.to_dict(), "objective_settings": objective.describe()},
+        robust=robust_validation(config, ctx, val_set, losses, attacked) if attacked else None,
+        select=config.select,
     )
     start = 0
     if config.resume and last.exists():

@@ -1,0 +1,192 @@
+"""Image-classification datasets: the synthetic object set and CIFAR-10/100 in their binary distribution format.
+
+Both yield ``(image, {"class": label}, {})`` with float32 [3, S, S] images in [0, 1], like the Taskonomy
+dataset's ``(image, targets, masks)``. ``normalization`` is the training split's per-channel pixel mean and std
+(classifiers normalise their inputs with it).
+
+CIFAR binary format (the ``*-bin`` archives, never pickles): CIFAR-10 records are 1 label byte + 3072 pixel
+bytes (1024 red, 1024 green, 1024 blue, rows top to bottom) in ``data_batch_1.bin`` … ``data_batch_5.bin`` and
+``test_batch.bin``; CIFAR-100 records are 1 coarse-label byte + 1 fine-label byte + 3072 pixel bytes in
+``train.bin`` and ``test.bin``. The folder may hold the files directly or in ``cifar-10-batches-bin`` /
+``cifar-100-binary``. Splits: "train" is the training files less their last tenth, which is "val" (a fixed
+hold-out, as the GAT code validated on held-out training images); "test" is the test file.
+"""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mtrobust_fast.data import objects
+
+SPLITS = ("train", "val", "test")
+CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST = "test_batch.bin"
+CIFAR100_TRAIN, CIFAR100_TEST = "train.bin", "test.bin"
+CIFAR_SUBFOLDERS = ("", "cifar-10-batches-bin", "cifar-100-binary")
+PIXELS = 3 * 32 * 32
+VAL_FRACTION = 10  # the last 1/10 of the training records
+
+
+def cifar_folder(root):
+    """(folder, 10 or 100) of a CIFAR binary distribution under ``root``, or None."""
+    root = Path(root)
+    for sub in CIFAR_SUBFOLDERS:
+        folder = root / sub if sub else root
+        if (folder / CIFAR10_TRAIN[0]).is_file() or (folder / CIFAR10_TEST).is_file():
+            return folder, 10
+        if (folder / CIFAR100_TRAIN).is_file() or (folder / CIFAR100_TEST).is_file():
+            return folder, 100
+    return None
+
+
+def read_cifar_file(path, variant):
+    """(pixels uint8 [N, 32, 32, 3], fine labels int64 [N], coarse labels int64 [N] or None) of one binary file."""
+    path = Path(path)
+    header = 1 if variant == 10 else 2
+    raw = np.fromfile(path, dtype=np.uint8)
+    record = header + PIXELS
+    if raw.size == 0 or raw.size % record:
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of CIFAR-{variant} records "
+                         f"({record} bytes each); the file is truncated or not a CIFAR-{variant} binary file")
+    rows = raw.reshape(-1, record)
+    labels = rows[:, header - 1].astype(np.int64)
+    classes = 10 if variant == 10 else 100
+    if labels.max() >= classes:
+        raise ValueError(f"{path}: label {int(labels.max())} is out of range for CIFAR-{variant} ({classes} classes)")
+    coarse = rows[:, 0].astype(np.int64) if variant == 100 else None
+    if coarse is not None and coarse.max() >= 20:
+        raise ValueError(f"{path}: coarse label {int(coarse.max())} is out of range (20 superclasses)")
+    pixels = rows[:, header:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(pixels), labels, coarse
+
+
+def _hold_out(count, split):
+    cut = count - max(1, count // VAL_FRACTION) if count > 1 else count
+    return slice(0, cut) if split == "train" else slice(cut, count)
+
+
+def _channel_stats(pixels):
+    """Per-channel mean and std of uint8 pixels [N, H, W, 3], in [0, 1] units."""
+    values = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    return {"mean": values.mean(0).round(6).tolist(), "std": np.maximum(values.std(0), 1e-6).round(6).tolist()}
+
+
+class CifarDataset(Dataset):
+    """CIFAR-10/100 from the binary distribution; labels are the fine classes (``coarse`` holds CIFAR-100's 20
+    superclasses)."""
+
+    def __init__(self, root, split="train", size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        found = cifar_folder(root)
+        if found is None:
+            raise FileNotFoundError(f"{root} holds no CIFAR binary files ({CIFAR10_TRAIN[0]}, {CIFAR10_TEST}, "
+                                    f"{CIFAR100_TRAIN} or {CIFAR100_TEST})")
+        folder, self.variant = found
+        self.classes = self.variant
+        self._folder = folder
+        self._train_files = CIFAR10_TRAIN if self.variant == 10 else (CIFAR100_TRAIN,)
+        test_files = (CIFAR10_TEST if self.variant == 10 else CIFAR100_TEST,)
+        pixels, labels, coarse = self._read(folder, test_files if split == "test" else self._train_files)
+        chosen = slice(None) if split == "test" else _hold_out(len(labels), split)
+        self.pixels, self.labels = pixels[chosen], labels[chosen]
+        self.coarse = None if coarse is None else coarse[chosen]
+        self.size = size
+        self._normalization = None
+
+    @property
+    def normalization(self):
+        """Per-channel mean and std of the training split (read on first use)."""
+        if self._normalization is None:
+            pixels = self._read(self._folder, self._train_files)[0]
+            self._normalization = _channel_stats(pixels[_hold_out(len(pixels), "train")])
+        return self._normalization
+
+    @staticmethod
+    def _read(folder, names):
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing CIFAR file(s) {', '.join(missing)}")
+        parts = [read_cifar_file(folder / n, 10 if n.startswith(("data_batch", "test_batch")) else 100)
+                 for n in names]
+        coarse = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), coarse
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.pixels[index]).permute(2, 0, 1).float() / 255.0
+        return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
+
+
+def _resized(image, size):
+    if size is None or image.shape[-1] == size:
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp(0, 1)
+
+
+class ObjectDataset(Dataset):
+    """The synthetic object set written by :func:`mtrobust_fast.data.objects.synthesize_objects`."""
+
+    def __init__(self, root, split="train", size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root = Path(root)
+        meta_path = self.root / objects.META_JSON
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{meta_path} not found: {root} is not an object dataset") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{meta_path} is damaged: {error}") from None
+        if meta.get("format") != objects.FORMAT:
+            raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {objects.FORMAT!r}")
+        self.class_names = list(meta["classes"])
+        self.classes = len(self.class_names)
+        self.normalization = {"mean": meta["mean"], "std": meta["std"]}
+        self.size = size
+        labels_path = self.root / objects.LABELS_CSV
+        try:
+            with open(labels_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r["split"] == split]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{labels_path} not found") from None
+        except KeyError as error:
+            raise ValueError(f"{labels_path} has no column {error}") from None
+        self.files = [r["file"] for r in rows]
+        self.labels = [int(r["label"]) for r in rows]
+        bad = [lab for lab in self.labels if not 0 <= lab < self.classes]
+        if bad:
+            raise ValueError(f"{labels_path}: label {bad[0]} is out of range for {self.classes} classes")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.root / "rgb" / self.files[index]
+        try:
+            with Image.open(path) as png:
+                pixels = np.asarray(png.convert("RGB"))
+        except (FileNotFoundError, OSError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
+        return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
+
+
+def is_classification_data(root):
+    """Whether ``root`` is an object set or a CIFAR binary distribution (else it is read as Taskonomy)."""
+    return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None
+
+
+def open_classification(root, split="train", size=None):
+    """The object set or CIFAR dataset at ``root``."""
+    if (Path(root) / objects.META_JSON).is_file():
+        return ObjectDataset(root, split, size)
+    return CifarDataset(root, split, size)

@@ -1,0 +1,232 @@
+"""Adversarial training objectives on the attack engine, and robust validation.
+
+Every inner attack is the project's PGD/FGSM (updates through the fused ``attack_step`` operator), run on the
+unwrapped module (never through the DDP wrapper) in the attack's ``model_mode``: "eval" (default, as
+torchattacks does during training) or "train" (batch statistics, BatchNorm running statistics untouched).
+The attack's random start is drawn from a seed taken from torch's global generator, which the trainer re-seeds
+every epoch, so a resumed run draws the same perturbations as an uninterrupted one.
+
+Objectives (``attacked``: the tasks whose loss the inner attack raises; the others are still trained):
+
+- ``madry`` (Madry et al. 2018): every task's loss at x_adv = PGD(x).
+- ``madry_mix``: attacked tasks 0.5·L(x) + 0.5·L(x_adv), the other tasks L(x) (what the GAT code called
+  "MADRY").
+- ``trades`` (Zhang et al. 2019): L_t(x) + β·D_t(f(x_adv), f(x)) for attacked tasks, D = KL(softmax f(x) ‖
+  softmax f(x_adv)) for classification and segmentation, L1 between outputs for regression tasks; the inner
+  attack maximises D from a uniform random start (the paper started at x + 0.001·N(0, 1)).
+- ``fgsm_rs`` (Wong et al. 2020): ``madry`` with a single FGSM step from a uniform random start, α = 1.25·ε
+  by default.
+- ``free`` (Shafahi et al. 2019): each batch is replayed m times; one backward gives the parameter gradient
+  (the optimiser steps) and the input gradient, with which the perturbation δ takes a step of α (default ε) and
+  is projected. δ is carried across replays and batches and restarts at 0 every epoch. Because the perturbation
+  ascends the same weighted loss the parameters descend, ``free`` attacks every trained task.
+"""
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from mtrobust_fast import ops
+from mtrobust_fast.attacks import TaskSpec, build_attack
+from mtrobust_fast.training.objectives import Objective, ObjectiveOutput
+
+OBJECTIVES = ("madry", "madry_mix", "trades", "fgsm_rs", "free")
+
+
+def draw_seed():
+    """A seed for one inner attack, from torch's global generator (re-seeded by the trainer every epoch)."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+def default_alpha(attack, eps, steps):
+    """The step size when none is given: 2.5·ε/steps for PGD (Madry et al.'s rule: the walk can cross the ball
+    and come back), 1.25·ε for FGSM with a random start (Wong et al.), ε for Free."""
+    if attack == "pgd":
+        return 2.5 * eps / steps
+    return 1.25 * eps if attack == "fgsm" else eps
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The inner attack of an objective or of robust validation."""
+
+    attack: str = "pgd"  # "pgd", "fgsm", or "free" (Free's replayed perturbation; never built as an attack)
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: Optional[float] = None  # None: default_alpha
+    steps: int = 10
+    model_mode: str = "eval"
+    autocast: Optional[torch.dtype] = None
+
+    @property
+    def step_size(self):
+        return default_alpha(self.attack, self.eps, self.steps) if self.alpha is None else self.alpha
+
+    def build(self, model, tasks, attacked, seed, deterministic=False):
+        """The attack on ``model`` (unwrapped from DDP by the attack) raising the losses of ``attacked``."""
+        return build_attack(self.attack, model, tasks, eps=self.eps, norm=self.norm, alpha=self.step_size,
+                            steps=None if self.attack == "fgsm" else self.steps,
+                            random_start=True, target_tasks=list(attacked), seed=seed,
+                            deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast)
+
+    def describe(self):
+        label = {"fgsm": "FGSM-RS", "free": "Free"}.get(self.attack, f"PGD-{self.steps}")
+        return f"{label} {self.norm} eps={self.eps:.4g} alpha={self.step_size:.4g}"
+
+    def to_dict(self):
+        return {k: v for k, v in asdict(self).items() if k != "autocast"}
+
+
+class AdversarialObjective(Objective):
+    """Shared parts: the task losses, the attacked task names, the inner attack's settings."""
+
+    name = "adversarial"
+
+    def __init__(self, losses, attack, attacked):
+        self.losses, self.attack = losses, attack
+        unknown = [n for n in attacked if n not in losses.names]
+        if unknown or not attacked:
+            raise ValueError(f"attack_tasks must be a non-empty subset of the trained tasks {losses.names}, "
+                             f"got {list(attacked)}")
+        self.attacked = [n for n in losses.names if n in attacked]
+
+    def adversarial(self, model, images, targets, masks):
+        """x_adv: the inner attack on the attacked tasks' losses."""
+        attack = self.attack.build(model, self.losses.tasks, self.attacked, draw_seed())
+        return attack(images, targets, masks)
+
+    def describe(self):
+        return {"objective": self.name, "attacked": self.attacked, **self.attack.to_dict()}
+
+
+class Madry(AdversarialObjective):
+    """Every task's loss at the adversarial input."""
+
+    name = "madry"
+
+    def __call__(self, model, images, targets, masks):
+        x_adv = self.adversarial(model, images, targets, masks)
+        return ObjectiveOutput(self.losses.means(model(x_adv), targets, masks))
+
+
+class FgsmRS(Madry):
+    """``madry`` with one FGSM step from a uniform random start."""
+
+    name = "fgsm_rs"
+
+
+class MadryMix(AdversarialObjective):
+    """Attacked tasks: half clean, half adversarial loss; other tasks: clean loss."""
+
+    name = "madry_mix"
+
+    def __call__(self, model, images, targets, masks):
+        x_adv = self.adversarial(model, images, targets, masks)
+        clean = self.losses.means(model(images), targets, masks)
+        adv = self.losses.means(model(x_adv), targets, masks, tasks=self.attacked)
+        return ObjectiveOutput({n: 0.5 * clean[n] + 0.5 * adv[n] if n in adv else clean[n] for n in clean})
+
+
+def _divergence_spec(task):
+    """An attack spec whose per-sample loss is the task's divergence from a reference output (the 'target')."""
+    return TaskSpec(task.name, task.divergence, key=task.name)
+
+
+class Trades(AdversarialObjective):
+    """Clean loss plus β times the divergence between adversarial and clean outputs (attacked tasks)."""
+
+    name = "trades"
+
+    def __init__(self, losses, attack, attacked, beta=6.0):
+        super().__init__(losses, attack, attacked)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        self.beta = float(beta)
+        self.specs = [_divergence_spec(t) for t in losses.tasks if t.name in self.attacked]
+
+    def __call__(self, model, images, targets, masks):
+        attack = self.attack.build(model, self.specs, self.attacked, draw_seed())
+        reference = {n: attack.outputs(images)[n] for n in self.attacked}
+        x_adv = attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
+        clean_outputs = model(images)
+        adv_outputs = model(x_adv)
+        losses = self.losses.means(clean_outputs, targets, masks)
+        for task in self.losses.tasks:
+            if task.name in self.attacked:
+                divergence = task.divergence(adv_outputs[task.name], clean_outputs[task.name], masks.get(task.name))
+                losses[task.name] = losses[task.name] + self.beta * divergence.mean()
+        return ObjectiveOutput(losses)
+
+    def describe(self):
+        return {**super().describe(), "beta": self.beta}
+
+
+class Free(AdversarialObjective):
+    """Free adversarial training: ``replays`` parameter updates per batch, each also stepping the perturbation."""
+
+    name = "free"
+
+    def __init__(self, losses, attack, attacked, replays=4):
+        super().__init__(losses, attack, attacked)
+        if self.attacked != losses.names:
+            raise ValueError("attack_tasks: free adversarial training steps the perturbation with the gradient of "
+                             "the trained loss, so it attacks every trained task; use attack_tasks=all")
+        if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:
+            raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
+        self.replays = replays
+        self.delta = None
+
+    def start_epoch(self, epoch):
+        self.delta = None
+
+    def updates(self, model, images, targets, masks):
+        delta = self.delta if self.delta is not None and self.delta.shape == images.shape else \
+            torch.zeros_like(images)
+        for _ in range(self.replays):
+            perturbation = delta.detach().requires_grad_(True)
+            x = (images + perturbation).clamp(0.0, 1.0)
+            yield ObjectiveOutput(self.losses.means(model(x), targets, masks))
+            # The trainer has back-propagated the weighted loss: the perturbation's gradient is its input gradient.
+            if perturbation.grad is None:
+                raise RuntimeError("free: the backward pass did not reach the input perturbation")
+            grad = torch.nan_to_num(perturbation.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            delta = ops.attack_step(x.detach(), images, grad, eps=self.attack.eps, alpha=self.attack.step_size,
+                                    norm=self.attack.norm) - images
+        self.delta = delta.detach()
+
+    def describe(self):
+        return {**super().describe(), "replays": self.replays}
+
+
+@dataclass
+class RobustValidation:
+    """Robust validation: a fixed loader (the first N validation images), the attack and what it attacks; the
+    attack's random start is seeded with ``seed`` every time, so epochs are scored on the same perturbations'
+    distribution."""
+
+    loader: object
+    attack: AttackSettings
+    tasks: list
+    attacked: list
+    seed: int = 0
+
+    def make_attack(self, model):
+        return self.attack.build(model, self.tasks, self.attacked, self.seed, deterministic=False)
+
+    def describe(self):
+        return self.attack.describe()
+
+
+def make_objective(name, losses, attack, attacked, *, beta=6.0, replays=4):
+    """The adversarial objective ``name`` (one of ``OBJECTIVES``)."""
+    if name == "madry":
+        return Madry(losses, attack, attacked)
+    if name == "madry_mix":
+        return MadryMix(losses, attack, attacked)
+    if name == "trades":
+        return Trades(losses, attack, attacked, beta=beta)
+    if name == "fgsm_rs":
+        return FgsmRS(losses, attack, attacked)
+    if name == "free":
+        return Free(losses, attack, attacked, replays=replays)
+    raise ValueError(f"adversarial must be one of {OBJECTIVES}, got {name!r}")

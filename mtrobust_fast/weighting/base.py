@@ -1,0 +1,32 @@
+"""The one interface of every weighting strategy."""
+import abc
+
+import torch
+
+
+class Weighting(abc.ABC):
+    """Turns ``{task name: scalar loss with its graph}`` into gradients on the model's parameters.
+
+    ``backward`` accumulates into ``.grad`` (the caller zeroes and steps the optimiser) and returns the detached
+    combined loss for logging. With a ``torch.amp.GradScaler`` the scaled loss is back-propagated, so the
+    optimiser step must go through the same scaler. ``combine`` reduces per-task values (e.g. validation losses)
+    to the one number that ranks checkpoints.
+    """
+
+    @abc.abstractmethod
+    def backward(self, losses, *, scaler=None):
+        """Back-propagate the per-task ``losses``; returns the combined loss (detached)."""
+
+    @abc.abstractmethod
+    def combine(self, values):
+        """The combined value of per-task numbers or tensors ``{task name: value}``."""
+
+    def _check(self, losses, names):
+        missing = [n for n in names if n not in losses]
+        extra = [n for n in losses if n not in names]
+        if missing or extra:
+            raise KeyError(f"the weighting expects losses for {list(names)}; missing {missing}, unexpected {extra}")
+        for name in names:
+            loss = losses[name]
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(f"the loss of {name!r} must be a scalar tensor")
