@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from mtrobust_fast import tasks
-from mtrobust_fast.attacks import FGSM, PGD, TaskSpec, classification
+from mtrobust_fast.models import build_model
+from mtrobust_fast.attacks import FGSM, PGD, SettingRefused, TaskSpec, build_attack, classification
 
 SEG, DEPTH = tasks.BY_LETTER["s"], tasks.BY_LETTER["d"]
 
@@ -345,3 +346,55 @@ def test_record_steps_keeps_per_step_losses_of_the_attacked_tasks(trained, attac
     clean = atk.losses(x, targets, masks)[SEG.name]
     assert float(curve[-1].mean()) > float(clean.mean())  # the attack climbs
     assert PGD(net, steps=2).step_losses is None
+
+
+# ---- precision, model mode, wrappers, settings ----
+
+def test_float64_models_are_attacked_on_float64_losses():
+    """A confident sample (logit margin 120) has a cross-entropy gradient of exactly 0 in float32 (softmax
+    saturates) but not in float64: PGD must move it."""
+    model = torch.nn.Linear(4, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[100.0, 0, 0, 0], [-100.0, 0, 0, 0]], dtype=torch.float64))
+        model.bias.zero_()
+    x = torch.full((1, 4), 0.6, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.int64)
+    atk = PGD(model, [classification()], eps=0.05, alpha=0.01, steps=1, random_start=False)
+    assert atk.losses(x, y)["label"].dtype == torch.float64
+    x_adv = atk(x, y)
+    assert x_adv.dtype == torch.float64 and x_adv[0, 0] == pytest.approx(0.59)
+
+
+def test_train_mode_attack_leaves_batchnorm_statistics_and_the_mode_alone():
+    torch.manual_seed(0)
+    model = build_model("d", "resnet18", input_size=32)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 32, 32)
+    targets = {"depth_zbuffer": torch.rand(2, 1, 32, 32)}
+    eval_adv = PGD(model, eps=4 / 255, alpha=1 / 255, steps=2, seed=1)(x, targets)
+    train_adv = PGD(model, eps=4 / 255, alpha=1 / 255, steps=2, seed=1, model_mode="train")(x, targets)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(eval_adv, train_adv)  # batch statistics change the gradients
+    with pytest.raises(ValueError, match="model_mode"):
+        PGD(model, model_mode="test")
+
+
+def test_attacks_unwrap_data_parallel_wrappers():
+    model = build_model("d", "resnet18", input_size=32)
+    atk = PGD(torch.nn.DataParallel(model), eps=4 / 255, steps=1)
+    assert atk.model is model
+
+
+def test_build_attack_refuses_settings_with_the_attacks_reason():
+    model = build_model("d", "resnet18", input_size=32)
+    assert isinstance(build_attack("pgd", model, eps=0.1, alpha=None, steps=3), PGD)
+    with pytest.raises(SettingRefused, match="alpha: apgd sets its own step size") as info:
+        build_attack("apgd", model, alpha=0.01)
+    assert info.value.setting == "alpha"
+    with pytest.raises(SettingRefused, match="steps: fgsm takes exactly one step"):
+        build_attack("fgsm", model, steps=3)
+    with pytest.raises(SettingRefused, match="normalize_task_grads"):
+        build_attack("pgd", model, normalize_task_grads=True)
+    with pytest.raises(ValueError, match="unknown attack"):
+        build_attack("cw", model)

@@ -12,7 +12,7 @@ no geometry), ``DIR/normal/NNNNNN.png`` (camera-frame normals, p = (n + 1)·127.
 ``DIR/labels.csv`` (``file,label,class_name,split``) and ``DIR/objects.json`` (format, classes, size, seed,
 and the training split's per-channel pixel mean and std, which classifiers use to normalise inputs).
 Class k is image index mod ``len(CLASSES)``; splits go by blocks of ``len(CLASSES)`` consecutive images (70 %
-train, 15 % val, 15 % test), so every split is class-balanced. Each image depends only on (seed, index):
+train, 15 % val, 15 % test; the first 30 images hold all three), so every split is class-balanced. Each image depends only on (seed, index):
 the same seed gives byte-identical files whatever the number of workers.
 """
 import csv
@@ -39,13 +39,14 @@ DOMAINS = ("rgb", "depth", "normal")
 CLASSES = ("chair", "table", "plant", "ball", "couch", "bed", "cabinet", "fridge", "oven", "toilet")
 _FREE_STANDING = {"chair", "table", "plant", "ball"}
 SUPERSAMPLE = 2
-SPLIT_BLOCKS = (14, 3, 3)  # train, val, test blocks out of every 20
+# The split of each block of len(CLASSES) consecutive images, cycling every 20 blocks (14 train, 3 val, 3 test);
+# val and test blocks come early, so small sets have them too.
+SPLIT_CYCLE = "tvxttttvttxttttvtxtt"
 
 
 def split_of(index):
     """"train", "val" or "test" for image ``index`` (by blocks of one image per class)."""
-    block = (index // len(CLASSES)) % sum(SPLIT_BLOCKS)
-    return "train" if block < SPLIT_BLOCKS[0] else "val" if block < SPLIT_BLOCKS[0] + SPLIT_BLOCKS[1] else "test"
+    return {"t": "train", "v": "val", "x": "test"}[SPLIT_CYCLE[(index // len(CLASSES)) % len(SPLIT_CYCLE)]]
 
 
 def _object_scene(kind, rng):
