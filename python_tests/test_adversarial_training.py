@@ -252,3 +252,15 @@ def test_ddp_two_processes_train_adversarially(objects, tmp_path):
     assert record["train"]["samples"] == 20 and record["robust_val"]["samples"] == 6
     model, meta = load_checkpoint(run / "last.pt")
     assert meta["train_config"]["adversarial"] == "madry_mix"
+
+
+def test_attack_cli_evaluates_a_trained_classifier(objects, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(objects, run, "--epochs", "1", "--adversarial", "fgsm_rs", "--robust-val", "0") == 0
+    assert cli_main(["attack", "--checkpoint", str(run / "best.pt"), "--data", str(objects), "--steps", "3",
+                     "--target", "class", "--no-progress", "--out", str(tmp_path / "res")]) == 0
+    printed = capsys.readouterr().out
+    assert "attacked set class:" in printed
+    summary = json.loads((tmp_path / "res.json").read_text())["summary"]
+    assert summary["samples"] == 20 and summary["attacks"]["class"]["tasks"]["class"]["adv_accuracy"] <= \
+        summary["clean"]["class"]["accuracy"]

@@ -79,7 +79,7 @@ def test_same_seed_same_results(setup, tmp_path):
 
 
 @pytest.mark.parametrize("argv, name", [
-    (["--target", "sx"], "--target"),
+    (["--target", "ss"], "--target"),
     (["--eps=-1/255"], "--eps"),
     (["--eps", "eight"], "--eps"),
     (["--steps", "0"], "--steps"),
@@ -93,6 +93,7 @@ def test_bad_values_fail_at_parsing(setup, capsys, argv, name):
 
 @pytest.mark.parametrize("argv, message", [
     (["--target", "n"], "--target: the model in"),
+    (["--target", "sx"], "--target: unknown task letter 'x'"),
     (["--attack", "apgd", "--alpha", "2/255"], "--alpha"),
     (["--attack", "fgsm"], "--steps: fgsm"),
     (["--attack", "pgd", "--normalize-task-grads"], "--normalize-task-grads"),

@@ -1,4 +1,4 @@
-"""``mtrobust-fast attack``: attack a checkpoint's model on Taskonomy data (real or synthetic) and report, per
+"""``mtrobust-fast attack``: attack a checkpoint's model (a multi-task Taskonomy model or a classifier) and report, per
 attacked set and evaluated task, the clean and adversarial error, the relative and adversarial vulnerability and
 the first-order gradient terms (see :mod:`mtrobust_fast.metrics`), as a table, a CSV and a JSON file.
 
@@ -21,13 +21,13 @@ from mtrobust_fast.data.taskonomy import SPLITS
 
 
 def target_sets(text):
-    """Comma-separated attacked sets: task letters ("s", "sd") or "all"; letters are checked here, membership
-    in the model later."""
+    """Comma-separated attacked sets: Taskonomy task letters ("s", "sd"), "all", or a head's name (a classifier's
+    "class"); membership in the model is checked once it is loaded."""
     sets = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             raise argparse.ArgumentTypeError(f"empty attacked set in {text!r}")
-        if item == "all":
+        if item == "all" or not all(letter in task_registry.BY_LETTER for letter in item):
             sets.append(item)
             continue
         try:
@@ -40,7 +40,8 @@ def target_sets(text):
 def add_arguments(parser):
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
-    add("--data", required=True, type=Path, help="Taskonomy root (real or from `mtrobust-fast data synth`)")
+    add("--data", required=True, type=Path,
+        help="the data the model was trained on: a Taskonomy root, an object set or a CIFAR binary folder")
     add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
     add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
     add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
@@ -50,7 +51,7 @@ def add_arguments(parser):
         help="wgd: L2-normalise each task's input gradient per sample before weighting")
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
     add("--target", type=target_sets, default=["all"],
-        help="attacked sets, comma-separated: task letters or 'all' (default all), e.g. s,sd,all")
+        help="attacked sets, comma-separated: task letters, a head name, or 'all' (default all), e.g. s,sd,all")
     add("--split", choices=SPLITS, default="val", help="data split (default %(default)s)")
     add("--size", type=positive_int, default=None, help="image side in px (default: the model's input size)")
     add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
