@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mtrobust_fast import results_table, selection  # noqa: E402
-from mtrobust_fast import tasks as task_registry  # noqa: E402
+from mtrobust_fast import task_names  # noqa: E402
 
 REQUIRED = ("model_tasks", "attacked", "task")
 
@@ -46,7 +46,7 @@ def add_arguments(parser):
 
 
 def _ordered(values):
-    order = task_registry.CANONICAL_ORDER
+    order = task_names.CANONICAL_ORDER
     return sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v))
 
 

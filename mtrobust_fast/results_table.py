@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtrobust_fast import tasks as task_registry
+from mtrobust_fast import task_names
 
 # Columns that tell attack configurations apart; the ones present in a table split it into groups.
 CONFIG_COLUMNS = ("encoder", "task_weights", "attack", "norm", "eps", "alpha", "steps", "restarts", "split", "limit")
@@ -42,7 +42,7 @@ def letters(value):
     text = str(value)
     items = text.split("+") if "+" in text else [text]
     try:
-        return "".join(t.letter for t in task_registry.resolve(items if len(items) > 1 else text))
+        return "".join(task_names.letters(items if len(items) > 1 else text))
     except ValueError:
         return text
 

@@ -29,7 +29,7 @@ from scipy import stats
 
 from mtrobust_fast import results_table
 from mtrobust_fast.cli.args import budget
-from mtrobust_fast import tasks as task_registry
+from mtrobust_fast import task_names
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence
 FILTERS = ("attack", "norm", "eps", "steps", "encoder", "task_weights")
@@ -112,7 +112,7 @@ def surrogate_scores(args):
 
 
 def _canonical(column):
-    order = task_registry.CANONICAL_ORDER
+    order = task_names.CANONICAL_ORDER
     return column.map(lambda v: order.index(v) if v in order else len(order))
 
 
@@ -120,7 +120,7 @@ def lower_is_better(name):
     """Ranking direction of a surrogate: vulnerabilities and errors rank low first; clean scores that the task
     registry marks higher-is-better (mIoU, pixel accuracy) rank high first."""
     metric = name[len("clean_"):] if name.startswith("clean_") else None
-    return not any(task.higher_is_better.get(metric, False) for task in task_registry.TASKS)
+    return not any(task_names.directions(letter).get(metric, False) for letter in task_names.NAMES)
 
 
 def rank(scores, surrogates):
@@ -148,7 +148,7 @@ def correlations(scores, surrogates):
 
 def _task_letters(text):
     try:
-        return [t.letter for t in task_registry.resolve(text)]
+        return task_names.letters(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -20,13 +20,14 @@ Deliberate differences from MTRobust (the training code the AAAI'22 study forked
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from mtrobust_fast.task_names import NAMES, directions, letter_of, letters
 
 SEGMENT_CLASSES = 18  # logits; Taskonomy labels 0..17
 SEGMENT_IGNORE = 0  # "uncertain" pixels
@@ -38,7 +39,6 @@ KEYPOINTS2D_CLIP = 0.005  # fractions of 65535 mapped onto [-1, 1], as in MTRobu
 EDGE_TEXTURE_CLIP = 0.08
 EDGE_OCCLUSION_CLIP = 0.00625
 OCCLUSION_BLUR_FRACTION = 1 / 64  # Gaussian sigma as a fraction of the height: 4 px at 256 x 256
-CANONICAL_ORDER = "sdDnkKeEprA"
 
 FORMAT_NAMES = {"gray8": "8-bit grayscale", "rgb8": "8-bit RGB", "gray16": "16-bit grayscale"}
 
@@ -272,8 +272,6 @@ def dense_scores(stats):
     return {"l1": float(stats[0]) / count, "mse": float(stats[1]) / count}
 
 
-SEGMENT_DIRECTIONS = MappingProxyType({"miou": True, "pixel_acc": True})
-DENSE_DIRECTIONS = MappingProxyType({"l1": False, "mse": False})
 
 
 # ---- the registry ----
@@ -340,7 +338,7 @@ def _task(letter, name, channels, formats, pixels_to_target, geometric, folder=N
                 error=segment_error if segmentation else mse_error,
                 metric_stats=segment_stats if segmentation else dense_stats,
                 metric_scores=segment_scores if segmentation else dense_scores,
-                higher_is_better=SEGMENT_DIRECTIONS if segmentation else DENSE_DIRECTIONS)
+                higher_is_better=directions(letter))
 
 
 TASKS = (
@@ -357,8 +355,8 @@ TASKS = (
     _task("A", "autoencoder", 3, ("rgb8",), _autoencoder_target, False, folder="rgb", tag="rgb"),
 )
 BY_LETTER = {task.letter: task for task in TASKS}
+assert {t.letter: t.name for t in TASKS} == dict(NAMES), "tasks and task_names disagree"
 BY_NAME = {task.name: task for task in TASKS}
-_ALIASES = {"segmentsemantic": BY_NAME["segment_semantic"]}  # the source's folder name
 
 
 def record(task):
@@ -372,13 +370,7 @@ def record(task):
 
 def get_task(key):
     """A task by letter (case-sensitive), name, or the source's alias "segmentsemantic"."""
-    if isinstance(key, Task):
-        key = key.letter
-    task = BY_LETTER.get(key) or BY_NAME.get(key) or _ALIASES.get(key)
-    if task is None:
-        raise ValueError(f"unknown task {key!r}; letters are {' '.join(CANONICAL_ORDER)} (case-sensitive), "
-                         f"names are {', '.join(BY_NAME)}")
-    return task
+    return BY_LETTER[letter_of(key)]
 
 
 def resolve(spec):
@@ -386,25 +378,7 @@ def resolve(spec):
 
     Returns them in the canonical order s d D n k K e E p r A, whatever the input order.
     """
-    if isinstance(spec, str):
-        items = [spec] if spec in BY_NAME or spec in _ALIASES else list(spec)
-        for letter in items:
-            if letter not in BY_LETTER and letter not in BY_NAME and letter not in _ALIASES:
-                raise ValueError(f"unknown task letter {letter!r} in {spec!r}; letters are "
-                                 f"{' '.join(CANONICAL_ORDER)} (case-sensitive)")
-    elif isinstance(spec, Task):
-        items = [spec]
-    else:
-        items = list(spec)
-    if not items:
-        raise ValueError("no tasks given")
-    chosen = []
-    for item in items:
-        task = get_task(item)
-        if task in chosen:
-            raise ValueError(f"task {task.name!r} is given twice in {spec!r}")
-        chosen.append(task)
-    return sorted(chosen, key=lambda task: CANONICAL_ORDER.index(task.letter))
+    return [BY_LETTER[letter] for letter in letters(spec)]
 
 
 def task_string(tasks):

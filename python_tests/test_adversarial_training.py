@@ -1,9 +1,6 @@
 """Adversarial training: objectives against clean training, what the inner attack must achieve, robustness gained
 on a separable set, resume, DDP, bad settings."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +13,9 @@ from mtrobust_fast.classification import ClassificationTask
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.objects import synthesize_objects
 from mtrobust_fast.models import build_classifier, load_checkpoint
-from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, TrainConfig, Trainer, make_objective
+from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, Trainer, make_objective
 from mtrobust_fast.weighting import StaticWeighting
 
-REPO = Path(__file__).resolve().parents[1]
 HEAD = ClassificationTask("class", 2)
 
 
@@ -238,15 +234,11 @@ def test_bad_settings_are_named(objects, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_ddp_two_processes_train_adversarially(objects, tmp_path):
+def test_ddp_two_processes_train_adversarially(objects, tmp_path, torchrun):
     run = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mtrobust_fast.cli", "train", "--data", str(objects), "--out", str(run), "--epochs", "1",
-               "--batch-size", "5", "--limit-train", "20", "--adversarial", "madry_mix", "--steps", "2",
-               "--robust-val", "6", "--robust-val-steps", "1", "--workers", "0", "--no-progress", "--device", "cpu"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = torchrun("train", "--data", objects, "--out", run, "--epochs", "1", "--batch-size", "5",
+                      "--limit-train", "20", "--adversarial", "madry_mix", "--steps", "2", "--robust-val", "6",
+                      "--robust-val-steps", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = _log(run)
     assert record["train"]["samples"] == 20 and record["robust_val"]["samples"] == 6
@@ -264,3 +256,18 @@ def test_attack_cli_evaluates_a_trained_classifier(objects, tmp_path, capsys):
     summary = json.loads((tmp_path / "res.json").read_text())["summary"]
     assert summary["samples"] == 20 and summary["attacks"]["class"]["tasks"]["class"]["adv_accuracy"] <= \
         summary["clean"]["class"]["accuracy"]
+
+
+def test_a_collapse_of_robust_validation_is_warned_about(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(_batches(*separable(8, generator)), 4)
+    losses = TaskLosses([HEAD])
+    model = Linear()
+    trainer = Trainer(model, CleanObjective(losses), StaticWeighting({"class": 1.0}),
+                      torch.optim.SGD(model.parameters(), lr=0.1), [(0, 0.1)], loader, loader, losses,
+                      run_dir=tmp_path, progress=False)
+    records = [{"epoch": e, "robust_val": {"error": err}} for e, err in ((1, 0.5), (2, 0.45), (3, 0.9))]
+    for record in records:
+        trainer._warn_if_collapsed(record)
+    assert "warning" not in records[0] and "warning" not in records[1]
+    assert "catastrophic overfitting" in records[2]["warning"] and "0.450 to 0.900" in capsys.readouterr().out

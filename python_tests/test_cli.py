@@ -1,4 +1,7 @@
 """The command table: every sub-command builds its parser and answers --help; unknown commands fail clearly."""
+import subprocess
+import sys
+
 import pytest
 
 from mtrobust_fast import cli
@@ -24,3 +27,13 @@ def test_unknown_command_is_an_error(capsys):
         cli.main(["attak"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["select", "report"])
+def test_table_commands_start_without_torch(command):
+    """Commands that only read results tables import neither torch nor the other commands' modules."""
+    code = ("import sys\nfrom mtrobust_fast.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules)" % command)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

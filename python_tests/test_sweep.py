@@ -78,6 +78,7 @@ def test_yaml_and_toml_give_the_same_cells(setup, tmp_path):
     ({"sets": ["sE"]}, "sets: model sdn has tasks sdn; it has no E"),
     ({"models": [{"checkpoint": "missing.pt"}]}, "models[0].checkpoint: checkpoint not found"),
     ({"models": [{"train": {"tasks": "sd", "epochz": 1}}]}, "models[0].train:"),
+    ({"models": [{"train": {"tasks": "sd", "adversarial": "pgd"}}]}, "models[0].train: adversarial must be one of"),
     ({"models": [{"path": "x.pt"}]}, "models[0].path: unknown key"),
     ({"size": 33}, "size: must be a multiple of 32"),
     ({"data": "no/such/folder"}, "data: no/such/folder is not a directory"),
@@ -162,7 +163,8 @@ def test_train_spec_and_tracker(setup, tmp_path):
     root, data, sdn, sd = setup
     (tmp_path / "s.yaml").write_text(
         f"data: {data}\nmodels:\n  - train: {{tasks: sd, size: 32, epochs: 1, batch_size: 2, lr: 0.001,"
-        " limit_train: 2, limit_val: 1, save_every: 0}\n    name: tiny\nsteps: 2\nsets: subsets\nlimit: 2\n")
+        " limit_train: 2, limit_val: 1, save_every: 0, adversarial: madry, steps: 1, robust_val: 1}\n"
+        "    name: tiny\nsteps: 2\nsets: subsets\nlimit: 2\n")
     argv = ["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
             "--tracker", "local", "--no-gradients"]
     assert cli_main(argv) == 0
@@ -173,3 +175,5 @@ def test_train_spec_and_tracker(setup, tmp_path):
     curves = (runs[0] / "tracking" / "curves.jsonl").read_text()
     assert curves.count("step_loss") == 4 and '"values": [' in curves  # s, d, and sd's two tasks
     assert cli_main(argv) == 0  # trained and finished: nothing reruns
+    checkpoint = next((tmp_path / "out" / "models").rglob("last.pt"))
+    assert torch.load(checkpoint, weights_only=True)["meta"]["train_config"]["adversarial"] == "madry"

@@ -18,8 +18,6 @@ Issue #4 targets: PGD step <= 1.10x bare fwd+bwd on CPU (<= 1.05x on GPU); ours 
 torchattacks; run_subsets >= 2x the throughput of 15 separate runs on GPU.
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -27,25 +25,9 @@ import torch.nn as nn
 from mtrobust_fast import tasks
 from mtrobust_fast.attacks import PGD, WGD
 from mtrobust_fast.models import build_model
+from timing import timed
 
 SEG = tasks.BY_LETTER["s"]
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats):
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_step(make_attack, run, steps, device, repeats):

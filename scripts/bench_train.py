@@ -13,21 +13,15 @@ tensors).
     python scripts/bench_train.py --device cuda --batch 256 --autocast bf16 --channels-last
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from mtrobust_fast.models import build_classifier, build_model
 from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, make_objective
 from mtrobust_fast.weighting import StaticWeighting
+from timing import timed
 
 TARGET_SLACK = 1.10
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_inputs(model, batch, size, device, channels_last):
@@ -64,15 +58,7 @@ def time_objective(model, objective, x, targets, device, repeats, autocast):
             weighting.backward(out.task_losses)
             optimizer.step()
 
-    one_batch()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        one_batch()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(one_batch, device, repeats)
 
 
 def main():

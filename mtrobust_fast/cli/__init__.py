@@ -19,7 +19,19 @@ COMMANDS = [
 ]
 
 
-def build_parser():
+def chosen_command(argv):
+    """The words of the table entry that ``argv`` starts with, or None."""
+    words = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return next((entry for entry, _, _ in COMMANDS if tuple(words[:len(entry)]) == entry), None)
+
+
+def build_parser(chosen=None):
+    """The parser of every command; only the ``chosen`` command's module is imported and adds its arguments
+    (the others show in help and choices), so a light command does not pay for torch."""
     parser = argparse.ArgumentParser(prog="mtrobust-fast", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}
@@ -32,13 +44,14 @@ def build_parser():
                 groups[key] = group.add_subparsers(dest=f"{word}_command", required=True, metavar="COMMAND")
             parent = groups[key]
         sub = parent.add_parser(words[-1], help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        if words == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(chosen_command(argv)).parse_args(argv)
     return args._run(args)
-

@@ -77,27 +77,24 @@ def _train(args, data, tasks, run_dir):
                       workers=args.workers, val_before=True, resume=True, progress=not args.no_progress))
 
 
-def step_size(args):
-    """The attack's step size, always explicit so that saved results record it (None: APGD's adaptive step)."""
-    if args.attack == "apgd":
-        if args.alpha is not None:
-            raise ValueError("--alpha: apgd sets its own step size; leave --alpha out")
-        return None
-    if args.alpha is not None:
-        return args.alpha
-    return args.eps if args.attack == "fgsm" else 2 / 255
-
-
-def attack_steps(args):
-    return 1 if args.attack == "fgsm" else args.steps
+def attack_settings(args):
+    """(alpha, steps) for the attack, from the settings it declares it takes (None for the others). The step size
+    is always explicit where the attack takes one, so saved results record it: --alpha, else 2/255 for
+    iterative attacks and eps for a single step."""
+    cls = ATTACKS[args.attack]
+    if args.alpha is not None and "alpha" not in cls.settings:
+        raise ValueError(f"--alpha: {cls.refused['alpha']}; leave --alpha out")
+    steps = args.steps if "steps" in cls.settings else None
+    if "alpha" not in cls.settings:
+        return None, steps
+    return (args.alpha if args.alpha is not None else 2 / 255 if steps else args.eps), steps
 
 
 def _attack(args, data, tasks, run_dir):
     """The attack results of one model (read back from its JSON when made with the same settings)."""
     out = run_dir / f"attack_{args.attack}_{args.norm}"
-    alpha = step_size(args)
-    steps = attack_steps(args)
-    wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": steps,
+    alpha, steps = attack_settings(args)
+    wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": steps or 1,
               "limit": args.attack_limit, "seed": args.seed, "checkpoint_epoch": args.epochs}
     json_path = attack_cli.output_paths(out)[1]
     if json_path.exists():
@@ -107,7 +104,7 @@ def _attack(args, data, tasks, run_dir):
             return saved["summary"]
     config, summary = evaluation.evaluate_checkpoint(
         run_dir / LAST, data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=alpha,
-        steps=None if args.attack == "fgsm" else steps, sets=[args.main, "all"], batch_size=args.batch_size,
+        steps=steps, sets=[args.main, "all"], batch_size=args.batch_size,
         limit=args.attack_limit, seed=args.seed, workers=args.workers, progress=not args.no_progress)
     print(attack_cli.format_report(config, summary))
     attack_cli.write_results(out, config, summary, metrics.summary_rows(summary))
@@ -152,7 +149,7 @@ def run(args):
     start = time.perf_counter()
     try:
         sets = model_sets(args.main, args.models)
-        step_size(args)
+        attack_settings(args)
     except ValueError as error:
         print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
         return 2
@@ -177,7 +174,7 @@ def run(args):
     main = task_registry.get_task(args.main)
     samples = next(iter(results.values()))["samples"]
     print(f"\nTable 1 (Baseline A) in miniature: main task {main.letter} ({main.name}), {args.attack.upper()} "
-          f"{args.norm} eps={args.eps:.4g}, {attack_steps(args)} steps, {samples} validation images. Clean error of "
+          f"{args.norm} eps={args.eps:.4g}, {attack_settings(args)[1] or 1} steps, {samples} validation images. Clean error of "
           f"{main.letter} (1 - mIoU for s, MSE otherwise) and its relative vulnerability (lower is better) "
           f"when only {main.letter} is attacked and when all the model's tasks are attacked.")
     print(_table(("auxiliary", f"clean error {main.letter}", "rel vuln single-task attack",

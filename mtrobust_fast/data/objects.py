@@ -18,7 +18,6 @@ the same seed gives byte-identical files whatever the number of workers.
 import csv
 import json
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mtrobust_fast.data import rooms, scene
-from mtrobust_fast.data.synth import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID
+from mtrobust_fast.data.synth import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID, clear_outputs
 
 FORMAT = "mtrobust-fast/objects/v1"
 META_JSON = "objects.json"
@@ -148,12 +147,7 @@ def synthesize_objects(out, images, size=32, seed=0, workers=None, progress=True
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
-    ours = [out / d for d in DOMAINS] + [out / LABELS_CSV, out / META_JSON]
-    existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds an object dataset ({existing[0].name}); pass --overwrite")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    clear_outputs(out, list(DOMAINS) + [LABELS_CSV, META_JSON], overwrite, "an object dataset")
     for domain in DOMAINS:
         (out / domain).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), size, seed, i) for i in range(images)]

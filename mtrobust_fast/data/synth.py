@@ -267,11 +267,11 @@ def _check_arguments(images, size, seed, workers):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
 
 
-def _prepare_output(out, overwrite):
-    ours = [out / d for d in DOMAIN_TAGS] + [out / SPLIT_CSV, out / INFO_JSON]
-    existing = [p for p in ours if p.exists()]
+def clear_outputs(out, names, overwrite, what="a synthetic dataset"):
+    """Refuse to write over the files or folders ``names`` in ``out`` unless ``overwrite``; then delete them."""
+    existing = [out / name for name in names if (out / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a synthetic dataset ({existing[0].name}); pass overwrite=True / --overwrite")
+        raise FileExistsError(f"{out} already holds {what} ({existing[0].name}); pass overwrite=True / --overwrite")
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -282,7 +282,7 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
     ids, splits = plan(images, buildings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_output(out, overwrite)
+    clear_outputs(out, list(DOMAIN_TAGS) + [SPLIT_CSV, INFO_JSON], overwrite)
     for domain in DOMAIN_TAGS:
         for name in splits:
             (out / domain / "taskonomy" / name).mkdir(parents=True, exist_ok=True)

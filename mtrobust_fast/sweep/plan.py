@@ -290,8 +290,8 @@ def expand(settings, out):
         grid = itertools.product(settings["attacks"], settings["norms"], settings["eps"], settings["alpha"],
                                  settings["steps"], settings["restarts"], settings["seeds"])
         for attack, norm, eps, alpha, steps, restarts, seed in grid:
-            alpha = None if attack == "apgd" else alpha
-            steps = None if attack == "fgsm" else steps
+            alpha = alpha if "alpha" in ATTACKS[attack].settings else None
+            steps = steps if "steps" in ATTACKS[attack].settings else None
             values = dict(attack=attack, norm=norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
                           seed=seed, sets=sets, data=data, split=settings["split"], limit=settings["limit"],
                           size=settings["size"], batch_size=settings["batch_size"],

@@ -56,7 +56,7 @@ def summary_line(record):
         parts.append(name + " " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     if "robust_val" in record:
         robust = record["robust_val"]
-        parts.append(f"adv ({robust['attack']}) " + " ".join(
+        parts.append(f"adv ({robust['attack']} on {'+'.join(robust['attacked'])}) " + " ".join(
             f"{name} loss {v['adv_loss']:.4f} error {v['adv_error']:.4f}" for name, v in robust["tasks"].items()))
     return " | ".join(parts)
 
