@@ -13,6 +13,8 @@ COMMANDS = [
     (("data", "synth-objects"), "mtrobust_fast.data.objects", "write a synthetic object-classification dataset"),
     (("train",), "mtrobust_fast.cli.train", "train a multi-task model or a classifier, clean or adversarially"),
     (("attack",), "mtrobust_fast.cli.attack", "attack a checkpoint's model and report its vulnerability"),
+    (("import-checkpoint",), "mtrobust_fast.cli.import_checkpoint",
+     "convert an MTRobust / AAAI'22 Taskonomy checkpoint into this project's format"),
     (("sweep",), "mtrobust_fast.sweep.cli", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),

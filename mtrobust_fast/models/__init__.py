@@ -1,5 +1,6 @@
 """Models: encoders, task heads, the registry that assembles multi-task Taskonomy models and classifiers, and
 checkpoints."""
+from mtrobust_fast.models import source_import
 from mtrobust_fast.models.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from mtrobust_fast.models.decoders import ClassificationHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel, check_image_batch
@@ -28,4 +29,5 @@ __all__ = [
     "read_checkpoint",
     "register_encoder",
     "save_checkpoint",
+    "source_import",
 ]

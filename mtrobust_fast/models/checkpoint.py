@@ -8,6 +8,7 @@ import pickle
 
 import torch
 
+from mtrobust_fast.models import source_import
 from mtrobust_fast.models.registry import model_from_config
 
 FORMAT = "mtrobust-fast/multitask-checkpoint/v1"
@@ -61,14 +62,19 @@ def save_checkpoint(path, model, **metadata):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """Load and validate the raw checkpoint dict (format, config, state_dict, meta) without building a model."""
+    """Load and validate the raw checkpoint dict (format, config, state_dict, meta) without building a model.
+
+    A checkpoint of the MTRobust / AAAI'22 training code is recognised by its keys and converted on the fly
+    (:mod:`mtrobust_fast.models.source_import`), so it is accepted wherever a checkpoint is."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
         raise ValueError(f"{path} is not an mtrobust-fast checkpoint (torch.load weights_only failed: {err})") from err
+    if source_import.is_source_payload(payload):
+        return source_import.convert(payload, where=path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not an mtrobust-fast checkpoint (expected format {FORMAT!r}, found {found!r})")

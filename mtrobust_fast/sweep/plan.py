@@ -226,7 +226,7 @@ def _model(i, entry, settings, out):
         weights = record.get("weights", "")
         main = main or record.get("main") or tasks[0]
         identity, checkpoint, train = f"sha256:{file_hash(path)}", str(path), ""
-        name = entry.get("name") or (path.parent.name if path.stem in ("last", "best") else path.stem)
+        name = entry.get("name") or default_model_name(path)
     else:
         spec = entry["train"]
         if not isinstance(spec, dict):
@@ -248,6 +248,17 @@ def _model(i, entry, settings, out):
     if main not in tasks:
         raise PlanError(f"{key}.main: task {main} is not one of the model's tasks {tasks}")
     return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train)
+
+
+def default_model_name(path):
+    """A checkpoint's name in the table: the run folder for ``RUN/last.pt``/``best.pt``, ``RUN_checkpoint_150`` for
+    the source code's ``RUN/savecheckpoint/checkpoint_150.pth.tar``, else the file name without suffixes."""
+    stem = path.name.split(".")[0]
+    if stem in ("last", "best"):
+        return path.parent.name
+    if path.parent.name == "savecheckpoint":
+        return f"{path.parent.parent.name}_{stem}"
+    return stem
 
 
 def train_config(spec, data, checkpoint):

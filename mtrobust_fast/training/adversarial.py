@@ -146,7 +146,8 @@ class Trades(AdversarialObjective):
 
     def __call__(self, model, images, targets, masks):
         attack = self.attack.build(model, self.specs, self.attacked, draw_seed())
-        reference = {n: attack.outputs(images)[n] for n in self.attacked}
+        clean_in_attack_mode = attack.outputs(images)
+        reference = {n: clean_in_attack_mode[n] for n in self.attacked}
         x_adv = attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
         clean_outputs = model(images)
         adv_outputs = model(x_adv)
