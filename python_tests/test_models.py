@@ -212,3 +212,17 @@ def test_checkpoint_rejects_non_plain_metadata(tmp_path):
     with pytest.raises(TypeError, match=r"metadata\['opt'\]"):
         save_checkpoint(tmp_path / "ck.pt", model, opt=torch.optim.SGD(model.parameters(), lr=0.1))
     assert not os.listdir(tmp_path)
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path):
+    model = build_model("d", "resnet18", input_size=32)
+    with torch.no_grad():
+        model.decoders["depth_zbuffer"][0].weight[0, 0, 0, 0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan.pt", model)
+    with pytest.raises(ValueError, match=r"tensor decoders\.depth_zbuffer\.0\.weight holds NaN or Inf"):
+        load_checkpoint(path)
+    truncated = tmp_path / "truncated.pt"
+    with open(path, "rb") as f:
+        truncated.write_bytes(f.read(4096))
+    with pytest.raises(ValueError, match="not an mtrobust-fast checkpoint"):
+        load_checkpoint(truncated)

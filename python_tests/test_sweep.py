@@ -177,3 +177,15 @@ def test_train_spec_and_tracker(setup, tmp_path):
     assert cli_main(argv) == 0  # trained and finished: nothing reruns
     checkpoint = next((tmp_path / "out" / "models").rglob("last.pt"))
     assert torch.load(checkpoint, weights_only=True)["meta"]["train_config"]["adversarial"] == "madry"
+
+
+def test_store_removes_only_temporaries_of_dead_writers(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    alive = cells / f".abc.parquet.{os.getppid()}.tmp"  # a concurrent sweep's part in flight
+    dead = cells / ".abc.parquet.999999999.tmp"
+    export = tmp_path / ".results.csv.999999999.tmp"
+    for path in (alive, dead, export):
+        path.write_bytes(b"partial")
+    Store(tmp_path)
+    assert alive.exists() and not dead.exists() and not export.exists()

@@ -174,3 +174,47 @@ def test_ddp_two_processes_on_gloo(data, tmp_path, torchrun):
     assert all(r["train"]["samples"] == 4 and r["val"]["samples"] == 5 for r in log)
     model, meta = load_checkpoint(run / "last.pt")
     assert meta["epoch"] == 2 and not any(k.startswith("module.") for k in model.state_dict())
+
+
+class _Killed(Exception):
+    """Stands for a kill -9 at a chosen point of an epoch's outputs."""
+
+
+@pytest.mark.parametrize("kill_after", ["log line", "first checkpoint"])
+def test_a_kill_between_an_epochs_outputs_loses_and_doubles_nothing(data, tmp_path, monkeypatch, kill_after):
+    common = ("--tasks", "d", "--batch-size", "2", "--limit-train", "4", "--limit-val", "2", "--seed", "3",
+              "--epochs", "3", "--lr", "1e-3", "--save-every", "0")
+    assert _train_cli(data, tmp_path / "straight", *common, size=32) == 0
+    log, save = Trainer.log, Trainer.save
+
+    def dying_log(self, record):
+        log(self, record)
+        if kill_after == "log line" and record["epoch"] == 2:
+            raise _Killed
+
+    def dying_save(self, name, epoch, metrics, training_state=True):
+        if kill_after == "first checkpoint" and epoch == 2 and not getattr(self, "_saved_once", False):
+            self._saved_once = True
+            save(self, name, epoch, metrics, training_state)
+            raise _Killed
+        save(self, name, epoch, metrics, training_state)
+
+    monkeypatch.setattr(Trainer, "log", dying_log)
+    monkeypatch.setattr(Trainer, "save", dying_save)
+    with pytest.raises(_Killed):
+        _train_cli(data, tmp_path / "split", *common, size=32)
+    monkeypatch.undo()
+    stale = tmp_path / "split" / ".last.pt.999999999.tmp"  # what a writer killed mid-save leaves behind
+    stale.write_bytes(b"partial")
+    assert _train_cli(data, tmp_path / "split", *common, "--resume", size=32) == 0
+    assert not stale.exists()
+    straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
+    assert [r["epoch"] for r in split] == [1, 2, 3]
+    assert [r["train"]["loss"] for r in split] == [r["train"]["loss"] for r in straight]
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(tmp_path / "split" / name, weights_only=True)
+        assert a["meta"]["epoch"] == b["meta"]["epoch"]
+        assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items()), name
+    best = torch.load(tmp_path / "split" / "best.pt", weights_only=True)["meta"]
+    assert "optimizer" not in best and best["epoch"] == min(split, key=lambda r: r["val"]["loss"])["epoch"]

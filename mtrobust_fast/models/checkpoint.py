@@ -8,6 +8,7 @@ import pickle
 
 import torch
 
+from mtrobust_fast.files import atomic_write
 from mtrobust_fast.models import source_import
 from mtrobust_fast.models.registry import model_from_config
 
@@ -37,7 +38,7 @@ def save_checkpoint(path, model, **metadata):
     """Write ``model`` (its config and state_dict) plus ``metadata`` to ``path`` atomically.
 
     The file is written next to ``path`` under a temporary name and renamed over it, so an interrupted save
-    never leaves a truncated checkpoint behind. ``model`` may be wrapped (DDP): its ``.module`` is saved.
+    never leaves a truncated checkpoint behind (see :mod:`mtrobust_fast.files`). ``model`` may be wrapped (DDP): its ``.module`` is saved.
     """
     model = getattr(model, "module", model)
     if not getattr(model, "config", None):
@@ -46,18 +47,8 @@ def save_checkpoint(path, model, **metadata):
     _check_plain(payload["config"], "config")
     _check_plain(metadata, "metadata")
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -116,6 +107,12 @@ def load_checkpoint(path, map_location="cpu"):
     mismatch = _state_dict_mismatch(model.state_dict(), state_dict)
     if mismatch:
         raise ValueError(f"{path}: state_dict does not match its config {config!r}: {mismatch}")
+    broken = [name for name, value in state_dict.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise ValueError(f"{path}: tensor {broken[0]}{more} holds NaN or Inf values; the model cannot be used "
+                         f"(a diverged training?)")
     model.load_state_dict(state_dict)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

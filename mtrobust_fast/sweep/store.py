@@ -1,27 +1,14 @@
 """The results table on disk: one Parquet part file per finished cell, written atomically, so an interrupted sweep
 (Ctrl-C, kill -9, a lost node) keeps every finished cell and leaves no partial one; a re-run skips the cells whose
 part exists, and since a cell has exactly one part the table never holds a row twice."""
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from mtrobust_fast.files import atomic_write, remove_stale_temporaries
+
 ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
 LAST = ["version", "seconds", "device"]
-
-
-def _atomic_write(path, write):
-    """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder: ``path`` is whole or absent."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class Store:
@@ -31,15 +18,15 @@ class Store:
         self.out = Path(out)
         self.cells = self.out / "cells"
         self.cells.mkdir(parents=True, exist_ok=True)
-        for stale in self.cells.glob(".*.tmp"):  # a part whose writer was killed before its rename
-            stale.unlink(missing_ok=True)
+        for folder in (self.cells, self.out):  # parts and exports whose writer was killed before its rename
+            remove_stale_temporaries(folder)
 
     def done(self):
         return {path.stem for path in self.cells.glob("*.parquet")}
 
     def write(self, cell_id, rows):
         frame = pd.DataFrame(rows)
-        _atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
 
     def table(self):
         """Every part, parts ordered by their settings (so the order does not depend on which finished first),
@@ -56,6 +43,6 @@ class Store:
         """Write ``results.parquet`` and ``results.csv``; returns ``(table, paths)``."""
         table = self.table()
         paths = self.out / "results.parquet", self.out / "results.csv"
-        _atomic_write(paths[0], lambda tmp: table.to_parquet(tmp, index=False))
-        _atomic_write(paths[1], lambda tmp: table.to_csv(tmp, index=False))
+        atomic_write(paths[0], lambda tmp: table.to_parquet(tmp, index=False))
+        atomic_write(paths[1], lambda tmp: table.to_csv(tmp, index=False))
         return table, paths

@@ -4,6 +4,7 @@ The per-batch objective is pluggable (see ``objectives``), so adversarial traini
 """
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from mtrobust_fast import evaluation
 from mtrobust_fast.device import to_device
+from mtrobust_fast.files import atomic_write, remove_stale_temporaries
 from mtrobust_fast.models import save_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.config import SELECT, lr_at
@@ -199,12 +201,13 @@ class Trainer:
 
     # ---- checkpoints and log ----
 
-    def save(self, name, epoch, metrics):
-        save_checkpoint(
-            self.run_dir / name, self.module, epoch=epoch, optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), best_score=self.best_score, select=self.select,
-            train_config=self.record, metrics=_plain(metrics),
-        )
+    def save(self, name, epoch, metrics, training_state=True):
+        """A checkpoint of the model with its metrics; ``training_state`` adds what resuming needs (optimiser
+        and scaler states, the best score), which ``best.pt`` leaves out."""
+        state = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                     best_score=self.best_score) if training_state else {}
+        save_checkpoint(self.run_dir / name, self.module, epoch=epoch, select=self.select, train_config=self.record,
+                        metrics=_plain(metrics), **state)
 
     def restore(self, payload):
         """Continue from a checkpoint payload (``models.read_checkpoint``): weights, optimiser, scaler, best score.
@@ -220,13 +223,36 @@ class Trainer:
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.best_score = meta.get("best_score", math.inf)
-        return int(meta["epoch"])
+        epoch = int(meta["epoch"])
+        if self.ctx.is_main:
+            self._trim_log(epoch)
+        return epoch
+
+    def _trim_log(self, epoch):
+        """Drop the log lines of epochs after ``epoch``: a run killed after logging an epoch but before its
+        ``last.pt`` landed redoes that epoch, and logs it again."""
+        path = self.run_dir / LOG_NAME
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["epoch"] <= epoch:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        if len(kept) != len(lines):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     def log(self, record):
+        """Append the epoch's record to ``metrics.jsonl`` (flushed to disk) and print its summary line."""
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / LOG_NAME, "a") as f:
                 f.write(json.dumps(_plain(record)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             tqdm.write(summary_line(record))
 
     def _warn_if_collapsed(self, record):
@@ -245,7 +271,14 @@ class Trainer:
     # ---- the run ----
 
     def fit(self, epochs, start_epoch=0, val_before=False):
-        """Train epochs ``start_epoch`` … ``epochs - 1``; returns the last epoch's record."""
+        """Train epochs ``start_epoch`` … ``epochs - 1``; returns the last epoch's record.
+
+        An epoch's outputs land in this order: its log line, ``best.pt`` (if it improved), ``epoch_NNNN.pt``, and
+        ``last.pt`` last. A kill at any point leaves ``last.pt`` at the previous epoch, and the resumed run redoes
+        the epoch exactly (dropping the log line it had already written), so no output is lost or doubled.
+        Temporaries of killed writes are removed when a run starts."""
+        if self.ctx.is_main and self.run_dir.is_dir():
+            remove_stale_temporaries(self.run_dir)
         record = None
         if val_before and start_epoch == 0:
             record = {"epoch": 0, "val": self.validate()}
@@ -265,12 +298,12 @@ class Trainer:
             score = record["robust_val"]["error"] if self.select == "robust" else val["loss"]
             improved = score < self.best_score
             self.best_score = min(self.best_score, score)
+            self.log(record)
             if self.ctx.is_main:
-                self.save(LAST, epoch + 1, record)
                 if improved:
-                    self.save(BEST, epoch + 1, record)
+                    self.save(BEST, epoch + 1, record, training_state=False)
                 if self.save_every and (epoch + 1) % self.save_every == 0:
                     self.save(f"epoch_{epoch + 1:04d}.pt", epoch + 1, record)
-            self.log(record)
+                self.save(LAST, epoch + 1, record)
         distributed.barrier(self.ctx)
         return record
