@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from mtrobust_fast.attacks import TaskSpec, build_attack
 from mtrobust_fast.cli import attack as attack_cli
 from mtrobust_fast.cli import args as cli_args
 from mtrobust_fast.cli import quickstart
@@ -142,3 +143,24 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("reusing") == 2 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
         table.split("\nquickstart wall")[0]
+
+
+def test_budgets_above_one_are_refused_unless_in_grey_levels(setup, tmp_path, capsys):
+    assert _attack(setup, "--eps", "8", "--limit", "1") == 2
+    assert "--eps: 8 is above 1, but images are in [0, 1]: give 8/255, or add --eps-units 255" in \
+        capsys.readouterr().err
+    assert _attack(setup, "--alpha", "2", "--limit", "1") == 2
+    assert "--alpha: 2 is above 1" in capsys.readouterr().err
+    assert _attack(setup, "--eps", "8", "--alpha", "2", "--eps-units", "255", "--limit", "1", "--no-gradients",
+                   "--out", str(tmp_path / "grey")) == 0
+    config = json.loads((tmp_path / "grey.json").read_text())["config"]
+    assert config["eps"] == pytest.approx(8 / 255) and config["alpha"] == pytest.approx(2 / 255)
+
+
+def test_default_step_sizes_follow_the_budget():
+    model = torch.nn.Conv2d(3, 2, 1)
+    spec = [TaskSpec("t", lambda output, target, mask: output.flatten(1).sum(1))]
+    assert build_attack("pgd", model, spec, eps=0.5, norm="l2", steps=10).alpha == pytest.approx(0.125)
+    assert build_attack("fgsm", model, spec, eps=0.3).alpha == pytest.approx(0.3)
+    per_sample = build_attack("pgd", model, spec, eps=[0.1, 0.2], steps=5).alpha
+    assert torch.allclose(per_sample, torch.tensor([0.05, 0.1], dtype=torch.float64))

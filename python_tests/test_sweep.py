@@ -81,12 +81,19 @@ def test_yaml_and_toml_give_the_same_cells(setup, tmp_path):
     ({"models": [{"train": {"tasks": "sd", "adversarial": "pgd"}}]}, "models[0].train: adversarial must be one of"),
     ({"models": [{"path": "x.pt"}]}, "models[0].path: unknown key"),
     ({"size": 33}, "size: must be a multiple of 32"),
+    ({"eps": [4, 8]}, "eps[0]: 4 is above 1, but images are in [0, 1]"),
+    ({"eps_units": 100}, "eps_units: expected one of 1, 255"),
     ({"data": "no/such/folder"}, "data: no/such/folder is not a directory"),
 ])
 def test_bad_settings_name_the_key(setup, tmp_path, extra, key):
     with pytest.raises(plan.PlanError) as error:
         plan.expand(_settings(setup, **extra), tmp_path)
     assert str(error.value).startswith(key)
+
+
+def test_grey_level_budgets_with_eps_units(setup, tmp_path):
+    cells = plan.expand(_settings(setup, eps=[4, 8], alpha=[1], eps_units=255), tmp_path)
+    assert {(round(c.eps * 255, 9), round(c.alpha * 255, 9)) for c in cells} == {(4.0, 1.0), (8.0, 1.0)}
 
 
 def test_bad_flag_is_reported_by_the_command(setup, tmp_path, capsys):

@@ -99,15 +99,21 @@ class Attack(abc.ABC):
     settings = ("alpha", "steps")
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
 
-    def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=2 / 255, steps=25, norm="linf",
+    @staticmethod
+    def default_alpha(eps, steps):
+        """The step size when none is given: 2.5·eps/steps (Madry et al. 2018), for either norm, so the walk can
+        cross the ball and come back whatever the budget; per-sample budgets give per-sample steps."""
+        return eps * (2.5 / steps)
+
+    def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
                  channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval"):
         model = unwrap(model)
         self.model = model
         self.specs = resolve_specs(model, tasks)
         self.eps = _check_budget("eps", eps)
-        self.alpha = _check_budget("alpha", alpha)
         self.steps = _check_count("steps", steps)
+        self.alpha = _check_budget("alpha", self.default_alpha(self.eps, self.steps) if alpha is None else alpha)
         self.restarts = _check_count("restarts", restarts)
         if not isinstance(norm, str) or norm.lower() not in ops.NORMS:
             raise ValueError(f"norm must be one of {ops.NORMS}, got {norm!r}")

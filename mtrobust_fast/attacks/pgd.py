@@ -10,7 +10,8 @@ class PGD(Attack):
         tasks: the model's tasks: None (``model.task_names``), a letter string like ``"sd"``, or a list of
             :class:`~mtrobust_fast.attacks.TaskSpec`, registry tasks, letters or names.
         eps, alpha: ball radius and step size in input units ([0, 1] pixels: 8/255 means 8/255); a float, or
-            one value per sample of the batches the attack will see (per-row budgets).
+            one value per sample of the batches the attack will see (per-row budgets). ``alpha`` defaults to
+            2.5·eps/steps (Madry et al.'s rule; for L∞ and L2 alike).
         steps: number of iterations (>= 1).
         norm: ``"linf"`` or ``"l2"`` (per-sample norms).
         random_start: start uniformly inside the ball (default True for PGD).
@@ -51,7 +52,11 @@ class FGSM(PGD):
     settings = ("alpha",)
     refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd"}
 
+    @staticmethod
+    def default_alpha(eps, steps):
+        return eps
+
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, **kwargs):
         if "steps" in kwargs:
             raise ValueError("FGSM takes exactly one step; use PGD for more")
-        super().__init__(model, tasks, eps=eps, alpha=eps if alpha is None else alpha, steps=1, **kwargs)
+        super().__init__(model, tasks, eps=eps, alpha=alpha, steps=1, **kwargs)

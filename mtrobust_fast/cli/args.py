@@ -23,3 +23,23 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def add_budget_units(parser):
+    parser.add_argument("--eps-units", type=int, choices=(1, 255), default=1,
+                        help="units of --eps and --alpha: 1 = pixels in [0, 1] (8/255), 255 = grey levels "
+                             "(8 means 8/255) (default 1)")
+
+
+def pixel_budgets(args, names=("eps", "alpha")):
+    """Bring ``args``' budgets to [0, 1] pixel units in place: divide by 255 under ``--eps-units 255``; otherwise
+    refuse a budget above 1 (images are in [0, 1], so ``--eps 8`` is almost surely meant as 8/255)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if args.eps_units == 255:
+            setattr(args, name, value / 255)
+        elif value > 1:
+            raise ValueError(f"--{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or "
+                             f"add --eps-units 255")

@@ -16,7 +16,7 @@ from pathlib import Path
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import budget, positive_int
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int
 from mtrobust_fast.data.taskonomy import SPLITS
 
 
@@ -45,8 +45,10 @@ def add_arguments(parser):
     add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
     add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
     add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
-    add("--alpha", type=budget, default=None, help="step size, e.g. 2/255 (default: the attack's own)")
+    add("--alpha", type=budget, default=None,
+        help="step size, e.g. 2/255 (default: 2.5*eps/steps for pgd and wgd, eps for fgsm; apgd adapts its own)")
     add("--steps", type=positive_int, default=None, help="iterations (default: the attack's own, 25 for PGD)")
+    add_budget_units(parser)
     add("--normalize-task-grads", action="store_true",
         help="wgd: L2-normalise each task's input gradient per sample before weighting")
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
@@ -143,8 +145,9 @@ def write_results(out, config, summary, rows):
 
 def run(args):
     try:
+        pixel_budgets(args)
         config, summary = attack_dataset(args)
-    except evaluation.SettingError as error:
+    except (evaluation.SettingError, ValueError) as error:
         print(f"mtrobust-fast attack: error: {error}", file=sys.stderr)
         return 2
     print(format_report(config, summary))

@@ -17,7 +17,7 @@ from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli import attack as attack_cli
-from mtrobust_fast.cli.args import budget, positive_int
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int
 from mtrobust_fast.data import synth
 from mtrobust_fast.training import TrainConfig, train
 from mtrobust_fast.training.loop import LAST, LOG_NAME
@@ -33,15 +33,16 @@ def add_arguments(parser):
     parser.add_argument("--models", default=None,
                         help="comma-separated task sets, each with the main task (default: the main task alone "
                              f"and with each of {', '.join(AUXILIARIES)})")
-    parser.add_argument("--images", type=int, default=240, help="synthetic images (default 240)")
-    parser.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs per model (default 5)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=positive_int, default=240, help="synthetic images (default 240)")
+    parser.add_argument("--size", type=positive_int, default=64, help="image side in px (default 64)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs per model (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default pgd)")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
     parser.add_argument("--eps", type=budget, default=8 / 255, help="default 8/255")
     parser.add_argument("--alpha", type=budget, default=None,
-                        help="step size (default 2/255; fgsm: eps; apgd adapts its own)")
+                        help="step size (default 2.5*eps/steps, 2/255 for the defaults; fgsm: eps; apgd adapts its own)")
+    add_budget_units(parser)
     parser.add_argument("--steps", type=positive_int, default=10, help="attack steps (default 10; fgsm: 1)")
     parser.add_argument("--attack-limit", type=positive_int, default=None,
                         help="attack only the first N validation images (default: all)")
@@ -79,15 +80,15 @@ def _train(args, data, tasks, run_dir):
 
 def attack_settings(args):
     """(alpha, steps) for the attack, from the settings it declares it takes (None for the others). The step size
-    is always explicit where the attack takes one, so saved results record it: --alpha, else 2/255 for
-    iterative attacks and eps for a single step."""
+    is always explicit where the attack takes one, so saved results record it: --alpha, else the attack's
+    default for this budget."""
     cls = ATTACKS[args.attack]
     if args.alpha is not None and "alpha" not in cls.settings:
         raise ValueError(f"--alpha: {cls.refused['alpha']}; leave --alpha out")
     steps = args.steps if "steps" in cls.settings else None
     if "alpha" not in cls.settings:
         return None, steps
-    return (args.alpha if args.alpha is not None else 2 / 255 if steps else args.eps), steps
+    return (args.alpha if args.alpha is not None else cls.default_alpha(args.eps, steps or 1)), steps
 
 
 def _attack(args, data, tasks, run_dir):
@@ -148,6 +149,7 @@ def table1_rows(main, results):
 def run(args):
     start = time.perf_counter()
     try:
+        pixel_budgets(args)
         sets = model_sets(args.main, args.models)
         attack_settings(args)
     except ValueError as error:

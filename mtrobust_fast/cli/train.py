@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.cli.args import budget
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
     ADVERSARIAL,
@@ -68,6 +68,7 @@ def add_arguments(parser):
     adv.add_argument("--norm", choices=NORMS, default=_default("norm"), help="threat model (default %(default)s)")
     adv.add_argument("--eps", type=budget, default=_default("eps"),
                      help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
+    add_budget_units(adv)
     adv.add_argument("--alpha", type=budget, default=None,
                      help="step size (default: 2.5*eps/steps for PGD, 1.25*eps for fgsm_rs, eps for free)")
     adv.add_argument("--steps", type=int, default=_default("steps"),
@@ -112,6 +113,7 @@ def config_from_args(args):
 
 def run(args):
     try:
+        pixel_budgets(args)
         train(config_from_args(args))
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"mtrobust-fast train: error: {error}", file=sys.stderr)

@@ -8,10 +8,12 @@ Settings (a YAML/TOML file, or the flags of the same names; list keys also take 
       - runs/sd/best.pt
       - {checkpoint: runs/sn/best.pt, name: sn, main: s}
       - {train: {tasks: sd, encoder: resnet18, size: 64, epochs: 2, lr: 0.001}, name: sd-small}
+      - {train: {tasks: sd, size: 64, epochs: 2, adversarial: madry, eps: 0.0157}, name: sd-madry}
     attacks: [pgd, wgd]               # pgd, wgd, apgd, fgsm
     norms: [linf]                     # linf, l2
-    eps: [4/255, 8/255]               # budgets in [0, 1] pixel units
-    alpha: [null]                     # step sizes; null = the attack's own (ignored by apgd)
+    eps: [4/255, 8/255]               # budgets in [0, 1] pixel units (values above 1 are refused)
+    eps_units: 1                      # 255: eps and alpha are grey levels (eps: [4, 8] means 4/255, 8/255)
+    alpha: [null]                     # step sizes; null = the attack's own (2.5*eps/steps; ignored by apgd)
     steps: [10, 25]                   # null = the attack's own (ignored by fgsm)
     restarts: [1]
     seeds: [0]

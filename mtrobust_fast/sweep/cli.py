@@ -13,7 +13,7 @@ from mtrobust_fast.sweep.store import Store
 LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "alpha": "alpha", "steps": "steps",
               "restarts": "restarts", "seed": "seeds", "checkpoint": "models"}
 SCALAR_FLAGS = {"data": "data", "main": "main", "split": "split", "limit": "limit", "size": "size",
-                "batch_size": "batch_size"}
+                "batch_size": "batch_size", "eps_units": "eps_units"}
 
 
 def _list(text):
@@ -29,7 +29,10 @@ def add_arguments(parser):
     add("--attack", type=_list, default=None, help="attacks, comma-separated: pgd, wgd, apgd, fgsm")
     add("--norm", type=_list, default=None, help="threat models, comma-separated: linf, l2")
     add("--eps", type=_list, default=None, help="budgets in [0,1] pixels, comma-separated, e.g. 4/255,8/255")
-    add("--alpha", type=_list, default=None, help="step sizes, comma-separated ('none': the attack's own)")
+    add("--alpha", type=_list, default=None,
+        help="step sizes, comma-separated ('none': the attack's own, 2.5*eps/steps for pgd and wgd)")
+    add("--eps-units", type=int, choices=(1, 255), default=None,
+        help="units of --eps and --alpha: 1 = [0,1] pixels (default), 255 = grey levels (8 means 8/255)")
     add("--steps", type=_list, default=None, help="iterations, comma-separated ('none': the attack's own)")
     add("--restarts", type=_list, default=None, help="random restarts, comma-separated")
     add("--seed", type=_list, default=None, help="seeds, comma-separated")

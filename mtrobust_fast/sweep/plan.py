@@ -25,6 +25,7 @@ KEYS = {
     "models": (None, "models"),
     "attacks": (["pgd"], "list:attack"),
     "norms": (["linf"], "list:norm"),
+    "eps_units": (1, "units"),
     "eps": ([8 / 255], "list:budget"),
     "alpha": ([None], "list:budget?"),
     "steps": ([None], "list:int?"),
@@ -130,13 +131,15 @@ def _value(key, kind, value):
             return value
         if kind == "bool" and isinstance(value, bool):
             return value
+        if kind == "units" and value in (1, 255) and not isinstance(value, bool):
+            return value
         if kind == "path" and isinstance(value, (str, Path)):
             return str(value)
         if kind == "task" and isinstance(value, str):
             return task_registry.get_task(value).letter
     except Exception as error:
         raise PlanError(f"{key}: {error}") from None
-    choices = {"attack": tuple(ATTACKS), "norm": NORMS, "split": SPLITS}.get(kind)
+    choices = {"attack": tuple(ATTACKS), "norm": NORMS, "split": SPLITS, "units": ("1", "255")}.get(kind)
     expected = f"one of {', '.join(choices)}" if choices else f"a {kind}"
     raise PlanError(f"{key}: expected {expected}, got {value!r}")
 
@@ -179,6 +182,12 @@ def check(settings):
             out[key] = value
         else:
             out[key] = _value(key, kind, value)
+    for key in ("eps", "alpha"):  # budgets in [0, 1] pixels, or grey levels under eps_units: 255
+        for i, value in enumerate(out[key]):
+            if value is not None and out["eps_units"] == 1 and value > 1:
+                raise PlanError(f"{key}[{i}]: {value:g} is above 1, but images are in [0, 1]: write {value:g}/255, "
+                                f"or set eps_units: 255")
+        out[key] = [None if v is None else v / out["eps_units"] for v in out[key]]
     if out["size"] is not None and out["size"] % 32:
         raise PlanError(f"size: must be a multiple of 32 (the encoders' stride), got {out['size']}")
     if out["data"] is None:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from mtrobust_fast import ops
-from mtrobust_fast.attacks import TaskSpec, build_attack
+from mtrobust_fast.attacks import ATTACKS, TaskSpec, build_attack
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput
 
 OBJECTIVES = ("madry", "madry_mix", "trades", "fgsm_rs", "free")
@@ -39,10 +39,10 @@ def draw_seed():
 
 
 def default_alpha(attack, eps, steps):
-    """The step size when none is given: 2.5·ε/steps for PGD (Madry et al.'s rule: the walk can cross the ball
-    and come back), 1.25·ε for FGSM with a random start (Wong et al.), ε for Free."""
+    """The step size when none is given: PGD's own (2.5·ε/steps), 1.25·ε for FGSM with a random start (Wong et
+    al.'s fast adversarial training), ε for Free (Shafahi et al.)."""
     if attack == "pgd":
-        return 2.5 * eps / steps
+        return ATTACKS["pgd"].default_alpha(eps, steps)
     return 1.25 * eps if attack == "fgsm" else eps
 
 
