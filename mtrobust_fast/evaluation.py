@@ -19,7 +19,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import SettingRefused, build_attack
 from mtrobust_fast.data import open_dataset
 from mtrobust_fast.device import resolve_device, to_device
-from mtrobust_fast.models import load_checkpoint
+from mtrobust_fast.models import STRIDE, load_checkpoint
 
 
 class SettingError(ValueError):
@@ -163,6 +163,10 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
         model, meta = load_checkpoint(checkpoint, map_location=device)
     except ValueError as error:
         raise SettingError(f"--checkpoint: {error}") from error
+    stride = model.config.get("input_stride", STRIDE)
+    if size is not None and size % stride:
+        raise SettingError(f"--size: the model in {checkpoint} takes images whose side is a multiple of {stride}, "
+                           f"got {size}")
     names = model.task_names
     sets = resolve_sets(sets, names, f"the model in {checkpoint}")
     try:

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mtrobust_fast import results_table, selection  # noqa: E402
+from mtrobust_fast.cli.args import positive_int  # noqa: E402
 from mtrobust_fast import task_names  # noqa: E402
 
 REQUIRED = ("model_tasks", "attacked", "task")
@@ -39,7 +40,7 @@ def add_arguments(parser):
         help="heatmap metric, e.g. rel_vuln or rel_vuln_ratio_of_means (default %(default)s)")
     add("--selection", type=Path, default=None,
         help="output folder (or its pairs.csv) of `mtrobust-fast select`, for the surrogate scatter")
-    add("--dpi", type=int, default=120, help="PNG resolution (default %(default)s)")
+    add("--dpi", type=positive_int, default=120, help="PNG resolution (default %(default)s)")
     add("--tracker", choices=("local", "comet", "comet-offline"), default=None,
         help="also log the figures and summary to a tracker run in OUT (see mtrobust_fast.tracking)")
     add("--project", default=None, help="Comet project name")

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtrobust_fast import cli
 
@@ -37,3 +38,51 @@ def test_table_commands_start_without_torch(command):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from mtrobust_fast.data.synth import synthesize
+    from mtrobust_fast.models import build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("cli")
+    synthesize(root / "d", 12, size=32, seed=0, workers=1, progress=False)
+    save_checkpoint(root / "m.pt", build_model("sd", "resnet18", input_size=32))
+    (root / "afile").write_text("x")
+    return root
+
+
+TRAIN = "train --data {r}/d --size 32 --tasks d --epochs 1 --batch-size 2 --workers 0 --no-progress"
+ATTACK = "attack --checkpoint {r}/m.pt --data {r}/d --limit 1 --no-progress"
+
+
+@pytest.mark.parametrize("line, message", [
+    (ATTACK + " --size 100", "--size: the model in"),
+    (ATTACK + " --seed 99999999999999999999999", "argument --seed: must be in [0, 2**63 - 1]"),
+    (ATTACK + " --workers -1", "argument --workers: must be >= 0"),
+    (TRAIN + " --out {r}/r1 --schedule 0:inf", "schedule learning rates must be positive and finite"),
+    (TRAIN + " --out {r}/r2 --lr 1e308", "training loss became nan in epoch 1"),
+    (TRAIN + " --out {r}/r3 --optim sgd --momentum nan", "momentum must be in [0, 1]"),
+    (TRAIN + " --out {r}/afile", "afile is a file; --out names the run folder"),
+    (TRAIN + " --out {r}/r4 --seed 99999999999999999999999", "argument --seed: must be in [0, 2**63 - 1]"),
+    (TRAIN + " --out {r}/r5 --weight-decay inf", "weight_decay must be finite"),
+    ("report {r}/none.parquet --dpi -5 --out {r}/rep", "argument --dpi: must be an integer >= 1"),
+    ("quickstart --images -1", "argument --images: must be an integer >= 1"),
+])
+def test_bad_command_lines_get_one_clear_error(workspace, capsys, line, message):
+    try:
+        code = cli.main(line.format(r=workspace).split())
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused(workspace, capsys):
+    run = workspace / "resume"
+    assert cli.main((TRAIN + " --out {r}/resume").format(r=workspace).split()) == 0
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["state_dict"]["encoder.stem.0.0.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(payload, run / "last.pt")
+    assert cli.main((TRAIN + " --out {r}/resume --epochs 2 --resume").format(r=workspace).split()) == 2
+    assert "does not fit this run" in capsys.readouterr().err

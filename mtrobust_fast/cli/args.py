@@ -15,6 +15,31 @@ def budget(text):
     return value
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def seed(text):
+    """A random seed: an integer in [0, 2**63 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text!r}")
+    return value
+
+
+def workers(text):
+    """A number of data-loading processes: 0 (load in the main process) up to the CPU count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 loads data in the main process), got {text!r}")
+    return value
+
+
 def positive_int(text):
     try:
         value = int(text)

@@ -16,7 +16,7 @@ from pathlib import Path
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, seed, workers
 from mtrobust_fast.data.taskonomy import SPLITS
 
 
@@ -58,14 +58,14 @@ def add_arguments(parser):
     add("--size", type=positive_int, default=None, help="image side in px (default: the model's input size)")
     add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
     add("--limit", type=positive_int, default=None, help="attack only the first N images of the split")
-    add("--seed", type=int, default=0, help="random-start seed (default %(default)s)")
+    add("--seed", type=seed, default=0, help="random-start seed (default %(default)s)")
     add("--deterministic", action="store_true",
         help="random starts that depend only on (seed, image index), and deterministic algorithms")
     add("--no-gradients", action="store_true",
         help="skip the clean input-gradient statistics (one extra backward pass per task and batch)")
     add("--out", type=Path, default=None,
         help="write OUT.csv and OUT.json (a .csv or .json suffix is replaced)")
-    add("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
+    add("--workers", type=workers, default=0, help="data-loading processes (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
     add("--no-progress", action="store_true", help="no progress bar")
 

@@ -17,7 +17,7 @@ from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli import attack as attack_cli
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, seed, workers
 from mtrobust_fast.data import synth
 from mtrobust_fast.training import TrainConfig, train
 from mtrobust_fast.training.loop import LAST, LOG_NAME
@@ -46,8 +46,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=positive_int, default=10, help="attack steps (default 10; fgsm: 1)")
     parser.add_argument("--attack-limit", type=positive_int, default=None,
                         help="attack only the first N validation images (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=workers, default=1, help="data-loading processes (default 1)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

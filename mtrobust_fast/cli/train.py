@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, seed, workers
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
     ADVERSARIAL,
@@ -88,12 +88,12 @@ def add_arguments(parser):
     adv.add_argument("--select", choices=SELECT, default=_default("select"),
                      help="best.pt: lowest clean validation loss, or lowest adversarial validation error "
                           "(default %(default)s)")
-    add("--seed", type=int, default=_default("seed"), help="random seed (default %(default)s)")
+    add("--seed", type=seed, default=_default("seed"), help="random seed (default %(default)s)")
     add("--save-every", type=int, default=_default("save_every"),
         help="also keep epoch_NNNN.pt every N epochs; 0: never (default %(default)s)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt")
     add("--amp", action="store_true", help="mixed precision (CUDA only)")
-    add("--workers", type=int, default=_default("workers"),
+    add("--workers", type=workers, default=_default("workers"),
         help="data-loading processes per training process (default %(default)s)")
     add("--limit-train", type=int, default=None, help="use only the first N training samples")
     add("--limit-val", type=int, default=None, help="use only the first N validation samples")
@@ -115,7 +115,11 @@ def run(args):
     try:
         pixel_budgets(args)
         train(config_from_args(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"mtrobust-fast train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nmtrobust-fast train: interrupted; the last finished epoch is in {args.out}/last.pt: run the same "
+              f"command with --resume to continue", file=sys.stderr)
+        return 130
     return 0

@@ -1,10 +1,12 @@
 """What a training run is: one plain dataclass (recorded in every checkpoint) and the step LR schedule."""
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
+from mtrobust_fast.cli.args import MAX_SEED
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.weighting import parse_weights
 
@@ -37,8 +39,8 @@ def parse_schedule(text):
         raise ValueError(f"schedule must start at epoch 0, got {text!r}")
     if any(b[0] <= a[0] for a, b in zip(steps, steps[1:])):
         raise ValueError(f"schedule epochs must increase, got {text!r}")
-    if any(not lr > 0 for _, lr in steps):
-        raise ValueError(f"schedule learning rates must be positive, got {text!r}")
+    if any(not 0 < lr < math.inf for _, lr in steps):
+        raise ValueError(f"schedule learning rates must be positive and finite, got {text!r}")
     return steps
 
 
@@ -112,8 +114,14 @@ class TrainConfig:
         self._check_adversarial()
         if self.lr is not None and self.schedule is not None:
             raise ValueError("give lr (a constant rate) or schedule, not both")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         for name in ("epochs", "batch_size", "steps", "replays", "robust_val_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -139,8 +147,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0 <= self.beta < math.inf:
+            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
         if self.robust_val is not None and self.robust_val < 0:
             raise ValueError(f"robust_val must be >= 0, got {self.robust_val}")
         if self.select == "robust" and self.robust_images == 0:

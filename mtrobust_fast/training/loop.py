@@ -218,8 +218,12 @@ class Trainer:
         meta = payload["meta"]
         if "optimizer" not in meta or "epoch" not in meta:
             raise ValueError("checkpoint holds no training state (optimizer, epoch); it cannot be resumed")
-        self.module.load_state_dict(payload["state_dict"])
-        self.optimizer.load_state_dict(meta["optimizer"])
+        try:
+            self.module.load_state_dict(payload["state_dict"])
+            self.optimizer.load_state_dict(meta["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).strip().splitlines()[0:3]
+            raise ValueError(f"the checkpoint does not fit this run's model or optimiser: {' '.join(first)}") from None
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.best_score = meta.get("best_score", math.inf)

@@ -153,6 +153,8 @@ def train(config):
 def _train(config, ctx):
     run_dir = Path(config.out)
     last = run_dir / LAST
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"out: {run_dir} is a file; --out names the run folder (checkpoints and logs go inside)")
     if last.exists() and not config.resume:
         raise FileExistsError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
                               f"or choose another --out")
