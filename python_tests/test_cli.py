@@ -23,6 +23,12 @@ def test_top_level_help_lists_every_command(capsys):
     assert all(words[0] in out for words, _, _ in cli.COMMANDS)
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mtrobust-fast 0.")
+
+
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["attak"])

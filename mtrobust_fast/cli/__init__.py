@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+import mtrobust_fast
+
 # (words of the sub-command, module implementing it, one-line help)
 COMMANDS = [
     (("quickstart",), "mtrobust_fast.cli.quickstart", "the main job in miniature: synthesise, train, attack, print Table 1"),
@@ -35,6 +37,7 @@ def build_parser(chosen=None):
     """The parser of every command; only the ``chosen`` command's module is imported and adds its arguments
     (the others show in help and choices), so a light command does not pay for torch."""
     parser = argparse.ArgumentParser(prog="mtrobust-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mtrobust-fast {mtrobust_fast.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}
     for words, module_name, help_text in COMMANDS:

@@ -1,5 +1,6 @@
 """What a training run is: one plain dataclass (recorded in every checkpoint) and the step LR schedule."""
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -80,7 +81,7 @@ class TrainConfig:
     save_every: int = 50
     resume: bool = False
     amp: bool = False
-    workers: int = 4
+    workers: int = min(4, os.cpu_count() or 1)  # data-loading processes: at most the CPU count
     limit_train: Optional[int] = None
     limit_val: Optional[int] = None
     val_before: bool = False
