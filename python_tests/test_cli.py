@@ -92,3 +92,17 @@ def test_resuming_a_checkpoint_of_another_model_is_refused(workspace, capsys):
     torch.save(payload, run / "last.pt")
     assert cli.main((TRAIN + " --out {r}/resume --epochs 2 --resume").format(r=workspace).split()) == 2
     assert "does not fit this run" in capsys.readouterr().err
+
+
+def test_a_corrupt_file_read_by_a_worker_process_is_one_clear_line(workspace, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(workspace / "d", data)
+    broken = sorted(data.rglob("*domain_depth_zbuffer.png"))[0]
+    broken.write_text("garbage")
+    argv = (f"train --data {data} --out {tmp_path / 'run'} --size 32 --tasks d --epochs 1 --batch-size 2 "
+            f"--workers 1 --no-progress")
+    assert cli.main(argv.split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{broken.name}: not a PNG file") and "Traceback" not in err and len(err.splitlines()) == 1

@@ -68,3 +68,18 @@ def pixel_budgets(args, names=("eps", "alpha")):
         elif value > 1:
             raise ValueError(f"--{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or "
                              f"add --eps-units 255")
+
+
+def error_line(error):
+    """The one line to print for ``error``. An error raised in a DataLoader worker process reaches the main
+    process with the worker's whole traceback in its message: keep only the original error's own message."""
+    text = str(error)
+    if "in DataLoader worker process" in text:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines else text
+    return text
+
+
+def is_worker_error(error):
+    """Whether ``error`` was raised inside a DataLoader worker (re-raised in the main process)."""
+    return "in DataLoader worker process" in str(error)

@@ -16,7 +16,8 @@ from pathlib import Path
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, seed, workers
+from mtrobust_fast.cli.args import (add_budget_units, budget, error_line, is_worker_error, pixel_budgets,
+                                    positive_int, seed, workers)
 from mtrobust_fast.data.taskonomy import SPLITS
 
 
@@ -148,7 +149,12 @@ def run(args):
         pixel_budgets(args)
         config, summary = attack_dataset(args)
     except (evaluation.SettingError, ValueError) as error:
-        print(f"mtrobust-fast attack: error: {error}", file=sys.stderr)
+        print(f"mtrobust-fast attack: error: {error_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if not is_worker_error(error):
+            raise
+        print(f"mtrobust-fast attack: error: {error_line(error)}", file=sys.stderr)
         return 2
     print(format_report(config, summary))
     if args.out is not None:
