@@ -164,3 +164,9 @@ def test_default_step_sizes_follow_the_budget():
     assert build_attack("fgsm", model, spec, eps=0.3).alpha == pytest.approx(0.3)
     per_sample = build_attack("pgd", model, spec, eps=[0.1, 0.2], steps=5).alpha
     assert torch.allclose(per_sample, torch.tensor([0.05, 0.1], dtype=torch.float64))
+
+
+def test_the_report_names_the_per_image_error_for_what_it_is(setup, capsys):
+    assert _attack(setup, "--target", "s", "--limit", "1", "--no-gradients") == 0
+    out = capsys.readouterr().out
+    assert "clean err/img" in out and "1 - the image's own mIoU for segmentation" in out

@@ -87,11 +87,13 @@ def _fmt(value):
 
 def format_report(config, summary):
     """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
-    header = ("task", "clean err", "adv err", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
+    header = ("task", "clean err/img", "adv err/img", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
     alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
     lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} alpha={alpha} "
              f"steps={config['steps']} restarts={config['restarts']} on {summary['samples']} {config['split']} "
-             f"images, model {config['model']} ({config['encoder']})"]
+             f"images, model {config['model']} ({config['encoder']})",
+             "err/img: the per-image error averaged over images (1 - the image's own mIoU for segmentation, masked "
+             "MSE for regression, 0/1 for classification)"]
     for label, entry in summary["attacks"].items():
         rows = [header] + [(metrics.set_label([t]), _fmt(summary["clean"][t]["error"]), _fmt(v["adv_error"]),
                             _fmt(v["rel_vuln"]), _fmt(v["rel_vuln_ratio_of_means"]), _fmt(v["adv_vuln"]))

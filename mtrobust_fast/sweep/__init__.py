@@ -45,8 +45,9 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   ``samples``: images evaluated.
 - ``attacked``: the attacked set (task letters, model order); ``task``: the evaluated task's name;
   ``task_letter``: its letter.
-- ``clean_loss``, ``clean_error``, ``adv_loss``, ``adv_error``: mean task loss and error (1 − mIoU for s, masked
-  MSE otherwise) on clean and attacked images.
+- ``clean_loss``, ``clean_error``, ``adv_loss``, ``adv_error``: task loss and per-image error averaged over images
+  (per image: 1 − the image's own mIoU for s, masked MSE otherwise; not 1 − the dataset mIoU) on clean and
+  attacked images.
 - ``rel_vuln``: the paper's relative task vulnerability (mean per-sample relative error change);
   ``rel_vuln_undefined``: samples left out of it (clean error 0); ``rel_vuln_ratio_of_means``: the source code's
   variant (change of the mean errors over the mean clean error).
