@@ -196,3 +196,22 @@ def test_store_removes_only_temporaries_of_dead_writers(tmp_path):
         path.write_bytes(b"partial")
     Store(tmp_path)
     assert alive.exists() and not dead.exists() and not export.exists()
+
+
+def test_cells_claimed_by_a_live_sweep_are_left_to_it(setup, tmp_path, capsys):
+    """Two sweeps on one folder share the pending cells: a cell another live process claimed is not run twice,
+    a dead process's claim is taken over."""
+    out = tmp_path / "shared"
+    cells = plan.expand(_settings(setup, steps=[1, 2], limit=1, gradients=False), out)
+    store = Store(out)
+    (store.cells / f"{cells[0].cell_id}.claim").write_text(str(os.getppid()))  # a live concurrent sweep
+    (store.cells / f"{cells[1].cell_id}.claim").write_text("999999999")  # a sweep that was killed
+    assert not store.claim(cells[0].cell_id)
+    root, data, sdn, sd = setup
+    argv = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(sdn), "--steps", "1,2",
+            "--limit", "1", "--no-gradients", "--no-progress"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ran 1 cells" in printed and "1 cells are being run by another sweep" in printed
+    assert store.done() == {cells[1].cell_id}
+    assert not (store.cells / f"{cells[1].cell_id}.claim").exists()

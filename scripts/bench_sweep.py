@@ -35,7 +35,7 @@ def timed_sweep(executor, cells, out, **options):
             first.append(time.perf_counter())
         store.write(cell.cell_id, result["rows"])
 
-    executor(cells, on_done, progress=False, **options)
+    executor(cells, on_done, lambda cell: store.claim(cell.cell_id), progress=False, **options)
     return time.perf_counter() - start, (first[0] if first else start) - start
 
 

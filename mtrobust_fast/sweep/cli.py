@@ -150,7 +150,7 @@ def run(args):
         options = dict(device=args.device, record_steps=track is not None, progress=not args.no_progress)
         if args.executor == "ray":
             options.update(address=args.address, num_cpus=args.ray_cpus)
-        EXECUTORS[args.executor](pending, on_done, **options)
+        ran = EXECUTORS[args.executor](pending, on_done, lambda cell: store.claim(cell.cell_id), **options)
     except SettingError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
@@ -158,6 +158,11 @@ def run(args):
         print(f"sweep: interrupted with {len(store.done())} of {len(cells)} cells finished; run the same command "
               "again to continue", file=sys.stderr)
         return 130
+    elsewhere = [cell for cell in pending if cell not in ran and cell.cell_id not in store.done()]
+    if elsewhere:
+        print(f"sweep: {len(elsewhere)} cells are being run by another sweep on {args.out}; their rows join the "
+              f"table when it exports (or when this command is run again)", flush=True)
     table, paths = store.export()
-    print(f"sweep: {len(table)} rows from {len(store.done())} cells; wrote " + " and ".join(map(str, paths)))
+    print(f"sweep: ran {len(ran)} cells; {len(table)} rows from {len(store.done())} cells; wrote "
+          + " and ".join(map(str, paths)))
     return 0

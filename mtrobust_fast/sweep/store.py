@@ -1,11 +1,12 @@
 """The results table on disk: one Parquet part file per finished cell, written atomically, so an interrupted sweep
 (Ctrl-C, kill -9, a lost node) keeps every finished cell and leaves no partial one; a re-run skips the cells whose
 part exists, and since a cell has exactly one part the table never holds a row twice."""
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from mtrobust_fast.files import atomic_write, remove_stale_temporaries
+from mtrobust_fast.files import atomic_write, process_alive, remove_stale_temporaries
 
 ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
 LAST = ["version", "seconds", "device"]
@@ -24,9 +25,37 @@ class Store:
     def done(self):
         return {path.stem for path in self.cells.glob("*.parquet")}
 
+    def claim(self, cell_id):
+        """Mark the cell as run by this process (``<id>.claim`` created atomically, holding its pid); False when
+        it is finished or a live process on this machine holds it. A dead holder's claim is taken over, so
+        concurrent sweeps on one folder share the pending cells and a killed one leaves nothing locked."""
+        path = self.cells / f"{cell_id}.claim"
+        for _ in range(2):
+            if (self.cells / f"{cell_id}.parquet").exists():
+                return False
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = int(path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and holder != os.getpid() and process_alive(holder):
+                    return False
+                path.unlink(missing_ok=True)  # a dead (or unreadable) holder: take the cell over
+                continue
+            with os.fdopen(descriptor, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def release(self, cell_id):
+        (self.cells / f"{cell_id}.claim").unlink(missing_ok=True)
+
     def write(self, cell_id, rows):
         frame = pd.DataFrame(rows)
         atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+        self.release(cell_id)
 
     def table(self):
         """Every part, parts ordered by their settings (so the order does not depend on which finished first),
