@@ -215,3 +215,41 @@ def test_cells_claimed_by_a_live_sweep_are_left_to_it(setup, tmp_path, capsys):
     assert "ran 1 cells" in printed and "1 cells are being run by another sweep" in printed
     assert store.done() == {cells[1].cell_id}
     assert not (store.cells / f"{cells[1].cell_id}.claim").exists()
+
+
+def test_truncated_or_misnamed_parts_are_named_and_recomputed(setup, tmp_path):
+    root, data, sdn, sd = setup
+    out = tmp_path / "parts"
+    argv = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(sdn), "--steps", "1,2",
+            "--limit", "1", "--no-gradients", "--no-progress"]
+    assert cli_main(argv) == 0
+    reference = pd.read_parquet(out / "results.parquet")
+    first, second = sorted((out / "cells").glob("*.parquet"))
+    first.write_bytes(first.read_bytes()[:100])  # truncated by a crash of the disk, say
+    second.rename(out / "cells" / "0000misnamed.parquet")
+    with pytest.warns(UserWarning, match="not a readable results part"):
+        assert len(Store(out).done()) == 0
+    assert cli_main(argv) == 0
+    _same(pd.read_parquet(out / "results.parquet"), reference)
+    assert sorted(p.name for p in (out / "cells" / "bad").iterdir()) == sorted(["0000misnamed.parquet", first.name])
+
+
+def test_a_cell_tracked_then_killed_before_its_part_is_tracked_once(setup, tmp_path, monkeypatch, capsys):
+    root, data, sdn, sd = setup
+    out = tmp_path / "tracked"
+    argv = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(sdn), "--steps", "1",
+            "--limit", "1", "--sets", "s", "--no-gradients", "--no-progress", "--tracker", "local"]
+
+    def killed(self, cell_id, rows):
+        raise KeyboardInterrupt  # the kill lands after tracking, before the part is written
+
+    monkeypatch.setattr(Store, "write", killed)
+    assert cli_main(argv) == 130
+    monkeypatch.undo()
+    assert cli_main(argv) == 0
+    (run,) = (out / "runs").iterdir()
+    assert (run / "tracking" / "curves.jsonl").read_text().count("step_loss") == 1
+    other = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(sdn), "--steps", "2",
+             "--limit", "1", "--sets", "s", "--no-gradients", "--no-progress"]
+    assert cli_main(other) == 0
+    assert "1 finished cells of earlier sweeps" in capsys.readouterr().out

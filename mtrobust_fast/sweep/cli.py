@@ -1,6 +1,7 @@
 """``mtrobust-fast sweep`` flags: a settings file (``--config``), flags, or both (a flag given replaces the
 file's key), expanded by :mod:`.plan`, run by an executor, collected by :mod:`.store`."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def _tracker_callback(args):
     from mtrobust_fast.tracking import make_tracker
 
     def log(cell, result):
+        # A cell tracked before a kill but never written is tracked again: start its local run afresh so its
+        # files hold it once (a Comet online experiment of the first attempt stays on the server).
+        shutil.rmtree(args.out / "runs" / cell.cell_id, ignore_errors=True)
         try:
             tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
                                    experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
@@ -136,8 +140,11 @@ def run(args):
                   f"alpha={cell.alpha} steps={cell.steps} restarts={cell.restarts} seed={cell.seed} "
                   f"sets={','.join(cell.sets)}")
         return 0
-    print(f"sweep: {len(cells)} cells, {len(cells) - len(pending)} already finished, {len(pending)} to run",
-          flush=True)
+    planned = {cell.cell_id for cell in cells}
+    earlier = len(done - planned)
+    print(f"sweep: {len(cells)} cells, {len(cells) - len(pending)} already finished, {len(pending)} to run"
+          + (f"; {earlier} finished cells of earlier sweeps in {args.out} join the exported table too" if earlier
+             else ""), flush=True)
     track = _tracker_callback(args)
 
     def on_done(cell, result):

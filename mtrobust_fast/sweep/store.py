@@ -2,14 +2,28 @@
 (Ctrl-C, kill -9, a lost node) keeps every finished cell and leaves no partial one; a re-run skips the cells whose
 part exists, and since a cell has exactly one part the table never holds a row twice."""
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mtrobust_fast.files import atomic_write, process_alive, remove_stale_temporaries
 
 ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
 LAST = ["version", "seconds", "device"]
+
+
+def _part_problem(path):
+    """Why the part at ``path`` cannot be used, or None."""
+    try:
+        ids = pq.read_table(path, columns=["cell_id"]).column("cell_id").to_pylist()
+    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+        return f"not a readable results part ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    if not ids or set(ids) != {path.stem}:
+        return f"its rows belong to cell(s) {sorted(set(ids))[:3]}, not {path.stem}"
+    return None
 
 
 class Store:
@@ -23,7 +37,21 @@ class Store:
             remove_stale_temporaries(folder)
 
     def done(self):
-        return {path.stem for path in self.cells.glob("*.parquet")}
+        """The ids of the cells whose part is whole. A part that cannot be read, or whose rows belong to another
+        cell (a truncated or renamed file), is moved to ``cells/bad/`` with a warning naming it, so its cell
+        counts as pending and is computed again."""
+        finished = set()
+        for path in sorted(self.cells.glob("*.parquet")):
+            problem = _part_problem(path)
+            if problem is None:
+                finished.add(path.stem)
+                continue
+            bad = self.cells / "bad"
+            bad.mkdir(exist_ok=True)
+            os.replace(path, bad / path.name)
+            warnings.warn(f"{path}: {problem}; moved to {bad / path.name}, and the cell will be run again",
+                          stacklevel=2)
+        return finished
 
     def claim(self, cell_id):
         """Mark the cell as run by this process (``<id>.claim`` created atomically, holding its pid); False when
@@ -60,7 +88,7 @@ class Store:
     def table(self):
         """Every part, parts ordered by their settings (so the order does not depend on which finished first),
         each part's rows in their reported order."""
-        parts = [pd.read_parquet(path) for path in sorted(self.cells.glob("*.parquet"))]
+        parts = [pd.read_parquet(self.cells / f"{cell_id}.parquet") for cell_id in sorted(self.done())]
         if not parts:
             return pd.DataFrame()
         parts.sort(key=lambda part: tuple(str(part[key].iloc[0]) for key in ORDER))
