@@ -253,3 +253,18 @@ def test_a_cell_tracked_then_killed_before_its_part_is_tracked_once(setup, tmp_p
              "--limit", "1", "--sets", "s", "--no-gradients", "--no-progress"]
     assert cli_main(other) == 0
     assert "1 finished cells of earlier sweeps" in capsys.readouterr().out
+
+
+def test_a_checkpoint_retrained_in_place_is_not_exported_under_one_key(setup, tmp_path, capsys):
+    root, data, sdn, sd = setup
+    out, checkpoint = tmp_path / "retrained", tmp_path / "model.pt"
+    argv = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(checkpoint), "--steps", "1",
+            "--limit", "1", "--sets", "s", "--no-gradients", "--no-progress"]
+    torch.manual_seed(1)
+    save_checkpoint(checkpoint, build_model("sd", "resnet18", input_size=32))
+    assert cli_main(argv) == 0
+    torch.manual_seed(2)
+    save_checkpoint(checkpoint, build_model("sd", "resnet18", input_size=32))  # retrained at the same path
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was retrained in place" in err and len(list((out / "cells").glob("*.parquet"))) == 2

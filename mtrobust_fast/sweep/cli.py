@@ -169,7 +169,11 @@ def run(args):
     if elsewhere:
         print(f"sweep: {len(elsewhere)} cells are being run by another sweep on {args.out}; their rows join the "
               f"table when it exports (or when this command is run again)", flush=True)
-    table, paths = store.export()
+    try:
+        table, paths = store.export()
+    except ValueError as error:
+        print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+        return 2
     print(f"sweep: ran {len(ran)} cells; {len(table)} rows from {len(store.done())} cells; wrote "
           + " and ".join(map(str, paths)))
     return 0

@@ -12,6 +12,10 @@ import pyarrow.parquet as pq
 from mtrobust_fast.files import atomic_write, process_alive, remove_stale_temporaries
 
 ORDER = ["model", "attack", "norm", "eps", "alpha", "steps", "restarts", "seed", "cell_id"]
+# What a row measures: two rows from different cells must not share all of these (a retrained checkpoint at the
+# same path would give different values under one key).
+KEY = ["model", "checkpoint", "data", "split", "limit", "attack", "norm", "eps", "alpha", "steps", "restarts",
+       "seed", "attacked", "task"]
 LAST = ["version", "seconds", "device"]
 
 
@@ -97,8 +101,19 @@ class Store:
         return table[[column for column in table.columns if column not in last] + last]
 
     def export(self):
-        """Write ``results.parquet`` and ``results.csv``; returns ``(table, paths)``."""
+        """Write ``results.parquet`` and ``results.csv``; returns ``(table, paths)``. ValueError, naming the
+        cells, when two cells measure the same thing (see ``KEY``) with different model contents."""
         table = self.table()
+        key = [column for column in KEY if column in table.columns]
+        if len(table) and key:
+            clash = table[table.duplicated(key, keep=False)]
+            if len(clash):
+                cells = sorted(set(clash["cell_id"]))
+                raise ValueError(
+                    f"cells {', '.join(cells[:4])} in {self.cells} measure the same model path, attack and task "
+                    f"(e.g. {clash.iloc[0]['checkpoint']} attacked on {clash.iloc[0]['attacked']}) with "
+                    f"different results: the checkpoint was retrained in place. Move the older parts out of "
+                    f"{self.cells}, or sweep the new checkpoint into another --out")
         paths = self.out / "results.parquet", self.out / "results.csv"
         atomic_write(paths[0], lambda tmp: table.to_parquet(tmp, index=False))
         atomic_write(paths[1], lambda tmp: table.to_csv(tmp, index=False))
