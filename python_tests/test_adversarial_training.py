@@ -217,7 +217,7 @@ def test_resume_refuses_changed_adversarial_settings(objects, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--adversarial", "pgd"], "argument --adversarial"),
-    (["--eps", "8"], "eps must be in [0, 1]"),
+    (["--eps", "8"], "--eps: 8 is above 1, but images are in [0, 1]"),
     (["--adversarial", "madry", "--attack-tasks", "s"], "attack_tasks: 's' is not one of the model's tasks"),
     (["--select", "robust"], "select: 'robust' needs robust validation"),
     (["--tasks", "sd"], "tasks:"),
