@@ -1,6 +1,7 @@
 """Command-line value parsers shared by the sub-commands (no torch import, so light commands stay light)."""
 import argparse
 import math
+import sys
 from fractions import Fraction
 
 
@@ -18,36 +19,28 @@ def budget(text):
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
-def seed(text):
-    """A random seed: an integer in [0, 2**63 - 1]."""
+def _integer(text, low, high, rule):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text!r}")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
     return value
+
+
+def seed(text):
+    """A random seed: an integer in [0, 2**63 - 1]."""
+    return _integer(text, 0, MAX_SEED, "in [0, 2**63 - 1]")
 
 
 def workers(text):
-    """A number of data-loading processes: 0 (load in the main process) up to the CPU count."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 loads data in the main process), got {text!r}")
-    return value
+    """A number of data-loading processes (0: load in the main process)."""
+    return _integer(text, 0, None, ">= 0 (0 loads data in the main process)")
 
 
 def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return _integer(text, 1, None, "an integer >= 1")
 
 
 def add_budget_units(parser):
@@ -68,6 +61,21 @@ def pixel_budgets(args, names=("eps", "alpha")):
         elif value > 1:
             raise ValueError(f"--{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or "
                              f"add --eps-units 255")
+
+
+def run_reporting(command, action, expected=(ValueError, FileNotFoundError, FileExistsError)):
+    """``action()``'s exit code; an ``expected`` error, or any error raised in a DataLoader worker, is printed
+    as one line (``mtrobust-fast COMMAND: error: ...``) and gives exit code 2."""
+    try:
+        return action()
+    except expected as error:
+        message = error_line(error)
+    except RuntimeError as error:
+        if not is_worker_error(error):
+            raise
+        message = error_line(error)
+    print(f"mtrobust-fast {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def error_line(error):

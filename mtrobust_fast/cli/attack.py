@@ -10,14 +10,12 @@ import argparse
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import (add_budget_units, budget, error_line, is_worker_error, pixel_budgets,
-                                    positive_int, seed, workers)
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
 from mtrobust_fast.data.taskonomy import SPLITS
 
 
@@ -147,19 +145,13 @@ def write_results(out, config, summary, rows):
 
 
 def run(args):
-    try:
+    def attack():
         pixel_budgets(args)
         config, summary = attack_dataset(args)
-    except (evaluation.SettingError, ValueError) as error:
-        print(f"mtrobust-fast attack: error: {error_line(error)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        if not is_worker_error(error):
-            raise
-        print(f"mtrobust-fast attack: error: {error_line(error)}", file=sys.stderr)
-        return 2
-    print(format_report(config, summary))
-    if args.out is not None:
-        paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
-        print("wrote " + " and ".join(str(p) for p in paths))
-    return 0
+        print(format_report(config, summary))
+        if args.out is not None:
+            paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
+            print("wrote " + " and ".join(str(p) for p in paths))
+        return 0
+
+    return run_reporting("attack", attack)

@@ -7,8 +7,7 @@ import dataclasses
 import sys
 
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.cli.args import (add_budget_units, budget, error_line, is_worker_error, pixel_budgets, seed,
-                                    workers)
+from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
     ADVERSARIAL,
@@ -113,19 +112,14 @@ def config_from_args(args):
 
 
 def run(args):
-    try:
+    def training():
         pixel_budgets(args)
         train(config_from_args(args))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"mtrobust-fast train: error: {error_line(error)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        if not is_worker_error(error):
-            raise
-        print(f"mtrobust-fast train: error: {error_line(error)}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return run_reporting("train", training, (ValueError, FileNotFoundError, FileExistsError, FloatingPointError))
     except KeyboardInterrupt:
         print(f"\nmtrobust-fast train: interrupted; the last finished epoch is in {args.out}/last.pt: run the same "
               f"command with --resume to continue", file=sys.stderr)
         return 130
-    return 0

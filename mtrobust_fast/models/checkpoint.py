@@ -52,18 +52,27 @@ def save_checkpoint(path, model, **metadata):
     return path
 
 
+def load_plain(path, map_location="cpu"):
+    """The object stored at ``path``, read with ``torch.load(weights_only=True)`` (no code runs); FileNotFoundError
+    or ValueError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        raise ValueError(f"{path} cannot be read as a checkpoint (torch.load weights_only failed: {detail})") from err
+
+
 def read_checkpoint(path, map_location="cpu"):
     """Load and validate the raw checkpoint dict (format, config, state_dict, meta) without building a model.
 
     A checkpoint of the MTRobust / AAAI'22 training code is recognised by its keys and converted on the fly
     (:mod:`mtrobust_fast.models.source_import`), so it is accepted wherever a checkpoint is."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ValueError(f"{path} is not an mtrobust-fast checkpoint (torch.load weights_only failed: {err})") from err
+    payload = load_plain(path, map_location)
     if source_import.is_source_payload(payload):
         return source_import.convert(payload, where=path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

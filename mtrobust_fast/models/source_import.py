@@ -20,8 +20,6 @@ Architectures: ResNet-18, ResNet-50, ResNet-152 and Wide-ResNet-50-2. The AAAI'2
 different trunk and a separable decoder that this project's models do not reproduce; they are refused with an
 error. The file is read with ``torch.load(weights_only=True)`` only.
 """
-import os
-import pickle
 import re
 
 import torch
@@ -175,14 +173,9 @@ def _plain_number(value):
 
 def load_source_payload(path, map_location="cpu"):
     """The raw dict of a source checkpoint file, loaded with ``weights_only=True``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        raise SourceCheckpointError(f"{path} cannot be read as a checkpoint (torch.load weights_only failed: "
-                                    f"{error})") from error
+    from mtrobust_fast.models.checkpoint import load_plain
+
+    payload = load_plain(path, map_location)
     if not is_source_payload(payload):
         raise SourceCheckpointError(f"{path} is not an MTRobust/AAAI'22 checkpoint (no state_dict with an "
                                     f"encoder.conv1 trunk)")
