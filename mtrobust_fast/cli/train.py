@@ -22,6 +22,7 @@ from mtrobust_fast.training.config import (
     TrainConfig,
 )
 from mtrobust_fast.training.runner import train
+from mtrobust_fast.weighting import METHODS as WEIGHTINGS
 
 
 def _default(name):
@@ -55,6 +56,10 @@ def add_arguments(parser):
     add("--weights", default=_default("weights"),
         help="task loss weights: uniform (1/N), zamir (the paper's main/auxiliary table, needs --main), or "
              "TASK=W,... for every task, negative weights allowed, e.g. s=1,d=-0.1 (default %(default)s)")
+    add("--weighting", choices=WEIGHTINGS, default=_default("weighting"),
+        help="how task losses become encoder gradients: static (the weighted sum), or a torchjd aggregator of the "
+             "per-task encoder gradients (ew/mean, mgda, upgrad, pcgrad, imtlg, aligned_mtl, dualproj, graddrop; "
+             "cagrad, nashmtl with their torchjd extras); --weights scale the losses first (default %(default)s)")
     add("--main", default=None, help="main task letter (for --weights zamir and --attack-tasks main)")
     add("--class-loss", choices=CLASS_LOSSES, default=_default("class_loss"),
         help="classifier loss: softmax cross-entropy, or sigmoid BCE on one-hot labels (the GAT source's)")

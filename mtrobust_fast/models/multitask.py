@@ -69,5 +69,9 @@ class MultiTaskModel(nn.Module):
     def decode(self, representation):
         return {name: decoder(representation) for name, decoder in self.decoders.items()}
 
-    def forward(self, x):
-        return self.decode(self.encode(x))
+    def forward(self, x, with_features=False):
+        """``{task: output}``, or ``(outputs, shared representation)`` with ``with_features`` (what gradient-based
+        task weightings need; passing it through ``forward`` keeps DDP's bookkeeping intact)."""
+        representation = self.encode(x)
+        outputs = self.decode(representation)
+        return (outputs, representation) if with_features else outputs

@@ -28,7 +28,7 @@ import torch
 
 from mtrobust_fast import ops
 from mtrobust_fast.attacks import ATTACKS, TaskSpec, build_attack
-from mtrobust_fast.training.objectives import Objective, ObjectiveOutput
+from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
 OBJECTIVES = ("madry", "madry_mix", "trades", "fgsm_rs", "free")
 
@@ -106,7 +106,8 @@ class Madry(AdversarialObjective):
 
     def __call__(self, model, images, targets, masks):
         x_adv = self.adversarial(model, images, targets, masks)
-        return ObjectiveOutput(self.losses.means(model(x_adv), targets, masks))
+        features = []
+        return ObjectiveOutput(self.losses.means(forward(model, x_adv, features), targets, masks), features or None)
 
 
 class FgsmRS(Madry):
@@ -122,9 +123,11 @@ class MadryMix(AdversarialObjective):
 
     def __call__(self, model, images, targets, masks):
         x_adv = self.adversarial(model, images, targets, masks)
-        clean = self.losses.means(model(images), targets, masks)
-        adv = self.losses.means(model(x_adv), targets, masks, tasks=self.attacked)
-        return ObjectiveOutput({n: 0.5 * clean[n] + 0.5 * adv[n] if n in adv else clean[n] for n in clean})
+        features = []
+        clean = self.losses.means(forward(model, images, features), targets, masks)
+        adv = self.losses.means(forward(model, x_adv, features), targets, masks, tasks=self.attacked)
+        return ObjectiveOutput({n: 0.5 * clean[n] + 0.5 * adv[n] if n in adv else clean[n] for n in clean},
+                               features or None)
 
 
 def _divergence_spec(task):
@@ -149,14 +152,15 @@ class Trades(AdversarialObjective):
         clean_in_attack_mode = attack.outputs(images)
         reference = {n: clean_in_attack_mode[n] for n in self.attacked}
         x_adv = attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
-        clean_outputs = model(images)
-        adv_outputs = model(x_adv)
+        features = []
+        clean_outputs = forward(model, images, features)
+        adv_outputs = forward(model, x_adv, features)
         losses = self.losses.means(clean_outputs, targets, masks)
         for task in self.losses.tasks:
             if task.name in self.attacked:
                 divergence = task.divergence(adv_outputs[task.name], clean_outputs[task.name], masks.get(task.name))
                 losses[task.name] = losses[task.name] + self.beta * divergence.mean()
-        return ObjectiveOutput(losses)
+        return ObjectiveOutput(losses, features or None)
 
     def describe(self):
         return {**super().describe(), "beta": self.beta}
@@ -186,7 +190,8 @@ class Free(AdversarialObjective):
         for _ in range(self.replays):
             perturbation = delta.detach().requires_grad_(True)
             x = (images + perturbation).clamp(0.0, 1.0)
-            yield ObjectiveOutput(self.losses.means(model(x), targets, masks))
+            features = []
+            yield ObjectiveOutput(self.losses.means(forward(model, x, features), targets, masks), features or None)
             # The trainer has back-propagated the weighted loss: the perturbation's gradient is its input gradient.
             if perturbation.grad is None:
                 raise RuntimeError("free: the backward pass did not reach the input perturbation")

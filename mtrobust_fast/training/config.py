@@ -9,6 +9,7 @@ from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.cli.args import MAX_SEED
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
+from mtrobust_fast.weighting import METHODS as WEIGHTINGS
 from mtrobust_fast.weighting import parse_weights
 
 # The source's step schedules (epoch index from which a learning rate applies), per optimiser:
@@ -76,6 +77,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     weight_decay: Optional[float] = None  # default: DEFAULT_WEIGHT_DECAY[optim]
     weights: str = "uniform"
+    weighting: str = "static"
     main: Optional[str] = None
     seed: int = 42
     save_every: int = 50
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.weights not in WEIGHT_MODES:
             parse_weights(self.weights)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         self._check_adversarial()
         if self.lr is not None and self.schedule is not None:
             raise ValueError("give lr (a constant rate) or schedule, not both")
@@ -213,6 +217,6 @@ class TrainConfig:
 
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
-RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "main", "seed", "batch_size", "class_loss",
+RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
                 "select")

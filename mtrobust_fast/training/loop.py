@@ -137,7 +137,9 @@ class Trainer:
             n = images.shape[0]
             for out in self._updates(images, targets, masks):
                 self.optimizer.zero_grad(set_to_none=True)
-                total = self.weighting.backward(out.task_losses, scaler=self.scaler)
+                extra = dict(features=out.features, shared_parameters=self.module.shared_parameters()) \
+                    if self.weighting.needs_features else {}
+                total = self.weighting.backward(out.task_losses, scaler=self.scaler, **extra)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 values = [total] + [out.task_losses[name].detach() for name in self.task_names]

@@ -6,15 +6,31 @@ output per parameter update: one for most objectives, several when an objective 
 adversarial training). The clean objective is here; the adversarial ones are in ``adversarial.py``.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.models.multitask import MultiTaskModel
 
 
 @dataclass
 class ObjectiveOutput:
-    """``task_losses``: ``{task name: batch-mean loss}``, scalars that keep their graph."""
+    """``task_losses``: ``{task name: batch-mean loss}``, scalars that keep their graph. ``features``: the
+    shared representations the losses were computed from (one per forward pass), for gradient-based
+    weightings; None for models without a shared encoder."""
 
     task_losses: dict = field(default_factory=dict)
+    features: Optional[list] = None
+
+
+def forward(model, images, features=None):
+    """The model's outputs at ``images``; a multi-task model's shared representation is appended to the list
+    ``features`` (when given)."""
+    module = getattr(model, "module", model)
+    if features is None or not isinstance(module, MultiTaskModel):
+        return model(images)
+    outputs, representation = model(images, with_features=True)
+    features.append(representation)
+    return outputs
 
 
 class TaskLosses:
@@ -70,4 +86,5 @@ class CleanObjective(Objective):
         self.losses = losses
 
     def __call__(self, model, images, targets, masks):
-        return ObjectiveOutput(self.losses.means(model(images), targets, masks))
+        features = []
+        return ObjectiveOutput(self.losses.means(forward(model, images, features), targets, masks), features or None)

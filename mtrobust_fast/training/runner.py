@@ -24,7 +24,7 @@ from mtrobust_fast.training.adversarial import RobustValidation, make_objective
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
-from mtrobust_fast.weighting import StaticWeighting
+from mtrobust_fast.weighting import make_weighting
 
 CONFIG_NAME = "config.json"
 DEFAULT_TASKONOMY_SIZE = 256
@@ -163,8 +163,12 @@ def _train(config, ctx):
     losses = TaskLosses(model.task_records.values())
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
+    if config.weighting != "static" and ctx.distributed:
+        raise ValueError(f"weighting: {config.weighting} aggregates each process's own task gradients, which DDP "
+                         f"cannot average correctly; use --weighting static under torchrun")
     trainer = Trainer(
-        model, objective, StaticWeighting(model.config["task_weights"]), make_optimizer(config, model.parameters()),
+        model, objective, make_weighting(config.weighting, model.config["task_weights"]),
+        make_optimizer(config, model.parameters()),
         parse_schedule(config.lr_schedule), train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
         amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,
         record={**config.to_dict(), "objective_settings": objective.describe()},

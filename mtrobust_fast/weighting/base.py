@@ -13,9 +13,12 @@ class Weighting(abc.ABC):
     to the one number that ranks checkpoints.
     """
 
+    needs_features = False  # whether backward needs the shared representation and the shared parameters
+
     @abc.abstractmethod
-    def backward(self, losses, *, scaler=None):
-        """Back-propagate the per-task ``losses``; returns the combined loss (detached)."""
+    def backward(self, losses, *, scaler=None, features=None, shared_parameters=None):
+        """Back-propagate the per-task ``losses``; returns the combined loss (detached). ``features``: the
+        shared representation(s) every loss was computed from; ``shared_parameters``: the encoder's."""
 
     @abc.abstractmethod
     def combine(self, values):

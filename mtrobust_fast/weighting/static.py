@@ -40,7 +40,7 @@ class StaticWeighting(Weighting):
     def combine(self, values):
         return sum(self.weights[name] * values[name] for name in self.weights)
 
-    def backward(self, losses, *, scaler=None):
+    def backward(self, losses, *, scaler=None, features=None, shared_parameters=None):
         self._check(losses, list(self.weights))
         total = self.combine(losses)
         (total if scaler is None else scaler.scale(total)).backward()
