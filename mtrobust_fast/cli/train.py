@@ -12,6 +12,7 @@ from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
     ADVERSARIAL,
     CLASS_LOSSES,
+    CURVATURE,
     DEFAULT_ROBUST_VAL,
     DEFAULT_SCHEDULES,
     DEFAULT_TASKS,
@@ -85,6 +86,14 @@ def add_arguments(parser):
     adv.add_argument("--attack-mode", choices=MODEL_MODES, default=_default("attack_mode"),
                      help="model mode during the inner attack: eval, or train with BatchNorm statistics frozen "
                           "(default %(default)s)")
+    adv.add_argument("--curvature", choices=CURVATURE, default=_default("curvature"),
+                     help="gradient-curvature regulariser: xi = (1 - cos^2(g1, g2)) |g1 - g2|^2 / |g1 + g2|^2 between "
+                          "the input gradients of two tasks, its batch mean added as one more loss (default "
+                          "%(default)s)")
+    adv.add_argument("--curvature-tasks", default=None,
+                     help="the two tasks it compares, e.g. s,d (default: --main, else the first task, and the next)")
+    adv.add_argument("--curvature-weight", type=float, default=_default("curvature_weight"),
+                     help="its weight (default %(default)s)")
     adv.add_argument("--robust-val", type=int, default=None,
                      help=f"validation images attacked with PGD every epoch (default {DEFAULT_ROBUST_VAL} when "
                           "training adversarially, else 0)")

@@ -22,6 +22,7 @@ DEFAULT_TASKS = "sdnE"  # Taskonomy tasks when none are given
 ADVERSARIAL = ("none",) + OBJECTIVES
 NORMS = ("linf", "l2")
 CLASS_LOSSES = ("ce", "bce")
+CURVATURE = ("none", "xi")
 SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
 DEFAULT_ROBUST_VAL = 64  # validation images attacked every epoch when training adversarially
 
@@ -101,6 +102,9 @@ class TrainConfig:
     beta: float = 6.0
     replays: int = 4
     attack_mode: str = "eval"
+    curvature: str = "none"
+    curvature_tasks: Optional[str] = None
+    curvature_weight: float = 1.0
     robust_val: Optional[int] = None
     robust_val_steps: int = 10
     select: str = "clean"
@@ -152,6 +156,10 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
+        if self.curvature not in CURVATURE:
+            raise ValueError(f"curvature must be one of {CURVATURE}, got {self.curvature!r}")
+        if not -math.inf < self.curvature_weight < math.inf:
+            raise ValueError(f"curvature_weight must be finite, got {self.curvature_weight}")
         if not 0 <= self.beta < math.inf:
             raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
         if self.robust_val is not None and self.robust_val < 0:
@@ -219,4 +227,5 @@ class TrainConfig:
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
+                "curvature", "curvature_tasks", "curvature_weight",
                 "select")

@@ -104,6 +104,7 @@ class Trainer:
         self.best_score = math.inf
         self._last_robust_error = None
         self.task_names = losses.names
+        self.train_terms = list(getattr(weighting, "weights", None) or losses.names)  # tasks + extra terms
 
     # ---- one epoch ----
 
@@ -129,20 +130,19 @@ class Trainer:
             sampler.set_epoch(epoch)
         self.objective.start_epoch(epoch)
         self.model.train()
-        # Running sums on the device (no per-step host sync): combined loss, per-task losses, sample count.
-        sums = torch.zeros(len(self.task_names) + 2, dtype=torch.float64, device=self.ctx.device)
+        # Running sums on the device (no per-step host sync): combined loss, per-term losses, sample count.
+        sums = torch.zeros(len(self.train_terms) + 2, dtype=torch.float64, device=self.ctx.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
             images, targets, masks = to_device(batch, self.ctx.device)
             n = images.shape[0]
             for out in self._updates(images, targets, masks):
                 self.optimizer.zero_grad(set_to_none=True)
-                extra = dict(features=out.features, shared_parameters=self.module.shared_parameters()) \
-                    if self.weighting.needs_features else {}
+                extra = dict(model=self.module, features=out.features) if self.weighting.needs_model else {}
                 total = self.weighting.backward(out.task_losses, scaler=self.scaler, **extra)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                values = [total] + [out.task_losses[name].detach() for name in self.task_names]
+                values = [total] + [out.task_losses[name].detach() for name in self.train_terms]
                 sums[:-1] += torch.stack(values).double() * n
                 sums[-1] += n
             if self.progress and step % 10 == 0:
@@ -152,7 +152,7 @@ class Trainer:
         if not math.isfinite(means[0]):
             raise FloatingPointError(f"training loss became {means[0]} in epoch {epoch + 1}; lower the learning rate")
         return {"lr": lr, "loss": means[0], "samples": int(sums[-1]),
-                "task_losses": dict(zip(self.task_names, means[1:]))}
+                "task_losses": dict(zip(self.train_terms, means[1:]))}
 
     @torch.no_grad()
     def validate(self):

@@ -24,6 +24,7 @@ from mtrobust_fast.training.adversarial import RobustValidation, make_objective
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
+from mtrobust_fast.training.regularisers import CurvatureRegularised
 from mtrobust_fast.weighting import make_weighting
 
 CONFIG_NAME = "config.json"
@@ -120,6 +121,21 @@ def make_objective_for(config, model, losses):
                           replays=config.replays), attacked
 
 
+def curvature_tasks(config, model):
+    """The two tasks whose input gradients the curvature term compares: ``curvature_tasks`` ("s,d"), else the
+    main task (``main`` or the first) and the first other task."""
+    names = model.task_names
+    if config.curvature_tasks:
+        chosen = [part.strip() for part in config.curvature_tasks.split(",") if part.strip()]
+        chosen = [c if c in names else task_registry.get_task(c).name for c in chosen]
+    else:
+        main = names[0] if config.main is None else task_registry.get_task(config.main).name
+        chosen = [main] + [n for n in names if n != main][:1]
+    if len(chosen) != 2:
+        raise ValueError(f"curvature: needs two tasks (a main and an auxiliary one); the model has {names}")
+    return chosen
+
+
 def robust_validation(config, ctx, val_set, losses, attacked):
     if config.robust_images == 0:
         return None
@@ -163,11 +179,18 @@ def _train(config, ctx):
     losses = TaskLosses(model.task_records.values())
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
+    weights = dict(model.config["task_weights"])
+    if config.curvature != "none":
+        if ctx.distributed:
+            raise ValueError("curvature: the regulariser's double backward does not go through DDP; train it in "
+                             "one process")
+        objective = CurvatureRegularised(objective, losses, *curvature_tasks(config, model))
+        weights["curvature"] = config.curvature_weight
     if config.weighting != "static" and ctx.distributed:
         raise ValueError(f"weighting: {config.weighting} aggregates each process's own task gradients, which DDP "
                          f"cannot average correctly; use --weighting static under torchrun")
     trainer = Trainer(
-        model, objective, make_weighting(config.weighting, model.config["task_weights"]),
+        model, objective, make_weighting(config.weighting, weights),
         make_optimizer(config, model.parameters()),
         parse_schedule(config.lr_schedule), train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
         amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,

@@ -13,16 +13,18 @@ class Weighting(abc.ABC):
     to the one number that ranks checkpoints.
     """
 
-    needs_features = False  # whether backward needs the shared representation and the shared parameters
+    needs_model = False  # whether backward needs the model (its shared parameters) and the shared features
 
     @abc.abstractmethod
-    def backward(self, losses, *, scaler=None, features=None, shared_parameters=None):
-        """Back-propagate the per-task ``losses``; returns the combined loss (detached). ``features``: the
-        shared representation(s) every loss was computed from; ``shared_parameters``: the encoder's."""
+    def backward(self, losses, *, scaler=None, model=None, features=None):
+        """Back-propagate the per-task ``losses``; returns the combined loss (detached). ``model``: the module
+        (``shared_parameters()`` names its encoder); ``features``: the shared representation(s) every loss
+        depends on the encoder only through, or None when some loss does not factor that way."""
 
     @abc.abstractmethod
     def combine(self, values):
-        """The combined value of per-task numbers or tensors ``{task name: value}``."""
+        """The weighted sum of per-task numbers or tensors ``{task name: value}`` (any subset of the weighted
+        tasks, e.g. validation losses without a regulariser term)."""
 
     def _check(self, losses, names):
         missing = [n for n in names if n not in losses]

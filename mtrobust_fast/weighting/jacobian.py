@@ -1,8 +1,11 @@
 """Gradient-based multi-task weighting with torchjd: per-task gradients of the shared encoder, one aggregate.
 
-``torchjd.autojac.mtl_backward`` back-propagates every task's loss: each head receives its own task's gradient
-(heads are not aggregated), and the shared parameters receive the Jacobian, one row per task, which the chosen
-aggregator (MGDA, UPGrad, PCGrad, ...) turns into one gradient (``jac_to_grad``). Task weights multiply the
+Every head receives the gradient of the losses that depend on it (its own task's; heads are not aggregated), and
+the shared parameters receive the Jacobian, one row per loss, which the chosen aggregator (MGDA, UPGrad,
+PCGrad, ...) turns into one gradient (``jac_to_grad``). When every loss depends on the encoder only through the
+shared representation, ``torchjd.autojac.mtl_backward`` builds the Jacobian from it (each head is
+back-propagated once); when a term does not factor that way (the curvature regulariser differentiates input
+gradients), ``torchjd.autojac.backward`` differentiates each loss through the whole graph instead. Task weights multiply the
 losses first, so a negative weight still turns a task into one to worsen. "ew" (``Sum``) is exactly training
 on the summed weighted losses; "mean" divides the encoder's gradient by the number of tasks.
 
@@ -13,7 +16,7 @@ torchrun training with these weightings is refused (static weights work under DD
 """
 import torch
 from torchjd import aggregation
-from torchjd.autojac import jac_to_grad, mtl_backward
+from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from mtrobust_fast.weighting.base import Weighting
 
@@ -46,7 +49,7 @@ class JacobianWeighting(Weighting):
     """Aggregate the shared encoder's per-task gradients with a torchjd aggregator (``name``); ``weights``
     ``{task: w}`` scale the losses first (1 for every task when None)."""
 
-    needs_features = True
+    needs_model = True
 
     def __init__(self, name, weights):
         self.name = canonical(name)
@@ -59,16 +62,21 @@ class JacobianWeighting(Weighting):
                              f"\"{OPTIONAL[self.name]}\" ({error})") from None
 
     def combine(self, values):
-        return sum(self.weights[name] * values[name] for name in self.weights)
+        return sum(self.weights[name] * value for name, value in values.items())
 
-    def backward(self, losses, *, scaler=None, features=None, shared_parameters=None):
+    def backward(self, losses, *, scaler=None, model=None, features=None):
         self._check(losses, list(self.weights))
-        if features is None or shared_parameters is None:
-            raise ValueError(f"weighting {self.name} needs the shared representation and the shared parameters "
-                             f"(the objective must return features)")
+        if model is None or not hasattr(model, "shared_parameters"):
+            raise ValueError(f"weighting {self.name} needs the model and its shared_parameters()")
         weighted = [self.weights[name] * losses[name] for name in self.weights]
         scaled = weighted if scaler is None else [scaler.scale(loss) for loss in weighted]
-        shared = [p for p in shared_parameters if p.requires_grad]
-        mtl_backward(scaled, features=features, shared_params=shared)
+        shared = [p for p in model.shared_parameters() if p.requires_grad]
+        if features:
+            mtl_backward(scaled, features=features, shared_params=shared)
+        else:
+            ids = {id(p) for p in shared}
+            heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+            torch.autograd.backward(sum(scaled), inputs=heads, retain_graph=True)
+            backward(scaled, inputs=shared)
         jac_to_grad(shared, self.aggregator)
         return torch.stack([loss.detach() for loss in weighted]).sum()

@@ -38,9 +38,9 @@ class StaticWeighting(Weighting):
             raise ValueError("at least one task weight must be non-zero")
 
     def combine(self, values):
-        return sum(self.weights[name] * values[name] for name in self.weights)
+        return sum(self.weights[name] * value for name, value in values.items())
 
-    def backward(self, losses, *, scaler=None, features=None, shared_parameters=None):
+    def backward(self, losses, *, scaler=None, model=None, features=None):
         self._check(losses, list(self.weights))
         total = self.combine(losses)
         (total if scaler is None else scaler.scale(total)).backward()
