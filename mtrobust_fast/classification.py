@@ -123,7 +123,10 @@ class ClassificationTask:
 
 
 def task_from_config(name, config):
-    """The record a ``to_config`` dict describes."""
+    """The record a ``to_config`` dict describes: a classification head, or an auxiliary task's
+    (:mod:`mtrobust_fast.auxiliary`)."""
     if config.get("kind") != "classification":
-        raise ValueError(f"head {name!r}: unknown kind {config.get('kind')!r}")
+        from mtrobust_fast import auxiliary
+
+        return auxiliary.from_config(name, config)
     return ClassificationTask(name, int(config["classes"]), config.get("loss", "ce"))

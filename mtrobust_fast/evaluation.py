@@ -79,7 +79,7 @@ class _Curves:
 def _records(model, tasks):
     records = dict(getattr(model, "task_records", {}) or {})
     if tasks is None:
-        tasks = list(getattr(model, "task_names", records))
+        tasks = list(getattr(model, "evaluated_task_names", None) or getattr(model, "task_names", records))
     return [records[t] if isinstance(t, str) and t in records else task_registry.record(t) for t in tasks]
 
 
@@ -167,10 +167,10 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
     if size is not None and size % stride:
         raise SettingError(f"--size: the model in {checkpoint} takes images whose side is a multiple of {stride}, "
                            f"got {size}")
-    names = model.task_names
+    names = model.evaluated_task_names
     sets = resolve_sets(sets, names, f"the model in {checkpoint}")
     try:
-        atk = build_attack(attack, model, eps=eps, norm=norm, restarts=restarts, seed=seed,
+        atk = build_attack(attack, model, names, eps=eps, norm=norm, restarts=restarts, seed=seed,
                            deterministic=deterministic, alpha=alpha, steps=steps,
                            normalize_task_grads=normalize_task_grads, record_steps=record_steps,
                            target_tasks=[name for name in names if any(name in s for s in sets)])

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from mtrobust_fast.attacks import MODEL_MODES
+from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
@@ -22,6 +23,7 @@ from mtrobust_fast.training.config import (
     SELECT,
     TrainConfig,
 )
+from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.runner import train
 from mtrobust_fast.weighting import METHODS as WEIGHTINGS
 
@@ -86,6 +88,18 @@ def add_arguments(parser):
     adv.add_argument("--attack-mode", choices=MODEL_MODES, default=_default("attack_mode"),
                      help="model mode during the inner attack: eval, or train with BatchNorm statistics frozen "
                           "(default %(default)s)")
+    gat = parser.add_argument_group("GAT: auxiliary self-supervised tasks (classifiers)")
+    gat.add_argument("--aux", default=None,
+                     help=f"auxiliary heads trained on labels made from the images, comma-separated: "
+                          f"{', '.join(AUX_KINDS)}; the main task is still trained by --adversarial")
+    gat.add_argument("--aux-routing", choices=ROUTINGS, default=_default("aux_routing"),
+                     help="shared: the transformed batch replaces every head's input (the GAT code); separate: "
+                          "the main head sees the original images, each auxiliary head its own copy "
+                          "(default %(default)s)")
+    gat.add_argument("--jigsaw-permutations", type=int, default=_default("jigsaw_permutations"),
+                     help="jigsaw: number of tile orders (classes), stored with the checkpoint (default %(default)s)")
+    gat.add_argument("--jigsaw-grid", type=int, default=_default("jigsaw_grid"),
+                     help="jigsaw: tiles per side (default %(default)s)")
     adv.add_argument("--curvature", choices=CURVATURE, default=_default("curvature"),
                      help="gradient-curvature regulariser: xi = (1 - cos^2(g1, g2)) |g1 - g2|^2 / |g1 + g2|^2 between "
                           "the input gradients of two tasks, its batch mean added as one more loss (default "

@@ -13,7 +13,8 @@ def open_dataset(root, model, split="val", size=None):
         from mtrobust_fast.data.classification import open_classification
 
         dataset = open_classification(root, split, size)
-        ((name, head),) = model.config["heads"].items()
+        auxiliary = model.config.get("auxiliary", [])
+        ((name, head),) = [(n, h) for n, h in model.config["heads"].items() if n not in auxiliary]
         if dataset.classes != head["classes"]:
             raise ValueError(f"{root} has {dataset.classes} classes but the model's {name!r} head has "
                              f"{head['classes']}")

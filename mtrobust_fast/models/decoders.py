@@ -18,6 +18,16 @@ def _refine(in_channels, out_channels):
     return [nn.Conv2d(in_channels, out_channels, 3, 1, 1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
+def _stages(in_channels, widths):
+    layers, channels = [], in_channels
+    for i, width in enumerate(widths):
+        layers += _up(channels, width)
+        if i < len(widths) - 1:
+            layers += _refine(width, width)
+        channels = width
+    return layers, channels
+
+
 class TaskonomyDecoder(nn.Sequential):
     """Five [up, refine] stages (256, 128, 64, 48, 32 channels); the last refine is a plain 3×3 conv to the task.
 
@@ -28,12 +38,7 @@ class TaskonomyDecoder(nn.Sequential):
     def __init__(self, in_channels, out_channels):
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
-        layers, channels = [], in_channels
-        for i, width in enumerate(STAGE_CHANNELS):
-            layers += _up(channels, width)
-            if i < len(STAGE_CHANNELS) - 1:
-                layers += _refine(width, width)
-            channels = width
+        layers, channels = _stages(in_channels, STAGE_CHANNELS)
         layers.append(nn.Conv2d(channels, out_channels, 3, 1, 1))
         super().__init__(*layers)
         self.in_channels = in_channels
@@ -49,3 +54,18 @@ class ClassificationHead(nn.Sequential):
             raise ValueError(f"in_channels must be positive and classes >= 2, got {in_channels}, {classes}")
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, classes))
         self.in_channels, self.classes = in_channels, classes
+
+
+class DenseHead(nn.Sequential):
+    """A dense head back to the input resolution from an encoder of ``stride`` (a power of 2, at most 32): the
+    last log2(stride) stages of the Taskonomy decoder, then a 3×3 convolution (raw output). For classifiers'
+    auxiliary tasks (autoencoder, HOG, depth) on small-input encoders."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        stages = int(stride).bit_length() - 1
+        if stride < 2 or 2 ** stages != stride or stages > len(STAGE_CHANNELS):
+            raise ValueError(f"stride must be a power of 2 between 2 and {2 ** len(STAGE_CHANNELS)}, got {stride}")
+        layers, channels = _stages(in_channels, STAGE_CHANNELS[-stages:])
+        layers.append(nn.Conv2d(channels, out_channels, 3, 1, 1))
+        super().__init__(*layers)
+        init_weights(self)

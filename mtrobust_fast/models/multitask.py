@@ -48,6 +48,12 @@ class MultiTaskModel(nn.Module):
         return {name: classification.task_from_config(name, heads[name]) if name in heads
                 else task_registry.get_task(name) for name in self.decoders}
 
+    @property
+    def evaluated_task_names(self):
+        """The tasks whose labels come with the data (every task but the self-supervised auxiliary ones)."""
+        auxiliary = set(self.config.get("auxiliary", []))
+        return [name for name in self.decoders if name not in auxiliary]
+
     def shared_parameters(self):
         """The parameters every task's gradient reaches (the encoder); each head owns the rest."""
         return list(self.encoder.parameters())

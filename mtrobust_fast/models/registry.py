@@ -3,7 +3,7 @@ import mtrobust_fast
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models import encoders
 from mtrobust_fast import classification
-from mtrobust_fast.models.decoders import ClassificationHead, TaskonomyDecoder
+from mtrobust_fast.models.decoders import ClassificationHead, DenseHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel
 
 _ENCODERS = {}
@@ -96,8 +96,10 @@ SMALL_INPUT_MAX = 64  # classifiers for images this small or smaller get the 32-
 
 
 def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", normalization=None, name="class",
-                     **kw):
-    """An image classifier as a one-head :class:`MultiTaskModel`: ``{name: logits [B, classes]}``.
+                     aux=(), **kw):
+    """An image classifier as a :class:`MultiTaskModel`: ``{name: logits [B, classes]}``, plus one head per
+    auxiliary task record of ``aux`` (:mod:`mtrobust_fast.auxiliary`: a linear head for rotation/jigsaw, a
+    dense head back to the input resolution for the autoencoder), listed in ``config["auxiliary"]``.
 
     Images up to ``SMALL_INPUT_MAX`` px use the 32-px ResNet stem (3×3 stride-1 convolution, no max-pool).
     ``normalization``: ``{"mean": [3 floats], "std": [3 floats]}`` applied inside the model, so attacks work
@@ -119,19 +121,26 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
             any(not s > 0 for s in normalization["std"]):
         raise ValueError(f"normalization needs 3 means and 3 positive stds, got {normalization!r}")
     trunk = build_encoder(enc_name, **kwargs)
+    heads = {name: ClassificationHead(trunk.out_channels, classes)}
+    for task in aux:
+        if task.name in heads:
+            raise ValueError(f"aux: head name {task.name!r} is used twice")
+        heads[task.name] = ClassificationHead(trunk.out_channels, task.classes) if hasattr(task, "classes") \
+            else DenseHead(trunk.out_channels, task.channels, trunk.stride)
     config = {
         "kind": "classifier",
         "encoder": enc_name,
         "encoder_kwargs": kwargs,
         "tasks": name,
-        "heads": {name: head.to_config()},
-        "task_weights": {name: 1.0},
+        "heads": {name: head.to_config(), **{task.name: task.to_config() for task in aux}},
+        "auxiliary": [task.name for task in aux],
+        "task_weights": {task: 1.0 for task in heads},
         "input_size": input_size,
         "input_stride": 1,
         "normalization": {k: [float(v) for v in normalization[k]] for k in ("mean", "std")},
         "version": mtrobust_fast.__version__,
     }
-    return MultiTaskModel(trunk, {name: ClassificationHead(trunk.out_channels, classes)}, config)
+    return MultiTaskModel(trunk, heads, config)
 
 
 def model_from_config(config):
@@ -139,9 +148,13 @@ def model_from_config(config):
     if config.get("kind") == "classifier":
         kwargs = dict(config.get("encoder_kwargs", {}))
         kwargs.pop("small_input", None)
-        ((name, head),) = config["heads"].items()
-        return build_classifier(config["encoder"], head["classes"], config["input_size"], head.get("loss", "ce"),
-                                config.get("normalization"), name, **kwargs)
+        auxiliary = config.get("auxiliary", [])
+        ((name, head),) = [(n, h) for n, h in config["heads"].items() if n not in auxiliary]
+        aux = [classification.task_from_config(n, config["heads"][n]) for n in auxiliary]
+        model = build_classifier(config["encoder"], head["classes"], config["input_size"], head.get("loss", "ce"),
+                                 config.get("normalization"), name, aux, **kwargs)
+        model.config["task_weights"] = dict(config["task_weights"])
+        return model
     return build_model(
         tasks=config["tasks"],
         encoder=config["encoder"],

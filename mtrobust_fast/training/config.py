@@ -8,7 +8,9 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.cli.args import MAX_SEED
+from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
+from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.weighting import METHODS as WEIGHTINGS
 from mtrobust_fast.weighting import parse_weights
 
@@ -102,6 +104,10 @@ class TrainConfig:
     beta: float = 6.0
     replays: int = 4
     attack_mode: str = "eval"
+    aux: Optional[str] = None
+    aux_routing: str = "shared"
+    jigsaw_permutations: int = 4
+    jigsaw_grid: int = 2
     curvature: str = "none"
     curvature_tasks: Optional[str] = None
     curvature_weight: float = 1.0
@@ -156,6 +162,15 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
+        if self.aux_routing not in ROUTINGS:
+            raise ValueError(f"aux_routing must be one of {ROUTINGS}, got {self.aux_routing!r}")
+        unknown = [a for a in self.aux_names if a not in AUX_KINDS]
+        if unknown:
+            raise ValueError(f"aux: unknown auxiliary task(s) {unknown}; choose from {', '.join(AUX_KINDS)}")
+        if len(set(self.aux_names)) != len(self.aux_names):
+            raise ValueError(f"aux: a task is given twice in {self.aux!r}")
+        if self.curvature != "none" and self.aux_names and self.aux_routing != "shared":
+            raise ValueError("curvature: compares two tasks' input gradients at one input; use aux_routing shared")
         if self.curvature not in CURVATURE:
             raise ValueError(f"curvature must be one of {CURVATURE}, got {self.curvature!r}")
         if not -math.inf < self.curvature_weight < math.inf:
@@ -166,6 +181,11 @@ class TrainConfig:
             raise ValueError(f"robust_val must be >= 0, got {self.robust_val}")
         if self.select == "robust" and self.robust_images == 0:
             raise ValueError("select: 'robust' needs robust validation (robust_val > 0)")
+
+    @property
+    def aux_names(self):
+        """The auxiliary tasks, in the order given."""
+        return [part.strip() for part in (self.aux or "").split(",") if part.strip()]
 
     @property
     def robust_images(self):
@@ -227,5 +247,6 @@ class TrainConfig:
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
-                "curvature", "curvature_tasks", "curvature_weight",
+                "curvature", "curvature_tasks", "curvature_weight", "aux", "aux_routing", "jigsaw_permutations",
+                "jigsaw_grid",
                 "select")

@@ -16,10 +16,13 @@ from mtrobust_fast.models.multitask import MultiTaskModel
 class ObjectiveOutput:
     """``task_losses``: ``{task name: batch-mean loss}``, scalars that keep their graph. ``features``: the
     shared representations the losses were computed from (one per forward pass), for gradient-based
-    weightings; None for models without a shared encoder."""
+    weightings; None for models without a shared encoder. ``batch``: ``(images, targets, masks)`` the losses
+    refer to when the objective replaced the trainer's batch (GAT's transformed images and auxiliary labels),
+    else None."""
 
     task_losses: dict = field(default_factory=dict)
     features: Optional[list] = None
+    batch: Optional[tuple] = None
 
 
 def forward(model, images, features=None):

@@ -54,8 +54,9 @@ def curvature_penalty(g1, g2):
 
 class CurvatureRegularised(Objective):
     """Wraps an objective: each of its outputs gains a ``"curvature"`` term, the mean ξ between the input
-    gradients of tasks ``first`` and ``second`` at the clean images (one extra forward pass, double backprop),
-    which the weighting then treats as one more loss."""
+    gradients of tasks ``first`` and ``second`` at the clean images (the objective's own batch when it replaced
+    it, e.g. GAT's transformed images with their auxiliary labels; one extra forward pass, double backprop),
+    which the weighting then treats as one more loss. ``losses`` must cover both tasks."""
 
     name = "curvature"
 
@@ -73,8 +74,9 @@ class CurvatureRegularised(Objective):
 
     def updates(self, model, images, targets, masks):
         for out in self.inner.updates(model, images, targets, masks):
-            x = images.detach().requires_grad_(True)
-            per_sample = self.losses.per_sample(model(x), targets, masks, tasks=[self.first, self.second])
+            inputs, labels, valid = out.batch or (images, targets, masks)
+            x = inputs.detach().requires_grad_(True)
+            per_sample = self.losses.per_sample(model(x), labels, valid, tasks=[self.first, self.second])
             g1, g2 = (torch.autograd.grad(per_sample[name].sum(), x, create_graph=True)[0]
                       for name in (self.first, self.second))
             out.task_losses["curvature"] = curvature_penalty(g1, g2)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mtrobust_fast import auxiliary
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
@@ -23,6 +24,7 @@ from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import RobustValidation, make_objective
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
+from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
 from mtrobust_fast.training.regularisers import CurvatureRegularised
 from mtrobust_fast.weighting import make_weighting
@@ -55,9 +57,16 @@ def make_datasets(config):
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
         size = config.size or int(train_set[0][0].shape[-1])
-        model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization)
+        aux = [auxiliary.make_task(kind, **({"classes": config.jigsaw_permutations, "grid": config.jigsaw_grid,
+                                             "seed": config.seed} if kind == "jigsaw" else {}))
+               for kind in config.aux_names]
+        model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization,
+                                 aux=aux)
         model.config["task_weights"] = config.task_weights(model.task_names)
     else:
+        if config.aux_names:
+            raise ValueError("aux: auxiliary self-supervised tasks train classifiers (classification data); "
+                             "a Taskonomy model's other tasks are its auxiliary tasks")
         tasks = config.tasks or DEFAULT_TASKS
         size = config.size or DEFAULT_TASKONOMY_SIZE
 
@@ -86,9 +95,9 @@ def make_loaders(config, ctx, train_set, val_set):
 
 
 def attacked_tasks(config, model):
-    """The task names ``attack_tasks`` names: "all", "main" (``main``, or the model's only task), or task
-    letters/names separated by commas ("s,d", "sd")."""
-    names = model.task_names
+    """The task names ``attack_tasks`` names: "all" (every labelled task), "main" (``main``, or the model's only
+    labelled task), or task letters/names separated by commas ("s,d", "sd")."""
+    names = model.evaluated_task_names
     text = config.attack_tasks.strip()
     if text == "all":
         return list(names)
@@ -109,16 +118,20 @@ def attacked_tasks(config, model):
 
 
 def make_objective_for(config, model, losses):
-    """(training objective, attacked task names); the names are None when nothing is attacked, neither in
-    training nor in robust validation."""
-    if config.adversarial == "none" and config.robust_images == 0:
-        return CleanObjective(losses), None
-    attacked = attacked_tasks(config, model)
+    """(training objective, attacked task names) for the labelled tasks' ``losses``, wrapped in GAT when the
+    model has auxiliary heads; the names are None when nothing is attacked, neither in training nor in robust
+    validation."""
+    attacked = None if config.adversarial == "none" and config.robust_images == 0 else attacked_tasks(config, model)
     if config.adversarial == "none":
-        return CleanObjective(losses), attacked
-    settings = config.attack_settings(autocast=torch.float16 if config.amp else None)
-    return make_objective(config.adversarial, losses, settings, attacked, beta=config.beta,
-                          replays=config.replays), attacked
+        objective = CleanObjective(losses)
+    else:
+        settings = config.attack_settings(autocast=torch.float16 if config.amp else None)
+        objective = make_objective(config.adversarial, losses, settings, attacked, beta=config.beta,
+                                   replays=config.replays)
+    auxiliary_tasks = [model.task_records[name] for name in model.config.get("auxiliary", [])]
+    if auxiliary_tasks:
+        objective = GAT(objective, auxiliary_tasks, config.aux_routing)
+    return objective, attacked
 
 
 def curvature_tasks(config, model):
@@ -176,7 +189,8 @@ def _train(config, ctx):
                               f"or choose another --out")
     seed_everything(config.seed)
     train_set, val_set, model = make_datasets(config)
-    losses = TaskLosses(model.task_records.values())
+    records = model.task_records
+    losses = TaskLosses([records[name] for name in model.evaluated_task_names])  # trained on labels; validated
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
     weights = dict(model.config["task_weights"])
@@ -184,7 +198,7 @@ def _train(config, ctx):
         if ctx.distributed:
             raise ValueError("curvature: the regulariser's double backward does not go through DDP; train it in "
                              "one process")
-        objective = CurvatureRegularised(objective, losses, *curvature_tasks(config, model))
+        objective = CurvatureRegularised(objective, TaskLosses(records.values()), *curvature_tasks(config, model))
         weights["curvature"] = config.curvature_weight
     if config.weighting != "static" and ctx.distributed:
         raise ValueError(f"weighting: {config.weighting} aggregates each process's own task gradients, which DDP "

@@ -1,0 +1,177 @@
+"""Self-supervised auxiliary tasks of GAT as task records: each makes its own labels from the images.
+
+Every auxiliary task is a task record of the open protocol (see :mod:`mtrobust_fast.classification`) plus
+``transform(images, generator) -> (images, labels)``: the images the task's head sees and its labels.
+
+- ``rotation``: each image turned by k·90°, k in {0, 1, 2, 3}; the k of a batch are balanced (a shuffled list
+  holding each value B/4 times, the remainder drawn at random), 4-way cross-entropy.
+- ``jigsaw``: the image cut into a g×g grid of tiles and the tiles reordered by one of P fixed permutations
+  (permutation 0 is the identity); the label is the permutation's index, drawn uniformly. The permutations are
+  drawn from ``seed`` and stored with the model's config, so a checkpoint restores them (the GAT code drew them
+  unseeded at start-up and never saved them).
+- ``autoencoder``: the head reconstructs its input image; per-sample L1 loss.
+
+Images never change at validation or test time: only training objectives call ``transform``.
+"""
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import torch
+
+from mtrobust_fast import classification
+from mtrobust_fast.tasks import dense_scores, dense_stats, l1_loss
+
+KINDS = ("rotation", "jigsaw", "autoencoder")
+
+
+def _generator_draws(generator):
+    """Keyword arguments drawing on the CPU from ``generator`` (torch's global one when None)."""
+    return {"generator": generator} if generator is not None else {}
+
+
+def balanced_labels(batch, classes, generator=None):
+    """``batch`` labels in 0..classes-1, each value ``batch // classes`` times, the rest at random, shuffled."""
+    draws = _generator_draws(generator)
+    labels = torch.arange(classes).repeat(batch // classes)
+    labels = torch.cat([labels, torch.randint(0, classes, (batch - len(labels),), **draws)])
+    return labels[torch.randperm(batch, **draws)]
+
+
+def rotate(images, quarter_turns):
+    """Each image turned counter-clockwise by its own number of quarter turns ``[B]``."""
+    out = images.clone()
+    for k in range(1, 4):
+        chosen = (quarter_turns == k).nonzero().flatten().to(images.device)
+        if chosen.numel():
+            out[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
+    return out
+
+
+@dataclass(frozen=True)
+class RotationTask(classification.ClassificationTask):
+    """4-way rotation prediction."""
+
+    name: str = "rotation"
+    classes: int = 4
+    kind = "rotation"
+
+    def transform(self, images, generator=None):
+        labels = balanced_labels(images.shape[0], 4, generator)
+        return rotate(images, labels), labels.to(images.device)
+
+    def to_config(self):
+        return {"kind": self.kind}
+
+
+def jigsaw_permutations(grid, count, seed):
+    """``count`` distinct permutations of ``grid**2`` tiles drawn from ``seed``; the first is the identity."""
+    tiles = grid * grid
+    if count < 2 or count > min(1000, int(np.prod(np.arange(1, tiles + 1)))):
+        raise ValueError(f"jigsaw: permutations must be between 2 and {min(1000, int(np.prod(np.arange(1, tiles + 1))))}"
+                         f" for a {grid}x{grid} grid, got {count}")
+    rng = np.random.default_rng(seed)
+    found = [tuple(range(tiles))]
+    while len(found) < count:
+        candidate = tuple(int(i) for i in rng.permutation(tiles))
+        if candidate not in found:
+            found.append(candidate)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class JigsawTask(classification.ClassificationTask):
+    """Which of ``permutations`` reordered the g×g tiles of the image."""
+
+    name: str = "jigsaw"
+    classes: int = 4
+    grid: int = 2
+    seed: int = 0
+    permutations: tuple = field(default=(), compare=False)
+    kind = "jigsaw"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grid < 2:
+            raise ValueError(f"jigsaw: grid must be at least 2, got {self.grid}")
+        if not self.permutations:
+            object.__setattr__(self, "permutations", jigsaw_permutations(self.grid, self.classes, self.seed))
+        if len(self.permutations) != self.classes or any(sorted(p) != list(range(self.grid ** 2))
+                                                         for p in self.permutations):
+            raise ValueError(f"jigsaw: needs {self.classes} permutations of {self.grid ** 2} tiles")
+
+    def shuffle(self, images, labels):
+        """The images with their tiles reordered by permutation ``labels[b]`` (tile i goes to place p[i])."""
+        height, width = images.shape[-2:]
+        if height % self.grid or width % self.grid:
+            raise ValueError(f"jigsaw: a {height}x{width} image does not split into a {self.grid}x{self.grid} grid")
+        th, tw, g = height // self.grid, width // self.grid, self.grid
+        tiles = images.reshape(*images.shape[:-2], g, th, g, tw).movedim(-3, -2).flatten(-4, -3)  # [B, C, g*g, th, tw]
+        order = torch.tensor(self.permutations, device=images.device)[labels.to(images.device)]  # [B, g*g]
+        placed = torch.empty_like(tiles)
+        index = order[:, None, :, None, None].expand_as(tiles)
+        placed.scatter_(2, index, tiles)
+        return placed.unflatten(2, (g, g)).movedim(-2, -3).reshape(images.shape)
+
+    def transform(self, images, generator=None):
+        labels = torch.randint(0, self.classes, (images.shape[0],), **_generator_draws(generator))
+        return self.shuffle(images, labels), labels.to(images.device)
+
+    def to_config(self):
+        return {"kind": self.kind, "classes": self.classes, "grid": self.grid, "seed": self.seed,
+                "permutations": [list(p) for p in self.permutations]}
+
+
+@dataclass(frozen=True)
+class AutoencoderTask:
+    """Reconstruct the input image (3 channels in [0, 1]); per-sample L1."""
+
+    name: str = "autoencoder"
+    channels: int = 3
+    kind = "autoencoder"
+    higher_is_better = MappingProxyType({"l1": False, "mse": False})
+
+    def loss(self, output, target, mask=None):
+        return l1_loss(output, target, mask)
+
+    def error(self, output, target, mask=None):
+        return l1_loss(output, target, mask)
+
+    def divergence(self, output, reference, mask=None):
+        return l1_loss(output, reference, mask)
+
+    def metric_stats(self, output, target, mask=None):
+        return dense_stats(output, target, mask)
+
+    def metric_scores(self, stats):
+        return dense_scores(stats)
+
+    def transform(self, images, generator=None):
+        return images, images
+
+    def to_config(self):
+        return {"kind": self.kind}
+
+
+def make_task(kind, **options):
+    """The auxiliary task ``kind`` (one of ``KINDS``) with its options (jigsaw: classes, grid, seed)."""
+    if kind == "rotation":
+        return RotationTask()
+    if kind == "jigsaw":
+        return JigsawTask(**options)
+    if kind == "autoencoder":
+        return AutoencoderTask()
+    raise ValueError(f"aux: unknown auxiliary task {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def from_config(name, config):
+    """The record a ``to_config`` dict describes."""
+    kind = config.get("kind")
+    if kind == "jigsaw":
+        return JigsawTask(name=name, classes=int(config["classes"]), grid=int(config["grid"]),
+                          seed=int(config["seed"]), permutations=tuple(tuple(p) for p in config["permutations"]))
+    if kind == "rotation":
+        return RotationTask(name)
+    if kind == "autoencoder":
+        return AutoencoderTask(name)
+    raise ValueError(f"head {name!r}: unknown kind {kind!r}")
