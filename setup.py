@@ -59,7 +59,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pillow", "pandas", "matplotlib", "pyarrow", "pyyaml",
                       "torchjd[quadprog-projector]==0.18.0"],
-    extras_require={"test": ["pytest", "hypothesis", "comet_ml", "ray"]},
+    extras_require={"test": ["pytest", "hypothesis", "comet_ml", "ray", "scikit-image"]},
     entry_points={"console_scripts": ["mtrobust-fast=mtrobust_fast.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext()},

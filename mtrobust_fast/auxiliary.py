@@ -10,9 +10,12 @@ Every auxiliary task is a task record of the open protocol (see :mod:`mtrobust_f
   drawn from ``seed`` and stored with the model's config, so a checkpoint restores them (the GAT code drew them
   unseeded at start-up and never saved them).
 - ``autoencoder``: the head reconstructs its input image; per-sample L1 loss.
+- ``hog``: the head draws the image's HOG visualisation (9 orientations, 4-px cells), computed in torch on the
+  batch's device (:func:`hog_image`); per-sample L1 loss.
 
 Images never change at validation or test time: only training objectives call ``transform``.
 """
+import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -22,7 +25,7 @@ import torch
 from mtrobust_fast import classification
 from mtrobust_fast.tasks import dense_scores, dense_stats, l1_loss
 
-KINDS = ("rotation", "jigsaw", "autoencoder")
+KINDS = ("rotation", "jigsaw", "autoencoder", "hog")
 
 
 def _generator_draws(generator):
@@ -153,6 +156,85 @@ class AutoencoderTask:
         return {"kind": self.kind}
 
 
+def line_pixels(r0, c0, r1, c1):
+    """The pixels of the digital straight line from (r0, c0) to (r1, c1), both ends included (Bresenham: step
+    along the longer axis, move along the other when the accumulated error says so)."""
+    pixels = []
+    dr, dc = abs(r1 - r0), abs(c1 - c0)
+    sr, sc = (1 if r1 > r0 else -1), (1 if c1 > c0 else -1)
+    steep = dr > dc
+    if steep:
+        r0, c0, r1, c1, dr, dc, sr, sc = c0, r0, c1, r1, dc, dr, sc, sr
+    error, r, c = 2 * dr - dc, r0, c0
+    for _ in range(dc):
+        pixels.append((c, r) if steep else (r, c))
+        while error >= 0:
+            r += sr
+            error -= 2 * dc
+        c += sc
+        error += 2 * dr
+    pixels.append((c1, r1) if steep else (r1, c1))
+    return pixels
+
+
+@functools.lru_cache(maxsize=32)
+def _hog_masks(height, width, cell, orientations):
+    """[orientations, H, W] 0/1 maps: the pixels of each orientation's line in every cell. Each line runs through
+    the cell's centre at the middle angle of its bin, with half-length cell // 2 - 1; its ends are computed as
+    ``int(centre ± offset)`` in float64 from the absolute pixel position, as scikit-image draws them."""
+    masks = np.zeros((orientations, height, width), dtype=np.float32)
+    radius = cell // 2 - 1
+    for o in range(orientations):
+        angle = np.pi * (o + 0.5) / orientations
+        dr, dc = radius * np.sin(angle), radius * np.cos(angle)
+        for r in range(height // cell):
+            for c in range(width // cell):
+                row, col = r * cell + cell // 2, c * cell + cell // 2
+                for pr, pc in line_pixels(int(row - dc), int(col + dr), int(row + dc), int(col - dr)):
+                    masks[o, pr, pc] = 1
+    return torch.from_numpy(masks)
+
+
+def hog_image(images, orientations=9, cell=4):
+    """The HOG visualisation ``[B, 1, H, W]`` of images ``[B, C, H, W]``: central-difference gradients (0 on the
+    border rows/columns), per pixel the channel with the largest gradient magnitude, per cell the mean magnitude
+    of the pixels whose orientation (in [0°, 180°)) falls in each of ``orientations`` bins, drawn as a line per
+    bin weighted by its value (as ``skimage.feature.hog(..., visualize=True)`` draws it)."""
+    x = images.detach().float() if images.dtype in (torch.float16, torch.bfloat16) else images.detach()
+    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
+    g_row[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
+    g_col[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
+    magnitude = torch.hypot(g_row, g_col)
+    strongest = magnitude.argmax(1, keepdim=True)
+    g_row, g_col, magnitude = (t.gather(1, strongest)[:, 0] for t in (g_row, g_col, magnitude))
+    orientation = torch.rad2deg(torch.atan2(g_row, g_col)) % 180
+    batch, height, width = magnitude.shape
+    rows, cols = height // cell, width // cell
+    width_deg = 180 / orientations
+    magnitude, orientation = magnitude[:, :rows * cell, :cols * cell], orientation[:, :rows * cell, :cols * cell]
+    bins = (orientation // width_deg).clamp_max(orientations - 1).long()
+    votes = torch.zeros(batch, orientations, rows * cell, cols * cell, dtype=x.dtype, device=x.device)
+    votes.scatter_(1, bins[:, None], magnitude[:, None])
+    histogram = votes.reshape(batch, orientations, rows, cell, cols, cell).sum((3, 5)) / (cell * cell)
+    per_pixel = histogram.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+    masks = _hog_masks(height, width, cell, orientations).to(device=x.device, dtype=x.dtype)
+    out = torch.zeros(batch, 1, height, width, dtype=x.dtype, device=x.device)
+    out[:, 0, :rows * cell, :cols * cell] = (per_pixel * masks[:, :rows * cell, :cols * cell]).sum(1)
+    return out
+
+
+@dataclass(frozen=True)
+class HogTask(AutoencoderTask):
+    """Draw the input's HOG visualisation (1 channel); per-sample L1."""
+
+    name: str = "hog"
+    channels: int = 1
+    kind = "hog"
+
+    def transform(self, images, generator=None):
+        return images, hog_image(images)
+
+
 def make_task(kind, **options):
     """The auxiliary task ``kind`` (one of ``KINDS``) with its options (jigsaw: classes, grid, seed)."""
     if kind == "rotation":
@@ -161,6 +243,8 @@ def make_task(kind, **options):
         return JigsawTask(**options)
     if kind == "autoencoder":
         return AutoencoderTask()
+    if kind == "hog":
+        return HogTask()
     raise ValueError(f"aux: unknown auxiliary task {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -174,4 +258,6 @@ def from_config(name, config):
         return RotationTask(name)
     if kind == "autoencoder":
         return AutoencoderTask(name)
+    if kind == "hog":
+        return HogTask(name)
     raise ValueError(f"head {name!r}: unknown kind {kind!r}")

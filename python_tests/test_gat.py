@@ -3,8 +3,11 @@ images, jigsaw permutations restored from checkpoints, the command line."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from mtrobust_fast import auxiliary
 from mtrobust_fast.cli import main as cli_main
@@ -150,3 +153,27 @@ def test_bad_gat_settings_are_named(objects, tmp_path, capsys, argv, message):
     assert cli_main(["train", "--data", str(objects), "--out", str(Path(tmp_path) / "bad"), "--epochs", "1",
                      "--workers", "0", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@settings(max_examples=30, deadline=None)
+@given(height=st.integers(8, 40), width=st.integers(8, 40), channels=st.sampled_from([1, 3]),
+       cell=st.sampled_from([4, 5, 6, 8]), orientations=st.sampled_from([6, 9, 12]), seed=st.integers(0, 2 ** 16))
+def test_hog_visualisation_equals_scikit_image(height, width, channels, cell, orientations, seed):
+    """Within 1e-6 (scikit-image draws its visualisation in float32), on float64 images."""
+    skimage_feature = pytest.importorskip("skimage.feature", reason="scikit-image is the test oracle for HOG")
+    assume(height >= cell and width >= cell)
+    images = torch.rand(2, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ours = auxiliary.hog_image(images, orientations, cell)
+    for b in range(2):
+        image = images[b].numpy()
+        kwargs = dict(orientations=orientations, pixels_per_cell=(cell, cell), cells_per_block=(1, 1),
+                      visualize=True)
+        reference = skimage_feature.hog(image.transpose(1, 2, 0), channel_axis=-1, **kwargs)[1] if channels == 3 \
+            else skimage_feature.hog(image[0], **kwargs)[1]
+        assert np.abs(ours[b, 0].numpy() - reference).max() < 1e-6
+
+
+def test_line_pixels_are_the_digital_straight_line():
+    assert auxiliary.line_pixels(1, 1, 4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert auxiliary.line_pixels(3, 0, 3, 3) == [(3, 0), (3, 1), (3, 2), (3, 3)]
+    assert auxiliary.line_pixels(0, 0, 3, 1) == [(0, 0), (1, 0), (2, 1), (3, 1)]

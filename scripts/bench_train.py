@@ -1,7 +1,9 @@
 """Seconds per training batch of each adversarial objective, as ratios to clean training, in one run.
 
 One model, one batch, the same optimiser step for every objective: clean, Madry with PGD-k (k = 1, 3, 10),
-TRADES-10, FGSM-RS and Free (m = 4 replays: four parameter updates per batch). Each row is the median over
+TRADES-10, FGSM-RS and Free (m = 4 replays: four parameter updates per batch); for classifiers also GAT rows
+(madry_mix PGD-10 on the main task plus one rotation head, weighted by EW, MGDA, PCGrad or UPGrad, with and
+without the curvature term) as ratios to Madry PGD-10 (targets: MGDA <= 1.3x, curvature <= 2x). Each row is the median over
 ``--repeats`` timed batches after a warm-up batch. The ratio to clean is compared with the issue's target for
 Madry PGD-k: at most (k + 1) x clean x 1.10 (k attack steps that each cost at most a forward and an input
 backward, plus the training step). On CPU the model runs in float32; on a GPU pass ``--autocast bf16
@@ -16,9 +18,12 @@ import argparse
 
 import torch
 
+from mtrobust_fast import auxiliary
 from mtrobust_fast.models import build_classifier, build_model
 from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, make_objective
-from mtrobust_fast.weighting import StaticWeighting
+from mtrobust_fast.training.gat import GAT
+from mtrobust_fast.training.regularisers import CurvatureRegularised
+from mtrobust_fast.weighting import make_weighting
 from timing import timed
 
 TARGET_SLACK = 1.10
@@ -28,7 +33,8 @@ def make_inputs(model, batch, size, device, channels_last):
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, size, size, generator=generator)
     targets = {}
-    for name, task in model.task_records.items():
+    for name in model.evaluated_task_names:
+        task = model.task_records[name]
         if name == "class":
             targets[name] = torch.randint(0, task.classes, (batch,), generator=generator)
         elif task.is_segmentation:
@@ -41,9 +47,9 @@ def make_inputs(model, batch, size, device, channels_last):
     return x, {k: v.to(device) for k, v in targets.items()}
 
 
-def time_objective(model, objective, x, targets, device, repeats, autocast):
+def time_objective(model, objective, x, targets, device, repeats, autocast, weighting=None):
     """Median seconds of one batch: every update's forward, weighting backward and optimiser step."""
-    weighting = StaticWeighting(model.config["task_weights"])
+    weighting = weighting or make_weighting("static", model.config["task_weights"])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
 
@@ -55,7 +61,8 @@ def time_objective(model, objective, x, targets, device, repeats, autocast):
             if out is None:
                 break
             optimizer.zero_grad(set_to_none=True)
-            weighting.backward(out.task_losses)
+            extra = dict(model=model, features=out.features) if weighting.needs_model else {}
+            weighting.backward(out.task_losses, **extra)
             optimizer.step()
 
     return timed(one_batch, device, repeats)
@@ -104,7 +111,7 @@ def main():
     print(f"{args.model} {args.encoder} batch {args.batch} at {size} px on {device}, autocast {args.autocast}, "
           f"channels_last {args.channels_last}, threads {torch.get_num_threads()}, median of {args.repeats}")
     print(f"{'objective':<22} {'ms/batch':>10} {'x clean':>8} {'target':>8}  ok")
-    clean = None
+    clean = madry = None
     for label, objective, target in rows:
         seconds = time_objective(model, objective, x, targets, device, args.repeats, autocast)
         clean = clean or seconds
@@ -112,6 +119,39 @@ def main():
         verdict = "" if target is None else ("yes" if ratio <= target else "NO")
         shown = "" if target is None else f"<= {target:.2f}"
         print(f"{label:<22} {seconds * 1e3:>10.1f} {ratio:>8.2f} {shown:>8}  {verdict}", flush=True)
+        if label == "madry PGD-10":
+            madry = seconds
+    if args.model == "classifier":
+        gat_rows(args, size, device, autocast, madry)
+
+
+def gat_rows(args, size, device, autocast, madry):
+    """GAT with one rotation head: seconds per batch relative to Madry PGD-10 on the plain classifier."""
+    torch.manual_seed(0)
+    model = build_classifier(args.encoder, classes=10, input_size=size, aux=[auxiliary.make_task("rotation")])
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, targets = make_inputs(model, args.batch, size, device, args.channels_last)
+    main = TaskLosses([model.task_records["class"]])
+    settings = AttackSettings("pgd", "linf", 8 / 255, None, 10, "eval", autocast)
+    print(f"{'GAT (+rotation)':<22} {'ms/batch':>10} {'x madry':>8} {'target':>8}  ok")
+    for weighting_name in ("ew", "mgda", "pcgrad", "upgrad"):
+        for curvature in (False, True):
+            objective = GAT(make_objective("madry_mix", main, settings, ["class"]), [model.task_records["rotation"]])
+            weights = {"class": 1.0, "rotation": 1.0}
+            if curvature:
+                objective = CurvatureRegularised(objective, TaskLosses(model.task_records.values()), "class",
+                                                 "rotation")
+                weights["curvature"] = 1.0
+            seconds = time_objective(model, objective, x, targets, device, args.repeats, autocast,
+                                     make_weighting(weighting_name, weights))
+            target = 2.0 if curvature else (1.3 if weighting_name == "mgda" else None)
+            ratio = seconds / madry
+            verdict = "" if target is None else ("yes" if ratio <= target else "NO")
+            label = f"{weighting_name}{' + curvature' if curvature else ''}"
+            print(f"{label:<22} {seconds * 1e3:>10.1f} {ratio:>8.2f} {'' if target is None else f'<= {target:.1f}':>8}"
+                  f"  {verdict}", flush=True)
 
 
 if __name__ == "__main__":

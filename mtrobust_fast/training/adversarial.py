@@ -124,10 +124,11 @@ class MadryMix(AdversarialObjective):
     def __call__(self, model, images, targets, masks):
         x_adv = self.adversarial(model, images, targets, masks)
         features = []
-        clean = self.losses.means(forward(model, images, features), targets, masks)
+        outputs = forward(model, images, features)
+        clean = self.losses.means(outputs, targets, masks)
         adv = self.losses.means(forward(model, x_adv, features), targets, masks, tasks=self.attacked)
         return ObjectiveOutput({n: 0.5 * clean[n] + 0.5 * adv[n] if n in adv else clean[n] for n in clean},
-                               features or None)
+                               features or None, clean_outputs=outputs)
 
 
 def _divergence_spec(task):
@@ -160,7 +161,7 @@ class Trades(AdversarialObjective):
             if task.name in self.attacked:
                 divergence = task.divergence(adv_outputs[task.name], clean_outputs[task.name], masks.get(task.name))
                 losses[task.name] = losses[task.name] + self.beta * divergence.mean()
-        return ObjectiveOutput(losses, features or None)
+        return ObjectiveOutput(losses, features or None, clean_outputs=clean_outputs)
 
     def describe(self):
         return {**super().describe(), "beta": self.beta}

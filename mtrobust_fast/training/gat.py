@@ -7,8 +7,9 @@ auxiliary task (:mod:`mtrobust_fast.auxiliary`) makes its own inputs and labels 
 on those clean inputs. Which images each head sees is ``routing``:
 
 - ``shared`` (the GAT code): the auxiliary transforms are applied in turn to the batch (rotation, then jigsaw,
-  then the autoencoder, whose target is the transformed image), and that one transformed batch replaces the input
-  of every head, the main one included;
+  then the autoencoder and HOG, whose targets come from the transformed image), and that one transformed batch replaces the input
+  of every head, the main one included (the auxiliary heads are scored on the main objective's clean forward
+  pass when it has one: madry_mix, trades, clean);
 - ``separate``: the main head (and its attack) sees the original images, each auxiliary head its own
   transformed copy of them (one more forward pass per auxiliary task).
 
@@ -17,7 +18,7 @@ The weighting strategy then combines the main and auxiliary losses (and the curv
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
 ROUTINGS = ("shared", "separate")
-_ORDER = ("rotation", "jigsaw", "autoencoder")  # the autoencoder reconstructs what the others produced
+_ORDER = ("rotation", "jigsaw", "autoencoder", "hog")  # reconstruction targets come from what the others made
 
 
 class GAT(Objective):
@@ -50,7 +51,9 @@ class GAT(Objective):
             x, aux_targets = self.shared_batch(images)
             out = self.main(model, x, targets, masks)
             features = [] if out.features is not None else None
-            outputs = forward(model, x, features)
+            outputs = out.clean_outputs  # every head's output on x, when the main objective had a clean pass
+            if outputs is None:
+                outputs = forward(model, x, features)
             aux_losses = {t.name: t.loss(outputs[t.name], aux_targets[t.name]).mean() for t in self.aux}
             batch = (x, {**targets, **aux_targets}, masks)
         else:

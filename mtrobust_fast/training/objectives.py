@@ -18,11 +18,13 @@ class ObjectiveOutput:
     shared representations the losses were computed from (one per forward pass), for gradient-based
     weightings; None for models without a shared encoder. ``batch``: ``(images, targets, masks)`` the losses
     refer to when the objective replaced the trainer's batch (GAT's transformed images and auxiliary labels),
-    else None."""
+    else None. ``clean_outputs``: the model's outputs (every head) on the clean images, when the objective
+    computed them, so a wrapper can score more heads without another forward pass."""
 
     task_losses: dict = field(default_factory=dict)
     features: Optional[list] = None
     batch: Optional[tuple] = None
+    clean_outputs: Optional[dict] = None
 
 
 def forward(model, images, features=None):
@@ -90,4 +92,5 @@ class CleanObjective(Objective):
 
     def __call__(self, model, images, targets, masks):
         features = []
-        return ObjectiveOutput(self.losses.means(forward(model, images, features), targets, masks), features or None)
+        outputs = forward(model, images, features)
+        return ObjectiveOutput(self.losses.means(outputs, targets, masks), features or None, clean_outputs=outputs)
