@@ -132,7 +132,7 @@ def test_classifier_stem_normalisation_and_checkpoint_round_trip(tmp_path):
 def test_open_dataset_checks_the_class_count(tmp_path):
     _write_cifar10(tmp_path)
     model = build_classifier("resnet18", classes=100, input_size=32)
-    with pytest.raises(ValueError, match="10 classes but the model's 'class' head has 100"):
+    with pytest.raises(ValueError, match="10 class labels but the model.s .class. head has 100"):
         open_dataset(tmp_path, model)
 
 
@@ -149,3 +149,25 @@ def test_classification_losses_keep_float64_and_match_torch():
     assert head.metric_scores(stats)["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).double().mean()))
     with pytest.raises(ValueError, match="3 classes"):
         ClassificationTask("class", 2, "dlr")
+
+
+def test_domain_labels_come_from_the_data(tmp_path):
+    written = _write_cifar10(tmp_path / "c10")
+    test = CifarDataset(tmp_path / "c10", "test", domain=True)
+    labels = written["test_batch.bin"][0]
+    expected = [0 if label in (0, 1, 8, 9) else 1 for label in labels]
+    assert [int(test[i][1]["domain"]) for i in range(len(test))] == expected and test.domain_classes == 2
+    assert "domain" not in CifarDataset(tmp_path / "c10", "test")[0][1]
+    objects_root = synthesize_objects(tmp_path / "objects", 30, size=8, workers=1, progress=False)
+    train = ObjectDataset(objects_root, "train", domain=True)
+    for i in range(len(train)):
+        _, targets, _ = train[i]
+        wall = train.class_names[int(targets["class"])] not in ("chair", "table", "plant", "ball")
+        assert int(targets["domain"]) == int(wall)
+
+
+def test_a_classifier_with_a_domain_head_round_trips(tmp_path):
+    model = build_classifier("resnet18", classes=10, input_size=16, domain_classes=20)
+    assert model.evaluated_task_names == ["class", "domain"]
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
+    assert loaded.task_records["domain"].classes == 20 and loaded(torch.rand(1, 3, 16, 16))["domain"].shape == (1, 20)

@@ -177,3 +177,15 @@ def test_line_pixels_are_the_digital_straight_line():
     assert auxiliary.line_pixels(1, 1, 4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
     assert auxiliary.line_pixels(3, 0, 3, 3) == [(3, 0), (3, 1), (3, 2), (3, 3)]
     assert auxiliary.line_pixels(0, 0, 3, 1) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+
+
+def test_domain_head_trains_with_a_negative_weight_and_is_evaluated(objects, tmp_path):
+    run = tmp_path / "domain"
+    assert cli_main(["train", "--data", str(objects), "--out", str(run), "--epochs", "1", "--batch-size", "10",
+                     "--workers", "0", "--no-progress", "--adversarial", "madry_mix", "--attack-tasks", "main",
+                     "--steps", "1", "--aux", "rotation", "--domain-labels", "--weights",
+                     "class=1,domain=-0.1,rotation=0.5", "--robust-val", "4"]) == 0
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(record["val"]["tasks"]) == {"class", "domain"} and record["robust_val"]["attacked"] == ["class"]
+    model, _ = load_checkpoint(run / "last.pt")
+    assert model.config["task_weights"] == {"class": 1.0, "domain": -0.1, "rotation": 0.5}

@@ -92,6 +92,10 @@ def add_arguments(parser):
     gat.add_argument("--aux", default=None,
                      help=f"auxiliary heads trained on labels made from the images, comma-separated: "
                           f"{', '.join(AUX_KINDS)}; the main task is still trained by --adversarial")
+    gat.add_argument("--domain-labels", action="store_true",
+                     help="also train a 'domain' head on the data's coarse labels (CIFAR-100 superclasses, CIFAR-10 "
+                          "vehicle/animal, the object set's free-standing/against-a-wall); weight it with --weights, "
+                          "negative for a task to unlearn")
     gat.add_argument("--aux-routing", choices=ROUTINGS, default=_default("aux_routing"),
                      help="shared: the transformed batch replaces every head's input (the GAT code); separate: "
                           "the main head sees the original images, each auxiliary head its own copy "

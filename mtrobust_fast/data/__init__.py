@@ -12,12 +12,12 @@ def open_dataset(root, model, split="val", size=None):
     if model.config.get("kind") == "classifier":
         from mtrobust_fast.data.classification import open_classification
 
-        dataset = open_classification(root, split, size)
-        auxiliary = model.config.get("auxiliary", [])
-        ((name, head),) = [(n, h) for n, h in model.config["heads"].items() if n not in auxiliary]
-        if dataset.classes != head["classes"]:
-            raise ValueError(f"{root} has {dataset.classes} classes but the model's {name!r} head has "
-                             f"{head['classes']}")
+        heads = model.config["heads"]
+        dataset = open_classification(root, split, size, domain="domain" in model.evaluated_task_names)
+        for name, classes in (("class", dataset.classes), ("domain", dataset.domain_classes)):
+            if name in heads and name in model.evaluated_task_names and classes != heads[name]["classes"]:
+                raise ValueError(f"{root} has {classes} {name} labels but the model's {name!r} head has "
+                                 f"{heads[name]['classes']}")
         return dataset
     from mtrobust_fast.data.taskonomy import TaskonomyDataset
 

@@ -1,7 +1,9 @@
 """Image-classification datasets: the synthetic object set and CIFAR-10/100 in their binary distribution format.
 
 Both yield ``(image, {"class": label}, {})`` with float32 [3, S, S] images in [0, 1], like the Taskonomy
-dataset's ``(image, targets, masks)``. ``normalization`` is the training split's per-channel pixel mean and std
+dataset's ``(image, targets, masks)``; with ``domain=True`` the targets also hold ``"domain"``, a coarser label
+from domain knowledge: CIFAR-100's 20 superclasses, CIFAR-10's vehicle (0: airplane, automobile, ship, truck)
+vs animal (1), or the object set's free-standing (0) vs against-a-wall (1) furniture. ``normalization`` is the training split's per-channel pixel mean and std
 (classifiers normalise their inputs with it).
 
 CIFAR binary format (the ``*-bin`` archives, never pickles): CIFAR-10 records are 1 label byte + 3072 pixel
@@ -29,6 +31,7 @@ CIFAR10_TEST = "test_batch.bin"
 CIFAR100_TRAIN, CIFAR100_TEST = "train.bin", "test.bin"
 CIFAR_SUBFOLDERS = ("", "cifar-10-batches-bin", "cifar-100-binary")
 PIXELS = 3 * 32 * 32
+CIFAR10_VEHICLES = (0, 1, 8, 9)  # airplane, automobile, ship, truck
 VAL_FRACTION = 10  # the last 1/10 of the training records
 
 
@@ -80,7 +83,7 @@ class CifarDataset(Dataset):
     """CIFAR-10/100 from the binary distribution; labels are the fine classes (``coarse`` holds CIFAR-100's 20
     superclasses)."""
 
-    def __init__(self, root, split="train", size=None):
+    def __init__(self, root, split="train", size=None, domain=False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         found = cifar_folder(root)
@@ -98,6 +101,11 @@ class CifarDataset(Dataset):
         self.coarse = None if coarse is None else coarse[chosen]
         self.size = size
         self._normalization = None
+        self.domain = None
+        if domain:
+            self.domain = self.coarse if self.coarse is not None else \
+                (~np.isin(self.labels, CIFAR10_VEHICLES)).astype(np.int64)
+        self.domain_classes = 20 if self.variant == 100 else 2
 
     @property
     def normalization(self):
@@ -122,7 +130,10 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, index):
         image = torch.from_numpy(self.pixels[index]).permute(2, 0, 1).float() / 255.0
-        return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
+        targets = {"class": torch.tensor(self.labels[index])}
+        if self.domain is not None:
+            targets["domain"] = torch.tensor(self.domain[index])
+        return _resized(image, self.size), targets, {}
 
 
 def _resized(image, size):
@@ -135,10 +146,12 @@ def _resized(image, size):
 class ObjectDataset(Dataset):
     """The synthetic object set written by :func:`mtrobust_fast.data.objects.synthesize_objects`."""
 
-    def __init__(self, root, split="train", size=None):
+    def __init__(self, root, split="train", size=None, domain=False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root = Path(root)
+        self.with_domain = domain
+        self.domain_classes = 2
         meta_path = self.root / objects.META_JSON
         try:
             meta = json.loads(meta_path.read_text())
@@ -177,7 +190,10 @@ class ObjectDataset(Dataset):
         except (FileNotFoundError, OSError) as error:
             raise ValueError(f"cannot read {path}: {error}") from None
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
-        return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
+        targets = {"class": torch.tensor(self.labels[index])}
+        if self.with_domain:
+            targets["domain"] = torch.tensor(int(self.class_names[self.labels[index]] not in objects.FREE_STANDING))
+        return _resized(image, self.size), targets, {}
 
 
 def is_classification_data(root):
@@ -185,8 +201,8 @@ def is_classification_data(root):
     return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None
 
 
-def open_classification(root, split="train", size=None):
-    """The object set or CIFAR dataset at ``root``."""
+def open_classification(root, split="train", size=None, domain=False):
+    """The object set or CIFAR dataset at ``root`` (``domain``: with the domain labels)."""
     if (Path(root) / objects.META_JSON).is_file():
-        return ObjectDataset(root, split, size)
-    return CifarDataset(root, split, size)
+        return ObjectDataset(root, split, size, domain)
+    return CifarDataset(root, split, size, domain)

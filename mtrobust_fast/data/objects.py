@@ -36,7 +36,7 @@ DOMAINS = ("rgb", "depth", "normal")
 # Furniture the room furnisher can build, free-standing (any azimuth) or standing against a wall (seen from
 # the front half-space).
 CLASSES = ("chair", "table", "plant", "ball", "couch", "bed", "cabinet", "fridge", "oven", "toilet")
-_FREE_STANDING = {"chair", "table", "plant", "ball"}
+FREE_STANDING = ("chair", "table", "plant", "ball")  # the others stand against a wall (their domain label is 1)
 SUPERSAMPLE = 2
 # The split of each block of len(CLASSES) consecutive images, cycling every 20 blocks (14 train, 3 val, 3 test);
 # val and test blocks come early, so small sets have them too.
@@ -64,7 +64,7 @@ def _object_scene(kind, rng):
             continue
         lo = np.min([p.aabb()[0] for p in parts], axis=0)
         hi = np.max([p.aabb()[1] for p in parts], axis=0)
-        yaw = None if kind in _FREE_STANDING else float(getattr(parts[0], "yaw", 0.0))
+        yaw = None if kind in FREE_STANDING else float(getattr(parts[0], "yaw", 0.0))
         light = furnish.light_position()
         world = scene.Scene(
             room=room, primitives=furnish.primitives, light=light, light_color=style.light_color,

@@ -96,10 +96,11 @@ SMALL_INPUT_MAX = 64  # classifiers for images this small or smaller get the 32-
 
 
 def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", normalization=None, name="class",
-                     aux=(), **kw):
+                     aux=(), domain_classes=None, **kw):
     """An image classifier as a :class:`MultiTaskModel`: ``{name: logits [B, classes]}``, plus one head per
     auxiliary task record of ``aux`` (:mod:`mtrobust_fast.auxiliary`: a linear head for rotation/jigsaw, a
     dense head back to the input resolution for the autoencoder), listed in ``config["auxiliary"]``.
+    ``domain_classes``: also a ``"domain"`` head for a coarser label that comes with the data (superclasses).
 
     Images up to ``SMALL_INPUT_MAX`` px use the 32-px ResNet stem (3×3 stride-1 convolution, no max-pool).
     ``normalization``: ``{"mean": [3 floats], "std": [3 floats]}`` applied inside the model, so attacks work
@@ -122,6 +123,10 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
         raise ValueError(f"normalization needs 3 means and 3 positive stds, got {normalization!r}")
     trunk = build_encoder(enc_name, **kwargs)
     heads = {name: ClassificationHead(trunk.out_channels, classes)}
+    head_configs = {name: head.to_config()}
+    if domain_classes:
+        heads["domain"] = ClassificationHead(trunk.out_channels, domain_classes)
+        head_configs["domain"] = classification.ClassificationTask("domain", domain_classes, loss).to_config()
     for task in aux:
         if task.name in heads:
             raise ValueError(f"aux: head name {task.name!r} is used twice")
@@ -132,7 +137,7 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
         "encoder": enc_name,
         "encoder_kwargs": kwargs,
         "tasks": name,
-        "heads": {name: head.to_config(), **{task.name: task.to_config() for task in aux}},
+        "heads": {**head_configs, **{task.name: task.to_config() for task in aux}},
         "auxiliary": [task.name for task in aux],
         "task_weights": {task: 1.0 for task in heads},
         "input_size": input_size,
@@ -149,10 +154,13 @@ def model_from_config(config):
         kwargs = dict(config.get("encoder_kwargs", {}))
         kwargs.pop("small_input", None)
         auxiliary = config.get("auxiliary", [])
-        ((name, head),) = [(n, h) for n, h in config["heads"].items() if n not in auxiliary]
-        aux = [classification.task_from_config(n, config["heads"][n]) for n in auxiliary]
-        model = build_classifier(config["encoder"], head["classes"], config["input_size"], head.get("loss", "ce"),
-                                 config.get("normalization"), name, aux, **kwargs)
+        heads = config["heads"]
+        (name,) = [n for n in heads if n not in auxiliary and n != "domain"]
+        aux = [classification.task_from_config(n, heads[n]) for n in auxiliary]
+        domain = heads["domain"]["classes"] if "domain" in heads else None
+        model = build_classifier(config["encoder"], heads[name]["classes"], config["input_size"],
+                                 heads[name].get("loss", "ce"), config.get("normalization"), name, aux, domain,
+                                 **kwargs)
         model.config["task_weights"] = dict(config["task_weights"])
         return model
     return build_model(

@@ -105,6 +105,7 @@ class TrainConfig:
     replays: int = 4
     attack_mode: str = "eval"
     aux: Optional[str] = None
+    domain_labels: bool = False
     aux_routing: str = "shared"
     jigsaw_permutations: int = 4
     jigsaw_grid: int = 2
@@ -247,6 +248,6 @@ class TrainConfig:
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
-                "curvature", "curvature_tasks", "curvature_weight", "aux", "aux_routing", "jigsaw_permutations",
+                "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
                 "jigsaw_grid",
                 "select")

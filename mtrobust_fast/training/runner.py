@@ -52,8 +52,8 @@ def make_datasets(config):
         if config.tasks is not None:
             raise ValueError(f"tasks: {config.data} is a classification dataset; its model has one 'class' head "
                              f"(leave --tasks out)")
-        train_set = open_classification(config.data, "train", config.size)
-        val_set = open_classification(config.data, "val", config.size)
+        train_set = open_classification(config.data, "train", config.size, config.domain_labels)
+        val_set = open_classification(config.data, "val", config.size, config.domain_labels)
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
         size = config.size or int(train_set[0][0].shape[-1])
@@ -61,12 +61,14 @@ def make_datasets(config):
                                              "seed": config.seed} if kind == "jigsaw" else {}))
                for kind in config.aux_names]
         model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization,
-                                 aux=aux)
+                                 aux=aux, domain_classes=train_set.domain_classes if config.domain_labels else None)
         model.config["task_weights"] = config.task_weights(model.task_names)
     else:
         if config.aux_names:
             raise ValueError("aux: auxiliary self-supervised tasks train classifiers (classification data); "
                              "a Taskonomy model's other tasks are its auxiliary tasks")
+        if config.domain_labels:
+            raise ValueError("domain_labels: domain heads are for classification data")
         tasks = config.tasks or DEFAULT_TASKS
         size = config.size or DEFAULT_TASKONOMY_SIZE
 
@@ -102,9 +104,11 @@ def attacked_tasks(config, model):
     if text == "all":
         return list(names)
     if text == "main":
-        if config.main is None and len(names) > 1:
+        if config.main is None and len(names) > 1 and "class" not in names:
             raise ValueError(f"attack_tasks: 'main' needs --main when the model has several tasks ({names})")
-        return [names[0]] if config.main is None else [task_registry.get_task(config.main).name]
+        if config.main is None:
+            return ["class" if "class" in names else names[0]]
+        return [config.main if config.main in names else task_registry.get_task(config.main).name]
     chosen = []
     for part in (p.strip() for p in text.split(",")):
         items = [part] if part in names else list(part)
