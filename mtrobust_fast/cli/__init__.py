@@ -17,7 +17,7 @@ COMMANDS = [
     (("attack",), "mtrobust_fast.cli.attack", "attack a checkpoint's model and report its vulnerability"),
     (("import-checkpoint",), "mtrobust_fast.cli.import_checkpoint",
      "convert an MTRobust / AAAI'22 Taskonomy checkpoint into this project's format"),
-    (("sweep",), "mtrobust_fast.sweep.cli", "run a resumable models x attacks x attacked-sets sweep into one table"),
+    (("sweep",), "mtrobust_fast.cli.sweep", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),
 ]
