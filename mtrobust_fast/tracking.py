@@ -36,12 +36,20 @@ _COMET_QUIET = dict(log_code=False, log_graph=False, auto_param_logging=False, a
                     log_env_network=False, log_env_disk=False, display_summary_level=0)
 
 
+def redact(value, key: str | None = None):
+    """``value`` with every occurrence of the API key (``COMET_API_KEY`` unless ``key`` is given) replaced by
+    ``<redacted>`` when it is a string (a model name or path holding the key, say); other values unchanged."""
+    key = os.environ.get(KEY_VAR) if key is None else key
+    return value.replace(key, REDACTED) if key and isinstance(value, str) else value
+
+
 def scrub(params: dict, key: str | None = None) -> dict:
     """Copy ``params`` with secret-looking names and any value containing ``key`` redacted (recursively)."""
     key = os.environ.get(KEY_VAR) if key is None else key
     out = {}
     for name, value in params.items():
-        if _SECRET_NAME.search(str(name)) or (key and key in str(value) and not isinstance(value, dict)):
+        name = redact(str(name), key)
+        if _SECRET_NAME.search(name) or (key and key in str(value) and not isinstance(value, dict)):
             out[name] = REDACTED
         elif isinstance(value, dict):
             out[name] = scrub(value, key)
@@ -80,7 +88,7 @@ class Tracker:
             self.experiment.log_parameters(params)
 
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str | None = None) -> None:
-        metrics = {(f"{prefix}/{k}" if prefix else str(k)): _plain(v) if hasattr(v, "item") else v
+        metrics = {redact(f"{prefix}/{k}" if prefix else str(k)): _plain(v) if hasattr(v, "item") else v
                    for k, v in metrics.items()}
         self._append("metrics", {"step": step, "metrics": metrics})
         if self.experiment is not None:
@@ -89,6 +97,7 @@ class Tracker:
     def log_curve(self, name: str, values) -> None:
         """Log a per-step series (index = step); Comet gets one metric point per step under ``name``."""
         values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+        name = redact(name)
         self._append("curves", {"name": name, "values": values})
         if self.experiment is not None:
             for step, value in enumerate(values):
@@ -146,5 +155,5 @@ def make_tracker(kind: str, run_dir, project: str | None = None, experiment_name
         experiment = _import_comet().OfflineExperiment(offline_directory=str(offline_dir), project_name=project,
                                                        **_COMET_QUIET)
     if experiment_name:
-        experiment.set_name(experiment_name)
+        experiment.set_name(redact(experiment_name))
     return Tracker(run_dir, experiment)

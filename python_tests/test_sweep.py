@@ -271,3 +271,18 @@ def test_a_checkpoint_retrained_in_place_is_not_exported_under_one_key(setup, tm
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "the checkpoint was retrained in place" in err and len(list((out / "cells").glob("*.parquet"))) == 2
+
+
+def test_an_api_key_inside_a_model_name_reaches_no_file(setup, tmp_path, monkeypatch):
+    root, data, sdn, sd = setup
+    secret = "sk-TESTSECRET-0123456789"
+    monkeypatch.setenv("COMET_API_KEY", secret)
+    (tmp_path / "s.yaml").write_text(f"data: {data}\nmodels:\n  - {{checkpoint: {sd}, name: run-{secret}}}\n"
+                                     "steps: 1\nsets: [main]\nlimit: 1\ngradients: false\n")
+    out = tmp_path / "out"
+    assert cli_main(["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress",
+                     "--tracker", "local"]) == 0
+    assert set(pd.read_parquet(out / "results.parquet")["model"]) == {"run-<redacted>"}
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

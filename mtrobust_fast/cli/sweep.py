@@ -9,6 +9,7 @@ from mtrobust_fast.evaluation import SettingError
 from mtrobust_fast.sweep import plan as planning
 from mtrobust_fast.sweep.executors import EXECUTORS
 from mtrobust_fast.sweep.store import Store
+from mtrobust_fast.tracking import redact
 
 # flag dest -> settings key, for flags that take a comma-separated list
 LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "alpha": "alpha", "steps": "steps",
@@ -150,7 +151,8 @@ def run(args):
     def on_done(cell, result):
         if track is not None:  # first: a cell whose logging failed is not marked finished
             track(cell, result)
-        store.write(cell.cell_id, result["rows"])
+        # a model name or path that holds the tracker's API key must not carry it into the table
+        store.write(cell.cell_id, [{k: redact(v) for k, v in row.items()} for row in result["rows"]])
 
     try:
         _train_models(pending)
