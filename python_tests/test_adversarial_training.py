@@ -253,7 +253,7 @@ def test_attack_cli_evaluates_a_trained_classifier(objects, tmp_path, capsys):
                      "--target", "class", "--no-progress", "--out", str(tmp_path / "res")]) == 0
     printed = capsys.readouterr().out
     assert "attacked set class:" in printed
-    summary = json.loads((tmp_path / "res.json").read_text())["summary"]
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())["summary"]
     assert summary["samples"] == 20 and summary["attacks"]["class"]["tasks"]["class"]["adv_accuracy"] <= \
         summary["clean"]["class"]["accuracy"]
 

@@ -41,17 +41,17 @@ def test_budget_parsing():
 def test_attack_writes_table_csv_and_json(setup, capsys):
     root = setup[0]
     assert _attack(setup, "--target", "s,sd", "--batch-size", "2", "--limit", "3", "--eps", "8/255",
-                   "--alpha", "2/255", "--out", str(root / "res.csv")) == 0
+                   "--alpha", "2/255", "--out", str(root / "res")) == 0
     printed = capsys.readouterr().out
     assert "attacked set s:" in printed and "attacked set sd:" in printed and "rel vuln" in printed
     assert "marginal vulnerability s + d" in printed
-    with open(root / "res.csv") as f:
+    with open(root / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["attacked"], r["task"]) for r in rows] == [
         ("s", "segment_semantic"), ("s", "depth_zbuffer"), ("sd", "segment_semantic"), ("sd", "depth_zbuffer")]
     assert all(r["samples"] == "3" and r["attack"] == "pgd" for r in rows)
     assert float(rows[0]["eps"]) == pytest.approx(8 / 255) and float(rows[0]["alpha"]) == pytest.approx(2 / 255)
-    saved = json.loads((root / "res.json").read_text())
+    saved = json.loads((root / "res" / "results.json").read_text())
     assert saved["config"]["target"] == ["s", "sd"] and saved["config"]["steps"] == 2
     summary = saved["summary"]
     assert summary["samples"] == 3 and summary["dual_norm"] == "l1"
@@ -75,7 +75,7 @@ def test_same_seed_same_results(setup, tmp_path):
     for name in ("a", "b"):
         assert _attack(setup, "--target", "d", "--limit", "1", "--no-gradients", "--seed", "3",
                        "--out", str(tmp_path / name)) == 0
-        outs.append(json.loads((tmp_path / f"{name}.json").read_text())["summary"])
+        outs.append(json.loads((tmp_path / name / "results.json").read_text())["summary"])
     assert outs[0] == outs[1]
 
 
@@ -138,7 +138,7 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("Table 1"):]
     assert "rel vuln single-task attack" in table and "\n∅ " in table and "\nd " in table
-    assert (tmp_path / "resnet18_sd" / "attack_pgd_linf.json").exists()
+    assert (tmp_path / "resnet18_sd" / "attack_pgd_linf" / "results.json").exists()
     assert cli_main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("reusing") == 2 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
@@ -153,7 +153,7 @@ def test_budgets_above_one_are_refused_unless_in_grey_levels(setup, tmp_path, ca
     assert "--alpha: 2 is above 1" in capsys.readouterr().err
     assert _attack(setup, "--eps", "8", "--alpha", "2", "--eps-units", "255", "--limit", "1", "--no-gradients",
                    "--out", str(tmp_path / "grey")) == 0
-    config = json.loads((tmp_path / "grey.json").read_text())["config"]
+    config = json.loads((tmp_path / "grey" / "results.json").read_text())["config"]
     assert config["eps"] == pytest.approx(8 / 255) and config["alpha"] == pytest.approx(2 / 255)
 
 
@@ -170,3 +170,9 @@ def test_the_report_names_the_per_image_error_for_what_it_is(setup, capsys):
     assert _attack(setup, "--target", "s", "--limit", "1", "--no-gradients") == 0
     out = capsys.readouterr().out
     assert "clean err/img" in out and "1 - the image's own mIoU for segmentation" in out
+
+
+def test_out_names_a_folder_and_a_file_is_refused_before_the_work(setup, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert _attack(setup, "--limit", "1", "--out", str(tmp_path / "afile")) == 2
+    assert "--out:" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"

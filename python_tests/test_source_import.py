@@ -188,7 +188,7 @@ def test_import_command_and_attack_on_the_source_file(tmp_path, capsys):
     assert cli_main(["attack", "--checkpoint", str(source), "--data", str(data), "--size", "32", "--steps", "2",
                      "--limit", "2", "--no-progress", "--no-gradients", "--target", "s,sd",
                      "--out", str(tmp_path / "res")]) == 0
-    summary = json.loads((tmp_path / "res.json").read_text())
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
     assert summary["config"]["model"] == "sd" and summary["summary"]["samples"] == 2
 
 

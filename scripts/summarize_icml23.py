@@ -1,5 +1,5 @@
 """The table and figure of ``scripts/reproduce_icml23.sh``: clean and PGD accuracy of every variant on the test
-split, from the ``attack`` results in ``OUT/eval/*.json`` (Markdown + CSV + PNG in ``OUT``).
+split, from the ``attack`` results in ``OUT/eval/*/results.json`` (Markdown + CSV + PNG in ``OUT``).
 
     python scripts/summarize_icml23.py OUT
 """
@@ -15,11 +15,11 @@ import pandas as pd  # noqa: E402
 
 
 def rows(out):
-    for path in sorted((out / "eval").glob("*.json")):
+    for path in sorted((out / "eval").glob("*/results.json")):
         saved = json.loads(path.read_text())
         config, summary = saved["config"], saved["summary"]
         (attacked,) = summary["attacks"].values()
-        yield {"variant": path.stem, "clean_accuracy": summary["clean"]["class"]["accuracy"],
+        yield {"variant": path.parent.name, "clean_accuracy": summary["clean"]["class"]["accuracy"],
                "robust_accuracy": attacked["tasks"]["class"]["adv_accuracy"], "images": summary["samples"],
                "attack": f"PGD-{config['steps']} {config['norm']} eps={config['eps']:.4g}"}
 

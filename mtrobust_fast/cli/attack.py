@@ -62,8 +62,7 @@ def add_arguments(parser):
         help="random starts that depend only on (seed, image index), and deterministic algorithms")
     add("--no-gradients", action="store_true",
         help="skip the clean input-gradient statistics (one extra backward pass per task and batch)")
-    add("--out", type=Path, default=None,
-        help="write OUT.csv and OUT.json (a .csv or .json suffix is replaced)")
+    add("--out", type=Path, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
     add("--workers", type=workers, default=0, help="data-loading processes (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -116,8 +115,10 @@ def format_report(config, summary):
 
 
 def output_paths(out):
-    stem = out.with_suffix("") if out.suffix in (".csv", ".json") else out
-    return stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.json"
+    """``OUT/results.csv`` and ``OUT/results.json``: ``--out`` names a folder (ValueError if it is a file)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; --out names a folder (results.csv and results.json go inside)")
+    return out / "results.csv", out / "results.json"
 
 
 def _plain(value):
@@ -130,7 +131,8 @@ def _plain(value):
 
 
 def write_results(out, config, summary, rows):
-    """``OUT.csv`` (one row per attacked set and task, the config repeated) and ``OUT.json`` (config + summary)."""
+    """``OUT/results.csv`` (one row per attacked set and task, the config repeated) and ``OUT/results.json``
+    (config + summary)."""
     csv_path, json_path = output_paths(out)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     flat_config = {k: ",".join(v) if isinstance(v, list) else v for k, v in config.items() if k != "target"}
@@ -147,6 +149,8 @@ def write_results(out, config, summary, rows):
 def run(args):
     def attack():
         pixel_budgets(args)
+        if args.out is not None:
+            output_paths(args.out)  # a bad --out is refused before the work
         config, summary = attack_dataset(args)
         print(format_report(config, summary))
         if args.out is not None:
