@@ -1,9 +1,11 @@
 """``mtrobust-fast sweep``: plan expansion, resuming after a kill -9, the Ray executor, train specs, bad settings."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -286,3 +288,11 @@ def test_an_api_key_inside_a_model_name_reaches_no_file(setup, tmp_path, monkeyp
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_the_worked_example_expands(setup, tmp_path):
+    root, data, sdn, sd = setup
+    settings = plan.load_file(Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml")
+    cells = plan.expand({**settings, "data": str(data)}, tmp_path)
+    assert len(cells) == 2 * 2 * 2 and {c.model.name for c in cells} == {"sd", "sd-madry"}
+    assert json.loads(next(c for c in cells if c.model.name == "sd-madry").model.train)["adversarial"] == "madry"

@@ -329,7 +329,10 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--buildings", nargs="+", default=None, metavar="NAME",
-                        help="building names, split 70/15/15 in the order given (default: synth000, ...)")
+                        help="building names; whole buildings go to one split, in the order given: the last "
+                             "round(15%%) (at least 1 from 3 buildings) are test, the ones before them val, the "
+                             "rest train (10 buildings: 6/2/2). Default: synth000, ... one per 100 images, at "
+                             "least 3")
     parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
