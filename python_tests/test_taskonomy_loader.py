@@ -340,3 +340,16 @@ def test_read_png_gives_uint16_for_16_bit_files(tmp_path):
     Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(path)
     pixels = read_png(path, ("gray16",))
     assert pixels.dtype == np.uint16 and pixels.tolist() == [[0, 65535]]
+
+
+def test_directories_link_loops_and_non_utf8_csvs_get_one_clear_error(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(TaskonomyFileError, match="dir.png: is a directory"):
+        read_png(tmp_path / "dir.png", ("rgb8",))
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with pytest.raises(TaskonomyFileError, match="a.png: cannot be opened"):
+        read_png(tmp_path / "a.png", ("rgb8",))
+    (tmp_path / "split.csv").write_bytes(b"id,train,val,test\n\xff\xfe,1,0,0\n")
+    with pytest.raises(TaskonomyFileError, match="split.csv: not a UTF-8 text file"):
+        read_split_csv(tmp_path / "split.csv")

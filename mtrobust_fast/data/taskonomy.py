@@ -62,6 +62,10 @@ def read_png(path, formats):
         handle = open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"missing Taskonomy file {path}") from None
+    except IsADirectoryError:
+        raise TaskonomyFileError(path, "is a directory, not a PNG file") from None
+    except OSError as error:  # a symbolic-link loop, a permission problem, ...
+        raise TaskonomyFileError(path, f"cannot be opened ({error.strerror or error})") from None
     with handle:
         head = handle.read(33)
         if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
@@ -88,8 +92,13 @@ def read_split_csv(path):
 
     Accepts LF, CRLF and bare CR line endings (omnidata's copy uses CR) and a UTF-8 byte-order mark.
     """
-    lines = [(number, line.strip()) for number, line in
-             enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise TaskonomyFileError(path, f"not a UTF-8 text file (byte {error.start}: {error.reason})") from None
+    except IsADirectoryError:
+        raise TaskonomyFileError(path, "is a directory, not a split CSV") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines or [cell.strip().lower() for cell in lines[0][1].split(",")] != ["id", "train", "val", "test"]:
         raise TaskonomyFileError(path, "split CSV must start with the header 'id,train,val,test'")
     splits = {"train": [], "val": [], "test": []}
