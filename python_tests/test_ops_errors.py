@@ -393,3 +393,15 @@ def test_torch_compile_fullgraph_inplace_forms_match_eager(norm):
         return y
 
     _compiled_equals_eager(steps, x, x0, grads, weights)
+
+
+def test_inputs_that_require_grad_are_refused_not_silently_cut():
+    x = torch.rand(2, 3, requires_grad=True)
+    x0 = torch.rand(2, 3)
+    for call in (lambda: ops.attack_step(x, x0, torch.rand(2, 3), eps=0.1, alpha=0.01),
+                 lambda: ops.attack_step(x0, x0, x, eps=0.1, alpha=0.01),
+                 lambda: ops.project(x, x0, eps=0.1)):
+        with pytest.raises(ValueError, match="requires grad, but the attack step is not differentiable"):
+            call()
+    with torch.no_grad():
+        ops.project(x, x0, eps=0.1)  # no graph is being built: fine

@@ -33,6 +33,9 @@ def _check_tensor(name, t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the attack step is not differentiable (no gradient would "
+                         f"reach it); pass {name}.detach()")
 
 
 def _check_like_x(name, t, x):
