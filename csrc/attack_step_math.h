@@ -20,6 +20,22 @@ namespace mtr {
 
 // Guard of every norm division: max(‖v‖, kTiny). A zero gradient therefore gives a zero step.
 constexpr double kTiny = 1e-12;
+
+// Non-finite inputs (the same rules as the pure-PyTorch reference): L∞ works element by element, and a NaN in an
+// element's x, x0, bounds or combined gradient gives NaN there (sign(NaN) is NaN, not 0: a NaN gradient must
+// not become a silent "no move"); ±inf gradients are signs like any other. L2 couples a row through its norms:
+// a non-finite value in a row's x, x0 or combined gradient makes the whole row NaN. No guard below turns a NaN
+// into a finite value.
+// max/min that keep a NaN first argument (v != v is true only for NaN, on host and device alike).
+template <typename T>
+MTR_HD T max_keep_nan(T v, T bound) {
+  return (v > bound || v != v) ? v : bound;
+}
+
+template <typename T>
+MTR_HD T min_keep_nan(T v, T bound) {
+  return (v < bound || v != v) ? v : bound;
+}
 // Largest number of tasks a single call accepts (bounds the per-row coefficient buffers).
 constexpr int kMaxTasks = 64;
 
@@ -49,11 +65,11 @@ MTR_HD acc_t sign_of(acc_t g) {
   return g > acc_t(0) ? acc_t(1) : (g < acc_t(0) ? acc_t(-1) : g);
 }
 
-// torch.clamp semantics: NaN propagates, and when lower > upper the upper bound wins.
+// torch.clamp semantics: a NaN value or bound gives NaN, and when lower > upper the upper bound wins.
 template <typename acc_t>
 MTR_HD acc_t clamp_between(acc_t v, acc_t lower, acc_t upper) {
-  v = v < lower ? lower : v;
-  return v > upper ? upper : v;
+  v = (v < lower || lower != lower) ? lower : v;
+  return (v > upper || upper != upper) ? upper : v;
 }
 
 // Coefficient of task t in row b: w[b,t], divided by the task gradient's row norm when normalising.
@@ -62,16 +78,13 @@ MTR_HD acc_t task_coefficient(const acc_t* weights, int64_t b, int64_t t, int64_
                               double task_sumsq) {
   const acc_t w = weights ? weights[b * T + t] : acc_t(1);
   if (!normalize) return w;
-  const double n = sqrt(task_sumsq);
-  return w / static_cast<acc_t>(n > kTiny ? n : kTiny);
+  return w / static_cast<acc_t>(max_keep_nan(sqrt(task_sumsq), kTiny));
 }
 
 // Linf update of one element: x + α·sign(g), clamped to [max(x0−ε, lo), min(x0+ε, hi)].
 template <typename acc_t>
 MTR_HD acc_t linf_update(acc_t x, acc_t x0, acc_t g, acc_t alpha, acc_t eps, acc_t lo, acc_t hi) {
-  const acc_t lower = x0 - eps > lo ? x0 - eps : lo;
-  const acc_t upper = x0 + eps < hi ? x0 + eps : hi;
-  return clamp_between(x + alpha * sign_of(g), lower, upper);
+  return clamp_between(x + alpha * sign_of(g), max_keep_nan(x0 - eps, lo), min_keep_nan(x0 + eps, hi));
 }
 
 // Per-row L2 scalars from the row sums gg = Σg², dg = Σ(x−x0)·g, dd = Σ(x−x0)²:
@@ -81,14 +94,13 @@ struct L2RowScalars {
   double s, k;
 };
 
+MTR_HD bool finite(double v) { return v - v == 0.0; }  // false for ±inf and NaN
+
 MTR_HD L2RowScalars l2_row_scalars(double gg, double dg, double dd, double alpha, double eps) {
-  const double gnorm = sqrt(gg);
-  const double s = alpha / (gnorm > kTiny ? gnorm : kTiny);
-  double dnorm2 = dd + 2.0 * s * dg + s * s * gg;
-  dnorm2 = dnorm2 > 0.0 ? dnorm2 : 0.0;
-  const double dnorm = sqrt(dnorm2);
-  const double ratio = eps / (dnorm > kTiny ? dnorm : kTiny);
-  return {s, ratio < 1.0 ? ratio : 1.0};
+  if (!finite(gg) || !finite(dg) || !finite(dd)) return {nan(""), nan("")};
+  const double s = alpha / max_keep_nan(sqrt(gg), kTiny);
+  const double dnorm = sqrt(max_keep_nan(dd + 2.0 * s * dg + s * s * gg, 0.0));
+  return {s, min_keep_nan(eps / max_keep_nan(dnorm, kTiny), 1.0)};
 }
 
 // L2 update of one element, in the reference's order: y = x + s·g; δ = y − x0; x0 + k·δ, clamped.

@@ -211,3 +211,31 @@ def test_cpu_result_does_not_depend_on_the_thread_count(norm, normalize, batch, 
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def _same_with_nan(a, b, atol):
+    return torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(0.5), b.nan_to_num(0.5), atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(norm=st.sampled_from(ops.NORMS), normalize=st.booleans(), where=st.sampled_from(["x", "x0", "grads", "weights"]),
+       value=st.sampled_from([float("nan"), float("inf"), -float("inf")]), dtype=st.sampled_from(["float32", "float64"]),
+       tasks=st.integers(1, 3), position=st.integers(0, 10 ** 6), seed=st.integers(0, 2 ** 16))
+def test_non_finite_inputs_follow_the_documented_rules_like_the_oracle(device, norm, normalize, where, value, dtype,
+                                                                         tasks, position, seed):
+    """L∞ element by element (NaN stays NaN, sign(NaN) included); L2: a non-finite value makes its row NaN."""
+    dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 2, 5, 3, generator=gen, dtype=dtype)
+    x0 = torch.rand(3, 2, 5, 3, generator=gen, dtype=dtype)
+    grads = torch.randn(tasks, 3, 2, 5, 3, generator=gen, dtype=dtype)
+    weights = torch.rand(3, tasks, generator=gen, dtype=torch.float64)
+    target = {"x": x, "x0": x0, "grads": grads, "weights": weights}[where]
+    target.view(-1)[position % target.numel()] = value
+    x, x0, grads, weights = (t.to(device) for t in (x, x0, grads, weights))
+    fused = ops.attack_step(x, x0, grads, weights, eps=0.1, alpha=0.03, norm=norm, normalize_task_grads=normalize)
+    oracle = R.attack_step(x, x0, grads, weights, eps=0.1, alpha=0.03, norm=norm, normalize_task_grads=normalize)
+    assert _same_with_nan(fused, oracle, 1e-5)
+    if where in ("x", "x0"):
+        assert _same_with_nan(ops.project(x, x0, eps=0.1, norm=norm), R.project(x, x0, eps=0.1, norm=norm), 1e-5)

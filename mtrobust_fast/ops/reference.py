@@ -13,6 +13,11 @@ Math (per row b; norms are over all of ``*S`` for one sample, never over the bat
           d <- d * min(1, eps_b / max(||d||_2, tiny));   x' = clamp(x0 + d, lo, hi)
 
 ``clamp`` follows ``torch.clamp``: where the lower bound exceeds the upper one, the upper bound wins.
+
+Non-finite inputs: L∞ works element by element; a NaN in an element's x, x0 or combined gradient gives NaN
+there (``sign`` keeps NaN, where ``torch.sign`` would give 0: a NaN gradient must not become a silent "no
+move"), and ±inf gradients are signs like any other. L2 couples a row through its norms: a non-finite value
+in a row's x, x0 or combined gradient makes the whole row NaN.
 Everything is computed in the "opmath" dtype (float32 for float16/bfloat16/float32, float64 for
 float64) and the result is returned in ``x.dtype``.
 """
@@ -48,6 +53,14 @@ def _row_norm(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(b, math.prod(t.shape[1:])).norm(dim=1).reshape((b,) + (1,) * (t.dim() - 1))
 
 
+def _nan_rows(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``t`` with every row that holds a non-finite value in ``t`` or ``others`` set to NaN."""
+    bad = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+    for u in (t,) + others:
+        bad |= ~torch.isfinite(u).reshape(u.shape[0], math.prod(u.shape[1:])).all(dim=1)
+    return torch.where(bad.reshape((-1,) + (1,) * (t.dim() - 1)), torch.full_like(t, math.nan), t)
+
+
 def _project_opmath(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, norm: str, lo: float, hi: float):
     """Projection of ``x`` onto the ``norm`` ball of radius ``eps`` around ``x0``, then onto [lo, hi]."""
     if norm == "linf":
@@ -58,7 +71,7 @@ def _project_opmath(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, norm: 
     if norm == "l2":
         delta = x - x0
         factor = torch.clamp(eps / torch.clamp(_row_norm(delta), min=TINY), max=1.0)
-        return torch.clamp(x0 + delta * factor, min=lo, max=hi)
+        return _nan_rows(torch.clamp(x0 + delta * factor, min=lo, max=hi), x, x0)
     raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
 
 
@@ -101,9 +114,10 @@ def attack_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, weights:
     eps_r = _per_row(eps, b, xf)
     alpha_r = _per_row(alpha, b, xf)
     if norm == "linf":
-        y = xf + alpha_r * torch.sign(combined)
+        y = xf + alpha_r * torch.where(torch.isnan(combined), combined, torch.sign(combined))
     elif norm == "l2":
         y = xf + alpha_r * combined / torch.clamp(_row_norm(combined), min=TINY)
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    return _project_opmath(y, x0f, eps_r, norm, lo, hi).to(x.dtype)
+    out = _project_opmath(y, x0f, eps_r, norm, lo, hi)
+    return (_nan_rows(out, xf, x0f, combined) if norm == "l2" else out).to(x.dtype)
