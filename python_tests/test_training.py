@@ -27,8 +27,8 @@ def data(tmp_path_factory):
 
 
 def _train_cli(data, out, *extra, size=64):
-    args = ["train", "--data", str(data), "--out", str(out), "--size", str(size), "--encoder", "resnet18",
-            "--workers", "0", "--no-progress", *extra]
+    args = ["train", "--data", str(data), "--out", str(out), *(["--size", str(size)] if size else []),
+            "--encoder", "resnet18", "--workers", "0", "--no-progress", *extra]
     return cli_main(args)
 
 
@@ -218,3 +218,9 @@ def test_a_kill_between_an_epochs_outputs_loses_and_doubles_nothing(data, tmp_pa
         assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items()), name
     best = torch.load(tmp_path / "split" / "best.pt", weights_only=True)["meta"]
     assert "optimizer" not in best and best["epoch"] == min(split, key=lambda r: r["val"]["loss"])["epoch"]
+
+
+def test_size_defaults_to_the_images_own(data, tmp_path):
+    assert _train_cli(data, tmp_path / "run", "--tasks", "d", "--epochs", "1", "--batch-size", "2",
+                      "--limit-train", "2", "--limit-val", "1", size=None) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")[0].config["input_size"] == 64

@@ -43,7 +43,7 @@ def add_arguments(parser):
              "(`mtrobust-fast data synth-objects`) or a CIFAR-10/100 binary folder")
     add("--out", required=True, help="run directory: checkpoints, metrics.jsonl, config.json")
     add("--size", type=int, default=None,
-        help="image side in px (default: 256 for Taskonomy, a multiple of 32; the images' own for classification)")
+        help="image side in px (default: the images' own; Taskonomy models need a multiple of 32)")
     add("--epochs", type=int, default=_default("epochs"), help="total epochs (default %(default)s)")
     add("--batch-size", type=int, default=_default("batch_size"),
         help="per-process batch size (default %(default)s)")

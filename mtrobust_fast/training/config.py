@@ -59,7 +59,7 @@ class TrainConfig:
     """Every choice of a training run (the ``mtrobust-fast train`` flags), recorded in every checkpoint.
 
     ``tasks``: Taskonomy task letters (default sdnE); None on classification data (the model has one "class"
-    head). ``size``: None means 256 px on Taskonomy data and the images' own size on classification data.
+    head). ``size``: None means the images' own size (the first training image's side).
     ``adversarial``: "none" or an objective of :mod:`mtrobust_fast.training.adversarial`, with its inner
     attack (``attack_tasks``, ``norm``, ``eps``, ``alpha``, ``steps``, ``attack_mode``), ``beta`` (trades) and
     ``replays`` (free). ``robust_val``: validation images attacked (PGD-``robust_val_steps``) every epoch; None

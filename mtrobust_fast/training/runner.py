@@ -19,7 +19,7 @@ from mtrobust_fast import auxiliary
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
-from mtrobust_fast.models import build_classifier, build_model, read_checkpoint
+from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import RobustValidation, make_objective
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
@@ -30,7 +30,17 @@ from mtrobust_fast.training.regularisers import CurvatureRegularised
 from mtrobust_fast.weighting import make_weighting
 
 CONFIG_NAME = "config.json"
-DEFAULT_TASKONOMY_SIZE = 256
+
+
+def native_size(dataset):
+    """The side of the dataset's first image, which must be a multiple of the encoders' stride."""
+    if len(dataset) == 0:
+        raise ValueError("data: the training split is empty")
+    side = int(dataset[0][0].shape[-1])
+    if side % STRIDE:
+        raise ValueError(f"size: the images are {side} px, not a multiple of {STRIDE}; give --size (e.g. "
+                         f"{max(STRIDE, side // STRIDE * STRIDE)})")
+    return side
 
 
 def make_optimizer(config, parameters):
@@ -70,13 +80,13 @@ def make_datasets(config):
         if config.domain_labels:
             raise ValueError("domain_labels: domain heads are for classification data")
         tasks = config.tasks or DEFAULT_TASKS
-        size = config.size or DEFAULT_TASKONOMY_SIZE
 
-        def split(name):
+        def split(name, size):
             return TaskonomyDataset(config.data, tasks, split=name, size=size, layout=config.layout,
                                     split_csv=config.split_csv, point_threshold=config.point_threshold)
 
-        train_set, val_set = split("train"), split("val")
+        size = config.size or native_size(split("train", None))
+        train_set, val_set = split("train", size), split("val", size)
         names = [t.name for t in task_registry.resolve(tasks)]
         model = build_model(tasks, config.encoder, input_size=size, task_weights=config.task_weights(names))
     return _limited(train_set, config.limit_train), _limited(val_set, config.limit_val), model
