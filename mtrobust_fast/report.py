@@ -30,6 +30,33 @@ from mtrobust_fast.cli.args import positive_int  # noqa: E402
 from mtrobust_fast import task_names  # noqa: E402
 
 REQUIRED = ("model_tasks", "attacked", "task")
+# Axis and title names of the table's columns (a column without one is shown as it is).
+LABELS = {"rel_vuln": "relative vulnerability", "rel_vuln_ratio_of_means": "relative vulnerability (ratio of means)",
+          "adv_vuln": "adversarial vulnerability", "joint_adv_vuln": "joint adversarial vulnerability",
+          "clean_error": "clean per-image error", "adv_error": "adversarial per-image error",
+          "clean_loss": "clean loss", "adv_loss": "adversarial loss", "full": "full-cost relative vulnerability"}
+
+
+def label(column):
+    """The human name of a results-table column."""
+    return LABELS.get(column, column.replace("_", " "))
+
+
+def spread(xs, ys, step=8):
+    """Vertical text offsets in points for labels at (xs, ys): labels that share an x and lie within 4 % of the
+    y range of each other are pushed apart by ``step`` points each, so they do not print over one another."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    span = np.nanmax(ys) - np.nanmin(ys) if len(ys) and np.isfinite(ys).any() else 0.0
+    close = max(span * 0.04, 1e-12)
+    offsets = np.full(len(xs), 2.0)
+    for x in np.unique(xs):
+        index = np.flatnonzero(xs == x)
+        index = index[np.argsort(ys[index], kind="stable")]
+        run = 0
+        for previous, current in zip(index, index[1:]):
+            run = run + 1 if abs(ys[current] - ys[previous]) < close else 0
+            offsets[current] = 2.0 + step * run
+    return offsets
 
 
 def add_arguments(parser):
@@ -75,19 +102,21 @@ def _markdown_matrix(matrix):
 
 
 def _row_scaled(values):
-    """Each row min–max scaled to [0, 1] (0.5 for a constant row): main tasks' errors have unrelated scales, so
-    colour compares auxiliaries of one main task, as the paper's tables are read; NaN stays NaN."""
+    """Each row min–max scaled to [0, 1]: main tasks' errors have unrelated scales, so colour compares
+    auxiliaries of one main task, as the paper's tables are read. A row with fewer than two distinct values has
+    no scale: it is NaN (drawn grey, with its values printed), never a colour that looks like a comparison."""
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (a main task missing from this panel)
         low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
         span = high - low
-        return np.where(span > 0, (values - low) / np.where(span > 0, span, 1), 0.5 + 0 * values)
+        return np.where(span > 0, (values - low) / np.where(span > 0, span, 1), np.nan)
 
 
 def _draw_matrix(ax, matrix, title):
     values = matrix.to_numpy(dtype=float)
     scaled = _row_scaled(values) if np.isfinite(values).any() else values
-    ax.imshow(np.ma.masked_invalid(scaled), cmap="viridis_r", vmin=0, vmax=1, aspect="auto")
+    colours = matplotlib.colormaps["viridis_r"].with_extremes(bad="lightgrey")
+    ax.imshow(np.ma.masked_invalid(scaled), cmap=colours, vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(matrix.columns)), matrix.columns)
     ax.set_yticks(range(len(matrix.index)), matrix.index)
     ax.set_xlabel("auxiliary task")
@@ -96,7 +125,7 @@ def _draw_matrix(ax, matrix, title):
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                    color="white" if scaled[i, j] > 0.5 else "black")
+                    color="white" if np.isfinite(scaled[i, j]) and scaled[i, j] > 0.5 else "black")
 
 
 def heatmaps(table, out, metric, dpi):
@@ -111,14 +140,15 @@ def heatmaps(table, out, metric, dpi):
     both = pd.concat([pairs["single"].assign(kind="single"), pairs["multi"].assign(kind="multi")])
     both["weights"] = (both["task_weights"].fillna("").astype(str).replace("", "unknown")
                        if "task_weights" in both.columns else "unrecorded")
-    for label, group in _groups(both, keys):
+    label_of_metric = label(metric)
+    for config, group in _groups(both, keys):
         weights = list(dict.fromkeys(group["weights"]))
         kinds = [k for k in ("single", "multi") if (group["kind"] == k).any()]
         mains, auxes = _ordered(group["main"]), _ordered(group["aux"])
         fig, axes = plt.subplots(len(kinds), len(weights), squeeze=False,
                                  figsize=(1.2 + 0.55 * len(auxes) * len(weights) + 1.2 * len(weights),
                                           0.8 + (0.5 * len(mains) + 1.0) * len(kinds)))
-        lines += [f"### {label}", ""]
+        lines += [f"### {config}", ""]
         for r, kind in enumerate(kinds):
             for c, weight in enumerate(weights):
                 cell = group[(group["kind"] == kind) & (group["weights"] == weight)]
@@ -128,14 +158,15 @@ def heatmaps(table, out, metric, dpi):
                 _draw_matrix(axes[r][c], matrix, title)
                 lines += [f"{title}:", ""] + _markdown_matrix(matrix) + [""]
         width = fig.get_size_inches()[0]
-        fig.suptitle(textwrap.fill(f"{metric} of the main task — {label} (colour: per-row min–max, darker = more "
-                                   f"vulnerable)", max(30, int(width * 10))), fontsize=9)
+        fig.suptitle(textwrap.fill(f"{label_of_metric} of the main task — {config} (colour: per-row min–max, "
+                                   f"darker = more vulnerable; grey: a row with a single value)",
+                                   max(30, int(width * 10))), fontsize=9)
         fig.tight_layout()
-        path = out / f"heatmap_{_slug(label)}.png"
+        path = out / f"heatmap_{_slug(config)}.png"
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
         paths.append(path)
-        lines += [f"![{metric} heatmap, {label}]({path.name})", ""]
+        lines += [f"![{label_of_metric} heatmap, {config}]({path.name})", ""]
     return lines, paths
 
 
@@ -152,27 +183,27 @@ def vulnerability_vs_tasks(table, out, dpi):
     if sets.empty:
         return ["_Skipped: no model is attacked on sets of more than one size._"], []
     lines, paths = [], []
-    for label, group in _groups(sets, results_table.config_columns(sets)):
+    for config, group in _groups(sets, results_table.config_columns(sets)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, runs in group.groupby(model, sort=True):
             mean = runs.groupby("size")["joint_adv_vuln"].mean()
             line, = ax.plot(mean.index, mean.to_numpy(), marker="o", label=f"{name}")
             ax.scatter(runs["size"], runs["joint_adv_vuln"], color=line.get_color(), alpha=0.4, s=12)
             if len(runs) <= 32:
-                for _, row in runs.iterrows():
+                for (_, row), dy in zip(runs.iterrows(), spread(runs["size"], runs["joint_adv_vuln"])):
                     ax.annotate(row["attacked"], (row["size"], row["joint_adv_vuln"]), fontsize=6,
-                                xytext=(3, 2), textcoords="offset points")
+                                xytext=(3, dy), textcoords="offset points")
         ax.set_xlabel("number of attacked tasks")
-        ax.set_ylabel("adversarial vulnerability E|ΔL| (joint loss)")
+        ax.set_ylabel(f"{label('joint_adv_vuln')} E|ΔL|")
         ax.set_xticks(sorted(group["size"].unique()))
-        ax.set_title(textwrap.fill(label, 70), fontsize=8)
+        ax.set_title(textwrap.fill(config, 70), fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"vuln_vs_tasks_{_slug(label)}.png"
+        path = out / f"vuln_vs_tasks_{_slug(config)}.png"
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
         paths.append(path)
-        lines += [f"### {label}", "", f"![vulnerability vs number of attacked tasks, {label}]({path.name})", ""]
+        lines += [f"### {config}", "", f"![vulnerability vs number of attacked tasks, {config}]({path.name})", ""]
     return lines, paths
 
 
@@ -204,12 +235,12 @@ def surrogate_scatter(pairs, out, dpi):
         result = selection.correlate(data[name], data["full"])
         for main, points in data.groupby("main", sort=False):
             ax.scatter(points[name], points["full"], label=f"main {main}")
-        for _, row in data.iterrows():
+        for (_, row), dy in zip(data.iterrows(), spread(data[name].round(12), data["full"])):
             model = row["main"] if row["aux"] == row["main"] else f"{row['main']}+{row['aux']}"
-            ax.annotate(model, (row[name], row["full"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+            ax.annotate(model, (row[name], row["full"]), fontsize=7, xytext=(3, dy), textcoords="offset points")
         ax.legend(fontsize=7)
-        ax.set_xlabel(f"surrogate: {name}")
-        ax.set_ylabel("full-cost relative vulnerability")
+        ax.set_xlabel(f"surrogate: {label(name)}")
+        ax.set_ylabel(label("full"))
         ax.set_title(f"r={_fmt(result['pearson_r'])} (p={_fmt(result['pearson_p'])}), "
                      f"ρ={_fmt(result['spearman_rho'])}", fontsize=9)
         lines.append(f"| {name} | {result['n']} | {_fmt(result['pearson_r'])} | {_fmt(result['pearson_p'])} | "

@@ -32,6 +32,7 @@ from mtrobust_fast.cli.args import budget
 from mtrobust_fast import task_names
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence
+CAUTION_BELOW = 5  # fewer points than this get a printed caution next to their p-values
 FILTERS = ("attack", "norm", "eps", "steps", "encoder", "task_weights")
 
 
@@ -49,6 +50,14 @@ def correlate(surrogate, full):
         pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
         result.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
                       spearman_rho=float(spearman.statistic), spearman_p=float(spearman.pvalue))
+        cautions = []
+        if len(x) < CAUTION_BELOW:
+            cautions.append(f"only {len(x)} points: p-values are unreliable")
+        ties = (len(x) - len(np.unique(x))) + (len(y) - len(np.unique(y)))
+        if ties:
+            cautions.append(f"{ties} tied value(s): Spearman's ranks are averaged")
+        if cautions:
+            result["note"] = "caution: " + "; ".join(cautions)
     return result
 
 

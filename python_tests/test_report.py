@@ -2,6 +2,7 @@
 with a note; missing or unusable tables give clear errors."""
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -130,3 +131,21 @@ def test_heatmap_with_missing_cells_and_rows(tmp_path):
     assert any(p.name.startswith("heatmap_") for p in written)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| d | 10 | 11 | - |" in summary and "| n | - | - | - |" in summary  # single-task attack panel
+
+
+def test_figure_helpers_mark_lone_rows_spread_labels_and_name_columns():
+    from mtrobust_fast import report
+
+    scaled = report._row_scaled(np.array([[1.0, 2.0, 3.0], [5.0, np.nan, np.nan], [4.0, 4.0, np.nan]]))
+    assert np.allclose(scaled[0], [0, 0.5, 1]) and np.isnan(scaled[1]).all() and np.isnan(scaled[2]).all()
+    offsets = report.spread([1, 1, 1, 2], [0.50, 0.51, 0.90, 0.505])
+    assert offsets[0] != offsets[1] and offsets[2] == offsets[3] == 2.0  # only the close pair at x=1 is spread
+    assert report.label("rel_vuln") == "relative vulnerability" and report.label("few_epochs") == "few epochs"
+
+
+def test_small_or_tied_correlations_carry_a_caution():
+    from mtrobust_fast import selection
+
+    result = selection.correlate([1.0, 2.0, 2.0, 4.0], [0.1, 0.3, 0.2, 0.5])
+    assert result["note"].startswith("caution: only 4 points") and "1 tied value(s)" in result["note"]
+    assert selection.correlate(list(range(6)), [0, 2, 1, 3, 5, 4])["note"] == ""
