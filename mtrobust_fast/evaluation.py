@@ -102,8 +102,12 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, pr
     seen = first_id
     was_training = model.training
     model.eval()
+    # Per-step progress inside a batch, shown only once a batch has run for a few seconds.
+    steps = tqdm(desc="  attack steps", unit="grad", leave=False, delay=3, disable=not progress)
+    attack.on_gradient = steps.update if progress else None
     try:
         for batch in tqdm(loader, desc=f"attack {type(attack).__name__}", unit="batch", disable=not progress):
+            steps.reset()
             x, targets, masks = to_device(batch, device)
             ids = torch.arange(seen, seen + x.shape[0])
             seen += x.shape[0]
@@ -121,6 +125,8 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, pr
             meter.update(clean, evaluations, grads)
     finally:
         model.train(was_training)
+        attack.on_gradient = None
+        steps.close()
     if meter.samples == 0:
         raise SettingError("--data: the loader yielded no batch to evaluate")
     summary = meter.compute()

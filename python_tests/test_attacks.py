@@ -398,3 +398,15 @@ def test_build_attack_refuses_settings_with_the_attacks_reason():
         build_attack("pgd", model, normalize_task_grads=True)
     with pytest.raises(ValueError, match="unknown attack"):
         build_attack("cw", model)
+
+
+def test_every_step_is_reported_to_on_gradient():
+    from mtrobust_fast.attacks import APGD, WGD
+
+    net, (x, targets, masks) = model(), batch()
+    for cls, steps in ((PGD, 3), (WGD, 2), (APGD, 4)):
+        calls = []
+        atk = cls(net, steps=steps, restarts=2)
+        atk.on_gradient = lambda: calls.append(1)
+        atk(x, targets, masks)
+        assert len(calls) == 2 * steps, cls.__name__

@@ -134,6 +134,7 @@ class Attack(abc.ABC):
             raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
         self.model_mode = model_mode
         self.step_losses = None
+        self.on_gradient = None  # optional callable(), told of every gradient evaluation (progress bars)
         self._generator = None
 
     # ---- public API ----
@@ -248,9 +249,12 @@ class Attack(abc.ABC):
         return objective.detach(), losses.detach(), grad
 
     def _record(self, losses):
-        """Keeps a step's per-row, per-task losses (on the device, no sync) when ``record_steps`` is on."""
+        """Called once per step: keeps the step's per-row, per-task losses (on the device, no sync) when
+        ``record_steps`` is on, and tells ``on_gradient``."""
         if self.record_steps:
             self._steps.append(losses.detach())
+        if self.on_gradient is not None:
+            self.on_gradient()
 
     def _objective(self, x, rows):
         with torch.no_grad():
