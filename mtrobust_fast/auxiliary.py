@@ -12,6 +12,9 @@ Every auxiliary task is a task record of the open protocol (see :mod:`mtrobust_f
 - ``autoencoder``: the head reconstructs its input image; per-sample L1 loss.
 - ``hog``: the head draws the image's HOG visualisation (9 orientations, 4-px cells), computed in torch on the
   batch's device (:func:`hog_image`); per-sample L1 loss.
+- ``depth``: the head predicts the scene's depth, which comes with the data (the synthetic object set's
+  z-depth, encoded as Taskonomy's log depth, masked where there is no geometry); masked per-sample L1. A
+  labelled task: ``from_data`` is True, and rotation/jigsaw ``warp`` its maps along with the images.
 
 Images never change at validation or test time: only training objectives call ``transform``.
 """
@@ -25,7 +28,7 @@ import torch
 from mtrobust_fast import classification
 from mtrobust_fast.tasks import dense_scores, dense_stats, l1_loss
 
-KINDS = ("rotation", "jigsaw", "autoencoder", "hog")
+KINDS = ("rotation", "jigsaw", "autoencoder", "hog", "depth")
 
 
 def _generator_draws(generator):
@@ -62,6 +65,10 @@ class RotationTask(classification.ClassificationTask):
     def transform(self, images, generator=None):
         labels = balanced_labels(images.shape[0], 4, generator)
         return rotate(images, labels), labels.to(images.device)
+
+    def warp(self, maps, labels):
+        """The same turns applied to per-pixel maps [B, C, H, W] (labels of the data that must follow)."""
+        return rotate(maps, labels)
 
     def to_config(self):
         return {"kind": self.kind}
@@ -119,6 +126,10 @@ class JigsawTask(classification.ClassificationTask):
     def transform(self, images, generator=None):
         labels = torch.randint(0, self.classes, (images.shape[0],), **_generator_draws(generator))
         return self.shuffle(images, labels), labels.to(images.device)
+
+    def warp(self, maps, labels):
+        """The same tile orders applied to per-pixel maps [B, C, H, W]."""
+        return self.shuffle(maps, labels)
 
     def to_config(self):
         return {"kind": self.kind, "classes": self.classes, "grid": self.grid, "seed": self.seed,
@@ -235,6 +246,20 @@ class HogTask(AutoencoderTask):
         return images, hog_image(images)
 
 
+@dataclass(frozen=True)
+class DepthTask(AutoencoderTask):
+    """Predict the depth map that comes with the data (1 channel, masked L1); its labels are not made from the
+    images, so ``transform`` is not used: the training objective takes them from the batch."""
+
+    name: str = "depth"
+    channels: int = 1
+    kind = "depth"
+    from_data = True
+
+    def transform(self, images, generator=None):
+        raise TypeError("depth labels come with the data, not from the images")
+
+
 def make_task(kind, **options):
     """The auxiliary task ``kind`` (one of ``KINDS``) with its options (jigsaw: classes, grid, seed)."""
     if kind == "rotation":
@@ -245,6 +270,8 @@ def make_task(kind, **options):
         return AutoencoderTask()
     if kind == "hog":
         return HogTask()
+    if kind == "depth":
+        return DepthTask()
     raise ValueError(f"aux: unknown auxiliary task {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -260,4 +287,6 @@ def from_config(name, config):
         return AutoencoderTask(name)
     if kind == "hog":
         return HogTask(name)
+    if kind == "depth":
+        return DepthTask(name)
     raise ValueError(f"head {name!r}: unknown kind {kind!r}")

@@ -189,3 +189,25 @@ def test_domain_head_trains_with_a_negative_weight_and_is_evaluated(objects, tmp
     assert set(record["val"]["tasks"]) == {"class", "domain"} and record["robust_val"]["attacked"] == ["class"]
     model, _ = load_checkpoint(run / "last.pt")
     assert model.config["task_weights"] == {"class": 1.0, "domain": -0.1, "rotation": 0.5}
+
+
+def test_depth_from_the_data_follows_the_shared_transforms(objects):
+    train = ObjectDataset(objects, "train", depth=True)
+    image, targets, masks = train[0]
+    assert targets["depth"].shape == (1, 16, 16) and masks["depth"].dtype == torch.bool
+    assert 0 < float(targets["depth"][masks["depth"]].mean()) < 1  # Taskonomy's log depth of a few metres
+    rotation, depth = auxiliary.make_task("rotation"), auxiliary.make_task("depth")
+    gat = GAT(make_objective("madry", TaskLosses([auxiliary.make_task("rotation")]), AttackSettings(), ["rotation"]),
+              [depth, rotation])
+    images = torch.stack([train[i][0] for i in range(4)])
+    maps = torch.stack([train[i][1]["depth"] for i in range(4)])
+    valid = torch.stack([train[i][2]["depth"] for i in range(4)])
+    torch.manual_seed(3)
+    x, targets, masks = gat.shared_batch(images, {"depth": maps}, {"depth": valid})
+    turns = targets["rotation"]
+    assert torch.equal(x, auxiliary.rotate(images, turns))
+    assert torch.equal(targets["depth"], auxiliary.rotate(maps, turns))
+    assert torch.equal(masks["depth"], auxiliary.rotate(valid, turns))
+    with pytest.raises(ValueError, match="no depth maps"):
+        from mtrobust_fast.data.classification import open_classification
+        open_classification(Path(objects).parent / "missing-cifar", depth=True)

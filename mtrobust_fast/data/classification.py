@@ -1,7 +1,7 @@
 """Image-classification datasets: the synthetic object set and CIFAR-10/100 in their binary distribution format.
 
 Both yield ``(image, {"class": label}, {})`` with float32 [3, S, S] images in [0, 1], like the Taskonomy
-dataset's ``(image, targets, masks)``; with ``domain=True`` the targets also hold ``"domain"``, a coarser label
+dataset's ``(image, targets, masks)`` (the object set adds ``"depth"`` maps and masks with ``depth=True``); with ``domain=True`` the targets also hold ``"domain"``, a coarser label
 from domain knowledge: CIFAR-100's 20 superclasses, CIFAR-10's vehicle (0: airplane, automobile, ship, truck)
 vs animal (1), or the object set's free-standing (0) vs against-a-wall (1) furniture. ``normalization`` is the training split's per-channel pixel mean and std
 (classifiers normalise their inputs with it).
@@ -24,6 +24,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtrobust_fast.data import objects
+from mtrobust_fast.tasks import get_task
+
+DEPTH = get_task("depth_zbuffer")  # the object set's depth files use Taskonomy's 16-bit z-depth encoding
 
 SPLITS = ("train", "val", "test")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -146,11 +149,11 @@ def _resized(image, size):
 class ObjectDataset(Dataset):
     """The synthetic object set written by :func:`mtrobust_fast.data.objects.synthesize_objects`."""
 
-    def __init__(self, root, split="train", size=None, domain=False):
+    def __init__(self, root, split="train", size=None, domain=False, depth=False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root = Path(root)
-        self.with_domain = domain
+        self.with_domain, self.with_depth = domain, depth
         self.domain_classes = 2
         meta_path = self.root / objects.META_JSON
         try:
@@ -190,10 +193,25 @@ class ObjectDataset(Dataset):
         except (FileNotFoundError, OSError) as error:
             raise ValueError(f"cannot read {path}: {error}") from None
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
-        targets = {"class": torch.tensor(self.labels[index])}
+        targets, masks = {"class": torch.tensor(self.labels[index])}, {}
         if self.with_domain:
             targets["domain"] = torch.tensor(int(self.class_names[self.labels[index]] not in objects.FREE_STANDING))
-        return _resized(image, self.size), targets, {}
+        if self.with_depth:
+            targets["depth"], masks["depth"] = self._depth(self.files[index])
+        return _resized(image, self.size), targets, masks
+
+    def _depth(self, name):
+        """The file's z-depth as Taskonomy's log depth [1, S, S] and its validity mask (nearest-neighbour resize)."""
+        path = self.root / "depth" / name
+        try:
+            with Image.open(path) as png:
+                target, mask = DEPTH.decode(png)
+        except (FileNotFoundError, OSError, ValueError) as error:
+            raise ValueError(f"cannot read depth {path}: {error}") from None
+        if self.size is not None and target.shape[-1] != self.size:
+            target = F.interpolate(target[None], size=(self.size, self.size), mode="nearest")[0]
+            mask = F.interpolate(mask[None].float(), size=(self.size, self.size), mode="nearest")[0].bool()
+        return target, mask
 
 
 def is_classification_data(root):
@@ -201,8 +219,11 @@ def is_classification_data(root):
     return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None
 
 
-def open_classification(root, split="train", size=None, domain=False):
-    """The object set or CIFAR dataset at ``root`` (``domain``: with the domain labels)."""
+def open_classification(root, split="train", size=None, domain=False, depth=False):
+    """The object set or CIFAR dataset at ``root`` (``domain``: with the domain labels; ``depth``: with the
+    depth maps, which only the object set has)."""
     if (Path(root) / objects.META_JSON).is_file():
-        return ObjectDataset(root, split, size, domain)
+        return ObjectDataset(root, split, size, domain, depth)
+    if depth:
+        raise ValueError(f"aux: {root} holds no depth maps (the synthetic object set has them)")
     return CifarDataset(root, split, size, domain)

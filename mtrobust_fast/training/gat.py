@@ -7,7 +7,8 @@ auxiliary task (:mod:`mtrobust_fast.auxiliary`) makes its own inputs and labels 
 on those clean inputs. Which images each head sees is ``routing``:
 
 - ``shared`` (the GAT code): the auxiliary transforms are applied in turn to the batch (rotation, then jigsaw,
-  then the autoencoder and HOG, whose targets come from the transformed image), and that one transformed batch replaces the input
+  then the autoencoder and HOG, whose targets come from the transformed image; the data's depth maps are
+  turned and shuffled with the images), and that one transformed batch replaces the input
   of every head, the main one included (the auxiliary heads are scored on the main objective's clean forward
   pass when it has one: madry_mix, trades, clean);
 - ``separate``: the main head (and its attack) sees the original images, each auxiliary head its own
@@ -18,7 +19,7 @@ The weighting strategy then combines the main and auxiliary losses (and the curv
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
 ROUTINGS = ("shared", "separate")
-_ORDER = ("rotation", "jigsaw", "autoencoder", "hog")  # reconstruction targets come from what the others made
+_ORDER = ("rotation", "jigsaw", "autoencoder", "hog", "depth")  # targets come from what the ones before made
 
 
 class GAT(Objective):
@@ -39,30 +40,42 @@ class GAT(Objective):
     def start_epoch(self, epoch):
         self.main.start_epoch(epoch)
 
-    def shared_batch(self, images):
-        """The batch every head sees under ``shared`` routing, and the auxiliary labels."""
-        labels = {}
+    def shared_batch(self, images, targets, masks):
+        """The batch every head sees under ``shared`` routing: images, targets with the auxiliary labels, masks.
+        Labelled per-pixel targets of the data (depth) and their masks are warped along with the images."""
+        targets, masks = dict(targets), dict(masks)
         for task in self.aux:
-            images, labels[task.name] = task.transform(images)
-        return images, labels
+            if getattr(task, "from_data", False):
+                continue
+            images, targets[task.name] = task.transform(images)
+            if hasattr(task, "warp"):
+                for data_task in (t for t in self.aux if getattr(t, "from_data", False)):
+                    labels = targets[task.name]
+                    targets[data_task.name] = task.warp(targets[data_task.name], labels)
+                    if data_task.name in masks:
+                        masks[data_task.name] = task.warp(masks[data_task.name], labels)
+        return images, targets, masks
 
     def updates(self, model, images, targets, masks):
         if self.routing == "shared":
-            x, aux_targets = self.shared_batch(images)
+            x, all_targets, all_masks = self.shared_batch(images, targets, masks)
             out = self.main(model, x, targets, masks)
             features = [] if out.features is not None else None
             outputs = out.clean_outputs  # every head's output on x, when the main objective had a clean pass
             if outputs is None:
                 outputs = forward(model, x, features)
-            aux_losses = {t.name: t.loss(outputs[t.name], aux_targets[t.name]).mean() for t in self.aux}
-            batch = (x, {**targets, **aux_targets}, masks)
+            aux_losses = {t.name: t.loss(outputs[t.name], all_targets[t.name], all_masks.get(t.name)).mean()
+                          for t in self.aux}
+            batch = (x, all_targets, all_masks)
         else:
             out = self.main(model, images, targets, masks)
             features = [] if out.features is not None else None
             aux_losses = {}
             for task in self.aux:
-                x, labels = task.transform(images)
-                aux_losses[task.name] = task.loss(forward(model, x, features)[task.name], labels).mean()
+                x, labels = (images, targets[task.name]) if getattr(task, "from_data", False) \
+                    else task.transform(images)
+                output = forward(model, x, features)[task.name]
+                aux_losses[task.name] = task.loss(output, labels, masks.get(task.name)).mean()
             batch = None
         yield ObjectiveOutput({**out.task_losses, **aux_losses},
                               None if features is None else out.features + features, batch)

@@ -62,7 +62,8 @@ def make_datasets(config):
         if config.tasks is not None:
             raise ValueError(f"tasks: {config.data} is a classification dataset; its model has one 'class' head "
                              f"(leave --tasks out)")
-        train_set = open_classification(config.data, "train", config.size, config.domain_labels)
+        depth = "depth" in config.aux_names
+        train_set = open_classification(config.data, "train", config.size, config.domain_labels, depth)
         val_set = open_classification(config.data, "val", config.size, config.domain_labels)
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
