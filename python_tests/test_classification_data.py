@@ -171,3 +171,52 @@ def test_a_classifier_with_a_domain_head_round_trips(tmp_path):
     assert model.evaluated_task_names == ["class", "domain"]
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
     assert loaded.task_records["domain"].classes == 20 and loaded(torch.rand(1, 3, 16, 16))["domain"].shape == (1, 20)
+
+
+def test_stl10_binary_reader_round_trips(tmp_path):
+    from mtrobust_fast.data.classification import Stl10Dataset
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, count in (("train", 10), ("test", 3)):
+        pixels = rng.integers(0, 256, (count, 96, 96, 3), dtype=np.uint8)
+        labels = rng.integers(1, 11, count, dtype=np.uint8)
+        planes = np.stack([[pixels[n, :, :, c].T for c in range(3)] for n in range(count)])  # column-major planes
+        planes.tofile(tmp_path / f"{split}_X.bin")
+        labels.tofile(tmp_path / f"{split}_y.bin")
+        written[split] = (pixels, labels)
+    assert is_classification_data(tmp_path)
+    train, val, test = (Stl10Dataset(tmp_path, s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (9, 1, 3)
+    image, targets, _ = test[2]
+    assert torch.equal((image * 255).round().to(torch.uint8), torch.from_numpy(written["test"][0][2]).permute(2, 0, 1))
+    assert int(targets["class"]) == written["test"][1][2] - 1
+    (tmp_path / "test_y.bin").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="1 labels for 3 images"):
+        Stl10Dataset(tmp_path, "test")
+
+
+def test_image_folder_reader(tmp_path):
+    from PIL import Image
+
+    from mtrobust_fast.data.classification import ImageFolderDataset, open_classification
+
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", 3), ("val", 1), ("test", 1)):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                side = int(rng.integers(20, 40))
+                Image.fromarray(rng.integers(0, 256, (side, side + 3, 3), dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.png")
+    assert is_classification_data(tmp_path)
+    with pytest.raises(ValueError, match="give --size"):
+        open_classification(tmp_path, "train")
+    train = ImageFolderDataset(tmp_path, "train", size=16)
+    assert train.class_names == ["cat", "dog"] and len(train) == 6 and len(ImageFolderDataset(tmp_path, "val", 16)) == 2
+    image, targets, _ = train[4]
+    assert image.shape == (3, 16, 16) and int(targets["class"]) == 1
+    assert len(train.normalization["mean"]) == 3
+    (tmp_path / "val" / "bird").mkdir()
+    with pytest.raises(ValueError, match="bird"):
+        ImageFolderDataset(tmp_path, "val", 16)

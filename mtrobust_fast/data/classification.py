@@ -1,4 +1,5 @@
-"""Image-classification datasets: the synthetic object set and CIFAR-10/100 in their binary distribution format.
+"""Image-classification datasets: the synthetic object set, CIFAR-10/100 and STL-10 in their binary
+distribution formats, and image folders (``root/<split>/<class>/<image>``: ImageNet-R, ROBIN/OOD-CV).
 
 Both yield ``(image, {"class": label}, {})`` with float32 [3, S, S] images in [0, 1], like the Taskonomy
 dataset's ``(image, targets, masks)`` (the object set adds ``"depth"`` maps and masks with ``depth=True``); with ``domain=True`` the targets also hold ``"domain"``, a coarser label
@@ -214,16 +215,161 @@ class ObjectDataset(Dataset):
         return target, mask
 
 
+STL10_FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin")}
+STL10_SIDE = 96
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+NORMALIZATION_SAMPLE = 512  # image-folder training images read to estimate the pixel mean and std
+
+
+def stl10_folder(root):
+    """The folder of an STL-10 binary distribution under ``root`` (itself or ``stl10_binary``), or None."""
+    for folder in (Path(root), Path(root) / "stl10_binary"):
+        if (folder / STL10_FILES["train"][0]).is_file() or (folder / STL10_FILES["test"][0]).is_file():
+            return folder
+    return None
+
+
+class _ArrayDataset(Dataset):
+    """Images held as uint8 [N, H, W, 3] with labels [N]; "train" loses its last tenth to "val"."""
+
+    domain_classes = None
+
+    def __init__(self, pixels, labels, split, size):
+        chosen = slice(None) if split == "test" else _hold_out(len(labels), split)
+        self.pixels, self.labels, self.size = pixels[chosen], labels[chosen], size
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.pixels[index]).permute(2, 0, 1).float() / 255.0
+        return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
+
+
+class Stl10Dataset(_ArrayDataset):
+    """STL-10 from its binary distribution: ``train_X.bin``/``test_X.bin`` (uint8, 3×96×96 per image, each
+    channel stored column by column) and ``train_y.bin``/``test_y.bin`` (labels 1…10); the unlabelled set is
+    not read."""
+
+    classes = 10
+
+    def __init__(self, root, split="train", size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        folder = stl10_folder(root)
+        if folder is None:
+            raise FileNotFoundError(f"{root} holds no STL-10 binary files ({STL10_FILES['train'][0]}, ...)")
+        images_name, labels_name = STL10_FILES["test" if split == "test" else "train"]
+        pixels, labels = self.read(folder / images_name, folder / labels_name)
+        self.normalization = _channel_stats(pixels[_hold_out(len(pixels), "train")]) if split != "test" else \
+            _channel_stats(self.read(folder / STL10_FILES["train"][0], folder / STL10_FILES["train"][1])[0])
+        super().__init__(pixels, labels, split, size)
+
+    @staticmethod
+    def read(images_path, labels_path):
+        """(pixels uint8 [N, 96, 96, 3], labels int64 [N] in 0…9) of one image file and its label file."""
+        for path in (images_path, labels_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"missing STL-10 file {path}")
+        raw = np.fromfile(images_path, dtype=np.uint8)
+        record = 3 * STL10_SIDE * STL10_SIDE
+        if raw.size == 0 or raw.size % record:
+            raise ValueError(f"{images_path}: {raw.size} bytes is not a whole number of 3x96x96 images")
+        labels = np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1
+        if len(labels) != raw.size // record:
+            raise ValueError(f"{labels_path}: {len(labels)} labels for {raw.size // record} images")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"{labels_path}: labels must be 1..10")
+        pixels = raw.reshape(-1, 3, STL10_SIDE, STL10_SIDE).transpose(0, 3, 2, 1)  # column-major planes
+        return np.ascontiguousarray(pixels), labels
+
+
+def image_folder(root):
+    """Whether ``root`` is an image-folder layout: ``root/train/<class>/<image>`` (and val/, test/)."""
+    train = Path(root) / "train"
+    return train.is_dir() and any(d.is_dir() for d in train.iterdir())
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<split>/<class>/<image>`` (ImageNet-R, ROBIN/OOD-CV style): classes are the sorted folder names
+    of ``train/``, images are resized to ``size`` (required: the images' sizes differ), normalisation comes from
+    up to 512 training images. A split folder that is missing is an error naming it."""
+
+    domain_classes = None
+
+    def __init__(self, root, split="train", size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if size is None:
+            raise ValueError("size: image folders hold images of different sizes; give --size")
+        self.root, self.size = Path(root), size
+        self.class_names = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
+        self.classes = len(self.class_names)
+        if self.classes < 2:
+            raise ValueError(f"{self.root / 'train'} must hold at least two class folders")
+        self.samples = self._samples(split)
+        self._normalization = None
+
+    def _samples(self, split):
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        samples = []
+        for label, name in enumerate(self.class_names):
+            directory = folder / name
+            if directory.is_dir():
+                samples += [(path, label) for path in sorted(directory.iterdir())
+                            if path.suffix.lower() in IMAGE_SUFFIXES]
+        unknown = [d.name for d in folder.iterdir() if d.is_dir() and d.name not in self.class_names]
+        if unknown:
+            raise ValueError(f"{folder} has class folder(s) {unknown[:3]} that train/ does not have")
+        return samples
+
+    @property
+    def normalization(self):
+        if self._normalization is None:
+            train = self._samples("train")
+            step = max(1, len(train) // NORMALIZATION_SAMPLE)
+            pixels = np.stack([self._pixels(path) for path, _ in train[::step][:NORMALIZATION_SAMPLE]])
+            self._normalization = _channel_stats(pixels)
+        return self._normalization
+
+    def _pixels(self, path):
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = torch.from_numpy(self._pixels(path).copy()).permute(2, 0, 1).float() / 255.0
+        return image, {"class": torch.tensor(label)}, {}
+
+
 def is_classification_data(root):
-    """Whether ``root`` is an object set or a CIFAR binary distribution (else it is read as Taskonomy)."""
-    return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None
+    """Whether ``root`` is an object set, a CIFAR or STL-10 binary distribution, or an image-folder layout (else
+    it is read as Taskonomy)."""
+    return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None or \
+        stl10_folder(root) is not None or image_folder(root)
 
 
 def open_classification(root, split="train", size=None, domain=False, depth=False):
-    """The object set or CIFAR dataset at ``root`` (``domain``: with the domain labels; ``depth``: with the
-    depth maps, which only the object set has)."""
+    """The classification dataset at ``root`` (``domain``: with the domain labels, which the object set and
+    CIFAR have; ``depth``: with the depth maps, which only the object set has)."""
     if (Path(root) / objects.META_JSON).is_file():
         return ObjectDataset(root, split, size, domain, depth)
     if depth:
         raise ValueError(f"aux: {root} holds no depth maps (the synthetic object set has them)")
-    return CifarDataset(root, split, size, domain)
+    if cifar_folder(root) is not None:
+        return CifarDataset(root, split, size, domain)
+    if domain:
+        raise ValueError(f"domain_labels: {root} has no coarse labels (CIFAR and the object set have them)")
+    if stl10_folder(root) is not None:
+        return Stl10Dataset(root, split, size)
+    if image_folder(root):
+        return ImageFolderDataset(root, split, size)
+    raise FileNotFoundError(f"{root} is not a classification dataset (object set, CIFAR, STL-10 or image folder)")
