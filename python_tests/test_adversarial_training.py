@@ -271,3 +271,12 @@ def test_a_collapse_of_robust_validation_is_warned_about(tmp_path, capsys):
         trainer._warn_if_collapsed(record)
     assert "warning" not in records[0] and "warning" not in records[1]
     assert "catastrophic overfitting" in records[2]["warning"] and "0.450 to 0.900" in capsys.readouterr().out
+
+
+def test_data_subset_keeps_a_fraction_of_the_training_set(objects, tmp_path, capsys):
+    run = tmp_path / "subset"
+    assert _train(objects, run, "--epochs", "1", "--data-subset", "0.25", "--batch-size", "5") == 0
+    (record,) = _log(run)
+    assert record["train"]["samples"] == 15  # ceil(0.25 * 70 training images) = 18, in full batches of 5
+    assert _train(objects, tmp_path / "bad", "--epochs", "1", "--data-subset", "1.5") == 2
+    assert "data_subset must be a fraction" in capsys.readouterr().err

@@ -128,6 +128,8 @@ def add_arguments(parser):
     add("--workers", type=workers, default=_default("workers"),
         help="data-loading processes per training process (default %(default)s)")
     add("--limit-train", type=int, default=None, help="use only the first N training samples")
+    add("--data-subset", type=float, default=None,
+        help="limited-data training: use only this fraction of the training set, e.g. 0.1 (its first images)")
     add("--limit-val", type=int, default=None, help="use only the first N validation samples")
     add("--val-before", action="store_true", help="validate the initial model first (logged as epoch 0)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")

@@ -88,6 +88,7 @@ class TrainConfig:
     amp: bool = False
     workers: int = min(4, os.cpu_count() or 1)  # data-loading processes: at most the CPU count
     limit_train: Optional[int] = None
+    data_subset: Optional[float] = None  # keep this fraction of the training set (its first images)
     limit_val: Optional[int] = None
     val_before: bool = False
     device: str = "auto"
@@ -145,6 +146,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 when given, got {value}")
+        if self.data_subset is not None and not 0 < self.data_subset <= 1:
+            raise ValueError(f"data_subset must be a fraction in (0, 1], got {self.data_subset}")
         if self.save_every < 0 or self.workers < 0:
             raise ValueError(f"save_every and workers must be >= 0, got {self.save_every}, {self.workers}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -246,7 +249,7 @@ class TrainConfig:
 
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
-RESUME_FIXED = ("tasks", "encoder", "size", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
+RESUME_FIXED = ("tasks", "encoder", "size", "data_subset", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
                 "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
                 "jigsaw_grid",

@@ -10,6 +10,7 @@ is really written (the source compared against 0 and never saved its best model)
 that rebuild the model (no DataParallel ``module.`` keys, no pickled modules).
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -90,6 +91,8 @@ def make_datasets(config):
         train_set, val_set = split("train", size), split("val", size)
         names = [t.name for t in task_registry.resolve(tasks)]
         model = build_model(tasks, config.encoder, input_size=size, task_weights=config.task_weights(names))
+    if config.data_subset is not None:  # limited-data training: the first fraction of the training images
+        train_set = _limited(train_set, max(1, math.ceil(config.data_subset * len(train_set))))
     return _limited(train_set, config.limit_train), _limited(val_set, config.limit_val), model
 
 
