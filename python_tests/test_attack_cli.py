@@ -139,6 +139,9 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     table = out[out.index("Table 1"):]
     assert "rel vuln single-task attack" in table and "\n∅ " in table and "\nd " in table
     assert (tmp_path / "resnet18_sd" / "attack_pgd_linf" / "results.json").exists()
+    # only what the quickstart reads stays on disk: weights without optimiser state, no best.pt
+    assert sorted(p.name for p in (tmp_path / "resnet18_sd").glob("*.pt")) == ["last.pt"]
+    assert "optimizer" not in torch.load(tmp_path / "resnet18_sd" / "last.pt", weights_only=True)["meta"]
     assert cli_main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("reusing") == 2 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \

@@ -234,6 +234,11 @@ def _train(config, ctx):
     if config.resume and last.exists():
         payload = read_checkpoint(last, map_location=ctx.device)
         check_resumable(config, payload["meta"], last)
+        done = payload["meta"].get("epoch")
+        if isinstance(done, int) and done >= config.epochs:  # finished: no training state is needed
+            if ctx.is_main:
+                print(f"{run_dir} is already trained for {done} epochs (--epochs {config.epochs})", flush=True)
+            return payload["meta"].get("metrics")
         start = trainer.restore(payload)
         if ctx.is_main:
             print(f"resuming {last} after epoch {start}", flush=True)
@@ -242,8 +247,4 @@ def _train(config, ctx):
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if start >= config.epochs:
-        if ctx.is_main:
-            print(f"{run_dir} is already trained for {start} epochs (--epochs {config.epochs})", flush=True)
-        return payload["meta"].get("metrics")
     return trainer.fit(config.epochs, start_epoch=start, val_before=config.val_before)
