@@ -1,4 +1,5 @@
 """The command table: every sub-command builds its parser and answers --help; unknown commands fail clearly."""
+import os
 import subprocess
 import sys
 
@@ -106,3 +107,14 @@ def test_a_corrupt_file_read_by_a_worker_process_is_one_clear_line(workspace, tm
     assert cli.main(argv.split()) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"{broken.name}: not a PNG file") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_quickstart_waits_passively_unless_told_otherwise(preset, expected):
+    code = ("import os\nfrom mtrobust_fast.cli import main\ntry:\n    main(['quickstart', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip().splitlines()[-1] == expected

@@ -4,6 +4,7 @@ Each module named below defines ``add_arguments(parser)`` and ``run(args) -> int
 """
 import argparse
 import importlib
+import os
 import sys
 
 import mtrobust_fast
@@ -56,7 +57,16 @@ def build_parser(chosen=None):
     return parser
 
 
+# Commands whose default OpenMP wait policy is passive: on a 2-core machine shared with other work, a passive
+# wait policy made training steps about 2x faster (1.7-2.0 s vs 0.86-0.92 s per ResNet-18 step, batch 32), while
+# on an idle machine it costs about 20 %. It only takes effect when set before torch is imported.
+PASSIVE_OPENMP = (("quickstart",),)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(chosen_command(argv)).parse_args(argv)
+    chosen = chosen_command(argv)
+    if chosen in PASSIVE_OPENMP:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser(chosen).parse_args(argv)
     return args._run(args)
