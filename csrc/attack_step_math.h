@@ -1,4 +1,4 @@
-// The arithmetic of the fused attack step (SPEC §5), shared by the CPU and CUDA kernels.
+// The arithmetic of the fused attack step, shared by the CPU and CUDA kernels.
 //
 // Everything here is plain C++ usable from host and device code and includes no torch header, so the
 // CUDA kernels that use it compile with a bare nvcc. A row is one sample: B rows of N elements each;

@@ -1,4 +1,4 @@
-"""Vulnerability metrics of multi-task models under attack (SPEC §7; AAAI'22 Definitions 1-4, Theorems 2 and 4).
+"""Vulnerability metrics of multi-task models under attack (AAAI'22 Definitions 1-4, Theorems 2 and 4).
 
 Everything is computed per sample (shape ``[B]``) and reduced only at the end, in :class:`VulnerabilityMeter`.
 

@@ -1,4 +1,4 @@
-"""What PGD, FGSM and the attack base must achieve (SPEC §6): exactness against a hand-written PGD, budgets,
+"""What PGD, FGSM and the attack base must achieve: exactness against a hand-written PGD, budgets,
 loss increase on a trained model, batched subsets, restarts, determinism, any output type, clear errors."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""What WGD and APGD must achieve (SPEC §6): WGD is PGD for one task and weights tasks by r_i(t) exactly as
+"""What WGD and APGD must achieve: WGD is PGD for one task and weights tasks by r_i(t) exactly as
 Definition 5 says; APGD follows Algorithm 1 of Croce & Hein and is at least as strong as PGD; both stay in the
 budget, are deterministic and batch attacked subsets exactly."""
 import math

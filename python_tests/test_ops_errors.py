@@ -1,4 +1,4 @@
-"""Argument errors, empty inputs and operator registration of the fused attack-step ops (SPEC §5).
+"""Argument errors, empty inputs and operator registration of the fused attack-step ops.
 
 Every bad argument raises a clear Python exception that names it; the registered operators pass
 ``torch.library.opcheck`` (schema, fake implementation, autograd registration, AOT dispatch) and work

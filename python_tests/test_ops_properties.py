@@ -1,5 +1,5 @@
 """Property tests: the fused ops ``mtrobust_fast.ops.{attack_step, attack_step_, project, project_}``
-agree with the pure-PyTorch oracle and satisfy the invariants of SPEC §5.
+agree with the pure-PyTorch oracle and satisfy their documented invariants.
 
 Needs the native extension (``pip install --no-build-isolation -e .``); a missing build fails at import,
 on purpose. Cases (``ops_cases.step_cases``) cover dtypes float64/32/16/bfloat16, B = 1..4, rows of

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the pure-PyTorch oracle ``mtrobust_fast.ops.reference`` (SPEC §5).
+"""Hand-computed checks of the pure-PyTorch oracle ``mtrobust_fast.ops.reference``.
 
 These need no native extension: they check the oracle itself, so that the fused-op tests compare
 against something known to be right. Values are chosen to be exact in binary floating point.

@@ -1,4 +1,4 @@
-"""The common machinery of the iterative attacks (SPEC §6): configuration checks, the per-row objective,
+"""The common machinery of the iterative attacks: configuration checks, the per-row objective,
 input gradients, random starts, restarts and batched attacked-task subsets.
 
 Rows: an attack works on R rows, each an image with its own attacked-task weights (a row of ``W``, [R, T]),

@@ -3,7 +3,7 @@ from mtrobust_fast.attacks.base import Attack
 
 
 class PGD(Attack):
-    """PGD on a multi-task model: each step ascends Σ_{t attacked} L_t per sample and projects (SPEC §6).
+    """PGD on a multi-task model: each step ascends Σ_{t attacked} L_t per sample and projects.
 
     Args:
         model: an ``nn.Module`` returning a dict (keyed by task name), a tuple or a tensor.

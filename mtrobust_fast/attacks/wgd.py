@@ -22,7 +22,7 @@ def relative_rates(losses, start_losses, weights):
 
 
 class WGD(Attack):
-    """WGD: at step t every sample ascends Σ_i r_i(t)·∇L_i over its attacked tasks i (SPEC §6), where
+    """WGD: at step t every sample ascends Σ_i r_i(t)·∇L_i over its attacked tasks i, where
     r_i(t) = L̃_i(t) / mean_j L̃_j(t), L̃_i(t) = L_i(t) / L_i(0), L_i(0) the loss at the restart's start point
     (so r_i(0) = 1) and r detached. A task that keeps up with the others (relative to where it started) keeps
     weight 1; one whose loss rose faster than the row's average gets more.

@@ -9,7 +9,7 @@ agree with each other the way the real ones do. Files land in
 Everything is a function of (seed, building, point, view), which the image index determines: the same seed
 gives byte-identical files whatever the number of workers.
 
-Encodings (research note §1.2) and the scales chosen where the real data leaves them open:
+Encodings (Taskonomy's, as measured on its sample images) and the scales chosen where the real data leaves them open:
 - depth_zbuffer / depth_euclidean: 16-bit, 1/512 m; 65535 where a ray meets no geometry (windows, doors).
 - normal: camera frame (x right, y up, z towards the viewer), p = (n + 1) * 127.5; invalid (128, 128, 128).
 - principal_curvature: R = 127 + 5 k1, G = 127 + 5 k2 (1/m, k1 >= k2, convex negative; box edges are rounded
@@ -64,7 +64,7 @@ INVALID_DEPTH = 65535
 NORMAL_INVALID = 128
 CURVATURE_ZERO = 127
 CURVATURE_SCALE = 5.0  # encoded units per 1/m: bevels (25/m) just fit in 1..255
-# Peak values of the 16-bit maps, matched to the real samples (research note §1.2).
+# Peak values of the 16-bit maps, matched to real Taskonomy sample images.
 EDGE_TEXTURE_GAIN = 65000.0  # per unit of blurred-luminance gradient; strong edges reach ~9-10k
 EDGE_OCCLUSION_PEAK = 4700
 KEYPOINTS2D_PEAK = 1100

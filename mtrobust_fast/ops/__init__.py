@@ -2,7 +2,7 @@
 
 ``attack_step`` combines T per-task input gradients with per-row task weights (optionally L2-normalising
 each task's gradient first), takes a Linf sign step or an L2 normalised step of per-row size ``alpha``,
-projects onto the per-row ``eps`` ball around ``x0`` and clamps to ``[lo, hi]`` (SPEC §5).
+projects onto the per-row ``eps`` ball around ``x0`` and clamps to ``[lo, hi]``.
 ``project`` is the projection alone (random starts, APGD). Both run as registered torch operators
 (``torch.ops.mtrobust_fast.*``) with CPU and CUDA kernels and a fake implementation, so they work under
 ``torch.compile`` and CUDA graphs. ``mtrobust_fast.ops.reference`` is the plain-PyTorch oracle.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference ("oracle") for the fused attack-step and projection ops (SPEC §5).
+"""Pure-PyTorch reference ("oracle") for the fused attack-step and projection ops.
 
 Written for clarity, not speed: the tests compare the fused C++/CUDA op against these functions.
 Argument checking is minimal (this is an oracle), but every input form the fused wrappers accept is

@@ -14,7 +14,7 @@ def _letter(name):
 
 
 def rows(cell, config, summary, seconds):
-    """One dict per (attacked set, evaluated task): the cell's settings, the §7 metrics, version and timing."""
+    """One dict per (attacked set, evaluated task): the cell's settings, every vulnerability metric, version and timing."""
     names = summary["tasks"]
     marginal = {}
     for item in summary["marginal"]:
