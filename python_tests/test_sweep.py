@@ -296,3 +296,11 @@ def test_the_worked_example_expands(setup, tmp_path):
     cells = plan.expand({**settings, "data": str(data)}, tmp_path)
     assert len(cells) == 2 * 2 * 2 and {c.model.name for c in cells} == {"sd", "sd-madry"}
     assert json.loads(next(c for c in cells if c.model.name == "sd-madry").model.train)["adversarial"] == "madry"
+
+
+def test_a_classifier_checkpoint_is_refused_with_the_reason(setup, tmp_path):
+    from mtrobust_fast.models import build_classifier
+
+    path = save_checkpoint(tmp_path / "clf.pt", build_classifier("resnet18", classes=10, input_size=32))
+    with pytest.raises(plan.PlanError, match=r"models\[0\].checkpoint: .* is a classifier"):
+        plan.expand(_settings(setup, models=[str(path)]), tmp_path)

@@ -230,6 +230,9 @@ def _model(i, entry, settings, out):
         except (FileNotFoundError, ValueError) as error:
             raise PlanError(f"{key}.checkpoint: {error}") from None
         config, meta = payload["config"], payload["meta"]
+        if config.get("kind") == "classifier":
+            raise PlanError(f"{key}.checkpoint: {path} is a classifier; sweeps measure multi-task Taskonomy models "
+                            f"(attack a classifier with `mtrobust-fast attack`)")
         record = meta.get("train_config") or {}
         tasks, encoder = task_registry.task_string(config["tasks"]), config["encoder"]
         weights = record.get("weights", "")
