@@ -4,7 +4,8 @@
 # task each (rotation, jigsaw, autoencoder, HOG), equal weights (EW) vs MGDA, and the curvature regulariser on/off.
 # Every model is then attacked on the test split (clean and PGD accuracy at the training budget), and the script
 # ends with a table (Markdown + CSV) and a figure of clean vs robust accuracy per variant.
-# Defaults finish in about 30 minutes on a 2-core CPU; re-running reuses finished models and evaluations.
+# Defaults take about an hour on a 2-core CPU (the two curvature variants cost about 3x the others); re-running
+# reuses finished models and evaluations.
 # Scale up with the variables below, e.g. IMAGES=10000 EPOCHS=30 bash scripts/reproduce_icml23.sh.
 #
 #   bash scripts/reproduce_icml23.sh [OUT]        (default OUT: icml23-repro)
@@ -44,7 +45,7 @@ for variant in "${VARIANTS[@]}"; do
   mtrobust-fast train --data "$OUT/data" --out "$run" --epochs "$EPOCHS" --batch-size "$BATCH" --lr 1e-3 \
     --adversarial madry_mix --attack-tasks main --eps "$EPS" --steps "$STEPS" --robust-val 0 --workers 0 \
     --seed 0 --no-progress --resume $flags
-  [ -f "$OUT/eval/$name.json" ] || mtrobust-fast attack --checkpoint "$run/last.pt" --data "$OUT/data" \
+  [ -f "$OUT/eval/$name/results.json" ] || mtrobust-fast attack --checkpoint "$run/last.pt" --data "$OUT/data" \
     --split test --eps "$EPS" --steps "$EVAL_STEPS" --no-gradients --no-progress --out "$OUT/eval/$name" >/dev/null
 done
 
