@@ -67,10 +67,8 @@ class TaskLosses:
 
 
 class Objective:
-    """Base of the objectives: ``objective(model, images, targets, masks) -> ObjectiveOutput``."""
-
-    def __call__(self, model, images, targets, masks):
-        raise NotImplementedError
+    """Base of the objectives. A subclass defines ``__call__(model, images, targets, masks) -> ObjectiveOutput``
+    (one update per batch), or overrides ``updates`` when it makes several (Free replays a batch)."""
 
     def updates(self, model, images, targets, masks):
         """The outputs to back-propagate for this batch, one per optimiser step (the trainer steps after each)."""
