@@ -18,7 +18,7 @@ Deliberate differences from MTRobust (the training code the AAAI'22 study forked
 - The autoencoder target is the input image in [0, 1], the project's pixel space (source: [-1, 1]).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Mapping
 
@@ -197,6 +197,25 @@ def segment_loss(output, target, mask=None):
     return _masked_mean(ce, valid)
 
 
+def segment_loss_balanced(output, target, mask=None):
+    """Class-balanced cross-entropy per sample [B]: the mean over the classes present in the sample's valid
+    pixels of that class's mean pixel cross-entropy. Every class of an image counts equally whatever its area,
+    so a model cannot reach a low loss by predicting the dominant background everywhere (the failure of plain
+    cross-entropy on small, background-heavy sets). A sample without valid pixels has loss 0."""
+    valid = _label_mask(output, target, mask)
+    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=SEGMENT_IGNORE)
+    batch, classes = output.shape[0], output.shape[1]
+    index = (torch.arange(batch, device=target.device).view(batch, 1, 1) * classes + target)[valid]
+    sums = ce.new_zeros(batch * classes).index_add(0, index, ce[valid]).view(batch, classes)
+    counts = ce.new_zeros(batch * classes).index_add(0, index, torch.ones_like(ce[valid])).view(batch, classes)
+    present = counts > 0
+    per_class = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return per_class.sum(1) / present.sum(1).clamp_min(1)
+
+
+SEGMENT_LOSSES = {"ce": segment_loss, "balanced": segment_loss_balanced}
+
+
 def segment_divergence(output, reference, mask=None):
     """Per-sample mean over (masked) pixels of KL(softmax(reference) ‖ softmax(output)) over the classes."""
     _check_dense(output, reference)
@@ -297,8 +316,16 @@ class Task:
     higher_is_better: Mapping = field(compare=False, repr=False)
 
     def __reduce__(self):
-        """Pickle by letter: unpickling (e.g. in DataLoader workers) gives back the registry's own record."""
+        """Pickle by letter (and segmentation loss): unpickling (e.g. in DataLoader workers) gives back the
+        registry's own record."""
+        if self.is_segmentation:
+            return training_record, (self.letter, self.segment_loss_name)
         return get_task, (self.letter,)
+
+    @property
+    def segment_loss_name(self):
+        """Which of :data:`SEGMENT_LOSSES` the record trains with (None for the other tasks)."""
+        return next((k for k, f in SEGMENT_LOSSES.items() if f is self.loss), None) if self.is_segmentation else None
 
     @property
     def is_segmentation(self):
@@ -366,6 +393,18 @@ def record(task):
     if all(hasattr(task, attr) for attr in ("name", "loss", "error", "metric_stats", "metric_scores")):
         return task
     return get_task(task)
+
+
+def training_record(key, segment_loss="ce"):
+    """The registry task ``key`` with the training loss chosen for segmentation: ``"ce"`` (plain pixel
+    cross-entropy, the registry's) or ``"balanced"`` (:func:`segment_loss_balanced`). Other tasks ignore it.
+    Attacks and errors are unchanged: only what the model is trained on differs."""
+    if segment_loss not in SEGMENT_LOSSES:
+        raise ValueError(f"segment_loss must be one of {', '.join(SEGMENT_LOSSES)}, got {segment_loss!r}")
+    task = get_task(key)
+    if not task.is_segmentation or segment_loss == "ce":
+        return task
+    return replace(task, loss=SEGMENT_LOSSES[segment_loss])
 
 
 def get_task(key):

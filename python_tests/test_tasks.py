@@ -270,6 +270,40 @@ def test_segment_loss_ignores_uncertain_and_masked_pixels():
     assert loss.tolist() == pytest.approx([expected0.item(), expected1.item()], rel=1e-5)
 
 
+def reference_balanced_loss(output, target, mask):
+    """Per sample: the mean over classes present among valid pixels of the class's mean pixel cross-entropy."""
+    values = []
+    for i in range(output.shape[0]):
+        valid = (target[i] > 0) & mask[i, 0]
+        ce = F.cross_entropy(output[i:i + 1].double(), target[i:i + 1].clamp_min(0), reduction="none")[0]
+        means = [ce[valid & (target[i] == c)].mean().item() for c in target[i][valid].unique().tolist()]
+        values.append(float(np.mean(means)) if means else 0.0)
+    return values
+
+
+@FAST
+@given(st.integers(0, 2 ** 31 - 1), st.integers(1, 4))
+def test_balanced_segment_loss_weighs_each_present_class_equally(seed, batch):
+    rng = np.random.default_rng(seed)
+    output = torch.from_numpy(rng.normal(size=(batch, 18, 3, 4)))
+    target = torch.from_numpy(rng.integers(0, 5, (batch, 3, 4)))
+    mask = torch.from_numpy(rng.random((batch, 1, 3, 4)) > 0.2)
+    balanced = tasks.training_record("s", "balanced")
+    assert balanced.loss(output, target, mask).tolist() == pytest.approx(reference_balanced_loss(output, target, mask))
+    one_class = torch.full_like(target, 3)  # one class everywhere: balanced equals plain cross-entropy
+    assert torch.allclose(balanced.loss(output, one_class, mask), get_task("s").loss(output, one_class, mask))
+
+
+def test_training_record_variants_pickle_and_leave_other_tasks_alone():
+    balanced = tasks.training_record("s", "balanced")
+    assert balanced.loss is tasks.segment_loss_balanced and balanced.error is get_task("s").error
+    assert pickle.loads(pickle.dumps(balanced)).loss is tasks.segment_loss_balanced
+    assert pickle.loads(pickle.dumps(get_task("s"))) is get_task("s")
+    assert tasks.training_record("d", "balanced") is get_task("d")
+    with pytest.raises(ValueError, match="segment_loss must be one of ce, balanced"):
+        tasks.training_record("s", "focal")
+
+
 def one_hot_logits(pred):
     return F.one_hot(pred, 18).permute(0, 3, 1, 2).float()
 

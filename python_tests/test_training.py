@@ -224,3 +224,19 @@ def test_size_defaults_to_the_images_own(data, tmp_path):
     assert _train_cli(data, tmp_path / "run", "--tasks", "d", "--epochs", "1", "--batch-size", "2",
                       "--limit-train", "2", "--limit-val", "1", size=None) == 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")[0].config["input_size"] == 64
+
+
+def test_balanced_segment_loss_is_what_is_trained_and_validated(data, tmp_path, capsys):
+    common = ("--tasks", "s", "--epochs", "1", "--batch-size", "2", "--limit-train", "2", "--limit-val", "2",
+              "--seed", "1", "--val-before")
+    assert _train_cli(data, tmp_path / "ce", *common, size=32) == 0
+    assert _train_cli(data, tmp_path / "bal", *common, "--segment-loss", "balanced", size=32) == 0
+    ce, bal = _log(tmp_path / "ce"), _log(tmp_path / "bal")
+    # same seed, same initial model: the epoch-0 validation differs only by the loss that scores it
+    assert ce[0]["val"]["tasks"]["segment_semantic"]["miou"] == bal[0]["val"]["tasks"]["segment_semantic"]["miou"]
+    assert ce[0]["val"]["loss"] != bal[0]["val"]["loss"]
+    assert load_checkpoint(tmp_path / "bal" / "last.pt")[1]["train_config"]["segment_loss"] == "balanced"
+    with pytest.raises(ValueError, match="segment_loss must be one of"):
+        TrainConfig(data="d", out="o", segment_loss="focal")
+    assert _train_cli(data, tmp_path / "d", "--tasks", "d", "--segment-loss", "balanced", size=32) == 2
+    assert "has no segmentation" in capsys.readouterr().err

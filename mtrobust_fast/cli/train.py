@@ -6,6 +6,7 @@ Example (4 GPUs): ``torchrun --nproc-per-node 4 -m mtrobust_fast.cli train --tas
 import dataclasses
 import sys
 
+from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
@@ -66,6 +67,11 @@ def add_arguments(parser):
     add("--main", default=None, help="main task letter (for --weights zamir and --attack-tasks main)")
     add("--class-loss", choices=CLASS_LOSSES, default=_default("class_loss"),
         help="classifier loss: softmax cross-entropy, or sigmoid BCE on one-hot labels (the GAT source's)")
+    add("--segment-loss", choices=tuple(task_registry.SEGMENT_LOSSES), default=_default("segment_loss"),
+        help="segmentation training loss: ce (pixel cross-entropy) or balanced (each class present in an image "
+             "weighs the same: the mean over its classes of the class's mean pixel cross-entropy; keeps small "
+             "background-heavy sets from collapsing to background). Attacks and errors use plain ce "
+             "(default %(default)s)")
     adv = parser.add_argument_group("adversarial training")
     adv.add_argument("--adversarial", choices=ADVERSARIAL, default=_default("adversarial"),
                      help="objective: madry (loss at PGD x_adv), madry_mix (attacked tasks 0.5 clean + 0.5 adv), "

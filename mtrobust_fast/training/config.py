@@ -96,6 +96,7 @@ class TrainConfig:
     split_csv: Optional[str] = None
     point_threshold: Optional[int] = None
     class_loss: str = "ce"
+    segment_loss: str = "ce"  # "balanced": every class of an image weighs the same in its training loss
     adversarial: str = "none"
     attack_tasks: str = "all"
     norm: str = "linf"
@@ -158,7 +159,8 @@ class TrainConfig:
 
     def _check_adversarial(self):
         choices = {"adversarial": ADVERSARIAL, "norm": NORMS, "attack_mode": MODEL_MODES, "select": SELECT,
-                   "class_loss": CLASS_LOSSES}
+                   "class_loss": CLASS_LOSSES,
+                   "segment_loss": tuple(task_registry.SEGMENT_LOSSES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -250,6 +252,7 @@ class TrainConfig:
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "data_subset", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
+                "segment_loss",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
                 "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
                 "jigsaw_grid",

@@ -23,7 +23,7 @@ from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import RobustValidation, make_objective
-from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, parse_schedule
+from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
 from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
@@ -63,6 +63,8 @@ def make_datasets(config):
         if config.tasks is not None:
             raise ValueError(f"tasks: {config.data} is a classification dataset; its model has one 'class' head "
                              f"(leave --tasks out)")
+        if config.segment_loss != "ce":
+            raise ValueError(f"segment_loss: {config.data} is a classification dataset; it has no segmentation task")
         depth = "depth" in config.aux_names
         train_set = open_classification(config.data, "train", config.size, config.domain_labels, depth)
         val_set = open_classification(config.data, "val", config.size, config.domain_labels)
@@ -90,6 +92,8 @@ def make_datasets(config):
         size = config.size or native_size(split("train", None))
         train_set, val_set = split("train", size), split("val", size)
         names = [t.name for t in task_registry.resolve(tasks)]
+        if config.segment_loss != "ce" and "s" not in task_registry.task_string(tasks):
+            raise ValueError(f"segment_loss: the task set {task_registry.task_string(tasks)} has no segmentation (s)")
         model = build_model(tasks, config.encoder, input_size=size, task_weights=config.task_weights(names))
     if config.data_subset is not None:  # limited-data training: the first fraction of the training images
         train_set = _limited(train_set, max(1, math.ceil(config.data_subset * len(train_set))))
@@ -182,8 +186,10 @@ def robust_validation(config, ctx, val_set, losses, attacked):
 def check_resumable(config, meta, path):
     """The fixed settings of a resumed run must equal the checkpoint's; name every one that differs."""
     saved = meta.get("train_config", {})
-    changed = [f"{key}: {saved.get(key)!r} in the checkpoint, {getattr(config, key)!r} now"
-               for key in RESUME_FIXED if saved.get(key) != getattr(config, key)]
+    defaults = {key: field.default for key, field in TrainConfig.__dataclass_fields__.items()}
+    saved = {key: saved.get(key, defaults[key]) for key in RESUME_FIXED}  # settings added since keep defaults
+    changed = [f"{key}: {saved[key]!r} in the checkpoint, {getattr(config, key)!r} now"
+               for key in RESUME_FIXED if saved[key] != getattr(config, key)]
     if changed:
         raise ValueError(f"cannot resume {path} with different settings: " + "; ".join(changed))
 
@@ -207,7 +213,8 @@ def _train(config, ctx):
                               f"or choose another --out")
     seed_everything(config.seed)
     train_set, val_set, model = make_datasets(config)
-    records = model.task_records
+    records = {name: task_registry.training_record(name, config.segment_loss) if name in task_registry.BY_NAME
+               else record for name, record in model.task_records.items()}
     losses = TaskLosses([records[name] for name in model.evaluated_task_names])  # trained on labels; validated
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
