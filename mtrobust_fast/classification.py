@@ -122,10 +122,153 @@ class ClassificationTask:
         return {"kind": "classification", "classes": self.classes, "loss": self.loss_name}
 
 
+AUC_BINS = 4096  # score bins of the summable AUC statistics: pairs within one bin count as ties
+
+
+def _check_multilabel(logits, labels, mask):
+    if logits.dim() != 2 or labels.shape != logits.shape or (mask is not None and mask.shape != logits.shape):
+        raise ValueError(f"a multi-label head needs logits [B, K], labels [B, K] and a mask [B, K], got "
+                         f"{tuple(logits.shape)}, {tuple(labels.shape)} and "
+                         f"{None if mask is None else tuple(mask.shape)}")
+    return torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def _masked_row_mean(values, mask):
+    return torch.where(mask, values, torch.zeros_like(values)).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def binned_auc(positives, negatives):
+    """ROC AUC from score histograms of the positive and negative examples (``[..., bins]``, bins in increasing
+    score): P(positive score > negative score) + ½ P(equal bin). NaN where either class is absent."""
+    below = negatives.cumsum(-1) - negatives  # negatives in strictly lower bins
+    wins = (positives * (below + 0.5 * negatives)).sum(-1)
+    pairs = positives.sum(-1) * negatives.sum(-1)
+    return torch.where(pairs > 0, wins / pairs.clamp_min(1), torch.full_like(wins, float("nan")))
+
+
+@dataclass(frozen=True)
+class MultiLabelTask:
+    """A head of ``labels`` independent binary labels (e.g. chest X-ray findings): one logit each, sigmoid BCE.
+    Labels are 0/1 floats with a mask of the known ones (uncertain and blank labels are masked out of loss,
+    error and metrics). Error: the fraction of a sample's known labels predicted wrongly (logit > 0 means
+    positive). Metrics: the AUC of each label (``auc_<name>``), their mean over labels with both classes present
+    (``auc``) and the accuracy over known labels; AUCs come from 4096-bin histograms of sigmoid scores, exact up
+    to pairs that share a bin."""
+
+    name: str = "class"
+    labels: int = 1
+    label_names: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.labels, bool) or not isinstance(self.labels, int) or self.labels < 1:
+            raise ValueError(f"labels must be a positive integer, got {self.labels!r}")
+        names = tuple(self.label_names) or tuple(str(i) for i in range(self.labels))
+        if len(names) != self.labels:
+            raise ValueError(f"{len(names)} label names for {self.labels} labels")
+        object.__setattr__(self, "label_names", names)
+
+    @property
+    def classes(self):
+        """Outputs of the head (its linear layer's width)."""
+        return self.labels
+
+    @property
+    def higher_is_better(self):
+        return MappingProxyType({"auc": True, "accuracy": True, **{f"auc_{n}": True for n in self.label_names}})
+
+    def loss(self, logits, labels, mask=None):
+        known = _check_multilabel(logits, labels, mask)
+        logits = opmath(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        return _masked_row_mean(bce, known)
+
+    def error(self, logits, labels, mask=None):
+        known = _check_multilabel(logits, labels, mask)
+        wrong = ((logits > 0) != (labels > 0.5)).to(opmath(logits).dtype)
+        return _masked_row_mean(wrong, known)
+
+    def divergence(self, logits, reference, mask=None):
+        """Per-sample mean over labels of the Bernoulli KL(sigmoid(reference) ‖ sigmoid(logits))."""
+        logits, reference = opmath(logits), opmath(reference)
+        p = torch.sigmoid(reference)
+        kl = p * (F.logsigmoid(reference) - F.logsigmoid(logits)) + \
+            (1 - p) * (F.logsigmoid(-reference) - F.logsigmoid(-logits))
+        return kl.mean(1)
+
+    def metric_stats(self, logits, labels, mask=None):
+        """Per label: histograms of the sigmoid scores of its known positives and negatives, then (correct known
+        predictions, known labels); float64, flattened, summable over batches and processes."""
+        known = _check_multilabel(logits, labels, mask)
+        logits = logits.detach()
+        bins = (torch.sigmoid(logits.double()) * AUC_BINS).long().clamp_(0, AUC_BINS - 1)
+        positive = (labels > 0.5) & known
+        negative = (labels <= 0.5) & known
+        column = torch.arange(self.labels, device=logits.device).expand_as(bins)
+        hist = torch.zeros(2, self.labels * AUC_BINS, dtype=torch.float64, device=logits.device)
+        for row, chosen in enumerate((positive, negative)):
+            index = (column * AUC_BINS + bins)[chosen]
+            hist[row].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        correct = (((logits > 0) == (labels > 0.5)) & known).sum().double()
+        return torch.cat([hist.flatten(), torch.stack([correct, known.sum().double()])])
+
+    def metric_scores(self, stats):
+        hist = stats[:-2].view(2, self.labels, AUC_BINS)
+        aucs = binned_auc(hist[0], hist[1])
+        defined = ~torch.isnan(aucs)
+        count = float(stats[-1])
+        return {"auc": float(aucs[defined].mean()) if defined.any() else float("nan"),
+                "accuracy": float(stats[-2]) / count if count else float("nan"),
+                **{f"auc_{n}": float(a) for n, a in zip(self.label_names, aucs)}}
+
+    def to_config(self):
+        return {"kind": "multilabel", "labels": self.labels, "label_names": list(self.label_names)}
+
+
+@dataclass(frozen=True)
+class RegressionTask:
+    """A head of one scalar per sample (e.g. a patient's age, scaled by the dataset) with an L1 loss; samples
+    whose value is unknown are masked out. Error: the absolute error; metric: the mean absolute error."""
+
+    name: str = "age"
+    classes: int = 1  # outputs of the head's linear layer
+    higher_is_better = MappingProxyType({"mae": False})
+
+    def _check(self, output, target, mask):
+        if output.dim() != 2 or output.shape[1] != 1 or target.shape != output.shape[:1]:
+            raise ValueError(f"a regression head needs outputs [B, 1] and targets [B], got {tuple(output.shape)} "
+                             f"and {tuple(target.shape)}")
+        return torch.ones_like(target, dtype=torch.bool) if mask is None else mask.bool().reshape(target.shape)
+
+    def loss(self, output, target, mask=None):
+        known = self._check(output, target, mask)
+        error = (opmath(output)[:, 0] - target.to(opmath(output).dtype)).abs()
+        return torch.where(known, error, torch.zeros_like(error))
+
+    error = loss
+
+    def divergence(self, output, reference, mask=None):
+        return (opmath(output) - opmath(reference)).abs()[:, 0]
+
+    def metric_stats(self, output, target, mask=None):
+        known = self._check(output, target, mask)
+        return torch.stack([self.loss(output.detach(), target, mask).double().sum(), known.sum().double()])
+
+    def metric_scores(self, stats):
+        return {"mae": float(stats[0]) / float(stats[1]) if float(stats[1]) else float("nan")}
+
+    def to_config(self):
+        return {"kind": "regression"}
+
+
 def task_from_config(name, config):
-    """The record a ``to_config`` dict describes: a classification head, or an auxiliary task's
-    (:mod:`mtrobust_fast.auxiliary`)."""
-    if config.get("kind") != "classification":
+    """The record a ``to_config`` dict describes: a classification, multi-label or regression head, or an
+    auxiliary task's (:mod:`mtrobust_fast.auxiliary`)."""
+    kind = config.get("kind")
+    if kind == "multilabel":
+        return MultiLabelTask(name, int(config["labels"]), tuple(config.get("label_names", ())))
+    if kind == "regression":
+        return RegressionTask(name)
+    if kind != "classification":
         from mtrobust_fast import auxiliary
 
         return auxiliary.from_config(name, config)

@@ -6,7 +6,10 @@ import torch
 
 from mtrobust_fast.models import build_model
 from mtrobust_fast.training import CleanObjective, TaskLosses
-from mtrobust_fast.training.regularisers import CurvatureRegularised, curvature_penalty, curvature_xi
+from mtrobust_fast import auxiliary
+from mtrobust_fast.models import build_classifier
+from mtrobust_fast.training.regularisers import (CurvatureRegularised, curvature_penalty, curvature_term, curvature_xi,
+                                                  houdini, softmax_margin)
 from mtrobust_fast.weighting import make_weighting
 
 
@@ -69,3 +72,82 @@ def test_the_objective_adds_the_curvature_of_two_tasks_and_trains(weighting):
     assert encoder_grad is not None and torch.isfinite(encoder_grad).all()
     with pytest.raises(ValueError, match="two different tasks"):
         CurvatureRegularised(CleanObjective(losses), losses, "depth_zbuffer", "depth_zbuffer")
+
+
+def _normal_density(m):
+    return np.exp(-m ** 2 / 2) / np.sqrt(2 * np.pi)
+
+
+def test_houdini_keeps_the_value_and_gives_the_smoothed_margin_gradient():
+    value = torch.tensor([0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    margin = torch.tensor([0.1, -1.5], dtype=torch.float64, requires_grad=True)
+    out = houdini(value, margin)
+    assert torch.equal(out.detach(), value.detach())
+    out.sum().backward()
+    assert value.grad is None or torch.count_nonzero(value.grad) == 0  # the value is a constant of the surrogate
+    expected = -value.detach().numpy() * _normal_density(margin.detach().numpy())
+    assert np.allclose(margin.grad.numpy(), expected, rtol=1e-12)
+
+
+def test_softmax_margin_against_numpy_and_refuses_dense_or_multilabel_heads():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    assert np.allclose(softmax_margin(logits, labels).numpy(), [p[0, 0] - p[0, 1], p[1, 2] - p[1, 1]])
+    with pytest.raises(ValueError, match="single-label classification head"):
+        softmax_margin(logits, torch.rand(2, 3))
+    with pytest.raises(ValueError, match="single-label classification head"):
+        softmax_margin(torch.randn(2, 18, 4, 4), torch.randint(0, 18, (2, 4, 4)))
+
+
+def test_houdini_grad_value_is_xi_and_its_gradient_follows_the_cosine():
+    gen = torch.Generator().manual_seed(1)
+    g1 = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    g2 = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    term = curvature_term("houdini-grad", g1, g2)
+    assert torch.allclose(term, curvature_xi(g1, g2).mean())
+    term.backward()
+    a, b = g1.detach(), g2.detach()
+    xi = curvature_xi(a, b)
+    # reference: d/dg1 of mean(xi * P(N > cos)) with xi constant, through autograd on the cosine in float64
+    a_ref = a.clone().requires_grad_(True)
+    cos_ref = torch.nn.functional.cosine_similarity(a_ref, b, dim=1)
+    (xi * 0.5 * torch.erfc(cos_ref / np.sqrt(2))).mean().backward()
+    assert torch.allclose(g1.grad, a_ref.grad, rtol=1e-10)
+
+
+def test_houdini_out_needs_no_double_backprop_and_moves_only_through_the_outputs():
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", classes=4, input_size=32, aux=())
+    model.eval()
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    labels = torch.tensor([0, 1, 2])
+    logits = model(x)["class"]
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    g1 = torch.autograd.grad(ce.sum(), x, retain_graph=True)[0]
+    g2 = torch.autograd.grad(logits.logsumexp(1).sum(), x, retain_graph=True)[0]
+    assert not g1.requires_grad and not g2.requires_grad  # first-order gradients only
+    term = curvature_term("houdini-out", g1, g2, logits, labels)
+    assert torch.allclose(term, curvature_xi(g1, g2).mean())
+    (dlogits,) = torch.autograd.grad(term, logits)
+    xi = curvature_xi(g1, g2).double()
+    # d term / d logits = -mean(xi * phi(m) * dm/dlogits), with xi and phi(m) constants
+    probe = logits.detach().double().requires_grad_(True)
+    m = softmax_margin(probe, labels)
+    (-(xi * torch.tensor(_normal_density(m.detach().numpy())) * m).mean()).backward()
+    assert torch.allclose(dlogits.double(), probe.grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["houdini-grad", "houdini-out"])
+def test_the_objective_trains_with_either_houdini_variant(kind):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", classes=4, input_size=32, aux=[auxiliary.make_task("rotation")])
+    losses = TaskLosses(model.task_records.values())
+    objective = CurvatureRegularised(CleanObjective(losses), losses, "class", "rotation", kind)
+    x = torch.rand(4, 3, 32, 32)
+    targets = {"class": torch.tensor([0, 1, 2, 3]), "rotation": torch.tensor([0, 1, 2, 3])}
+    (out,) = objective.updates(model, x, targets, {})
+    assert torch.isfinite(out.task_losses["curvature"]) and out.task_losses["curvature"] > 0
+    make_weighting("static", {"class": 1.0, "rotation": 1.0, "curvature": 1.0}).backward(out.task_losses, model=model)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert objective.describe()["curvature_kind"] == kind

@@ -40,7 +40,7 @@ def add_arguments(parser):
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
     add("--data", required=True, type=Path,
-        help="the data the model was trained on: a Taskonomy root, an object set or a CIFAR binary folder")
+        help="the data the model was trained on: a Taskonomy root, an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
     add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
     add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
     add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
@@ -82,6 +82,9 @@ def _fmt(value):
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+HEADLINE_METRICS = ("accuracy", "auc", "miou", "mae")  # printed clean and adversarial (all are in the JSON)
+
+
 def format_report(config, summary):
     """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
     header = ("task", "clean err/img", "adv err/img", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
@@ -99,6 +102,10 @@ def format_report(config, summary):
         lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_fmt(entry['joint_adv_vuln'])}"
                      + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
         lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        scored = [f"{metrics.set_label([t])} {m} {_fmt(summary['clean'][t][m])} -> {_fmt(v['adv_' + m])}"
+                  for t, v in entry["tasks"].items() for m in HEADLINE_METRICS if "adv_" + m in v]
+        if scored:
+            lines.append("  clean -> adversarial: " + ", ".join(scored))
         undefined = {t: v["rel_vuln_undefined"] for t, v in entry["tasks"].items() if v["rel_vuln_undefined"]}
         if undefined:
             lines.append("  samples left out of rel vuln (clean error 0): "

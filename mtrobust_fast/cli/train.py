@@ -112,8 +112,10 @@ def add_arguments(parser):
                      help="jigsaw: tiles per side (default %(default)s)")
     adv.add_argument("--curvature", choices=CURVATURE, default=_default("curvature"),
                      help="gradient-curvature regulariser: xi = (1 - cos^2(g1, g2)) |g1 - g2|^2 / |g1 + g2|^2 between "
-                          "the input gradients of two tasks, its batch mean added as one more loss (default "
-                          "%(default)s)")
+                          "the input gradients of two tasks, its batch mean added as one more loss. xi: its exact gradient "
+                          "(double backprop); houdini-grad: value xi, Houdini gradient on cos(g1, g2); houdini-out: "
+                          "value xi, Houdini gradient on the first task's softmax margin (no double backprop; needs a "
+                          "class head first) (default %(default)s)")
     adv.add_argument("--curvature-tasks", default=None,
                      help="the two tasks it compares, e.g. s,d (default: --main, else the first task, and the next)")
     adv.add_argument("--curvature-weight", type=float, default=_default("curvature_weight"),

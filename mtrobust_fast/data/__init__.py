@@ -1,5 +1,5 @@
-"""Datasets: Taskonomy (real or synthetic) for dense multi-task models, object classification (the synthetic
-object set, CIFAR-10/100) for classifiers.
+"""Datasets: Taskonomy (real or synthetic) for dense multi-task models; classification (the synthetic object set,
+CIFAR-10/100, STL-10, image folders, chest X-rays) for classifiers.
 
 Every dataset yields ``(image, targets, masks)`` with images in [0, 1] and targets/masks as dicts keyed by task
 name, so training, attacks and evaluation handle both kinds the same way.
@@ -13,11 +13,20 @@ def open_dataset(root, model, split="val", size=None):
         from mtrobust_fast.data.classification import open_classification
 
         heads = model.config["heads"]
-        dataset = open_classification(root, split, size, domain="domain" in model.evaluated_task_names)
-        for name, classes in (("class", dataset.classes), ("domain", dataset.domain_classes)):
-            if name in heads and name in model.evaluated_task_names and classes != heads[name]["classes"]:
-                raise ValueError(f"{root} has {classes} {name} labels but the model's {name!r} head has "
-                                 f"{heads[name]['classes']}")
+        domain = model.config.get("domain", ["domain"] if "domain" in heads else [])
+        dataset = open_classification(root, split, size, domain=bool(domain))
+        records = model.task_records
+        found = {"class": getattr(dataset, "main_task", None), "domain": None,
+                 **{t.name: t for t in getattr(dataset, "domain_tasks", ())}}
+        classes = {"class": dataset.classes, "domain": dataset.domain_classes}
+        for name in model.evaluated_task_names:
+            record, data_record = records[name], found.get(name)
+            if data_record is not None and data_record != record:
+                raise ValueError(f"{root}: its {name!r} labels ({data_record.to_config()}) do not match the "
+                                 f"model's {name!r} head ({record.to_config()})")
+            if data_record is None and name in classes and classes[name] != record.classes:
+                raise ValueError(f"{root} has {classes[name]} {name} labels but the model's {name!r} head has "
+                                 f"{record.classes}")
         return dataset
     from mtrobust_fast.data.taskonomy import TaskonomyDataset
 

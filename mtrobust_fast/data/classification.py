@@ -1,5 +1,6 @@
 """Image-classification datasets: the synthetic object set, CIFAR-10/100 and STL-10 in their binary
-distribution formats, and image folders (``root/<split>/<class>/<image>``: ImageNet-R, ROBIN/OOD-CV).
+distribution formats, and image folders (``root/<split>/<class>/<image>``: ImageNet-R, ROBIN/OOD-CV); chest
+X-ray sets (multi-label, one channel) are in :mod:`mtrobust_fast.data.chest`.
 
 Both yield ``(image, {"class": label}, {})`` with float32 [3, S, S] images in [0, 1], like the Taskonomy
 dataset's ``(image, targets, masks)`` (the object set adds ``"depth"`` maps and masks with ``depth=True``); with ``domain=True`` the targets also hold ``"domain"``, a coarser label
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtrobust_fast.data import objects
+from mtrobust_fast.data import chest, objects
 from mtrobust_fast.tasks import get_task
 
 DEPTH = get_task("depth_zbuffer")  # the object set's depth files use Taskonomy's 16-bit z-depth encoding
@@ -351,10 +352,10 @@ class ImageFolderDataset(Dataset):
 
 
 def is_classification_data(root):
-    """Whether ``root`` is an object set, a CIFAR or STL-10 binary distribution, or an image-folder layout (else
-    it is read as Taskonomy)."""
+    """Whether ``root`` is an object set, a CIFAR or STL-10 binary distribution, an image-folder layout or a chest
+    X-ray set (else it is read as Taskonomy)."""
     return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None or \
-        stl10_folder(root) is not None or image_folder(root)
+        stl10_folder(root) is not None or image_folder(root) or chest.chest_format(root) is not None
 
 
 def open_classification(root, split="train", size=None, domain=False, depth=False):
@@ -364,12 +365,16 @@ def open_classification(root, split="train", size=None, domain=False, depth=Fals
         return ObjectDataset(root, split, size, domain, depth)
     if depth:
         raise ValueError(f"aux: {root} holds no depth maps (the synthetic object set has them)")
+    if chest.chest_format(root) is not None:
+        return chest.ChestXrayDataset(root, split, size, domain)
     if cifar_folder(root) is not None:
         return CifarDataset(root, split, size, domain)
     if domain:
-        raise ValueError(f"domain_labels: {root} has no coarse labels (CIFAR and the object set have them)")
+        raise ValueError(f"domain_labels: {root} has no coarse labels (CIFAR, the object set and chest X-rays "
+                         f"have them)")
     if stl10_folder(root) is not None:
         return Stl10Dataset(root, split, size)
     if image_folder(root):
         return ImageFolderDataset(root, split, size)
-    raise FileNotFoundError(f"{root} is not a classification dataset (object set, CIFAR, STL-10 or image folder)")
+    raise FileNotFoundError(f"{root} is not a classification dataset (object set, CIFAR, STL-10, image folder or "
+                            f"chest X-ray CSV)")

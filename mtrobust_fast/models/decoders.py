@@ -47,11 +47,11 @@ class TaskonomyDecoder(nn.Sequential):
 
 
 class ClassificationHead(nn.Sequential):
-    """Global average pooling and one linear layer to ``classes`` logits."""
+    """Global average pooling and one linear layer to ``classes`` outputs (logits, or one regression value)."""
 
     def __init__(self, in_channels, classes):
-        if in_channels < 1 or classes < 2:
-            raise ValueError(f"in_channels must be positive and classes >= 2, got {in_channels}, {classes}")
+        if in_channels < 1 or classes < 1:
+            raise ValueError(f"in_channels and classes must be positive, got {in_channels}, {classes}")
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, classes))
         self.in_channels, self.classes = in_channels, classes
 

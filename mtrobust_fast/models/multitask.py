@@ -8,10 +8,11 @@ from mtrobust_fast import tasks as task_registry
 STRIDE = 32
 
 
-def check_image_batch(x, stride=STRIDE):
-    """Raise a clear ValueError unless ``x`` is a floating [B, 3, H, W] batch with H, W divisible by ``stride``."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"x must be an image batch of shape [B, 3, H, W], got {tuple(x.shape)}")
+def check_image_batch(x, stride=STRIDE, channels=3):
+    """Raise a clear ValueError unless ``x`` is a floating [B, channels, H, W] batch with H, W divisible by
+    ``stride``."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be an image batch of shape [B, {channels}, H, W], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor of pixels in [0, 1], got dtype {x.dtype}")
     height, width = x.shape[-2:]
@@ -69,8 +70,13 @@ class MultiTaskModel(nn.Module):
         return (x - mean) / std
 
     def encode(self, x):
-        check_image_batch(x, self.config.get("input_stride", STRIDE))
-        return self.encoder(self.normalize(x))
+        """The shared representation of ``x``. One-channel models (``config["input_channels"] == 1``, e.g. chest
+        X-rays) repeat the normalised channel three times, which makes the encoder's first convolution a
+        one-channel convolution whose kernel is the sum of its three."""
+        channels = self.config.get("input_channels", 3)
+        check_image_batch(x, self.config.get("input_stride", STRIDE), channels)
+        x = self.normalize(x)
+        return self.encoder(x.expand(-1, 3, -1, -1) if channels == 1 else x)
 
     def decode(self, representation):
         return {name: decoder(representation) for name, decoder in self.decoders.items()}

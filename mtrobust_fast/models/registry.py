@@ -96,11 +96,16 @@ SMALL_INPUT_MAX = 64  # classifiers for images this small or smaller get the 32-
 
 
 def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", normalization=None, name="class",
-                     aux=(), domain_classes=None, **kw):
+                     aux=(), domain_classes=None, head=None, domain_tasks=(), input_channels=3, **kw):
     """An image classifier as a :class:`MultiTaskModel`: ``{name: logits [B, classes]}``, plus one head per
     auxiliary task record of ``aux`` (:mod:`mtrobust_fast.auxiliary`: a linear head for rotation/jigsaw, a
     dense head back to the input resolution for the autoencoder), listed in ``config["auxiliary"]``.
     ``domain_classes``: also a ``"domain"`` head for a coarser label that comes with the data (superclasses).
+    ``head``: the main head's task record when it is not a single-label classifier (a
+    :class:`~mtrobust_fast.classification.MultiLabelTask`; ``classes``, ``loss`` and ``name`` then come from it).
+    ``domain_tasks``: more heads for labels that come with the data (e.g. a chest X-ray's sex and age), each a
+    linear head on the pooled features, listed in ``config["domain"]``. ``input_channels``: 3, or 1 for
+    grayscale images (see :meth:`MultiTaskModel.encode`).
 
     Images up to ``SMALL_INPUT_MAX`` px use the 32-px ResNet stem (3×3 stride-1 convolution, no max-pool).
     ``normalization``: ``{"mean": [3 floats], "std": [3 floats]}`` applied inside the model, so attacks work
@@ -109,7 +114,14 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
     """
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
         raise ValueError(f"input_size must be an integer >= 8, got {input_size!r}")
-    head = classification.ClassificationTask(name, classes, loss)
+    if input_channels not in (1, 3):
+        raise ValueError(f"input_channels must be 1 or 3, got {input_channels!r}")
+    if head is None:
+        head = classification.ClassificationTask(name, classes, loss)
+    name, classes = head.name, head.classes
+    domain_tasks = list(domain_tasks)
+    if domain_classes:
+        domain_tasks.insert(0, classification.ClassificationTask("domain", domain_classes, loss))
     enc_name = canonical_encoder_name(encoder)
     kwargs = dict(kw)
     if input_size <= SMALL_INPUT_MAX:
@@ -117,16 +129,19 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
             raise ValueError(f"encoder {enc_name!r} has no stem for {input_size}-px images; use a ResNet "
                              f"(resnet18, resnet50, resnet152, wide_resnet50_2)")
         kwargs.setdefault("small_input", True)
-    normalization = normalization or {"mean": [0.5] * 3, "std": [0.5] * 3}
-    if len(normalization.get("mean", ())) != 3 or len(normalization.get("std", ())) != 3 or \
-            any(not s > 0 for s in normalization["std"]):
-        raise ValueError(f"normalization needs 3 means and 3 positive stds, got {normalization!r}")
+    normalization = normalization or {"mean": [0.5] * input_channels, "std": [0.5] * input_channels}
+    if len(normalization.get("mean", ())) != input_channels or len(normalization.get("std", ())) != input_channels \
+            or any(not s > 0 for s in normalization["std"]):
+        raise ValueError(f"normalization needs {input_channels} means and {input_channels} positive stds, got "
+                         f"{normalization!r}")
     trunk = build_encoder(enc_name, **kwargs)
     heads = {name: ClassificationHead(trunk.out_channels, classes)}
     head_configs = {name: head.to_config()}
-    if domain_classes:
-        heads["domain"] = ClassificationHead(trunk.out_channels, domain_classes)
-        head_configs["domain"] = classification.ClassificationTask("domain", domain_classes, loss).to_config()
+    for task in domain_tasks:
+        if task.name in heads:
+            raise ValueError(f"domain head name {task.name!r} is used twice")
+        heads[task.name] = ClassificationHead(trunk.out_channels, task.classes)
+        head_configs[task.name] = task.to_config()
     for task in aux:
         if task.name in heads:
             raise ValueError(f"aux: head name {task.name!r} is used twice")
@@ -139,6 +154,8 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
         "tasks": name,
         "heads": {**head_configs, **{task.name: task.to_config() for task in aux}},
         "auxiliary": [task.name for task in aux],
+        "domain": [task.name for task in domain_tasks],
+        "input_channels": input_channels,
         "task_weights": {task: 1.0 for task in heads},
         "input_size": input_size,
         "input_stride": 1,
@@ -155,12 +172,14 @@ def model_from_config(config):
         kwargs.pop("small_input", None)
         auxiliary = config.get("auxiliary", [])
         heads = config["heads"]
-        (name,) = [n for n in heads if n not in auxiliary and n != "domain"]
+        domain = config.get("domain", ["domain"] if "domain" in heads else [])  # older configs: one "domain" head
+        (name,) = [n for n in heads if n not in auxiliary and n not in domain]
         aux = [classification.task_from_config(n, heads[n]) for n in auxiliary]
-        domain = heads["domain"]["classes"] if "domain" in heads else None
-        model = build_classifier(config["encoder"], heads[name]["classes"], config["input_size"],
-                                 heads[name].get("loss", "ce"), config.get("normalization"), name, aux, domain,
-                                 **kwargs)
+        model = build_classifier(config["encoder"], input_size=config["input_size"],
+                                 normalization=config.get("normalization"), aux=aux,
+                                 head=classification.task_from_config(name, heads[name]),
+                                 domain_tasks=[classification.task_from_config(n, heads[n]) for n in domain],
+                                 input_channels=config.get("input_channels", 3), **kwargs)
         model.config["task_weights"] = dict(config["task_weights"])
         return model
     return build_model(

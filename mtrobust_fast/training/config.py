@@ -11,6 +11,7 @@ from mtrobust_fast.cli.args import MAX_SEED
 from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.training.gat import ROUTINGS
+from mtrobust_fast.training.regularisers import KINDS as CURVATURE_KINDS
 from mtrobust_fast.weighting import METHODS as WEIGHTINGS
 from mtrobust_fast.weighting import parse_weights
 
@@ -24,7 +25,7 @@ DEFAULT_TASKS = "sdnE"  # Taskonomy tasks when none are given
 ADVERSARIAL = ("none",) + OBJECTIVES
 NORMS = ("linf", "l2")
 CLASS_LOSSES = ("ce", "bce")
-CURVATURE = ("none", "xi")
+CURVATURE = ("none",) + CURVATURE_KINDS
 SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
 DEFAULT_ROBUST_VAL = 64  # validation images attacked every epoch when training adversarially
 

@@ -48,14 +48,15 @@ def _plain(value):
 
 
 def summary_line(record):
-    """One human-readable line per epoch: train loss, then each task's validation metrics."""
+    """One human-readable line per epoch: train loss, then each task's validation metrics (per-label AUCs of a
+    multi-label head stay in the log only)."""
     parts = [f"epoch {record['epoch']}"]
     if "train" in record:
         parts.append(f"lr {record['train']['lr']:.2g} train loss {record['train']['loss']:.4f}")
     val = record["val"]
     parts.append(f"val loss {val['loss']:.4f}")
     for name, scores in val["tasks"].items():
-        parts.append(name + " " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        parts.append(name + " " + " ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("auc_")))
     if "robust_val" in record:
         robust = record["robust_val"]
         parts.append(f"adv ({robust['attack']} on {'+'.join(robust['attacked'])}) " + " ".join(

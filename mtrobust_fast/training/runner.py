@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtrobust_fast import auxiliary
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.data.chest import chest_format
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
@@ -66,6 +67,9 @@ def make_datasets(config):
         if config.segment_loss != "ce":
             raise ValueError(f"segment_loss: {config.data} is a classification dataset; it has no segmentation task")
         depth = "depth" in config.aux_names
+        if chest_format(config.data) is not None and config.class_loss != "ce":
+            raise ValueError("class_loss: a chest X-ray head is multi-label (a sigmoid BCE per finding); leave "
+                             "--class-loss at ce")
         train_set = open_classification(config.data, "train", config.size, config.domain_labels, depth)
         val_set = open_classification(config.data, "val", config.size, config.domain_labels)
         if len(train_set) == 0 or len(val_set) == 0:
@@ -75,7 +79,10 @@ def make_datasets(config):
                                              "seed": config.seed} if kind == "jigsaw" else {}))
                for kind in config.aux_names]
         model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization,
-                                 aux=aux, domain_classes=train_set.domain_classes if config.domain_labels else None)
+                                 aux=aux, domain_classes=train_set.domain_classes if config.domain_labels else None,
+                                 head=getattr(train_set, "main_task", None),
+                                 domain_tasks=getattr(train_set, "domain_tasks", ()),
+                                 input_channels=getattr(train_set, "input_channels", 3))
         model.config["task_weights"] = config.task_weights(model.task_names)
     else:
         if config.aux_names:
@@ -223,7 +230,8 @@ def _train(config, ctx):
         if ctx.distributed:
             raise ValueError("curvature: the regulariser's double backward does not go through DDP; train it in "
                              "one process")
-        objective = CurvatureRegularised(objective, TaskLosses(records.values()), *curvature_tasks(config, model))
+        objective = CurvatureRegularised(objective, TaskLosses(records.values()), *curvature_tasks(config, model),
+                                         config.curvature)
         weights["curvature"] = config.curvature_weight
     if config.weighting != "static" and ctx.distributed:
         raise ValueError(f"weighting: {config.weighting} aggregates each process's own task gradients, which DDP "
