@@ -179,3 +179,21 @@ def test_open_classification_finds_the_chest_reader_and_refuses_depth(chexpert):
     assert isinstance(open_classification(chexpert, "val", 16), ChestXrayDataset)
     with pytest.raises(ValueError, match="no depth maps"):
         open_classification(chexpert, "val", 16, depth=True)
+
+
+def test_eps_train_attacks_at_the_training_budget_with_apgd_and_refuses_clean_checkpoints(chexpert, tmp_path, capsys):
+    common = ["--data", str(chexpert), "--size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+              "--no-progress", "--robust-val", "0", "--findings", "Edema,Cardiomegaly"]
+    assert cli_main(["train", "--out", str(tmp_path / "adv"), "--adversarial", "madry", "--steps", "1",
+                     "--eps", "3/255", "--norm", "l2", *common]) == 0
+    out = tmp_path / "eval"
+    assert cli_main(["attack", "--checkpoint", str(tmp_path / "adv" / "last.pt"), "--data", str(chexpert),
+                     "--split", "test", "--attack", "apgd", "--eps", "train", "--steps", "3", "--no-gradients",
+                     "--no-progress", "--out", str(out)]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["eps"] == pytest.approx(3 / 255) and config["norm"] == "l2" and config["attack"] == "apgd"
+    assert "class auc" in capsys.readouterr().out
+    assert cli_main(["train", "--out", str(tmp_path / "clean"), *common]) == 0
+    assert cli_main(["attack", "--checkpoint", str(tmp_path / "clean" / "last.pt"), "--data", str(chexpert),
+                     "--eps", "train", "--no-progress"]) == 2
+    assert "was not adversarially trained" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
 from mtrobust_fast.data.taskonomy import SPLITS
+from mtrobust_fast.models import read_checkpoint
 
 
 def target_sets(text):
@@ -36,6 +37,20 @@ def target_sets(text):
     return sets
 
 
+def eps_or_train(text):
+    """A budget, or "train" (the checkpoint's adversarial-training budget, read once it is loaded)."""
+    return "train" if text.strip() == "train" else budget(text)
+
+
+def training_budget(checkpoint):
+    """(eps, norm) a checkpoint was adversarially trained with; ValueError for a clean-trained one."""
+    meta = read_checkpoint(checkpoint)["meta"]
+    train_config = meta.get("train_config") or {}
+    if train_config.get("adversarial", "none") == "none" or train_config.get("eps") is None:
+        raise ValueError(f"--eps train: {checkpoint} was not adversarially trained (no training eps); give --eps")
+    return float(train_config["eps"]), train_config.get("norm", "linf")
+
+
 def add_arguments(parser):
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
@@ -43,7 +58,9 @@ def add_arguments(parser):
         help="the data the model was trained on: a Taskonomy root, an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
     add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
     add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
-    add("--eps", type=budget, default=8 / 255, help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
+    add("--eps", type=eps_or_train, default=8 / 255,
+        help="ball radius in [0,1] pixels, e.g. 8/255, or 'train': the eps and norm the checkpoint was "
+             "adversarially trained with (default 8/255)")
     add("--alpha", type=budget, default=None,
         help="step size, e.g. 2/255 (default: 2.5*eps/steps for pgd and wgd, eps for fgsm; apgd adapts its own)")
     add("--steps", type=positive_int, default=None, help="iterations (default: the attack's own, 25 for PGD)")
@@ -155,7 +172,12 @@ def write_results(out, config, summary, rows):
 
 def run(args):
     def attack():
+        from_training = args.eps == "train"
+        if from_training:
+            args.eps = None
         pixel_budgets(args)
+        if from_training:
+            args.eps, args.norm = training_budget(args.checkpoint)
         if args.out is not None:
             output_paths(args.out)  # a bad --out is refused before the work
         config, summary = attack_dataset(args)

@@ -67,6 +67,9 @@ def add_arguments(parser):
     add("--main", default=None, help="main task letter (for --weights zamir and --attack-tasks main)")
     add("--class-loss", choices=CLASS_LOSSES, default=_default("class_loss"),
         help="classifier loss: softmax cross-entropy, or sigmoid BCE on one-hot labels (the GAT source's)")
+    add("--findings", default=_default("findings"),
+        help="chest X-rays: comma-separated findings the main multi-label head predicts, e.g. "
+             "Edema,Cardiomegaly (default: all of the CSV's)")
     add("--segment-loss", choices=tuple(task_registry.SEGMENT_LOSSES), default=_default("segment_loss"),
         help="segmentation training loss: ce (pixel cross-entropy) or balanced (each class present in an image "
              "weighs the same: the mean over its classes of the class's mean pixel cross-entropy; keeps small "

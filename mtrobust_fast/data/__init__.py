@@ -14,7 +14,9 @@ def open_dataset(root, model, split="val", size=None):
 
         heads = model.config["heads"]
         domain = model.config.get("domain", ["domain"] if "domain" in heads else [])
-        dataset = open_classification(root, split, size, domain=bool(domain))
+        findings = getattr(model.task_records.get("class"), "label_names", None)
+        dataset = open_classification(root, split, size, domain=bool(domain),
+                                      findings=findings if heads.get("class", {}).get("kind") == "multilabel" else None)
         records = model.task_records
         found = {"class": getattr(dataset, "main_task", None), "domain": None,
                  **{t.name: t for t in getattr(dataset, "domain_tasks", ())}}

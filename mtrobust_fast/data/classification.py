@@ -358,15 +358,18 @@ def is_classification_data(root):
         stl10_folder(root) is not None or image_folder(root) or chest.chest_format(root) is not None
 
 
-def open_classification(root, split="train", size=None, domain=False, depth=False):
-    """The classification dataset at ``root`` (``domain``: with the domain labels, which the object set and
-    CIFAR have; ``depth``: with the depth maps, which only the object set has)."""
+def open_classification(root, split="train", size=None, domain=False, depth=False, findings=None):
+    """The classification dataset at ``root`` (``domain``: with the domain labels, which the object set, CIFAR
+    and chest X-rays have; ``depth``: with the depth maps, which only the object set has; ``findings``: the
+    chest X-ray labels to read, in order)."""
+    if findings and chest.chest_format(root) is None:
+        raise ValueError(f"findings: {root} is not a chest X-ray set")
     if (Path(root) / objects.META_JSON).is_file():
         return ObjectDataset(root, split, size, domain, depth)
     if depth:
         raise ValueError(f"aux: {root} holds no depth maps (the synthetic object set has them)")
     if chest.chest_format(root) is not None:
-        return chest.ChestXrayDataset(root, split, size, domain)
+        return chest.ChestXrayDataset(root, split, size, domain, findings)
     if cifar_folder(root) is not None:
         return CifarDataset(root, split, size, domain)
     if domain:

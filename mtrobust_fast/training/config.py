@@ -97,7 +97,8 @@ class TrainConfig:
     split_csv: Optional[str] = None
     point_threshold: Optional[int] = None
     class_loss: str = "ce"
-    segment_loss: str = "ce"  # "balanced": every class of an image weighs the same in its training loss
+    segment_loss: str = "ce"
+    findings: Optional[str] = None  # chest X-rays: comma-separated labels of the main head (default all)  # "balanced": every class of an image weighs the same in its training loss
     adversarial: str = "none"
     attack_tasks: str = "all"
     norm: str = "linf"
@@ -253,7 +254,7 @@ class TrainConfig:
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "data_subset", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
-                "segment_loss",
+                "segment_loss", "findings",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
                 "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
                 "jigsaw_grid",

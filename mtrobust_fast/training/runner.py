@@ -70,8 +70,9 @@ def make_datasets(config):
         if chest_format(config.data) is not None and config.class_loss != "ce":
             raise ValueError("class_loss: a chest X-ray head is multi-label (a sigmoid BCE per finding); leave "
                              "--class-loss at ce")
-        train_set = open_classification(config.data, "train", config.size, config.domain_labels, depth)
-        val_set = open_classification(config.data, "val", config.size, config.domain_labels)
+        findings = [f.strip() for f in config.findings.split(",") if f.strip()] if config.findings else None
+        train_set = open_classification(config.data, "train", config.size, config.domain_labels, depth, findings)
+        val_set = open_classification(config.data, "val", config.size, config.domain_labels, findings=findings)
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
         size = config.size or int(train_set[0][0].shape[-1])
@@ -90,6 +91,8 @@ def make_datasets(config):
                              "a Taskonomy model's other tasks are its auxiliary tasks")
         if config.domain_labels:
             raise ValueError("domain_labels: domain heads are for classification data")
+        if config.findings:
+            raise ValueError(f"findings: {config.data} is not a chest X-ray set")
         tasks = config.tasks or DEFAULT_TASKS
 
         def split(name, size):
