@@ -31,9 +31,10 @@ VARIANTS=(
   "jigsaw_ew|--aux jigsaw --weighting ew"
   "autoencoder_ew|--aux autoencoder --weighting ew"
   "hog_ew|--aux hog --weighting ew"
+  "depth_ew|--aux depth --weighting ew"
   "rotation_mgda|--aux rotation --weighting mgda"
-  "rotation_mgda_curvature|--aux rotation --weighting mgda --curvature xi"
-  "rotation_ew_curvature|--aux rotation --weighting ew --curvature xi"
+  "rotation_mgda_xi|--aux rotation --weighting mgda --curvature xi"
+  "rotation_mgda_houdini|--aux rotation --weighting mgda --curvature houdini-out"
 )
 
 for variant in "${VARIANTS[@]}"; do
@@ -45,8 +46,11 @@ for variant in "${VARIANTS[@]}"; do
   mtrobust-fast train --data "$OUT/data" --out "$run" --epochs "$EPOCHS" --batch-size "$BATCH" --lr 1e-3 \
     --adversarial madry_mix --attack-tasks main --eps "$EPS" --steps "$STEPS" --robust-val 0 --workers 0 \
     --seed 0 --no-progress --resume $flags
-  [ -f "$OUT/eval/$name/results.json" ] || mtrobust-fast attack --checkpoint "$run/last.pt" --data "$OUT/data" \
-    --split test --eps "$EPS" --steps "$EVAL_STEPS" --no-gradients --no-progress --out "$OUT/eval/$name" >/dev/null
+  for attack in pgd apgd; do  # both at the training budget (--eps train)
+    [ -f "$OUT/eval/$name/$attack/results.json" ] || mtrobust-fast attack --checkpoint "$run/last.pt" \
+      --data "$OUT/data" --split test --attack "$attack" --eps train --steps "$EVAL_STEPS" --target class \
+      --no-gradients --no-progress --out "$OUT/eval/$name/$attack" >/dev/null
+  done
 done
 
 python "$(dirname "$0")/summarize_icml23.py" "$OUT"
