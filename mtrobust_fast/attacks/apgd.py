@@ -57,7 +57,7 @@ class APGD(Attack):
     - coinciding checkpoints of very short runs are merged.
     """
 
-    settings = ("steps",)
+    settings = ("steps", "dense_loss")
     refused = {**Attack.refused, "alpha": "apgd sets its own step size (2*eps, halved at checkpoints)"}
 
     def __init__(self, model, tasks=None, *, rho=0.75, **kwargs):
@@ -74,6 +74,7 @@ class APGD(Attack):
         eta = 2 * rows.eps
         loss, _, grad = self._objective_and_grad(x, rows)
         best_x, best_grad, best_loss = x.clone(), grad.clone(), loss.clone()
+        best_score = self._score(x, rows, loss)  # what best_x maximises (the loss, or the error: see _score)
         x_prev = x.clone()
         previous_loss = loss
         increases = torch.zeros_like(loss)
@@ -95,6 +96,10 @@ class APGD(Attack):
             previous_loss = loss
             improved = loss > best_loss
             best_loss = torch.where(improved, loss, best_loss)
+            score = self._score(x, rows, loss)
+            if score is not loss:  # the kept point follows the error; the step size still follows the loss
+                improved = score > best_score
+            best_score = torch.where(improved, score, best_score)
             best_x = torch.where(improved.view(view), x, best_x)
             if k + 1 < self.steps:
                 best_grad = torch.where(improved.view(view), grad, best_grad)

@@ -10,7 +10,7 @@ implement :meth:`Attack._optimize` (one restart from a start point); every updat
 import abc
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from mtrobust_fast import ops
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks import dense
 from mtrobust_fast.attacks.specs import resolve_specs
 from mtrobust_fast.models.multitask import MultiTaskModel
 from mtrobust_fast.tasks import opmath
@@ -96,7 +97,7 @@ class Attack(abc.ABC):
     """
 
     default_random_start = True
-    settings = ("alpha", "steps")
+    settings = ("alpha", "steps", "dense_loss")
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
 
     @staticmethod
@@ -107,7 +108,7 @@ class Attack(abc.ABC):
 
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
-                 channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval"):
+                 channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval", dense_loss="task"):
         model = unwrap(model)
         self.model = model
         self.specs = resolve_specs(model, tasks)
@@ -133,6 +134,10 @@ class Attack(abc.ABC):
         if model_mode not in MODEL_MODES:
             raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
         self.model_mode = model_mode
+        if dense_loss not in dense.LOSSES:
+            raise ValueError(f"dense_loss must be one of {dense.LOSSES}, got {dense_loss!r}")
+        self.dense_loss = dense_loss
+        self._evaluations = 0  # gradient evaluations of the current restart: the dense losses' progress
         self.step_losses = None
         self.on_gradient = None  # optional callable(), told of every gradient evaluation (progress bars)
         self._generator = None
@@ -207,7 +212,7 @@ class Attack(abc.ABC):
         shared encoder runs once and each task head only on the rows that attack that task; the other
         entries are 0. Heads no row attacks are neither run forward nor back-propagated, so a single-task
         attack costs encoder + one head, and ``run_subsets`` does no more head work than separate runs."""
-        by_name = {s.name: s for s in self.specs}
+        by_name = {s.name: s for s in self._step_specs()}
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if task_rows is None or not self._splits_heads(names):
                 outputs = self.model(x)
@@ -226,6 +231,14 @@ class Attack(abc.ABC):
                 loss = by_name[n].loss(output, targets[n][index], None if mask is None else mask[index])
                 columns.append(loss.new_zeros(x.shape[0]).index_copy(0, index, loss))
             return torch.stack(columns, dim=1)
+
+    def _step_specs(self):
+        """The specs with the losses of this step: the tasks' own, or the ``dense_loss`` objective at the
+        fraction of the steps taken so far."""
+        if self.dense_loss == "task":
+            return self.specs
+        progress = min(self._evaluations / self.steps, 1.0)
+        return [replace(s, loss=dense.loss_for(s.loss, self.dense_loss, progress)) for s in self.specs]
 
     def _splits_heads(self, names):
         """Whether heads can run on row subsets: a MultiTaskModel whose heads the specs read by task name."""
@@ -251,6 +264,7 @@ class Attack(abc.ABC):
     def _record(self, losses):
         """Called once per step: keeps the step's per-row, per-task losses (on the device, no sync) when
         ``record_steps`` is on, and tells ``on_gradient``."""
+        self._evaluations += 1
         if self.record_steps:
             self._steps.append(losses.detach())
         if self.on_gradient is not None:
@@ -259,6 +273,20 @@ class Attack(abc.ABC):
     def _objective(self, x, rows):
         with torch.no_grad():
             return (rows.weights * self._row_losses(x, rows)).sum(dim=1)
+
+    def _score(self, x, rows, objective):
+        """What the worst case over iterates and restarts maximises: the objective itself, or, under a
+        ``dense_loss``, the attacked tasks' weighted error Σ_t W[r,t]·error_t (one more forward pass): the dense
+        objectives fall as pixels flip (masked losses drop fooled pixels), so their value cannot pick the most
+        damaging point (SEA keeps the point with the worst mIoU for the same reason)."""
+        if self.dense_loss == "task" or any(s.error is None for s in self.specs if s.name in rows.active):
+            return objective
+        by_name = {s.name: s for s in self.specs}
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            outputs = self.model(x)
+            errors = torch.stack([by_name[n].error(opmath(by_name[n].output(outputs)), rows.targets[n],
+                                                   rows.masks.get(n)) for n in rows.active], dim=1)
+        return (rows.weights * errors.to(rows.weights.dtype)).sum(dim=1)
 
     def _step(self, x, rows, grads, alpha=None, task_weights=None, normalize_task_grads=False):
         """In-place fused update of x (grads [T, R, ...], optional per-row step sizes and task weights [R, T]);
@@ -382,14 +410,14 @@ class Attack(abc.ABC):
         with self._model_mode():
             best_x, best_loss = None, None
             for restart in range(self.restarts):
-                self._steps = []
+                self._steps, self._evaluations = [], 0
                 x_adv = self._optimize(self._start(x0, ids, restart, rows.eps), rows)
                 if self.record_steps:  # the last restart's curves; 0 where a row does not attack the task
                     stacked = torch.stack(self._steps)
                     self.step_losses = {name: stacked[:, :, i] for i, name in enumerate(rows.active)}
                 if self.restarts == 1:
                     return x_adv.detach()
-                loss = self._objective(x_adv, rows)
+                loss = self._score(x_adv, rows, self._objective(x_adv, rows))
                 if best_x is None:
                     best_x, best_loss = x_adv.detach(), loss
                 else:

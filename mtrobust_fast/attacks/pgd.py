@@ -49,7 +49,7 @@ class FGSM(PGD):
     With ``random_start=True`` and a smaller ``alpha`` it is the FGSM-RS step of fast adversarial training."""
 
     default_random_start = False
-    settings = ("alpha",)
+    settings = ("alpha", "dense_loss")
     refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd"}
 
     @staticmethod
@@ -60,3 +60,21 @@ class FGSM(PGD):
         if "steps" in kwargs:
             raise ValueError("FGSM takes exactly one step; use PGD for more")
         super().__init__(model, tasks, eps=eps, alpha=alpha, steps=1, **kwargs)
+
+
+class SegPGD(PGD):
+    """PGD on the SegPGD objective (Gu et al., ECCV'22) for segmentation heads: pixel cross-entropy weighted
+    1 − λ on still-correct pixels and λ on wrong ones, λ rising from 0 to ½ over the steps (see
+    :mod:`mtrobust_fast.attacks.dense`). Regression and classification heads keep their own losses."""
+
+    def __init__(self, model, tasks=None, *, dense_loss="segpgd", **kwargs):
+        super().__init__(model, tasks, dense_loss=dense_loss, **kwargs)
+
+
+class CosPGD(PGD):
+    """PGD on the CosPGD objective (Agnihotri et al., ICML'24): each pixel's loss weighted by the detached
+    cosine between prediction and target, for segmentation and Taskonomy regression heads (see
+    :mod:`mtrobust_fast.attacks.dense`)."""
+
+    def __init__(self, model, tasks=None, *, dense_loss="cospgd", **kwargs):
+        super().__init__(model, tasks, dense_loss=dense_loss, **kwargs)

@@ -49,7 +49,7 @@ class WGD(Attack):
     normalisation.
     """
 
-    settings = ("alpha", "steps", "normalize_task_grads")
+    settings = ("alpha", "steps", "normalize_task_grads", "dense_loss")
     refused = {}
 
     def __init__(self, model, tasks=None, *, normalize_task_grads=False, **kwargs):

@@ -15,6 +15,7 @@ from pathlib import Path
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
+from mtrobust_fast.attacks.dense import LOSSES as DENSE_LOSSES
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
 from mtrobust_fast.data.taskonomy import SPLITS
 from mtrobust_fast.models import read_checkpoint
@@ -67,6 +68,10 @@ def add_arguments(parser):
     add_budget_units(parser)
     add("--normalize-task-grads", action="store_true",
         help="wgd: L2-normalise each task's input gradient per sample before weighting")
+    add("--dense-loss", choices=DENSE_LOSSES, default=None,
+        help="objective for segmentation and regression heads: task (their training loss), segpgd, cospgd, "
+             "masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, cospgd for cospgd, "
+             "task otherwise)")
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
     add("--target", type=target_sets, default=["all"],
         help="attacked sets, comma-separated: task letters, a head name, or 'all' (default all), e.g. s,sd,all")
@@ -90,6 +95,7 @@ def attack_dataset(args):
     return evaluation.evaluate_checkpoint(
         args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
         steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
+        dense_loss=args.dense_loss,
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, workers=args.workers,
         device=args.device, progress=not args.no_progress)
