@@ -46,6 +46,19 @@ def dlr(logits, labels, mask=None):
     return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + 1e-12)
 
 
+def targeted_dlr(logits, labels, target_classes):
+    """Per-sample targeted DLR loss (Croce & Hein 2020), to maximise: −(z_y − z_t) / (z_π1 − ½(z_π3 + z_π4)),
+    t the target class of each sample. Needs K ≥ 4."""
+    _check(logits, labels)
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+    logits = opmath(logits)
+    ordered, _ = logits.sort(dim=1, descending=True)
+    true = logits.gather(1, labels[:, None])[:, 0]
+    target = logits.gather(1, target_classes.to(labels.device)[:, None])[:, 0]
+    return -(true - target) / (ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + 1e-12)
+
+
 def bce_one_hot(logits, labels, mask=None):
     """Per-sample mean over the K classes of the sigmoid binary cross-entropy against one-hot labels (the GAT
     source's main-task loss for CIFAR-style data: K independent sigmoids, not a softmax)."""

@@ -1,9 +1,13 @@
 """Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) on the per-row attacked objective: momentum, a per-sample
 step size halved at checkpoints, restarts from the best point. Works for dense multi-task objectives and for
 classification heads (CE or DLR specs)."""
+from dataclasses import replace
+from functools import partial
+
 import torch
 
 from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.classification import targeted_dlr
 
 _project_ = torch.ops.mtrobust_fast.project_
 
@@ -113,3 +117,61 @@ class APGD(Attack):
                 reduced, best_at_checkpoint, last_checkpoint = halve, best_loss, k + 1
                 increases.zero_()
         return best_x
+
+
+class APGDT(APGD):
+    """Targeted APGD on the targeted DLR loss (Croce & Hein 2020), AutoAttack's second member: for each of the
+    ``target_classes`` most likely wrong classes at the clean input (the 2nd, 3rd, ... largest logit), APGD
+    pushes the logit of that class above the true one, run only on the samples still classified correctly;
+    a sample's adversarial point is the first one found that is misclassified (else the clean input's last
+    attempt). Needs a model with exactly one attacked classification head (``target_tasks``) of at least 4
+    classes whose labels are class indices. ``restarts`` count per target class."""
+
+    def __init__(self, model, tasks=None, *, target_classes=9, **kwargs):
+        super().__init__(model, tasks, **kwargs)
+        if isinstance(target_classes, bool) or not isinstance(target_classes, int) or target_classes < 1:
+            raise ValueError(f"target_classes must be an integer >= 1, got {target_classes!r}")
+        if len(self.target_tasks) != 1:
+            raise ValueError(f"apgdt attacks one classification head; got target_tasks {self.target_tasks}")
+        self.target_classes = target_classes
+
+    def __call__(self, x, targets, masks=None, sample_ids=None):
+        x, targets, masks, ids = self._check_batch(x, targets, masks, sample_ids)
+        (name,) = self.target_tasks
+        spec = next(s for s in self.specs if s.name == name)
+        labels = targets[name]
+        logits = spec.output(self.outputs(x))
+        if logits.dim() != 2 or labels.shape != logits.shape[:1] or labels.is_floating_point():
+            raise ValueError(f"apgdt needs a classification head (logits [B, K], class labels [B]); {name!r} gives "
+                             f"{tuple(logits.shape)} outputs and labels {tuple(labels.shape)}")
+        ranked = logits.argsort(dim=1, descending=True)
+        adv = x.clone()
+        robust = logits.argmax(1) == labels
+        original = self.specs
+        try:
+            for rank in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
+                index = robust.nonzero().flatten()
+                if index.numel() == 0:
+                    break
+                chosen = ranked[index, rank]
+                self.specs = [replace(s, loss=partial(_targeted, classes=chosen)) if s.name == name else s
+                              for s in original]
+                sub = self._attack(x[index], {k: v[index] for k, v in targets.items()},
+                                   {k: v[index] for k, v in masks.items()}, [self.target_tasks], ids[index.cpu()])
+                adv[index] = sub
+                with torch.no_grad():
+                    fooled = spec.output(self.outputs(sub)).argmax(1) != labels[index]
+                robust[index[fooled]] = False
+        finally:
+            self.specs = original
+        return adv
+
+    def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
+        """One attacked set only (its single classification head): the targeted runs are per sample."""
+        if subsets is None or len(subsets) != 1 or self.task_names(subsets[0]) != self.target_tasks:
+            raise ValueError(f"apgdt attacks only its one head {self.target_tasks}; give that single set")
+        return self(x, targets, masks, sample_ids)[None]
+
+
+def _targeted(logits, labels, mask=None, classes=None):
+    return targeted_dlr(logits, labels, classes)
