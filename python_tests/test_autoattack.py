@@ -3,7 +3,8 @@ small trained classifier (ball, box, lower accuracy, never undoing a success).""
 import pytest
 import torch
 
-from mtrobust_fast.attacks import APGDT, build_attack, classification
+from mtrobust_fast.attacks import APGDT, PGD, AutoAttack, Square, build_attack, classification
+from mtrobust_fast.attacks.square import margin, square_fraction
 from mtrobust_fast.classification import targeted_dlr
 
 
@@ -56,3 +57,81 @@ def test_apgdt_refuses_dense_or_multi_head_targets(trained):
     model, x, labels = trained
     with pytest.raises(ValueError, match="one classification head"):
         APGDT(model, [classification("a", key=None), classification("b", key=None)], eps=0.1)
+
+
+class Quantised(torch.nn.Module):
+    """Rounds its input to quarters first: a piecewise-constant model whose input gradient is exactly zero."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 4) / 4)
+
+
+def test_square_fools_a_zero_gradient_model_where_pgd_cannot(trained):
+    model, x, labels = trained
+    quantised = Quantised(model).eval()
+    clean = _accuracy(quantised, x, labels)
+    pgd = PGD(quantised, [classification("label")], eps=0.2, steps=10, random_start=False)(x, labels)
+    assert torch.equal(pgd, x) and _accuracy(quantised, pgd, labels) == clean  # zero gradients: PGD cannot move
+    square = Square(quantised, [classification("label")], eps=0.2, steps=300, seed=1)
+    adv = square(x, labels)
+    assert (adv - x).abs().max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert _accuracy(quantised, adv, labels) < clean - 0.3
+    with pytest.raises(ValueError, match="only the L∞ version"):
+        Square(quantised, [classification("label")], eps=0.5, norm="l2")
+
+
+def test_square_margin_schedule_and_determinism(trained):
+    model, x, labels = trained
+    assert square_fraction(0.8, 0, 5000) == 0.8 and square_fraction(0.8, 25, 5000) == 0.4 and square_fraction(0.8, 30, 5000) == 0.2
+    assert square_fraction(0.8, 4999, 5000) == 0.8 / 2 ** 9
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert margin(logits, torch.tensor([1])).item() == 1.0 and margin(logits, torch.tensor([0])).item() == -2.0
+    first = Square(model, [classification("label")], eps=0.2, steps=50, seed=3)(x, labels)
+    again = Square(model, [classification("label")], eps=0.2, steps=50, seed=3)(x, labels)
+    assert torch.equal(first, again)
+
+
+def test_the_cascade_equals_every_member_on_every_point(trained):
+    model, x, labels = trained
+    spec = [classification("label")]
+    cascade = AutoAttack(model, spec, eps=0.2, steps=15, attacks=["apgd-ce", "apgd-t"], target_classes=3,
+                         deterministic=True)
+    adv = cascade(x, labels)
+    assert (adv - x).abs().max() <= 0.2 + 1e-6
+    survive = torch.ones_like(labels, dtype=torch.bool)
+    with torch.no_grad():
+        survive &= model(x).argmax(1) == labels
+    for member in (build_attack("apgd", model, [classification("label")], eps=0.2, steps=15, deterministic=True),
+                   APGDT(model, spec, eps=0.2, steps=15, target_classes=3, deterministic=True)):
+        member_adv = member(x, labels)
+        with torch.no_grad():
+            survive &= model(member_adv).argmax(1) == labels
+    assert _accuracy(model, adv, labels) == pytest.approx(survive.float().mean().item())
+    report = cascade.summary()
+    assert list(report) == ["apgd-ce", "apgd-t"]
+    assert report["apgd-t"]["robust_accuracy"] == pytest.approx(survive.float().mean().item())
+    assert report["apgd-ce"]["robust_accuracy"] >= report["apgd-t"]["robust_accuracy"]
+
+
+def test_zero_gradients_and_probabilities_are_flagged_and_versions_without_fab_refused(trained):
+    model, x, labels = trained
+    with pytest.warns(UserWarning, match="input gradient of exactly zero"):
+        AutoAttack(Quantised(model).eval(), [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
+    probabilities = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match="look like probabilities"):
+        AutoAttack(probabilities, [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
+    with pytest.raises(ValueError, match="need FAB"):
+        AutoAttack(model, [classification("label")], version="standard")
+    with pytest.raises(ValueError, match="square is L∞ only"):
+        AutoAttack(model, [classification("label")], norm="l2")
+
+
+def test_attacks_work_when_called_under_no_grad(trained):
+    model, x, labels = trained
+    with torch.no_grad():
+        adv = PGD(model, [classification("label")], eps=0.2, steps=3)(x, labels)
+    assert (adv - x).abs().max() > 0

@@ -4,13 +4,16 @@
 with the attack's own reason, a setting it does not take (each attack class declares its ``settings``).
 """
 from mtrobust_fast.attacks.apgd import APGD, APGDT
+from mtrobust_fast.attacks.autoattack import AutoAttack
 from mtrobust_fast.attacks.base import MODEL_MODES, Attack, unwrap
 from mtrobust_fast.attacks.pgd import FGSM, PGD, CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
+from mtrobust_fast.attacks.square import Square
 from mtrobust_fast.attacks.specs import TaskSpec, classification, from_task
 from mtrobust_fast.attacks.wgd import WGD
 
-ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "segpgd": SegPGD, "cospgd": CosPGD,
+ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "square": Square, "autoattack": AutoAttack,
+           "segpgd": SegPGD, "cospgd": CosPGD,
            "relative": RelativePGD}
 
 
@@ -39,7 +42,7 @@ def build_attack(name, model, tasks=None, **settings):
     return cls(model, tasks, **chosen)
 
 
-__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "SegPGD", "CosPGD", "RelativePGD",
+__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "Square", "AutoAttack", "SegPGD", "CosPGD", "RelativePGD",
            "SettingRefused", "TaskSpec",
            "build_attack",
            "classification", "from_task", "unwrap"]

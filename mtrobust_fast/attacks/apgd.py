@@ -147,7 +147,11 @@ class APGDT(APGD):
         ranked = logits.argsort(dim=1, descending=True)
         adv = x.clone()
         robust = logits.argmax(1) == labels
-        original = self.specs
+        original, budgets = self.specs, (self.eps, self.alpha)
+
+        def subset(value, index):
+            return value if isinstance(value, float) else value[index.cpu()]
+
         try:
             for rank in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
                 index = robust.nonzero().flatten()
@@ -156,6 +160,7 @@ class APGDT(APGD):
                 chosen = ranked[index, rank]
                 self.specs = [replace(s, loss=partial(_targeted, classes=chosen)) if s.name == name else s
                               for s in original]
+                self.eps, self.alpha = (subset(value, index) for value in budgets)
                 sub = self._attack(x[index], {k: v[index] for k, v in targets.items()},
                                    {k: v[index] for k, v in masks.items()}, [self.target_tasks], ids[index.cpu()])
                 adv[index] = sub
@@ -164,6 +169,7 @@ class APGDT(APGD):
                 robust[index[fooled]] = False
         finally:
             self.specs = original
+            self.eps, self.alpha = budgets
         return adv
 
     def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):

@@ -407,7 +407,7 @@ class Attack(abc.ABC):
         rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
                     _row_budget("eps", self.eps, block, repeats, x0.device, opmath),
                     _row_budget("alpha", self.alpha, block, repeats, x0.device, opmath), ids, task_rows)
-        with self._model_mode():
+        with self._model_mode(), torch.enable_grad():  # input gradients even when called under no_grad
             best_x, best_loss = None, None
             for restart in range(self.restarts):
                 self._steps, self._evaluations = [], 0

@@ -1,0 +1,143 @@
+"""AutoAttack-style cascade for a classification head (Croce & Hein, ICML 2020): several complementary attacks,
+each run only on the points that every earlier one failed to fool, the per-point worst case kept.
+
+Robust accuracy after the cascade is the fraction of points no member fooled, so it equals running every
+member on every point and counting the points that survive all of them (a test checks this), at the cost of
+running later members on fewer points. Members (``attacks=``):
+
+- ``apgd-ce``: APGD on the cross-entropy; ``apgd-dlr``: APGD on the DLR loss (scale-invariant);
+- ``apgd-t``: targeted APGD on the targeted DLR loss over the most likely wrong classes;
+- ``square``: the score-based Square attack (L∞), which needs no gradient.
+
+AutoAttack's "standard" version also runs FAB-T; it is not implemented here yet, so ``version="custom"`` (the
+default, members ``apgd-ce, apgd-t, square``) is the only version offered, and the report says which members ran.
+Sanity checks as AutoAttack has them warn with their reason: a model whose outputs change between two passes on
+the same input (randomness: the evaluation is not reproducible and gradient attacks are weakened), outputs that
+are probabilities rather than logits (losses saturate), and samples whose input gradient is exactly zero
+(gradient masking: gradient attacks cannot move them; Square still can).
+"""
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+
+from mtrobust_fast import classification as heads
+from mtrobust_fast.attacks.apgd import APGD, APGDT
+from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.square import Square
+
+MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
+CUSTOM_DEFAULT = ("apgd-ce", "apgd-t", "square")
+
+
+class AutoAttack(Attack):
+    """The cascade on one classification head (``target_tasks``), L∞ or L2 (``square`` is L∞ only).
+
+    ``steps``: iterations of each APGD member (default 100); ``queries``: Square's budget (default 5000);
+    ``target_classes``: APGD-T's targets (default 9). ``report`` accumulates, over calls, each member's robust
+    accuracy after it ran and its wall time."""
+
+    default_random_start = False
+    settings = ("steps",)
+    refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
+               "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}
+
+    def __init__(self, model, tasks=None, *, version="custom", attacks=None, steps=100, queries=5000,
+                 target_classes=9, restarts=1, **kwargs):
+        if version != "custom":
+            raise ValueError(f"version {version!r}: AutoAttack's standard, plus and rand versions need FAB, which "
+                             f"is not implemented yet; use version='custom' (members {', '.join(MEMBERS)})")
+        if restarts != 1:
+            raise ValueError("autoattack takes no restarts (its members run once each)")
+        super().__init__(model, tasks, steps=steps, **kwargs)
+        self.attacks = tuple(attacks or CUSTOM_DEFAULT)
+        unknown = [a for a in self.attacks if a not in MEMBERS]
+        if unknown or not self.attacks:
+            raise ValueError(f"attacks must be a non-empty list of {', '.join(MEMBERS)}; got {list(self.attacks)}")
+        if "square" in self.attacks and self.norm != "linf":
+            raise ValueError("square is L∞ only; leave it out of attacks for norm='l2'")
+        if len(self.target_tasks) != 1:
+            raise ValueError(f"autoattack attacks one classification head; got target_tasks {self.target_tasks}")
+        self.queries, self.target_classes = int(queries), int(target_classes)
+        self.report = {name: {"robust": 0, "seconds": 0.0} for name in self.attacks}
+        self.samples = 0
+        self._checked = False
+
+    def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
+        """One attacked set only (its single classification head)."""
+        if subsets is None or len(subsets) != 1 or self.task_names(subsets[0]) != self.target_tasks:
+            raise ValueError(f"autoattack attacks only its one head {self.target_tasks}; give that single set")
+        return self(x, targets, masks, sample_ids)[None]
+
+    def summary(self):
+        """{member: {"robust_accuracy", "seconds"}} over every sample attacked so far, in cascade order."""
+        return {name: {"robust_accuracy": entry["robust"] / self.samples if self.samples else float("nan"),
+                       "seconds": round(entry["seconds"], 3)} for name, entry in self.report.items()}
+
+    # ---- the cascade ----
+
+    def _member(self, name, eps):
+        common = dict(eps=eps, norm=self.norm, seed=self.seed, deterministic=self.deterministic,
+                      autocast=self.autocast, channels_last=self.channels_last, lo=self.lo, hi=self.hi,
+                      model_mode=self.model_mode, target_tasks=self.target_tasks)
+        head = self.target_tasks[0]
+        if name == "square":
+            return Square(self.model, self.specs, steps=self.queries, **common)
+        if name == "apgd-t":
+            return APGDT(self.model, self.specs, steps=self.steps, target_classes=self.target_classes, **common)
+        loss = heads.cross_entropy if name == "apgd-ce" else heads.dlr
+        specs = [replace(s, loss=loss) if s.name == head else s for s in self.specs]
+        return APGD(self.model, specs, steps=self.steps, **common)
+
+    def _predictions(self, points):
+        spec = next(s for s in self.specs if s.name == self.target_tasks[0])
+        with torch.no_grad():
+            return spec.output(self.model(points))
+
+    def _optimize(self, x, rows):
+        labels = rows.targets[self.target_tasks[0]]
+        logits = self._predictions(rows.x0)
+        if logits.dim() != 2 or labels.shape != logits.shape[:1] or labels.is_floating_point():
+            raise ValueError(f"autoattack needs a classification head (logits [B, K], class labels [B]); "
+                             f"{self.target_tasks[0]!r} gives {tuple(logits.shape)} and labels {tuple(labels.shape)}")
+        if not self._checked:
+            self._sanity(rows.x0, labels, logits)
+            self._checked = True
+        adv = rows.x0.clone()
+        robust = logits.argmax(1) == labels
+        self.samples += labels.shape[0]
+        for name in self.attacks:
+            index = robust.nonzero().flatten()
+            start = time.perf_counter()
+            if index.numel():
+                member = self._member(name, rows.eps[index].double().cpu())
+                member.on_gradient = self.on_gradient
+                subset = member(rows.x0[index], {k: v[index] for k, v in rows.targets.items()},
+                                {k: v[index] for k, v in rows.masks.items()}, sample_ids=rows.ids[index.cpu()])
+                fooled = self._predictions(subset).argmax(1) != labels[index]
+                adv[index[fooled]] = subset[fooled]
+                robust[index[fooled]] = False
+            self.report[name]["robust"] += int(robust.sum())
+            self.report[name]["seconds"] += time.perf_counter() - start
+        return adv
+
+    def _sanity(self, x, labels, logits):
+        again = self._predictions(x)
+        if not torch.allclose(logits, again, rtol=1e-4, atol=1e-5):
+            warnings.warn("autoattack: the model's outputs differ between two passes on the same input (randomness "
+                          "in the model); robust accuracy is not reproducible and gradient attacks are weakened",
+                          stacklevel=3)
+        if bool((logits >= 0).all()) and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4):
+            warnings.warn("autoattack: the outputs sum to 1 and are non-negative: they look like probabilities, "
+                          "not logits; the losses saturate and the attacks weaken (return logits)", stacklevel=3)
+        xg = x.detach().clone().requires_grad_(True)
+        spec = next(s for s in self.specs if s.name == self.target_tasks[0])
+        with torch.enable_grad():
+            loss = heads.cross_entropy(spec.output(self.model(xg)).float(), labels).sum()
+            (grad,) = torch.autograd.grad(loss, xg)
+        zero = int((grad.flatten(1).abs().amax(1) == 0).sum())
+        if zero:
+            warnings.warn(f"autoattack: {zero} of {x.shape[0]} samples have an input gradient of exactly zero "
+                          f"(gradient masking, e.g. a quantised input); gradient attacks cannot move them, only "
+                          f"square can", stacklevel=3)
