@@ -1,11 +1,15 @@
 """AutoAttack's members for classification heads: the targeted DLR loss against a hand value, APGD-T on a
 small trained classifier (ball, box, lower accuracy, never undoing a success)."""
+import json
+
 import pytest
 import torch
 
 from mtrobust_fast.attacks import APGDT, PGD, AutoAttack, Square, build_attack, classification
 from mtrobust_fast.attacks.square import margin, square_fraction
 from mtrobust_fast.classification import targeted_dlr
+from mtrobust_fast.cli import main as cli_main
+from mtrobust_fast.data.objects import synthesize_objects
 
 
 def test_targeted_dlr_equals_the_hand_value():
@@ -135,3 +139,31 @@ def test_attacks_work_when_called_under_no_grad(trained):
     with torch.no_grad():
         adv = PGD(model, [classification("label")], eps=0.2, steps=3)(x, labels)
     assert (adv - x).abs().max() > 0
+
+
+def test_our_cascade_is_at_least_as_strong_as_torchattacks_autoattack(trained):
+    torchattacks = pytest.importorskip("torchattacks")  # installed with --no-deps by the README's test command
+    model, x, labels = trained
+    theirs = torchattacks.AutoAttack(model, norm="Linf", eps=0.2, version="standard", n_classes=6, seed=0)
+    their_accuracy = _accuracy(model, theirs(x, labels), labels)
+    ours = AutoAttack(model, [classification("label")], eps=0.2, steps=100, queries=5000, seed=0)
+    adv = ours(x, labels)
+    assert (adv - x).abs().max() <= 0.2 + 1e-6
+    assert _accuracy(model, adv, labels) <= their_accuracy + 0.01
+
+
+def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_member(tmp_path, capsys):
+    data = synthesize_objects(tmp_path / "objects", 40, size=16, seed=0, workers=1, progress=False)
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "8",
+                     "--workers", "0", "--no-progress"]) == 0
+    out = tmp_path / "eval"
+    assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
+                     "--steps", "3", "--target", "class", "--no-gradients", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cascade (robust accuracy after each member" in printed and "apgd-t" in printed
+    members = json.loads((out / "results.json").read_text())["summary"]["members"]
+    assert list(members) == ["apgd-ce", "apgd-t", "square"]
+    assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
+                     "--alpha", "0.01", "--no-progress"]) == 2
+    assert "set their own step sizes" in capsys.readouterr().err

@@ -133,6 +133,9 @@ def format_report(config, summary):
         if undefined:
             lines.append("  samples left out of rel vuln (clean error 0): "
                          + ", ".join(f"{metrics.set_label([t])} {n}" for t, n in undefined.items()))
+    if "members" in summary:
+        lines.append("cascade (robust accuracy after each member, seconds): " + ", ".join(
+            f"{name} {_fmt(v['robust_accuracy'])} ({v['seconds']:.1f} s)" for name, v in summary["members"].items()))
     for item in summary["marginal"]:
         bound = f" (Theorem-4 bound {_fmt(item['theorem4_bound'])})" if "theorem4_bound" in item else ""
         lines.append(f"marginal vulnerability {metrics.set_label(item['base'])} + "
