@@ -130,8 +130,8 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, pr
     if meter.samples == 0:
         raise SettingError("--data: the loader yielded no batch to evaluate")
     summary = meter.compute()
-    if hasattr(attack, "summary"):  # a cascade (AutoAttack): robust accuracy and time after each member
-        summary["members"] = attack.summary()
+    if hasattr(attack, "summary"):  # a cascade or an ensemble: what each member achieved
+        summary[attack.summary_key] = attack.summary()
     if record_steps:
         summary["step_losses"] = curves.result()
     return summary

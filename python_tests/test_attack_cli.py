@@ -60,7 +60,7 @@ def test_attack_writes_table_csv_and_json(setup, capsys):
     assert summary["attacks"]["s"]["tasks"]["segment_semantic"]["adv_vuln"] >= 0
 
 
-@pytest.mark.parametrize("attack", ["fgsm", "wgd", "apgd"])
+@pytest.mark.parametrize("attack", ["fgsm", "wgd", "apgd", "segpgd", "cospgd", "relative"])
 def test_other_attacks_run(setup, capsys, attack):
     extra = [] if attack == "fgsm" else ["--steps", "2"]
     root, data, checkpoint = setup
@@ -179,3 +179,22 @@ def test_out_names_a_folder_and_a_file_is_refused_before_the_work(setup, tmp_pat
     (tmp_path / "afile").write_text("x")
     assert _attack(setup, "--limit", "1", "--out", str(tmp_path / "afile")) == 2
     assert "--out:" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_dense_ensemble_reports_worst_cases_and_winners(setup, capsys, tmp_path):
+    assert _attack(setup, "--attack", "ensemble", "--target", "sd", "--limit", "2", "--no-gradients",
+                   "--out", str(tmp_path / "ens")) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble of apgd, segpgd, cospgd, wgd, relative: worst-case err/img per task" in printed
+    ensemble = json.loads((tmp_path / "ens" / "results.json").read_text())["summary"]["ensemble"]
+    assert set(ensemble["worst_error"]) == {"segment_semantic", "depth_zbuffer"}
+    assert _attack(setup, "--attack", "ensemble", "--target", "s,sd", "--limit", "1") == 2
+    assert "one set" in capsys.readouterr().err
+
+
+def test_dense_loss_is_recorded_and_refused_where_it_does_not_apply(setup, capsys, tmp_path):
+    assert _attack(setup, "--dense-loss", "js", "--target", "s", "--limit", "1", "--no-gradients",
+                   "--out", str(tmp_path / "js")) == 0
+    assert json.loads((tmp_path / "js" / "results.json").read_text())["config"]["dense_loss"] == "js"
+    assert _attack(setup, "--attack", "ensemble", "--dense-loss", "js", "--limit", "1") == 2
+    assert "runs its own objectives" in capsys.readouterr().err

@@ -161,3 +161,31 @@ def test_attack_cli_names_the_dense_attacks(tmp_path):
     assert {"segpgd", "cospgd", "relative"} <= set(ATTACKS)
     with pytest.raises(ValueError, match="dense_loss must be one of"):
         PGD(build_model("s", "resnet18", input_size=32), "s", dense_loss="dice")
+
+
+def test_dense_ensemble_is_at_least_as_strong_as_each_member_on_every_task(model_and_batch):
+    from mtrobust_fast.attacks import AutoAttack, DenseEnsemble, WGD
+    model, x, targets = model_and_batch
+    ensemble = AutoAttack(model, "sd", version="dense", eps=4 / 255, steps=3, deterministic=True)
+    assert isinstance(ensemble, DenseEnsemble)
+    assert ensemble.members() == ("apgd", "segpgd", "cospgd", "wgd", "relative")
+    adv = ensemble(x, targets)
+    assert (adv - x).abs().max() <= 4 / 255 + 1e-12 and adv.min() >= 0 and adv.max() <= 1
+    summary = ensemble.summary()
+    s, d = tasks.get_task("s"), tasks.get_task("d")
+    for name, cls in (("apgd", build_attack), ("segpgd", SegPGD), ("cospgd", CosPGD), ("wgd", WGD),
+                      ("relative", RelativePGD)):
+        kwargs = dict(eps=4 / 255, steps=3, deterministic=True)
+        member = cls("apgd", model, "sd", **kwargs) if cls is build_attack else cls(model, "sd", **kwargs)
+        member_adv = member(x, targets)
+        with torch.no_grad():
+            out = model(member_adv)
+        errors = {"segment_semantic": s.error(out["segment_semantic"], targets["segment_semantic"]).mean().item(),
+                  "depth_zbuffer": d.error(out["depth_zbuffer"], targets["depth_zbuffer"]).mean().item()}
+        for task, value in errors.items():
+            assert summary["member_error"][name][task] == pytest.approx(value, rel=1e-6)
+            assert summary["worst_error"][task] >= value - 1e-12
+    for task in ("segment_semantic", "depth_zbuffer"):
+        assert sum(summary["wins"][task].values()) == x.shape[0]
+    single = AutoAttack(model, "sd", version="dense", eps=4 / 255, steps=2, target_tasks="d")
+    assert single.members() == ("apgd", "cospgd")

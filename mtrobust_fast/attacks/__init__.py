@@ -5,6 +5,7 @@ with the attack's own reason, a setting it does not take (each attack class decl
 """
 from mtrobust_fast.attacks.apgd import APGD, APGDT
 from mtrobust_fast.attacks.autoattack import AutoAttack
+from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.base import MODEL_MODES, Attack, unwrap
 from mtrobust_fast.attacks.pgd import FGSM, PGD, CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
@@ -12,7 +13,7 @@ from mtrobust_fast.attacks.square import Square
 from mtrobust_fast.attacks.specs import TaskSpec, classification, from_task
 from mtrobust_fast.attacks.wgd import WGD
 
-ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "square": Square, "autoattack": AutoAttack,
+ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "square": Square, "autoattack": AutoAttack, "ensemble": DenseEnsemble,
            "segpgd": SegPGD, "cospgd": CosPGD,
            "relative": RelativePGD}
 
@@ -42,7 +43,7 @@ def build_attack(name, model, tasks=None, **settings):
     return cls(model, tasks, **chosen)
 
 
-__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "Square", "AutoAttack", "SegPGD", "CosPGD", "RelativePGD",
+__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "Square", "AutoAttack", "DenseEnsemble", "SegPGD", "CosPGD", "RelativePGD",
            "SettingRefused", "TaskSpec",
            "build_attack",
            "classification", "from_task", "unwrap"]

@@ -25,6 +25,7 @@ import torch
 from mtrobust_fast import classification as heads
 from mtrobust_fast.attacks.apgd import APGD, APGDT
 from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.square import Square
 
 MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
@@ -40,14 +41,22 @@ class AutoAttack(Attack):
 
     default_random_start = False
     settings = ("steps",)
+    summary_key = "members"
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
                "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}
+
+    def __new__(cls, model=None, tasks=None, *, version="custom", **kwargs):
+        """``version="dense"`` gives the ensemble for dense multi-task models (:class:`DenseEnsemble`)."""
+        if version == "dense":
+            return DenseEnsemble(model, tasks, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model, tasks=None, *, version="custom", attacks=None, steps=100, queries=5000,
                  target_classes=9, restarts=1, **kwargs):
         if version != "custom":
             raise ValueError(f"version {version!r}: AutoAttack's standard, plus and rand versions need FAB, which "
-                             f"is not implemented yet; use version='custom' (members {', '.join(MEMBERS)})")
+                             f"is not implemented yet; use version='custom' (members {', '.join(MEMBERS)}) or "
+                             f"'dense' (the ensemble for dense multi-task models)")
         if restarts != 1:
             raise ValueError("autoattack takes no restarts (its members run once each)")
         super().__init__(model, tasks, steps=steps, **kwargs)

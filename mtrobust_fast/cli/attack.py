@@ -136,6 +136,12 @@ def format_report(config, summary):
     if "members" in summary:
         lines.append("cascade (robust accuracy after each member, seconds): " + ", ".join(
             f"{name} {_fmt(v['robust_accuracy'])} ({v['seconds']:.1f} s)" for name, v in summary["members"].items()))
+    if summary.get("ensemble"):
+        ensemble = summary["ensemble"]
+        lines.append(f"ensemble of {', '.join(ensemble['members'])}: worst-case err/img per task (member that won "
+                     f"most often): " + ", ".join(
+                         f"{metrics.set_label([t])} {_fmt(v)} ({max(ensemble['wins'][t], key=ensemble['wins'][t].get)})"
+                         for t, v in ensemble["worst_error"].items()))
     for item in summary["marginal"]:
         bound = f" (Theorem-4 bound {_fmt(item['theorem4_bound'])})" if "theorem4_bound" in item else ""
         lines.append(f"marginal vulnerability {metrics.set_label(item['base'])} + "

@@ -1,0 +1,125 @@
+"""An attack ensemble for dense multi-task models: several attacks on the same attacked set, the worst case kept
+per sample and per task, and a record of which attack won how often.
+
+PGD alone overestimates the robustness of dense heads (SegPGD, CosPGD and SEA each found much lower mIoU than
+PGD), and for a multi-task set no single objective is known to be best, so the ensemble runs, on the attacked
+set: APGD on the tasks' own losses; SegPGD for segmentation; CosPGD for segmentation and regression heads; and,
+when the set holds several tasks, WGD and the relative-loss-change attack. For every sample and every task of
+the model it keeps the highest error any member reached (``summary()["worst_error"]``), so its per-task numbers
+are at least as bad for the model as any member's; the point it returns for a sample is the member's that
+raised the attacked set's summed error most. AutoAttack(version="dense") builds it.
+"""
+import time
+
+import torch
+
+from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.attacks.apgd import APGD
+from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.pgd import CosPGD, SegPGD
+from mtrobust_fast.attacks.relative import RelativePGD
+from mtrobust_fast.attacks.wgd import WGD
+from mtrobust_fast.tasks import opmath
+
+MEMBERS = {"apgd": APGD, "segpgd": SegPGD, "cospgd": CosPGD, "wgd": WGD, "relative": RelativePGD}
+
+
+class DenseEnsemble(Attack):
+    """The ensemble on the attack's ``target_tasks``. ``steps``: iterations of every member (default 25);
+    ``attacks``: members to run (default: every one that applies to the set, see the module docstring)."""
+
+    default_random_start = False  # the members draw their own starts
+    settings = ("steps",)
+    summary_key = "ensemble"
+    refused = {**Attack.refused, "alpha": "the ensemble's members use their own default step sizes",
+               "dense_loss": "the ensemble runs its own objectives"}
+
+    def __init__(self, model, tasks=None, *, attacks=None, steps=25, restarts=1, **kwargs):
+        if restarts != 1:
+            raise ValueError("the dense ensemble takes no restarts (its members are its restarts)")
+        super().__init__(model, tasks, steps=steps, **kwargs)
+        unknown = [a for a in (attacks or ()) if a not in MEMBERS]
+        if unknown:
+            raise ValueError(f"attacks must be among {', '.join(MEMBERS)}; got {unknown}")
+        self.attacks = tuple(attacks) if attacks else None
+        self._sums = None
+        self.samples = 0
+
+    def members(self):
+        """The members that apply to the attacked set, in the order they run."""
+        if self.attacks is not None:
+            return self.attacks
+        losses = {s.loss for s in self.specs if s.name in self.target_tasks}
+        chosen = ["apgd"]
+        if task_registry.segment_loss in losses:
+            chosen.append("segpgd")
+        if losses & {task_registry.segment_loss, task_registry.l1_loss}:
+            chosen.append("cospgd")
+        if len(self.target_tasks) > 1:
+            chosen += ["wgd", "relative"]
+        return tuple(chosen)
+
+    def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
+        """One attacked set at a time (the members differ between sets)."""
+        if subsets is None or len(subsets) != 1 or self.task_names(subsets[0]) != self.target_tasks:
+            raise ValueError(f"the dense ensemble attacks its one set {self.target_tasks}; give that single set")
+        return self(x, targets, masks, sample_ids)[None]
+
+    def _errors(self, points, rows):
+        """[B, T] per-sample errors of every task of the attack at ``points``."""
+        with torch.no_grad():
+            outputs = self.model(points)
+            return torch.stack([s.error(opmath(s.output(outputs)), rows.targets[s.name], rows.masks.get(s.name))
+                                .double() for s in self.specs], dim=1)
+
+    def _optimize(self, x, rows):
+        names = [s.name for s in self.specs]
+        attacked = torch.tensor([n in self.target_tasks for n in names], device=rows.x0.device)
+        best_x, best_joint, worst = None, None, None
+        members = self.members()
+        if self._sums is None:
+            self._sums = {"worst": torch.zeros(len(names), dtype=torch.float64),
+                          "member": {m: torch.zeros(len(names), dtype=torch.float64) for m in members},
+                          "wins": {m: torch.zeros(len(names), dtype=torch.int64) for m in members},
+                          "seconds": dict.fromkeys(members, 0.0)}
+        per_member = []
+        for name in members:
+            start = time.perf_counter()
+            member = MEMBERS[name](self.model, self.specs, eps=rows.eps.double().cpu(), norm=self.norm,
+                                   steps=self.steps, seed=self.seed, deterministic=self.deterministic,
+                                   autocast=self.autocast, channels_last=self.channels_last, lo=self.lo, hi=self.hi,
+                                   model_mode=self.model_mode, target_tasks=self.target_tasks)
+            member.on_gradient = self.on_gradient
+            adv = member(rows.x0, rows.targets, rows.masks, sample_ids=rows.ids)
+            errors = self._errors(adv, rows)
+            per_member.append(errors)
+            joint = (errors * attacked).sum(1)
+            if best_x is None:
+                best_x, best_joint, worst = adv, joint, errors.clone()
+            else:
+                better = joint > best_joint
+                best_x = torch.where(better.view((-1,) + (1,) * (adv.dim() - 1)), adv, best_x)
+                best_joint = torch.where(better, joint, best_joint)
+                worst = torch.maximum(worst, errors)
+            self._sums["member"][name] += errors.sum(0).cpu()
+            self._sums["seconds"][name] += time.perf_counter() - start
+        winners = torch.stack(per_member).argmax(0)  # [B, T]: the first member reaching the worst error
+        for k, name in enumerate(members):
+            self._sums["wins"][name] += (winners == k).sum(0).cpu()
+        self._sums["worst"] += worst.sum(0).cpu()
+        self.samples += rows.x0.shape[0]
+        return best_x
+
+    def summary(self):
+        """Per task: the mean worst-case error over the members (``worst_error``), each member's mean error
+        (``member_error``), how many samples each member won (``wins``), and each member's seconds."""
+        if self._sums is None:
+            return {}
+        names = [s.name for s in self.specs]
+        count = max(self.samples, 1)
+        return {"members": list(self._sums["member"]),
+                "worst_error": {n: float(v) / count for n, v in zip(names, self._sums["worst"])},
+                "member_error": {m: {n: float(v) / count for n, v in zip(names, sums)}
+                                 for m, sums in self._sums["member"].items()},
+                "wins": {n: {m: int(self._sums["wins"][m][i]) for m in self._sums["wins"]} for i, n in enumerate(names)},
+                "seconds": {m: round(v, 3) for m, v in self._sums["seconds"].items()}}
