@@ -12,12 +12,12 @@
 set -euo pipefail
 
 OUT=${1:-icml23-repro}
-IMAGES=${IMAGES:-400}       # synthetic object images (70 % train, 15 % val, 15 % test)
+IMAGES=${IMAGES:-360}       # synthetic object images (70 % train, 15 % val, 15 % test)
 SIZE=${SIZE:-32}
-EPOCHS=${EPOCHS:-4}
+EPOCHS=${EPOCHS:-3}
 BATCH=${BATCH:-50}
 STEPS=${STEPS:-2}           # PGD steps of adversarial training (the paper: 10)
-EVAL_STEPS=${EVAL_STEPS:-20}
+EVAL_STEPS=${EVAL_STEPS:-10}
 EPS=${EPS:-8/255}
 XI=${XI:-0}                 # 1: also the exact-gradient curvature variant (about 3x the cost of the others)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -1,0 +1,165 @@
+"""How strong and how fast the robustness evaluation is, side by side in one run.
+
+1. A classifier (ResNet-18, 32 px) trained briefly with Madry PGD-2 on the synthetic object set (or
+   ``--classifier CHECKPOINT``): wall time and robust accuracy of our AutoAttack cascade (APGD-CE, APGD-T,
+   Square) and of torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the same test images.
+   Target: ours >= 1.5x faster at equal or lower robust accuracy.
+2. A Taskonomy model for s and d (ResNet-18, 64 px) trained briefly on synthetic Taskonomy (or
+   ``--taskonomy CHECKPOINT``): per task, the per-image error and relative vulnerability under PGD and under the
+   dense ensemble (APGD, SegPGD, CosPGD, WGD, relative), attacking {s, d} at the same budget.
+
+Install torchattacks with `pip install --no-deps torchattacks==3.5.1` (its torchvision dependency cannot import
+next to a CPU torch). Everything is written under ``--work`` and reused on a second run.
+
+    python scripts/bench_eval.py                  # CPU, a few minutes
+    python scripts/bench_eval.py --device cuda --images 256
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mtrobust_fast import metrics
+from mtrobust_fast.attacks import AutoAttack, build_attack
+from mtrobust_fast.data import synth
+from mtrobust_fast.data.objects import synthesize_objects
+from mtrobust_fast.evaluation import evaluate, make_loader
+from mtrobust_fast.models import load_checkpoint
+from mtrobust_fast.training import TrainConfig, train
+
+
+class Head(nn.Module):
+    """The classifier's main head as a plain logits model (what torchattacks accepts)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["class"]
+
+
+def trained(path, config):
+    if not Path(path, "last.pt").is_file():
+        train(config)
+    return load_checkpoint(Path(path, "last.pt"))[0]
+
+
+def batch_of(data, model, split, images, device):
+    loader = make_loader(data, model, split, batch_size=images)
+    x, targets, masks = next(iter(loader))
+    return x.to(device), {k: v.to(device) for k, v in targets.items()}, {k: v.to(device) for k, v in masks.items()}
+
+
+def accuracy(model, x, labels):
+    with torch.no_grad():
+        return (model(x)["class"].argmax(1) == labels).float().mean().item()
+
+
+def classifier_rows(args, device):
+    work = Path(args.work)
+    if args.classifier:
+        model = load_checkpoint(args.classifier)[0]
+        data = args.classifier_data
+    else:
+        data = work / "objects"
+        if not (data / "objects.json").is_file():
+            synthesize_objects(data, 600, size=32, seed=0, progress=False)
+        model = trained(work / "classifier", TrainConfig(
+            data=str(data), out=str(work / "classifier"), epochs=args.epochs, batch_size=50, lr=1e-3,
+            adversarial="madry", steps=2, eps=8 / 255, robust_val=0, workers=0, progress=False))
+    model = model.to(device).eval()
+    x, targets, _ = batch_of(data, model, "test", args.images, device)
+    labels = targets["class"]
+    print(f"classifier: clean accuracy {accuracy(model, x, labels):.3f} on {x.shape[0]} test images, "
+          f"Linf eps = 8/255")
+    start = time.perf_counter()
+    ours = AutoAttack(model, ["class"], eps=8 / 255, steps=100, queries=args.queries, seed=0, target_tasks="class")
+    adv = ours(x, {"class": labels})
+    ours_time = time.perf_counter() - start
+    ours_acc = accuracy(model, adv, labels)
+    print(f"{'mtrobust-fast AutoAttack (apgd-ce, apgd-t, square)':<58} robust acc {ours_acc:.3f}  {ours_time:7.1f} s")
+    for name, entry in ours.summary().items():
+        print(f"    after {name:<9} {entry['robust_accuracy']:.3f}  ({entry['seconds']:.1f} s)")
+    try:
+        import torchattacks
+    except ImportError:
+        print("torchattacks not installed (pip install --no-deps torchattacks==3.5.1): comparison skipped")
+        return
+    classes = model.task_records["class"].classes
+    theirs = torchattacks.AutoAttack(Head(model), norm="Linf", eps=8 / 255, version="standard", n_classes=classes,
+                                     seed=0)
+    start = time.perf_counter()
+    their_adv = theirs(x, labels)
+    their_time = time.perf_counter() - start
+    their_acc = accuracy(model, their_adv, labels)
+    print(f"{f'torchattacks {torchattacks.__version__} AutoAttack standard':<58} robust acc {their_acc:.3f}  "
+          f"{their_time:7.1f} s")
+    speed = their_time / ours_time
+    verdict = "yes" if speed >= 1.5 and ours_acc <= their_acc else "NO"
+    print(f"speed-up {speed:.2f}x, robust accuracy ours - theirs {ours_acc - their_acc:+.3f} "
+          f"(target >= 1.5x at equal or lower accuracy: {verdict})")
+
+
+def dense_rows(args, device):
+    work = Path(args.work)
+    if args.taskonomy:
+        model = load_checkpoint(args.taskonomy)[0]
+        data = args.taskonomy_data
+    else:
+        data = work / "synth"
+        if not (data / synth.SPLIT_CSV).exists():
+            synth.synthesize(data, 240, size=64, seed=0, progress=False,
+                             buildings=[f"synth{b:03d}" for b in range(10)])
+        model = trained(work / "taskonomy_sd", TrainConfig(
+            data=str(data), out=str(work / "taskonomy_sd"), tasks="sd", encoder="resnet18", size=64,
+            epochs=args.epochs, batch_size=16, lr=1e-3, workers=0, progress=False))
+    model = model.to(device).eval()
+    loader = make_loader(data, model, "val", limit=args.dense_images, batch_size=args.dense_images)
+    print(f"\ndense model {model.config['tasks']}: attacked set sd, Linf eps = 4/255, {args.dense_steps} steps "
+          f"per attack, {len(loader.dataset)} val images")
+    results = {}
+    for name in ("pgd", "ensemble"):
+        atk = build_attack(name, model, model.evaluated_task_names, eps=4 / 255, steps=args.dense_steps, seed=0)
+        start = time.perf_counter()
+        summary = evaluate(model, loader, atk, gradients=False, device=device)
+        results[name] = (summary, time.perf_counter() - start)
+    print(f"{'task':<18} {'clean err':>9} {'PGD err':>9} {'ens err':>9} {'PGD rel':>9} {'ens rel':>9}")
+    pgd, ensemble = results["pgd"][0], results["ensemble"][0]
+    (label,) = pgd["attacks"]
+    for task in model.evaluated_task_names:
+        p, e = pgd["attacks"][label]["tasks"][task], ensemble["attacks"][label]["tasks"][task]
+        print(f"{task:<18} {pgd['clean'][task]['error']:>9.4f} {p['adv_error']:>9.4f} {e['adv_error']:>9.4f} "
+              f"{p['rel_vuln']:>9.4f} {e['rel_vuln']:>9.4f}")
+    worst = ensemble["ensemble"]["worst_error"]
+    print("ensemble per-task worst case over its members (err/img): "
+          + ", ".join(f"{metrics.set_label([t])} {v:.4f}" for t, v in worst.items()))
+    print("winners: " + "; ".join(f"{metrics.set_label([t])} " + ", ".join(f"{m} {n}" for m, n in w.items())
+                                  for t, w in ensemble["ensemble"]["wins"].items()))
+    print(f"time: PGD {results['pgd'][1]:.1f} s, ensemble {results['ensemble'][1]:.1f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="bench-eval", help="folder for data and models (reused)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=64, help="classifier test images")
+    parser.add_argument("--queries", type=int, default=5000, help="Square's query budget (ours)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the models made here")
+    parser.add_argument("--dense-images", type=int, default=16)
+    parser.add_argument("--dense-steps", type=int, default=10)
+    parser.add_argument("--classifier", default=None, help="a trained classifier checkpoint instead")
+    parser.add_argument("--classifier-data", default=None)
+    parser.add_argument("--taskonomy", default=None, help="a trained Taskonomy checkpoint (tasks incl. s, d)")
+    parser.add_argument("--taskonomy-data", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    classifier_rows(args, device)
+    dense_rows(args, device)
+
+
+if __name__ == "__main__":
+    main()
