@@ -12,7 +12,7 @@
 set -euo pipefail
 
 OUT=${1:-icml23-repro}
-IMAGES=${IMAGES:-360}       # synthetic object images (70 % train, 15 % val, 15 % test)
+IMAGES=${IMAGES:-300}       # synthetic object images (70 % train, 15 % val, 15 % test)
 SIZE=${SIZE:-32}
 EPOCHS=${EPOCHS:-3}
 BATCH=${BATCH:-50}
