@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mtrobust_fast.classification import MultiLabelTask, RegressionTask
+from mtrobust_fast.data.images import read_resized
 
 SPLITS = ("train", "val", "test")
 CHEXPERT_FINDINGS = (
@@ -195,11 +195,7 @@ class ChestXrayDataset(Dataset):
     # ---- images ----
 
     def _pixels(self, path):
-        try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("L").resize((self.size, self.size), Image.BILINEAR))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
+        return read_resized(path, self.size, "L")
 
     @property
     def normalization(self):

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtrobust_fast.data import chest, objects
+from mtrobust_fast.data.images import read_resized
 from mtrobust_fast.tasks import get_task
 
 DEPTH = get_task("depth_zbuffer")  # the object set's depth files use Taskonomy's 16-bit z-depth encoding
@@ -336,11 +337,7 @@ class ImageFolderDataset(Dataset):
         return self._normalization
 
     def _pixels(self, path):
-        try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
+        return read_resized(path, self.size, "RGB")
 
     def __len__(self):
         return len(self.samples)
