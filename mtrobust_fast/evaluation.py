@@ -156,12 +156,13 @@ def make_loader(data, model, split="val", size=None, limit=None, batch_size=16, 
 def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, workers=0,
-                        device="auto", progress=False, record_steps=False, dense_loss=None):
+                        device="auto", progress=False, record_steps=False, dense_loss=None, options=None):
     """Attack a checkpoint's model over one split of ``data`` and return ``(config, summary)``.
 
     ``sets``: attacked sets, each "all", task letters or a sequence of task names; all are attacked in one batch
     of rows. ``dense_loss``: the objective dense heads are attacked on (see :mod:`mtrobust_fast.attacks.dense`;
-    None: the attack's own). ``summary`` is :func:`evaluate`'s; ``config`` records every setting, the checkpoint's epoch and the
+    None: the attack's own). ``options``: settings only some attacks take, ``{"grid_weights": [...], "grid_task":
+    "d"}`` (None values mean the attack's default). ``summary`` is :func:`evaluate`'s; ``config`` records every setting, the checkpoint's epoch and the
     wall time.
     """
     checkpoint = Path(checkpoint)
@@ -182,7 +183,8 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
         atk = build_attack(attack, model, names, eps=eps, norm=norm, restarts=restarts, seed=seed,
                            deterministic=deterministic, alpha=alpha, steps=steps,
                            normalize_task_grads=normalize_task_grads, record_steps=record_steps,
-                           dense_loss=dense_loss, target_tasks=[name for name in names if any(name in s for s in sets)])
+                           dense_loss=dense_loss, target_tasks=[name for name in names if any(name in s for s in sets)],
+                           **(options or {}))
     except SettingRefused as error:
         raise SettingError(f"--{error.setting.replace('_', '-')}: {error.reason}") from error
     except ValueError as error:
@@ -196,7 +198,7 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
         "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,
         "norm": norm, "eps": eps, "alpha": atk.alpha if "alpha" in type(atk).settings else None,
         "steps": atk.steps, "restarts": restarts, "normalize_task_grads": normalize_task_grads,
-        "dense_loss": atk.dense_loss, "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
+        "dense_loss": atk.dense_loss, **{k: v for k, v in (options or {}).items() if v is not None}, "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
         "seed": seed, "deterministic": deterministic, "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }

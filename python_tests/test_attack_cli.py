@@ -60,7 +60,8 @@ def test_attack_writes_table_csv_and_json(setup, capsys):
     assert summary["attacks"]["s"]["tasks"]["segment_semantic"]["adv_vuln"] >= 0
 
 
-@pytest.mark.parametrize("attack", ["fgsm", "wgd", "apgd", "segpgd", "cospgd", "relative"])
+@pytest.mark.parametrize("attack", ["fgsm", "wgd", "apgd", "segpgd", "cospgd", "relative", "cyclic_step",
+                                    "cyclic_batch", "grid"])
 def test_other_attacks_run(setup, capsys, attack):
     extra = [] if attack == "fgsm" else ["--steps", "2"]
     root, data, checkpoint = setup
@@ -84,6 +85,8 @@ def test_same_seed_same_results(setup, tmp_path):
     (["--eps=-1/255"], "--eps"),
     (["--eps", "eight"], "--eps"),
     (["--steps", "0"], "--steps"),
+    (["--grid-weights", "0,0"], "--grid-weights"),
+    (["--grid-weights", "1,x"], "--grid-weights"),
 ])
 def test_bad_values_fail_at_parsing(setup, capsys, argv, name):
     with pytest.raises(SystemExit) as exit_info:
@@ -98,6 +101,8 @@ def test_bad_values_fail_at_parsing(setup, capsys, argv, name):
     (["--attack", "apgd", "--alpha", "2/255"], "--alpha"),
     (["--attack", "fgsm"], "--steps: fgsm"),
     (["--attack", "pgd", "--normalize-task-grads"], "--normalize-task-grads"),
+    (["--attack", "pgd", "--grid-task", "d"], "--grid-task: pgd does not take it"),
+    (["--attack", "grid", "--grid-task", "n"], "--attack grid: unknown task 'n'"),
 ])
 def test_bad_combinations_are_named(setup, capsys, argv, message):
     assert _attack(setup, *argv) == 2
@@ -198,3 +203,10 @@ def test_dense_loss_is_recorded_and_refused_where_it_does_not_apply(setup, capsy
     assert json.loads((tmp_path / "js" / "results.json").read_text())["config"]["dense_loss"] == "js"
     assert _attack(setup, "--attack", "ensemble", "--dense-loss", "js", "--limit", "1") == 2
     assert "runs its own objectives" in capsys.readouterr().err
+
+
+def test_grid_records_its_settings(setup, tmp_path):
+    assert _attack(setup, "--attack", "grid", "--grid-weights", "0,1", "--grid-task", "d", "--target", "sd",
+                   "--limit", "1", "--no-gradients", "--out", str(tmp_path)) == 0
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert config["grid_weights"] == [0.0, 1.0] and config["grid_task"] == "d"

@@ -391,11 +391,14 @@ class Attack(abc.ABC):
         return x
 
     def _attack(self, x, targets, masks, attacked_sets, ids):
-        """Attack rows whose consecutive blocks of x.shape[0] / len(attacked_sets) rows attack one set each."""
+        """Attack rows whose consecutive blocks of x.shape[0] / len(attacked_sets) rows attack one set each. A set is
+        a list of task names (each weighted 1) or a dict {task name: weight > 0} (the grid search's rows)."""
         x0 = self._prepare(x)
         count = x0.shape[0]
+        attacked_sets = [dict(group) if isinstance(group, dict) else dict.fromkeys(group, 1.0)
+                         for group in attacked_sets]
         active = [s.name for s in self.specs if any(s.name in group for group in attacked_sets)]
-        table = torch.tensor([[1.0 if n in group else 0.0 for n in active] for group in attacked_sets])
+        table = torch.tensor([[float(group.get(n, 0.0)) for n in active] for group in attacked_sets])
         block = count // len(attacked_sets)
         task_rows = {}
         for n in active:

@@ -38,6 +38,17 @@ def target_sets(text):
     return sets
 
 
+def weight_list(text):
+    """Comma-separated non-negative weights ("0,1,10")."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,1,10, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be finite, >= 0 and not all 0, got {text!r}")
+    return values
+
+
 def eps_or_train(text):
     """A budget, or "train" (the checkpoint's adversarial-training budget, read once it is loaded)."""
     return "train" if text.strip() == "train" else budget(text)
@@ -72,6 +83,11 @@ def add_arguments(parser):
         help="objective for segmentation and regression heads: task (their training loss), segpgd, cospgd, "
              "masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, cospgd for cospgd, "
              "task otherwise)")
+    add("--grid-weights", type=weight_list, default=None,
+        help="grid: the weights tried for each attacked task, comma-separated (default 0,1,10); every combination "
+             "runs as its own rows, so the cost grows as (number of weights)^(tasks in the set)")
+    add("--grid-task", default=None,
+        help="grid: the task (letter or name) whose error picks each image's point (default: each set's first task)")
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
     add("--target", type=target_sets, default=["all"],
         help="attacked sets, comma-separated: task letters, a head name, or 'all' (default all), e.g. s,sd,all")
@@ -95,7 +111,7 @@ def attack_dataset(args):
     return evaluation.evaluate_checkpoint(
         args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
         steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
-        dense_loss=args.dense_loss,
+        dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task},
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, workers=args.workers,
         device=args.device, progress=not args.no_progress)
@@ -174,7 +190,7 @@ def write_results(out, config, summary, rows):
     (config + summary)."""
     csv_path, json_path = output_paths(out)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    flat_config = {k: ",".join(v) if isinstance(v, list) else v for k, v in config.items() if k != "target"}
+    flat_config = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in config.items() if k != "target"}
     table = [{**flat_config, **row} for row in rows]
     fields = list(dict.fromkeys(key for row in table for key in row))
     with open(csv_path, "w", newline="") as f:

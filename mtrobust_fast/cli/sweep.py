@@ -28,7 +28,7 @@ def add_arguments(parser):
     add("--out", type=Path, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
     add("--data", default=None, help="Taskonomy root the models are evaluated on")
     add("--checkpoint", type=_list, default=None, help="checkpoints, comma-separated (replaces the file's models)")
-    add("--attack", type=_list, default=None, help="attacks, comma-separated: pgd, wgd, apgd, fgsm")
+    add("--attack", type=_list, default=None, help="attacks, comma-separated: any of `mtrobust-fast attack --attack`'s choices (pgd, wgd, apgd, cyclic_step, grid, ...)")
     add("--norm", type=_list, default=None, help="threat models, comma-separated: linf, l2")
     add("--eps", type=_list, default=None, help="budgets in [0,1] pixels, comma-separated, e.g. 4/255,8/255")
     add("--alpha", type=_list, default=None,

@@ -1,0 +1,57 @@
+"""Cyclic multi-task attacks (the AAAI'22 study's "Cyclic" strategies): instead of ascending the sum of the
+attacked tasks' losses, attack one task at a time, in turn, either per step or per batch."""
+import torch
+
+from mtrobust_fast.attacks.pgd import PGD
+
+
+class CyclicStep(PGD):
+    """PGD whose step i ascends only one attacked task of each row: the ``i mod n``-th of the row's n attacked
+    tasks (in the model's task order). The task's loss is divided by its value at the step where the task was
+    first attacked (1 when that value is 0), as the source study normalised it; with one task per step the scale
+    changes no step (L∞ steps take the sign, L2 steps the unit direction), so the walk is the cycle itself. One
+    forward and one backward per step, every row of every attacked set together. Arguments are PGD's; restarts
+    keep the point with the highest summed loss of the attacked tasks."""
+
+    def _optimize(self, x, rows):
+        attacked = rows.weights != 0
+        order = attacked.cumsum(dim=1) - 1  # the position of each attacked task within its row's set
+        count = attacked.sum(dim=1).clamp_min(1)
+        first = torch.ones_like(rows.weights)
+        seen = torch.zeros_like(attacked)
+        for step in range(self.steps):
+            turn = attacked & (order == (step % count)[:, None])
+            seen, first = self._cyclic_step(x, rows, turn, seen, first)
+        return x
+
+    def _cyclic_step(self, x, rows, turn, seen, first):
+        """One in-place step on the tasks of ``turn`` [R, T]; returns the updated (seen, first-inclusion losses)."""
+        xg = x.detach().requires_grad_(True)
+        losses = self._row_losses(xg, rows)
+        self._record(losses)
+        current = losses.detach()
+        new = turn & ~seen
+        first = torch.where(new, torch.where(current > 0, current, torch.ones_like(current)), first)
+        weights = torch.where(turn, rows.weights / first, torch.zeros_like(first))
+        (grad,) = torch.autograd.grad((weights * losses).sum(), xg)
+        self._step(x, rows, grad.unsqueeze(0))
+        return seen | turn, first
+
+
+class CyclicBatch(PGD):
+    """PGD on one attacked task per batch, in turn: the k-th call of the attack (counting from 0, or from
+    ``batch_index``) attacks task ``k mod n`` of each n-task attacked set (in the model's task order), with plain PGD
+    steps. Results therefore depend on the order batches arrive in; the counter is ``self.batch_index``.
+    Arguments are PGD's."""
+
+    def __init__(self, model, tasks=None, *, batch_index=0, **kwargs):
+        super().__init__(model, tasks, **kwargs)
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
+            raise ValueError(f"batch_index must be an integer >= 0, got {batch_index!r}")
+        self.batch_index = batch_index
+
+    def _attack(self, x, targets, masks, attacked_sets, ids):
+        order = [s.name for s in self.specs]
+        turn = [[sorted(group, key=order.index)[self.batch_index % len(group)]] for group in attacked_sets]
+        self.batch_index += 1
+        return super()._attack(x, targets, masks, turn, ids)

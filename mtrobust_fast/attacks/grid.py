@@ -1,0 +1,93 @@
+"""Grid search over the attacked tasks' weights: PGD once per weight vector, all vectors as rows of one batch,
+and per sample the point that hurts one chosen task most.
+
+The AAAI'22 study meant to search task weights this way; its version divided by zero and never ran its loop.
+"""
+import math
+from itertools import product
+
+import torch
+
+from mtrobust_fast.attacks.pgd import PGD
+from mtrobust_fast.tasks import opmath
+
+
+class GridPGD(PGD):
+    """PGD on Σ_t w_t·L_t for every weight vector w of the grid ``grid_weights``^n over an attacked set's n tasks
+    (vectors that are all zero, or proportional to an earlier one, are dropped: a positive multiple of the
+    objective gives the same sign or unit-direction steps). The uniform vector runs first. Every vector of
+    every attacked set advances in the same forward/backward pass (one row per image and vector), so a call
+    costs about as much as PGD on (number of vectors) times the batch.
+
+    For each image and attacked set it returns the point with the highest error of ``grid_task`` (a task
+    name or letter; default the set's first task), ties going to the higher loss of that task and then to the
+    earlier vector: the result is never worse for that task than PGD with uniform weights from the same
+    start (``deterministic=True`` makes the starts equal). ``vectors(names)`` lists a set's vectors.
+    """
+
+    settings = PGD.settings + ("grid_weights", "grid_task")
+
+    def __init__(self, model, tasks=None, *, grid_weights=(0.0, 1.0, 10.0), grid_task=None, **kwargs):
+        super().__init__(model, tasks, **kwargs)
+        values = [float(v) for v in grid_weights] if isinstance(grid_weights, (list, tuple)) else None
+        if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
+            raise ValueError(f"grid_weights must be a non-empty list of finite weights >= 0, one of them > 0; got "
+                             f"{grid_weights!r}")
+        self.grid_weights = tuple(dict.fromkeys(values))
+        self.grid_task = None if grid_task is None else self.task_names([grid_task])[0]
+
+    def vectors(self, names):
+        """The weight vectors ({task: weight > 0}) searched for the attacked set ``names``, uniform first."""
+        seen, vectors = set(), []
+        for weights in [(1.0,) * len(names)] + list(product(self.grid_weights, repeat=len(names))):
+            top = max(weights)
+            if top <= 0:
+                continue
+            key = tuple(round(w / top, 12) for w in weights)
+            if key not in seen:
+                seen.add(key)
+                vectors.append({n: w for n, w in zip(names, weights) if w > 0})
+        return vectors
+
+    def _attack(self, x, targets, masks, attacked_sets, ids):
+        block = x.shape[0] // len(attacked_sets)
+        groups, owners = [], []
+        for k, group in enumerate(attacked_sets):
+            vectors = self.vectors(list(group))
+            groups += vectors
+            owners += [k] * len(vectors)
+        index = torch.cat([torch.arange(k * block, (k + 1) * block) for k in owners])
+        on_device = index.to(x.device)
+        adv = super()._attack(x[on_device], {n: v[on_device] for n, v in targets.items()},
+                              {n: v[on_device] for n, v in masks.items()}, groups, ids[index])
+        error, loss = self._chosen_scores(adv, targets, masks, on_device, attacked_sets, owners)
+        picked = []
+        for k in range(len(attacked_sets)):
+            rows = [j for j, owner in enumerate(owners) if owner == k]
+            e = error.view(-1, block)[rows]  # [vectors of set k, block]
+            l = loss.view(-1, block)[rows]
+            tied = e == e.max(dim=0, keepdim=True).values
+            best = torch.where(tied, l, torch.full_like(l, -math.inf)).argmax(dim=0)  # first maximum on ties
+            candidates = adv.view(-1, block, *x.shape[1:])[rows]
+            picked.append(candidates[best, torch.arange(block, device=x.device)])
+        return torch.cat(picked)
+
+    def _chosen_scores(self, adv, targets, masks, index, attacked_sets, owners):
+        """(error, loss) [rows] of each row's chosen task at its adversarial point."""
+        with torch.no_grad(), self._model_mode():
+            outputs = self.model(self._prepare(adv))
+        by_name = {s.name: s for s in self.specs}
+        errors, losses = torch.empty(adv.shape[0], dtype=torch.float64), torch.empty(adv.shape[0], dtype=torch.float64)
+        block = adv.shape[0] // len(owners)
+        for name in dict.fromkeys(self.grid_task or list(group)[0] for group in attacked_sets):
+            rows = torch.cat([torch.arange(j * block, (j + 1) * block) for j, owner in enumerate(owners)
+                              if (self.grid_task or list(attacked_sets[owner])[0]) == name])
+            spec, on_device = by_name[name], rows.to(adv.device)
+            output = opmath(spec.output(outputs))[on_device]
+            target, mask = targets[name][index][on_device], masks.get(name)
+            mask = None if mask is None else mask[index][on_device]
+            with torch.no_grad():
+                loss = spec.loss(output, target, mask).double().cpu()
+                error = loss if spec.error is None else spec.error(output, target, mask).double().cpu()
+            errors[rows], losses[rows] = error, loss
+        return errors.to(adv.device), losses.to(adv.device)
