@@ -18,6 +18,11 @@ Everything is computed per sample (shape ``[B]``) and reduced only at the end, i
   (over input elements) of the per-task input gradients ``[T, B, ...]``, and Theorem 2's factor
   ``sqrt((1 + (2/M)·Σ_i Σ_{j<i} Cov(r_i, r_j)/Cov(r_i, r_i)) / M)`` from the mean covariances.
 - Clean and adversarial task performance through the tasks' own metric helpers (mIoU, pixel accuracy, L1, MSE).
+- The perturbation actually applied, per sample: ``‖δ‖_1``, ``‖δ‖_2``, ``‖δ‖_∞`` and the L2 signal-to-noise ratio
+  ``20·log10(‖x‖_2/‖δ‖_2)`` dB (samples left unperturbed, ``δ = 0``, have an infinite SNR: they are left out of
+  its mean and counted as ``unperturbed``).
+- Input-gradient norms (L1, L2, L∞) per task and of each attacked set's joint loss, at the clean input and,
+  optionally, at each attacked set's adversarial input.
 """
 import math
 from dataclasses import dataclass
@@ -109,6 +114,25 @@ def gradient_norms(grads):
     """Per-sample L1, L2 and L∞ norms of per-task input gradients ``[T, B, ...]``: ``{"l1"|"l2"|"linf": [T, B]}``."""
     flat = _flat(grads)
     return {"l1": flat.abs().sum(2), "l2": flat.norm(dim=2), "linf": flat.abs().amax(2)}
+
+
+def perturbation_norms(x, adv):
+    """Per-sample norms of ``δ = adv − x`` and the L2 SNR in dB: ``{"l1", "l2", "linf", "snr_db"}`` each ``[B]``
+    (float64; SNR +inf where δ = 0, −inf where x = 0 and δ ≠ 0)."""
+    if x.shape != adv.shape or x.dim() < 1:
+        raise ValueError(f"x and adv must have the same shape [B, ...], got {tuple(x.shape)} and {tuple(adv.shape)}")
+    clean = x.detach().double().flatten(1)
+    delta = adv.detach().double().flatten(1) - clean
+    l2 = delta.norm(dim=1)
+    with torch.no_grad():
+        snr = 20 * (torch.log10(clean.norm(dim=1)) - torch.log10(l2))
+    return {"l1": delta.abs().sum(1), "l2": l2, "linf": delta.abs().amax(1), "snr_db": snr}
+
+
+def joint_gradient(grads, tasks, attacked, weights=None):
+    """The input gradient of an attacked set's joint loss, ``Σ_t w_t·∇L_t`` [B, ...], from per-task gradients
+    ``[T, B, ...]`` ordered as ``tasks``."""
+    return sum(w * grads[tasks.index(t)] for t, w in set_weights(attacked, weights).items())
 
 
 def gradient_similarity(grads):
@@ -231,7 +255,9 @@ class VulnerabilityMeter:
         self._clean = {"losses": {t: [] for t in self.tasks}, "errors": {t: [] for t in self.tasks}}
         self._adv = {}
         self._stats = {}
-        self._grads = {"norms": [], "cosine": [], "covariance": [], "dot": [], "joint": {}}
+        self._grads = {"cosine": [], "covariance": [], "dot": []}
+        self._grad_norms = {}  # (where, task name or ("joint", attacked set)) -> {"l1"|"l2"|"linf": [[B], ...]}
+        self._perturbation = {}  # attacked set -> {"l1"|"l2"|"linf"|"snr_db": [[B], ...]}
         self._sets = None
         self.samples = 0
 
@@ -247,10 +273,12 @@ class VulnerabilityMeter:
             key = (where, name)
             self._stats[key] = value.detach() if key not in self._stats else self._stats[key] + value.detach()
 
-    def update(self, clean, adversarial, grads=None):
+    def update(self, clean, adversarial, grads=None, perturbations=None, adv_grads=None):
         """Add one batch: ``clean`` (an :class:`Evaluation`), ``adversarial`` ``{attacked set: Evaluation}`` (a set
         is a tuple of task names) and, optionally, the clean per-task input gradients ``[T, B, ...]`` in the order
-        of ``tasks``. Everything is checked before anything is stored."""
+        of ``tasks``, the perturbations ``{attacked set: (x, adv)}`` and the per-task input gradients at each
+        set's adversarial input ``{attacked set: [T, B, ...]}``. Each optional part must come with every batch
+        or none. Everything is checked before anything is stored."""
         sets = {self._attacked(key): value for key, value in adversarial.items()}
         if not sets:
             raise ValueError("adversarial is empty: give at least one attacked set")
@@ -258,10 +286,22 @@ class VulnerabilityMeter:
             raise ValueError(f"every batch must give the same attacked sets: {self._sets}, got {list(sets)}")
         evaluations = [("clean", clean)] + list(sets.items())
         batch = self._check_batch(evaluations)
-        if self.samples and (grads is None) != (not self._grads["norms"]):
+        if self.samples and (grads is None) != (not self._grads["dot"]):
             raise ValueError("grads must be given for every batch or for none")
         if grads is not None and tuple(grads.shape[:2]) != (len(self.tasks), batch):
             raise ValueError(f"grads must be [T={len(self.tasks)}, B={batch}, ...], got {tuple(grads.shape)}")
+        perturbations = None if perturbations is None else {self._attacked(k): v for k, v in perturbations.items()}
+        adv_grads = None if adv_grads is None else {self._attacked(k): v for k, v in adv_grads.items()}
+        for name, given, seen in (("perturbations", perturbations, self._perturbation),
+                                  ("adv_grads", adv_grads, any(w != "clean" for w, _ in self._grad_norms))):
+            if self.samples and (given is None) != (not seen):
+                raise ValueError(f"{name} must be given for every batch or for none")
+            if given is not None and set(given) != set(sets):
+                raise ValueError(f"{name} must have one entry per attacked set {list(sets)}, got {list(given)}")
+        for attacked, value in (adv_grads or {}).items():
+            if tuple(value.shape[:2]) != (len(self.tasks), batch):
+                raise ValueError(f"adv_grads[{attacked}] must be [T={len(self.tasks)}, B={batch}, ...], got "
+                                 f"{tuple(value.shape)}")
         if self._sets is None:
             self._sets = list(sets)
             self._adv = {s: {"losses": {t: [] for t in self.tasks}, "errors": {t: [] for t in self.tasks}}
@@ -274,6 +314,11 @@ class VulnerabilityMeter:
             self._add_stats(where, evaluation)
         if grads is not None:
             self._update_gradients(grads)
+        for attacked, value in (adv_grads or {}).items():
+            self._add_gradient_norms(attacked, value, [attacked])
+        for attacked, (x, adv) in (perturbations or {}).items():
+            for key, value in perturbation_norms(x, adv).items():
+                self._perturbation.setdefault(attacked, {}).setdefault(key, []).append(value.cpu())
         self.samples += batch
 
     def _check_batch(self, evaluations):
@@ -292,14 +337,31 @@ class VulnerabilityMeter:
 
     def _update_gradients(self, grads):
         flat = _flat(grads)  # one float64 copy, shared by the statistics below (a no-op for them)
-        self._grads["norms"].append(gradient_norms(flat)[self.q])
         for key, value in gradient_similarity(flat).items():
             self._grads[key].append(value)
-        for attacked in self._sets:
-            weights = set_weights(attacked, self.weights)
-            joint = sum(w * flat[self.tasks.index(t)] for t, w in weights.items())
-            norm = joint.abs().sum(1) if self.q == "l1" else joint.norm(dim=1)
-            self._grads["joint"].setdefault(attacked, []).append(norm)
+        self._add_gradient_norms("clean", flat, self._sets)
+
+    def _add_gradient_norms(self, where, grads, joint_sets):
+        flat = _flat(grads)
+        items = [(name, flat[i]) for i, name in enumerate(self.tasks)]
+        items += [(("joint", attacked), joint_gradient(flat, self.tasks, attacked, self.weights))
+                  for attacked in joint_sets]
+        for key, value in items:
+            store = self._grad_norms.setdefault((where, key), {})
+            for norm, per_sample in gradient_norms(value[None]).items():
+                store.setdefault(norm, []).append(per_sample[0].cpu())
+
+    def _mean_norms(self, where, key):
+        return {norm: float(torch.cat(values).mean()) for norm, values in self._grad_norms[(where, key)].items()}
+
+    def _perturbation_summary(self, attacked):
+        values = {key: torch.cat(chunks) for key, chunks in self._perturbation[attacked].items()}
+        snr = values["snr_db"]
+        finite = snr[torch.isfinite(snr)]
+        return {"l1": float(values["l1"].mean()), "l2": float(values["l2"].mean()),
+                "linf": float(values["linf"].mean()), "linf_max": float(values["linf"].max()),
+                "snr_db": float(finite.mean()) if finite.numel() else math.nan,
+                "unperturbed": int((values["l2"] == 0).sum())}
 
     def _scores(self, where, name):
         stats = self._stats.get((where, name))
@@ -335,18 +397,24 @@ class VulnerabilityMeter:
                                               joint_loss(adv["losses"], attacked, self.weights))
             joint_vulnerability[attacked] = float(joint.mean())
             entry = {"attacked": list(attacked), "joint_adv_vuln": joint_vulnerability[attacked], "tasks": per_task}
-            if self._grads["norms"]:
-                entry["first_order_joint"] = self.eps * float(_cat(self._grads["joint"][attacked]).mean())
+            if self._grads["dot"]:
+                entry["clean_joint_grad_norms"] = self._mean_norms("clean", ("joint", attacked))
+                entry["first_order_joint"] = self.eps * entry["clean_joint_grad_norms"][self.q]
+            if (attacked, ("joint", attacked)) in self._grad_norms:
+                entry["adv_grad_norms"] = {t: self._mean_norms(attacked, t) for t in self.tasks}
+                entry["adv_joint_grad_norms"] = self._mean_norms(attacked, ("joint", attacked))
+            if attacked in self._perturbation:
+                entry["perturbation"] = self._perturbation_summary(attacked)
             summary["attacks"][set_label(attacked)] = entry
         summary["marginal"] = [{"base": list(p["base"]), "added": p["added"], "delta": p["delta"]}
                                for p in marginal_vulnerabilities(joint_vulnerability)]
-        if self._grads["norms"]:
+        if self._grads["dot"]:
             summary["gradients"] = self._gradient_summary(summary["marginal"])
         return summary
 
     def _gradient_summary(self, marginal):
-        norms = torch.cat([n.cpu() for n in self._grads["norms"]], dim=1).mean(1)
-        mean_norms = dict(zip(self.tasks, norms.tolist()))
+        norms = {t: self._mean_norms("clean", t) for t in self.tasks}
+        mean_norms = {t: v[self.q] for t, v in norms.items()}
         pairs = {key: torch.cat([v.cpu() for v in self._grads[key]], dim=2).mean(2)
                  for key in ("dot", "cosine", "covariance")}
         by_pair = {key: {f"{set_label([a])}|{set_label([b])}": float(value[i, j])
@@ -356,6 +424,7 @@ class VulnerabilityMeter:
             item["theorem4_bound"] = theorem4_bound(mean_norms, item["base"], item["added"], self.eps, self.weights)
         return {
             f"mean_norm_{self.q}": mean_norms,
+            "norms": norms,
             "first_order": {t: self.eps * v for t, v in mean_norms.items()},
             "variance": {t: float(pairs["covariance"][i, i]) for i, t in enumerate(self.tasks)},
             **by_pair,
@@ -376,5 +445,12 @@ def summary_rows(summary):
             if "gradients" in summary:
                 row["first_order"] = summary["gradients"]["first_order"][t]
                 row["first_order_joint"] = entry["first_order_joint"]
+                row.update({f"clean_grad_{n}": v for n, v in summary["gradients"]["norms"][t].items()})
+                row.update({f"clean_joint_grad_{n}": v for n, v in entry["clean_joint_grad_norms"].items()})
+            if "adv_grad_norms" in entry:
+                row.update({f"adv_grad_{n}": v for n, v in entry["adv_grad_norms"][t].items()})
+                row.update({f"adv_joint_grad_{n}": v for n, v in entry["adv_joint_grad_norms"].items()})
+            if "perturbation" in entry:
+                row.update({f"pert_{n}": v for n, v in entry["perturbation"].items()})
             table.append(row)
     return table

@@ -210,3 +210,14 @@ def test_grid_records_its_settings(setup, tmp_path):
                    "--limit", "1", "--no-gradients", "--out", str(tmp_path)) == 0
     config = json.loads((tmp_path / "results.json").read_text())["config"]
     assert config["grid_weights"] == [0.0, 1.0] and config["grid_task"] == "d"
+
+
+def test_the_report_gives_the_perturbation_and_adversarial_gradient_norms(setup, capsys, tmp_path):
+    assert _attack(setup, "--target", "d", "--limit", "2", "--adv-gradients", "--out", str(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "perturbation per image: L1" in printed and "L2 SNR" in printed
+    assert "input-gradient L2 norm clean -> adversarial: s" in printed
+    with open(tmp_path / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["pert_linf"]) <= 8 / 255 + 1e-6 and float(row["pert_snr_db"]) > 0
+    assert float(row["adv_grad_l2"]) > 0 and float(row["clean_grad_linf"]) > 0

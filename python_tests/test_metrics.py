@@ -231,3 +231,59 @@ def test_meter_errors():
     assert meter.samples == 1  # failed updates stored nothing
     with pytest.raises(ValueError, match="weights"):
         VulnerabilityMeter([D, N], eps=0.1, weights={D: 1.0})
+
+
+def test_perturbation_norms_and_snr_against_numpy():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 5, 5, generator=gen)
+    adv = (x + (torch.rand(x.shape, generator=gen) - 0.5) * 0.1).clamp(0, 1)
+    adv[2] = x[2]  # one unperturbed image
+    got = metrics.perturbation_norms(x, adv)
+    xs, ds = x.double().numpy().reshape(4, -1), (adv.double() - x.double()).numpy().reshape(4, -1)
+    np.testing.assert_allclose(got["l1"].numpy(), np.abs(ds).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(got["l2"].numpy(), np.linalg.norm(ds, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got["linf"].numpy(), np.abs(ds).max(1), rtol=1e-12)
+    keep = [0, 1, 3]
+    expected = 20 * np.log10(np.linalg.norm(xs[keep], axis=1) / np.linalg.norm(ds[keep], axis=1))
+    np.testing.assert_allclose(got["snr_db"].numpy()[keep], expected, rtol=1e-12)
+    assert got["snr_db"][2] == float("inf")
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.perturbation_norms(x, adv[:2])
+
+
+def test_meter_reports_perturbation_and_gradient_norms_in_every_norm():
+    names = ["depth_zbuffer", "normal"]
+    gen = torch.Generator().manual_seed(1)
+
+    def evaluation():
+        return metrics.Evaluation({n: torch.rand(3, generator=gen) for n in names},
+                                  {n: torch.rand(3, generator=gen) + 0.1 for n in names})
+
+    meter = metrics.VulnerabilityMeter(names, eps=0.1)
+    batches = []
+    for _ in range(2):
+        x = torch.rand(3, 2, 4, 4, generator=gen)
+        adv = x + 0.01 * torch.randn(x.shape, generator=gen)
+        grads, adv_grads = torch.randn(2, 3, 2, 4, 4, generator=gen), torch.randn(2, 3, 2, 4, 4, generator=gen)
+        key = tuple(names)
+        meter.update(evaluation(), {key: evaluation()}, grads, perturbations={key: (x, adv)}, adv_grads={key: adv_grads})
+        batches.append((x, adv, grads, adv_grads))
+    summary = meter.compute()
+    entry = summary["attacks"]["dn"]
+    deltas = np.concatenate([(a - x).double().numpy().reshape(3, -1) for x, a, _, _ in batches])
+    assert entry["perturbation"]["l2"] == pytest.approx(np.linalg.norm(deltas, axis=1).mean(), rel=1e-12)
+    assert entry["perturbation"]["linf_max"] == pytest.approx(np.abs(deltas).max(), rel=1e-12)
+    clean = np.concatenate([g.double().numpy().reshape(2, 3, -1) for _, _, g, _ in batches], axis=1)
+    adv = np.concatenate([g.double().numpy().reshape(2, 3, -1) for _, _, _, g in batches], axis=1)
+    for i, name in enumerate(names):
+        assert summary["gradients"]["norms"][name]["linf"] == pytest.approx(np.abs(clean[i]).max(1).mean(), rel=1e-12)
+        assert entry["adv_grad_norms"][name]["l1"] == pytest.approx(np.abs(adv[i]).sum(1).mean(), rel=1e-12)
+    joint = (adv[0] + adv[1]) / 2  # equal weights 1/|T'|
+    assert entry["adv_joint_grad_norms"]["l2"] == pytest.approx(np.linalg.norm(joint, axis=1).mean(), rel=1e-12)
+    clean_joint = (clean[0] + clean[1]) / 2
+    assert entry["first_order_joint"] == pytest.approx(0.1 * np.abs(clean_joint).sum(1).mean(), rel=1e-12)
+    rows = metrics.summary_rows(summary)
+    assert {"pert_l2", "pert_snr_db", "adv_grad_linf", "clean_grad_l1", "adv_joint_grad_l2"} <= set(rows[0])
+    with pytest.raises(ValueError, match="perturbations must be given"):
+        meter.update(evaluation(), {tuple(names): evaluation()}, torch.randn(2, 3, 2, 4, 4),
+                     adv_grads={tuple(names): torch.randn(2, 3, 2, 4, 4)})

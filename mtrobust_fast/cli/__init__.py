@@ -21,6 +21,7 @@ COMMANDS = [
     (("sweep",), "mtrobust_fast.cli.sweep", "run a resumable models x attacks x attacked-sets sweep into one table"),
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),
+    (("complexity",), "mtrobust_fast.cli.complexity", "parameters and MACs per architecture and task set"),
 ]
 
 

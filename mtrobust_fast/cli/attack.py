@@ -100,6 +100,9 @@ def add_arguments(parser):
         help="random starts that depend only on (seed, image index), and deterministic algorithms")
     add("--no-gradients", action="store_true",
         help="skip the clean input-gradient statistics (one extra backward pass per task and batch)")
+    add("--adv-gradients", action="store_true",
+        help="also measure the input-gradient norms (L1, L2, Linf) per task and of the joint loss at each attacked "
+             "set's adversarial input (one more backward per task and set and batch)")
     add("--out", type=Path, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
     add("--workers", type=workers, default=0, help="data-loading processes (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
@@ -113,7 +116,8 @@ def attack_dataset(args):
         steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
         dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task},
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-        deterministic=args.deterministic, gradients=not args.no_gradients, workers=args.workers,
+        deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
+        workers=args.workers,
         device=args.device, progress=not args.no_progress)
 
 
@@ -145,6 +149,15 @@ def format_report(config, summary):
                   for t, v in entry["tasks"].items() for m in HEADLINE_METRICS if "adv_" + m in v]
         if scored:
             lines.append("  clean -> adversarial: " + ", ".join(scored))
+        if "perturbation" in entry:
+            pert = entry["perturbation"]
+            lines.append(f"  perturbation per image: L1 {_fmt(pert['l1'])}, L2 {_fmt(pert['l2'])}, Linf "
+                         f"{_fmt(pert['linf'])} (max {_fmt(pert['linf_max'])}), L2 SNR {pert['snr_db']:.2f} dB"
+                         + (f" ({pert['unperturbed']} images unperturbed)" if pert["unperturbed"] else ""))
+        if "adv_joint_grad_norms" in entry:
+            lines.append("  input-gradient L2 norm clean -> adversarial: " + ", ".join(
+                f"{metrics.set_label([t])} {_fmt(summary['gradients']['norms'][t]['l2']) if 'gradients' in summary else '-'}"
+                f" -> {_fmt(v['l2'])}" for t, v in entry["adv_grad_norms"].items()))
         undefined = {t: v["rel_vuln_undefined"] for t, v in entry["tasks"].items() if v["rel_vuln_undefined"]}
         if undefined:
             lines.append("  samples left out of rel vuln (clean error 0): "
