@@ -1,5 +1,4 @@
 """MAC and parameter counts: single layers by hand, a model's parts add up, and the command prints the table."""
-import pytest
 import torch
 import torch.nn as nn
 
