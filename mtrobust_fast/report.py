@@ -7,6 +7,9 @@
   × the task weights of the models (uniform, zamir).
 - Adversarial vulnerability of the joint loss vs the number of attacked tasks (Figure 1), for models attacked
   on sets of several sizes: one line per model through the mean over the sets of each size, every set a dot.
+- Boxplots of the metric by architecture, training epochs, ε, norm, steps, attack strategy and model task
+  weighting, each with paired Wilcoxon signed-rank tests and effect sizes, and difference heatmaps of the
+  Weighted and Cyclic attack strategies against vanilla PGD (:mod:`mtrobust_fast.paired_analysis`).
 - Surrogate vs full-cost scatter with Pearson/Spearman (Table 3), from ``mtrobust-fast select --out``.
 
 A figure whose data the table lacks is skipped with a note in the summary, so partial sweeps still report.
@@ -25,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mtrobust_fast import results_table, selection  # noqa: E402
+from mtrobust_fast import paired_analysis, results_table, selection  # noqa: E402
 from mtrobust_fast.cli.args import positive_int  # noqa: E402
 from mtrobust_fast import task_names  # noqa: E402
 
@@ -274,6 +277,11 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     written += paths
     lines += ["## Adversarial vulnerability vs number of attacked tasks (Figure 1)", ""]
     section, paths = vulnerability_vs_tasks(table, out, dpi)
+    lines += section + [""]
+    written += paths
+    lines += [f"## What changes the relative vulnerability (`{metric}`): paired comparisons", "",
+              paired_analysis.__doc__.split("\n\n")[1].replace("\n", " "), ""]
+    section, paths = paired_analysis.analyses(table, metric, out, dpi)
     lines += section + [""]
     written += paths
     lines += ["## Surrogates vs full cost (Table 3)", ""]
