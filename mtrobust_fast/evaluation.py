@@ -84,14 +84,15 @@ def _records(model, tasks):
 
 
 def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, adv_gradients=False, progress=False,
-             record_steps=False, device=None, first_id=0):
+             record_steps=False, device=None, first_id=0, on_batch=None):
     """Attack every batch of ``loader`` and return the :class:`~mtrobust_fast.metrics.VulnerabilityMeter` summary.
 
     ``tasks``: the evaluated tasks (records or names; default the model's). ``sets``: attacked sets (tuples of
     task names; default one set, the attack's ``target_tasks``). ``gradients``: also collect the clean
     per-task input-gradient statistics; ``adv_gradients``: also the per-task and joint input-gradient norms at
     every attacked set's adversarial input (one more backward per task and set). The perturbation's norms and
-    SNR are always measured. ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
+    SNR are always measured. ``on_batch(x, targets, masks, adv, sets)``: called with every batch and its
+    adversarial inputs ``[len(sets), B, ...]`` (e.g. :class:`mtrobust_fast.panels.PanelCollector`). ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
     step]}}`` (the attack must have been built with ``record_steps=True``). Sample ids (for deterministic
     attacks) count from ``first_id`` in loader order. The model is scored in eval mode; the attack runs in its
     own ``model_mode``; the model's mode is restored afterwards.
@@ -128,6 +129,8 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
                          for i, s in enumerate(sets)} if adv_gradients else None
             meter.update(clean, evaluations, grads, perturbations={s: (x, adv[i]) for i, s in enumerate(sets)},
                          adv_grads=adv_grads)
+            if on_batch is not None:
+                on_batch(x, targets, masks, adv, sets)
     finally:
         model.train(was_training)
         attack.on_gradient = None
@@ -161,7 +164,7 @@ def make_loader(data, model, split="val", size=None, limit=None, batch_size=16, 
 def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, adv_gradients=False,
-                        workers=0,
+                        workers=0, on_batch=None,
                         device="auto", progress=False, record_steps=False, dense_loss=None, options=None):
     """Attack a checkpoint's model over one split of ``data`` and return ``(config, summary)``.
 
@@ -198,7 +201,7 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
     loader = make_loader(data, model, split, size, limit, batch_size, workers)
     start = time.perf_counter()
     summary = evaluate(model, loader, atk, sets=sets, gradients=gradients, adv_gradients=adv_gradients, progress=progress,
-                       record_steps=record_steps, device=device)
+                       record_steps=record_steps, device=device, on_batch=on_batch)
     config = {
         "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
         "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,

@@ -18,7 +18,8 @@ from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.attacks.dense import LOSSES as DENSE_LOSSES
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
 from mtrobust_fast.data.taskonomy import SPLITS
-from mtrobust_fast.models import read_checkpoint
+from mtrobust_fast.models import load_checkpoint, read_checkpoint
+from mtrobust_fast.panels import PanelCollector
 
 
 def target_sets(text):
@@ -104,12 +105,18 @@ def add_arguments(parser):
         help="also measure the input-gradient norms (L1, L2, Linf) per task and of the joint loss at each attacked "
              "set's adversarial input (one more backward per task and set and batch)")
     add("--out", type=Path, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
+    add("--panels", type=positive_int, default=None,
+        help="also draw the first N images (clean and adversarial input, perturbation, each task's target and "
+             "predictions before and after) as OUT/panels/imageK_SET.png; needs --out")
+    add("--tracker", choices=("local", "comet", "comet-offline"), default=None,
+        help="also log the settings, metrics and panels to a tracker run in OUT (see mtrobust_fast.tracking); needs --out")
+    add("--project", default=None, help="Comet project name (with --tracker comet or comet-offline)")
     add("--workers", type=workers, default=0, help="data-loading processes (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
-def attack_dataset(args):
+def attack_dataset(args, on_batch=None):
     """Run the attack the ``attack`` arguments describe; returns ``(config, summary)``."""
     return evaluation.evaluate_checkpoint(
         args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
@@ -117,8 +124,7 @@ def attack_dataset(args):
         dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task},
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
-        workers=args.workers,
-        device=args.device, progress=not args.no_progress)
+        workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch)
 
 
 def _fmt(value):
@@ -214,6 +220,23 @@ def write_results(out, config, summary, rows):
     return csv_path, json_path
 
 
+def track(args, config, rows, figures):
+    """Log the settings, every float metric (prefixed attacked-set/task) and the panels to a tracker run in OUT."""
+    from mtrobust_fast.tracking import make_tracker
+
+    name = f"{config['model']} {config['attack']} {config['norm']} eps={config['eps']:.4g}"
+    try:
+        with make_tracker(args.tracker, args.out, project=args.project, experiment_name=name) as tracker:
+            tracker.log_parameters({k: v for k, v in config.items() if k != "seconds"})
+            for row in rows:
+                tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)},
+                                    prefix=f"{row['attacked']}/{metrics.set_label([row['task']])}")
+            for path in figures:
+                tracker.log_figure(path)
+    except (ImportError, RuntimeError) as error:
+        raise ValueError(f"--tracker {args.tracker}: {error}") from error
+
+
 def run(args):
     def attack():
         from_training = args.eps == "train"
@@ -222,13 +245,26 @@ def run(args):
         pixel_budgets(args)
         if from_training:
             args.eps, args.norm = training_budget(args.checkpoint)
+        for option in ("panels", "tracker"):
+            if getattr(args, option) is not None and args.out is None:
+                raise ValueError(f"--{option} needs --out (a folder to write into)")
         if args.out is not None:
             output_paths(args.out)  # a bad --out is refused before the work
-        config, summary = attack_dataset(args)
+        collector = PanelCollector(args.panels) if args.panels else None
+        config, summary = attack_dataset(args, on_batch=collector)
         print(format_report(config, summary))
-        if args.out is not None:
-            paths = write_results(args.out, config, summary, metrics.summary_rows(summary))
-            print("wrote " + " and ".join(str(p) for p in paths))
+        if args.out is None:
+            return 0
+        rows = metrics.summary_rows(summary)
+        paths = write_results(args.out, config, summary, rows)
+        print("wrote " + " and ".join(str(p) for p in paths))
+        figures = []
+        if collector is not None:
+            model, _ = load_checkpoint(args.checkpoint)
+            figures = collector.write(model, args.out / "panels", label=metrics.set_label)
+            print(f"wrote {len(figures)} panels in {args.out / 'panels'}")
+        if args.tracker is not None:
+            track(args, config, rows, figures)
         return 0
 
     return run_reporting("attack", attack)
