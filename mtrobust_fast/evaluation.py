@@ -161,10 +161,31 @@ def make_loader(data, model, split="val", size=None, limit=None, batch_size=16, 
     return DataLoader(dataset, batch_size, shuffle=False, num_workers=workers)
 
 
+def load_surrogate(path, model, attacked, device):
+    """The model of the surrogate checkpoint ``path``, checked against the target ``model``: it has every attacked
+    task and takes the same input channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingError(f"--surrogate: checkpoint not found: {path}")
+    try:
+        surrogate, _ = load_checkpoint(path, map_location=device)
+    except ValueError as error:
+        raise SettingError(f"--surrogate: {error}") from error
+    missing = [name for name in attacked if name not in surrogate.task_names]
+    if missing:
+        raise SettingError(f"--surrogate: the model in {path} has tasks {task_letters(surrogate.task_names)}; it "
+                           f"cannot craft attacks on {task_letters(missing)}")
+    channels = (model.config.get("input_channels", 3), surrogate.config.get("input_channels", 3))
+    if channels[0] != channels[1]:
+        raise SettingError(f"--surrogate: the model in {path} takes {channels[1]}-channel images, the target "
+                           f"{channels[0]}-channel ones")
+    return surrogate
+
+
 def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, adv_gradients=False,
-                        workers=0, on_batch=None,
+                        workers=0, on_batch=None, surrogate=None,
                         device="auto", progress=False, record_steps=False, dense_loss=None, options=None):
     """Attack a checkpoint's model over one split of ``data`` and return ``(config, summary)``.
 
@@ -188,11 +209,15 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
                            f"got {size}")
     names = model.evaluated_task_names
     sets = resolve_sets(sets, names, f"the model in {checkpoint}")
+    attacked = [name for name in names if any(name in s for s in sets)]
+    crafter, attack_tasks = model, names
+    if surrogate is not None:
+        crafter, attack_tasks = load_surrogate(surrogate, model, attacked, device), attacked
     try:
-        atk = build_attack(attack, model, names, eps=eps, norm=norm, restarts=restarts, seed=seed,
+        atk = build_attack(attack, crafter, attack_tasks, eps=eps, norm=norm, restarts=restarts, seed=seed,
                            deterministic=deterministic, alpha=alpha, steps=steps,
                            normalize_task_grads=normalize_task_grads, record_steps=record_steps,
-                           dense_loss=dense_loss, target_tasks=[name for name in names if any(name in s for s in sets)],
+                           dense_loss=dense_loss, target_tasks=attacked,
                            **(options or {}))
     except SettingRefused as error:
         raise SettingError(f"--{error.setting.replace('_', '-')}: {error.reason}") from error
@@ -204,6 +229,7 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
                        record_steps=record_steps, device=device, on_batch=on_batch)
     config = {
         "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
+        "surrogate": None if surrogate is None else str(surrogate),
         "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,
         "norm": norm, "eps": eps, "alpha": atk.alpha if "alpha" in type(atk).settings else None,
         "steps": atk.steps, "restarts": restarts, "normalize_task_grads": normalize_task_grads,

@@ -9,8 +9,8 @@ import pandas as pd
 from mtrobust_fast import task_names
 
 # Columns that tell attack configurations apart; the ones present in a table split it into groups.
-CONFIG_COLUMNS = ("encoder", "checkpoint_epoch", "task_weights", "attack", "norm", "eps", "alpha", "steps", "restarts",
-                  "split", "limit")
+CONFIG_COLUMNS = ("encoder", "checkpoint_epoch", "task_weights", "surrogate", "attack", "norm", "eps", "alpha", "steps",
+                  "restarts", "split", "limit")
 
 
 class TableError(ValueError):

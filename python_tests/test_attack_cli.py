@@ -221,3 +221,20 @@ def test_the_report_gives_the_perturbation_and_adversarial_gradient_norms(setup,
         row = next(csv.DictReader(f))
     assert float(row["pert_linf"]) <= 8 / 255 + 1e-6 and float(row["pert_snr_db"]) > 0
     assert float(row["adv_grad_l2"]) > 0 and float(row["clean_grad_linf"]) > 0
+
+
+def test_a_transfer_attack_from_the_model_itself_is_the_white_box_attack(setup, tmp_path, capsys):
+    root, data, checkpoint = setup
+    for name, extra in (("white", []), ("transfer", ["--surrogate", str(checkpoint)])):
+        assert _attack(setup, "--limit", "2", "--deterministic", "--no-gradients", "--out", str(tmp_path / name),
+                       *extra) == 0
+    assert "transferred from" in capsys.readouterr().out
+    white, transfer = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("white", "transfer"))
+    assert white["summary"]["attacks"] == transfer["summary"]["attacks"]
+    assert transfer["config"]["surrogate"] == str(checkpoint) and white["config"]["surrogate"] is None
+    torch.manual_seed(1)
+    only_d = save_checkpoint(tmp_path / "d.pt", build_model("d", "resnet18", input_size=SIZE), epoch=0)
+    assert _attack(setup, "--surrogate", str(only_d), "--target", "sd") == 2
+    error = capsys.readouterr().err
+    assert "--surrogate: the model in" in error and "cannot craft attacks on s" in error
+    assert _attack(setup, "--surrogate", str(only_d), "--target", "d", "--limit", "1", "--no-gradients") == 0

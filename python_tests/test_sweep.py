@@ -304,3 +304,25 @@ def test_a_classifier_checkpoint_is_refused_with_the_reason(setup, tmp_path):
     path = save_checkpoint(tmp_path / "clf.pt", build_classifier("resnet18", classes=10, input_size=32))
     with pytest.raises(plan.PlanError, match=r"models\[0\].checkpoint: .* is a classifier"):
         plan.expand(_settings(setup, models=[str(path)]), tmp_path)
+
+
+def test_a_transfer_cell_with_the_target_as_surrogate_equals_the_white_box_cell(setup, tmp_path):
+    root, data, sdn, sd = setup
+    models = [{"checkpoint": str(sd), "name": "white"}, {"checkpoint": str(sd), "surrogate": str(sd), "name": "transfer"},
+              {"checkpoint": str(sd), "surrogate": str(sdn), "name": "from-sdn"}]
+    settings = {"data": str(data), "models": models, "steps": 2, "limit": 2, "batch_size": 2, "deterministic": True}
+    cells = plan.expand(settings, tmp_path)
+    assert len({c.cell_id for c in cells}) == 3 and cells[1].model.surrogate == str(sd)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    assert cli_main(["sweep", "--config", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    columns = ["attacked", "task", "adv_error", "rel_vuln", "adv_loss"]
+    white = table[table["model"] == "white"][columns].reset_index(drop=True)
+    transfer = table[table["model"] == "transfer"]
+    assert set(transfer["surrogate"]) == {str(sd)} and set(table[table["model"] == "white"]["surrogate"]) == {""}
+    pd.testing.assert_frame_equal(white, transfer[columns].reset_index(drop=True))
+    assert not table[table["model"] == "from-sdn"]["adv_loss"].isna().any()
+    bad = dict(settings, models=[{"checkpoint": str(sd), "surrogate": str(tmp_path / "none.pt")}])
+    with pytest.raises(plan.PlanError, match=r"models\[0\].surrogate: checkpoint not found"):
+        plan.expand(bad, tmp_path)

@@ -70,6 +70,9 @@ def add_arguments(parser):
     add("--data", required=True, type=Path,
         help="the data the model was trained on: a Taskonomy root, an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
     add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
+    add("--surrogate", type=Path, default=None,
+        help="transfer attack: craft the adversarial examples on this checkpoint's model and evaluate them on "
+             "--checkpoint's (it must have the attacked tasks)")
     add("--norm", choices=("linf", "l2"), default="linf", help="threat model (default %(default)s)")
     add("--eps", type=eps_or_train, default=8 / 255,
         help="ball radius in [0,1] pixels, e.g. 8/255, or 'train': the eps and norm the checkpoint was "
@@ -124,7 +127,8 @@ def attack_dataset(args, on_batch=None):
         dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task},
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
-        workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch)
+        workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch,
+        surrogate=args.surrogate)
 
 
 def _fmt(value):
@@ -140,7 +144,8 @@ def format_report(config, summary):
     alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
     lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} alpha={alpha} "
              f"steps={config['steps']} restarts={config['restarts']} on {summary['samples']} {config['split']} "
-             f"images, model {config['model']} ({config['encoder']})",
+             f"images, model {config['model']} ({config['encoder']})"
+             + (f", transferred from {config['surrogate']}" if config.get("surrogate") else ""),
              "err/img: the per-image error averaged over images (1 - the image's own mIoU for segmentation, masked "
              "MSE for regression, 0/1 for classification)"]
     for label, entry in summary["attacks"].items():

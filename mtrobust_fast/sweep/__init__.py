@@ -9,7 +9,9 @@ Settings (a YAML/TOML file, or the flags of the same names; list keys also take 
       - {checkpoint: runs/sn/best.pt, name: sn, main: s}
       - {train: {tasks: sd, encoder: resnet18, size: 64, epochs: 2, lr: 0.001}, name: sd-small}
       - {train: {tasks: sd, size: 64, epochs: 2, adversarial: madry, eps: 0.0157}, name: sd-madry}
-    attacks: [pgd, wgd]               # pgd, wgd, apgd, fgsm
+      - {checkpoint: runs/sd/best.pt, surrogate: runs/sd50/best.pt, name: sd-from-sd50}  # transfer attack
+    attacks: [pgd, wgd]               # any attack of `mtrobust-fast attack --attack` (pgd, wgd, apgd, fgsm,
+                                      # cyclic_step, cyclic_batch, grid, segpgd, cospgd, relative, ...)
     norms: [linf]                     # linf, l2
     eps: [4/255, 8/255]               # budgets in [0, 1] pixel units (values above 1 are refused)
     eps_units: 1                      # 255: eps and alpha are grey levels (eps: [4, 8] means 4/255, 8/255)
@@ -38,7 +40,9 @@ Table columns (one row per model × attacked set × evaluated task × attack con
 - ``model``: the model's name (``name``, else the checkpoint's file stem, or its folder for best/last.pt);
   ``checkpoint``: the file attacked; ``model_tasks``: the model's task letters; ``main``: its main task letter
   (the model's ``main`` setting, else the checkpoint's, else its first task); ``encoder``;
-  ``task_weights``: the training loss-weight mode ("uniform", "zamir"), "" when the checkpoint does not record it.
+  ``task_weights``: the training loss-weight mode ("uniform", "zamir"), "" when the checkpoint does not record it;
+  ``checkpoint_epoch``: the epoch the checkpoint was saved at; ``surrogate``: the checkpoint that crafted the
+  attacks of a transfer cell ("" for white-box cells).
 - ``attack``, ``norm``, ``eps``; ``alpha`` and ``steps``: the values the attack used (its defaults filled in;
   alpha null for apgd's adaptive step); ``restarts``; ``seed``.
 - ``data``: the data root; ``split``; ``limit``: the requested image limit (null: the whole split);
@@ -61,6 +65,10 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   joint loss; ``grad_variance``: Var of the task's input gradient; ``grad_cosine_<x>``/``grad_covariance_<x>``:
   mean cosine / covariance between this task's and task x's input gradients; ``theorem2_factor``: Theorem 2's
   factor for the model's tasks.
+- ``pert_l1``, ``pert_l2``, ``pert_linf`` (``pert_linf_max``): the perturbation's mean norms (largest L∞);
+  ``pert_snr_db``: mean 20·log10(‖x‖₂/‖δ‖₂) over perturbed images; ``pert_unperturbed``: images left unchanged.
+- With gradients: ``clean_grad_l1|l2|linf``: mean input-gradient norms of the task; ``clean_joint_grad_*``: of
+  the attacked set's joint loss.
 - ``version``: mtrobust_fast.__version__; ``seconds``: the cell's wall time (all its sets); ``device``.
 
 Rows are ordered by (model, attack, norm, eps, alpha, steps, restarts, seed, cell_id), then in the cell's order of

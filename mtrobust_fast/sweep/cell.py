@@ -29,6 +29,7 @@ def rows(cell, config, summary, seconds):
             "cell_id": cell.cell_id, "model": cell.model.name, "checkpoint": cell.model.checkpoint,
             "model_tasks": cell.model.tasks, "main": cell.model.main, "encoder": cell.model.encoder,
             "task_weights": cell.model.weights, "checkpoint_epoch": config["checkpoint_epoch"],
+            "surrogate": cell.model.surrogate,
             "attack": cell.attack, "norm": cell.norm, "eps": cell.eps, "alpha": config["alpha"],
             "steps": config["steps"], "restarts": cell.restarts, "seed": cell.seed, "data": cell.data,
             "split": cell.split, "limit": cell.limit, "task_letter": _letter(task), **row,
@@ -58,7 +59,8 @@ def run_cell(settings, device="auto", record_steps=False):
             cell.model.checkpoint, cell.data, attack=cell.attack, norm=cell.norm, eps=cell.eps, alpha=cell.alpha,
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
-            gradients=cell.gradients, device=device, record_steps=record_steps)
+            gradients=cell.gradients, device=device, record_steps=record_steps,
+            surrogate=cell.model.surrogate or None)
     except SettingError as error:
         raise SettingError(f"{error} (cell {cell.cell_id}: model {cell.model.name}, {cell.attack} {cell.norm} "
                          f"eps={cell.eps:.4g} steps={cell.steps})") from error

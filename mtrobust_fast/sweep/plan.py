@@ -41,7 +41,7 @@ KEYS = {
     "deterministic": (False, "bool"),
 }
 SET_WORDS = ("main", "all", "subsets")
-MODEL_KEYS = ("checkpoint", "train", "name", "main")
+MODEL_KEYS = ("checkpoint", "train", "name", "main", "surrogate")
 NORMS = ("linf", "l2")
 SPLITS = ("train", "val", "test")
 
@@ -60,6 +60,7 @@ class Model:
     identity: str  # "sha256:<checkpoint content>" or "train:<spec hash>"
     checkpoint: str  # the file to attack (for a train spec: where it will be written)
     train: str = ""  # JSON of the TrainConfig fields to train it with, or "" for a given checkpoint
+    surrogate: str = ""  # a checkpoint that crafts the attacks (transfer), or "" (white-box)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _model(i, entry, settings, out):
     if unknown or ("checkpoint" in entry) == ("train" in entry):
         bad = f"{key}.{unknown[0]}: unknown key" if unknown else f"{key}: give exactly one of checkpoint or train"
         raise PlanError(f"{bad} (a model is a checkpoint path, or a mapping with checkpoint or train, and "
-                        f"optionally name and main)")
+                        f"optionally name, main and surrogate)")
     main = _value(f"{key}.main", "task", entry["main"]) if "main" in entry else settings["main"]
     if "checkpoint" in entry:
         path = Path(_value(f"{key}.checkpoint", "path", entry["checkpoint"]))
@@ -259,7 +260,13 @@ def _model(i, entry, settings, out):
         name = entry.get("name") or f"{encoder}_{tasks}_{spec_hash[:8]}"
     if main not in tasks:
         raise PlanError(f"{key}.main: task {main} is not one of the model's tasks {tasks}")
-    return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train)
+    surrogate = ""
+    if "surrogate" in entry:  # a transfer attack: its identity joins the model's, so the cells differ
+        surrogate = _value(f"{key}.surrogate", "path", entry["surrogate"])
+        if not Path(surrogate).is_file():
+            raise PlanError(f"{key}.surrogate: checkpoint not found: {surrogate}")
+        identity += f"|surrogate:sha256:{file_hash(surrogate)}"
+    return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train, surrogate)
 
 
 def default_model_name(path):
