@@ -1,6 +1,7 @@
 """The ``mtrobust-fast`` command line: one table of sub-commands, each implemented in its own module.
 
-Each module named below defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Each module named below defines ``add_arguments(parser)`` and ``run(args) -> int``; an entry "module:NAME" uses
+that module's ``add_NAME_arguments`` and ``run_NAME`` instead (several sub-commands in one module).
 """
 import argparse
 import importlib
@@ -22,6 +23,9 @@ COMMANDS = [
     (("select",), "mtrobust_fast.selection", "rank auxiliary tasks by cheap surrogates; their correlation with full cost"),
     (("report",), "mtrobust_fast.report", "figures and a Markdown summary of a results table"),
     (("complexity",), "mtrobust_fast.cli.complexity", "parameters and MACs per architecture and task set"),
+    (("analyze", "cka"), "mtrobust_fast.cli.analyze:cka", "linear CKA between checkpoints' encoder features"),
+    (("analyze", "landscape"), "mtrobust_fast.cli.analyze:landscape",
+     "input-space loss landscape along the adversarial and a random direction"),
 ]
 
 
@@ -52,9 +56,10 @@ def build_parser(chosen=None):
             parent = groups[key]
         sub = parent.add_parser(words[-1], help=help_text, description=help_text)
         if words == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub)
-            sub.set_defaults(_run=module.run)
+            module_path, _, name = module_name.partition(":")
+            module = importlib.import_module(module_path)
+            getattr(module, f"add_{name}_arguments" if name else "add_arguments")(sub)
+            sub.set_defaults(_run=getattr(module, f"run_{name}" if name else "run"))
     return parser
 
 

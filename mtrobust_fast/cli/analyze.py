@@ -1,0 +1,146 @@
+"""``mtrobust-fast analyze cka`` and ``mtrobust-fast analyze landscape``: representation similarity between
+checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.cka`) and input-space loss landscapes
+around a batch of images (:mod:`mtrobust_fast.landscape`), each as a table, a JSON/CSV file and a figure."""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from mtrobust_fast.cli.args import budget, positive_int, run_reporting, seed
+from mtrobust_fast.data.taskonomy import SPLITS
+
+
+def _paths(text):
+    items = [Path(part.strip()) for part in text.split(",") if part.strip()]
+    if len(items) < 2:
+        raise argparse.ArgumentTypeError(f"give at least two checkpoints, comma-separated, got {text!r}")
+    return items
+
+
+def _common(parser):
+    add = parser.add_argument
+    add("--data", required=True, type=Path, help="the images (any dataset `attack` reads)")
+    add("--split", choices=SPLITS, default="val", help="data split (default %(default)s)")
+    add("--size", type=positive_int, default=None, help="image side in px (default: the first model's input size)")
+    add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
+    add("--out", required=True, type=Path, help="a folder for the results and the figure")
+    add("--dpi", type=positive_int, default=120, help="PNG resolution (default %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+
+
+def _out(path):
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {path} is a file; --out names a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load(path, device):
+    from mtrobust_fast.models import load_checkpoint
+
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    return load_checkpoint(path, map_location=device)[0]
+
+
+def add_cka_arguments(parser):
+    parser.add_argument("--checkpoints", required=True, type=_paths,
+                        help="two or more checkpoints, comma-separated; every pair is compared on the same images")
+    parser.add_argument("--limit", type=positive_int, default=256, help="images to use (default %(default)s)")
+    parser.add_argument("--pool", action="store_true",
+                        help="average each feature map over positions first (compare channels, not positions)")
+    _common(parser)
+
+
+def run_cka(args):
+    def work():
+        from mtrobust_fast.cka import cka_from_grams, encoder_features, gram
+        from mtrobust_fast.device import resolve_device
+        from mtrobust_fast.evaluation import make_loader
+
+        out = _out(args.out)
+        device = resolve_device(args.device)
+        models = [_load(path, device) for path in args.checkpoints]
+        loader = make_loader(args.data, models[0], args.split, args.size, args.limit, args.batch_size)
+        grams = [gram(encoder_features(model, loader, device, pool=args.pool)) for model in models]
+        names = [str(path) for path in args.checkpoints]
+        matrix = [[cka_from_grams(k, l) for l in grams] for k in grams]
+        print(f"linear CKA of the encoder features ({'pooled' if args.pool else 'flattened'}) on "
+              f"{grams[0].shape[0]} {args.split} images:")
+        for i, name in enumerate(names):
+            print(f"  [{i}] {name}: " + " ".join(f"{v:.4f}" for v in matrix[i]))
+        with open(out / "cka.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["checkpoint"] + names)
+            writer.writerows([name] + row for name, row in zip(names, matrix))
+        _draw_matrix(matrix, [f"[{i}]" for i in range(len(names))], out / "cka.png", args.dpi)
+        print(f"wrote {out / 'cka.csv'} and {out / 'cka.png'}")
+        return 0
+
+    return run_reporting("analyze cka", work)
+
+
+def _draw_matrix(matrix, labels, path, dpi):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(labels), 1.2 + 0.6 * len(labels)))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax)
+    ax.set_title("linear CKA (checkpoints as numbered in cka.csv)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def add_landscape_arguments(parser):
+    add = parser.add_argument
+    add("--checkpoint", required=True, type=Path, help="the model")
+    add("--limit", type=positive_int, default=8, help="images the losses are averaged over (default %(default)s)")
+    add("--target", default=None,
+        help="tasks whose summed loss gives the adversarial direction: letters or a head name (default: all)")
+    add("--radius", type=budget, default=16 / 255, help="largest step along each direction (default 16/255)")
+    add("--points", type=positive_int, default=21, help="odd number of points per axis (default %(default)s)")
+    add("--no-2d", action="store_true", help="only the two 1-D curves (points² fewer forward passes)")
+    add("--seed", type=seed, default=0, help="seed of the random direction (default %(default)s)")
+    _common(parser)
+
+
+def run_landscape(args):
+    def work():
+        from mtrobust_fast import landscape
+        from mtrobust_fast.device import resolve_device, to_device
+        from mtrobust_fast.evaluation import make_loader, resolve_sets
+
+        out = _out(args.out)
+        device = resolve_device(args.device)
+        model = _load(args.checkpoint, device)
+        names = model.evaluated_task_names
+        attacked = list(resolve_sets([args.target or "all"], names, f"the model in {args.checkpoint}")[0])
+        loader = make_loader(args.data, model, args.split, args.size, args.limit, args.limit)
+        x, targets, masks = to_device(next(iter(loader)), device)
+        records = [model.task_records[n] for n in names]
+        result = landscape.landscape(model, x, targets, masks, records, attacked, args.radius, args.points,
+                                     args.seed, two_d=not args.no_2d)
+        result.update(checkpoint=str(args.checkpoint), images=int(x.shape[0]), attacked=attacked)
+        (out / "landscape.json").write_text(json.dumps(result) + "\n")
+        centre = len(result["a"]) // 2
+        print(f"loss landscape of {args.checkpoint} on {x.shape[0]} {args.split} images, direction from "
+              f"{', '.join(attacked)}; loss at 0 -> at +{args.radius * 255:.3g}/255 along u (adversarial) / v (random):")
+        for name in result["adversarial"]:
+            along_u, along_v = result["adversarial"][name], result["random"][name]
+            print(f"  {name}: {along_u[centre]:.4f} -> {along_u[-1]:.4f} / {along_v[-1]:.4f}")
+        path = landscape.draw(result, out / "landscape.png", f"{args.checkpoint.name}: {x.shape[0]} images",
+                              args.dpi)
+        print(f"wrote {out / 'landscape.json'} and {path}")
+        return 0
+
+    return run_reporting("analyze landscape", work)
