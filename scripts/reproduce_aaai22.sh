@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The AAAI'22 study in miniature on synthetic Taskonomy: train every single-task and two-task model over the
 # paper's five tasks (s, d, D, n, E), attack each on every subset of its tasks (single- and multi-task PGD),
-# repeat with cheap surrogates (fewer epochs), rank auxiliary tasks (RQ4) and write the report.
+# repeat with cheap surrogates (fewer epochs), rank auxiliary tasks (RQ4) and write the report; then the analyses:
+# every trained model (both epoch budgets) under Vanilla (pgd), Weighted (wgd) and Cyclic (cyclic_step) attacks at two
+# budgets, for the factor boxplots with Wilcoxon tests and the strategy difference heatmaps, plus model complexity,
+# adversarial-example panels, CKA between the two epoch budgets' models and a loss landscape.
 # Defaults finish in well under 30 minutes on a 2-core CPU; re-running resumes (finished models and cells are
 # reused). Scale up with the variables below, e.g. IMAGES=2000 SIZE=128 EPOCHS=30 bash scripts/reproduce_aaai22.sh.
 #
@@ -57,4 +60,49 @@ mtrobust-fast sweep --config "$OUT/few_epochs.yaml" --out "$OUT/few_epochs"
 mtrobust-fast select --main s --candidates dDnE --full "$OUT/full/results.parquet" \
   --surrogate few_epochs="$OUT/few_epochs/results.parquet" --clean clean_error --out "$OUT/selection"
 mtrobust-fast report "$OUT/full/results.parquet" --selection "$OUT/selection" --out "$OUT/report"
-echo "report: $OUT/report/summary.md"
+
+# ---- analyses: factor boxplots, strategy differences, complexity, panels, CKA, landscape ----
+ANALYSIS_LIMIT=${ANALYSIS_LIMIT:-16}    # val images per analysis cell
+ANALYSIS_NORMS=${ANALYSIS_NORMS:-linf}  # "linf,l2" adds the norm boxplot (the eps are then L2 radii too)
+{
+  echo "data: $OUT/data"
+  echo "models:"
+  for checkpoint in "$OUT"/full/models/*/last.pt "$OUT"/few_epochs/models/*/last.pt; do
+    echo "  - $checkpoint"
+  done
+  echo "attacks: [pgd, wgd, cyclic_step]"
+  echo "norms: [$ANALYSIS_NORMS]"
+  echo "eps: [4/255, 8/255]"
+  echo "steps: [$STEPS]"
+  echo "sets: [all]"
+  echo "split: val"
+  echo "limit: $ANALYSIS_LIMIT"
+  echo "batch_size: 16"
+  echo "deterministic: true"
+} > "$OUT/analysis.yaml"
+mtrobust-fast sweep --config "$OUT/analysis.yaml" --out "$OUT/analysis"
+mtrobust-fast report "$OUT/analysis/results.parquet" --out "$OUT/report-analysis"
+mtrobust-fast complexity --encoders resnet18,resnet50 --tasks "$TASKS" --size "$SIZE" --out "$OUT/complexity.csv"
+
+# The first pair model of each budget: panels, CKA between the budgets, a loss landscape.
+pair=${TASKS:0:2}
+checkpoint_of() {  # $1 = sweep folder; prints the last.pt of its model with tasks $pair
+  python - "$1" "$pair" <<'PY'
+import sys
+from pathlib import Path
+from mtrobust_fast.models import read_checkpoint
+from mtrobust_fast.task_names import letters
+for path in sorted(Path(sys.argv[1]).glob("models/*/last.pt")):
+    if "".join(sorted(read_checkpoint(path)["config"]["tasks"])) == "".join(sorted("".join(letters(sys.argv[2])))):
+        print(path)
+        break
+PY
+}
+full_pair=$(checkpoint_of "$OUT/full")
+few_pair=$(checkpoint_of "$OUT/few_epochs")
+mtrobust-fast attack --checkpoint "$full_pair" --data "$OUT/data" --target "${pair:0:1},$pair" --steps "$STEPS" \
+  --limit 4 --panels 2 --out "$OUT/panels" --no-progress --no-gradients
+mtrobust-fast analyze cka --checkpoints "$full_pair,$few_pair" --data "$OUT/data" --limit 48 --out "$OUT/cka"
+mtrobust-fast analyze landscape --checkpoint "$full_pair" --data "$OUT/data" --limit 8 --points 11 --out "$OUT/landscape"
+echo "report: $OUT/report/summary.md; analyses: $OUT/report-analysis/summary.md, $OUT/complexity.csv,"
+echo "  $OUT/panels/panels/, $OUT/cka/, $OUT/landscape/"
