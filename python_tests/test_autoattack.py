@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from mtrobust_fast.attacks import APGDT, PGD, AutoAttack, Square, build_attack, classification
-from mtrobust_fast.attacks.square import margin, square_fraction
+from mtrobust_fast.attacks import APGDT, FAB, PGD, AutoAttack, Square, build_attack, classification
+from mtrobust_fast.attacks.fab import project_onto_hyperplane
+from mtrobust_fast.attacks.square import margin, pattern, square_fraction
 from mtrobust_fast.classification import targeted_dlr
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.objects import synthesize_objects
@@ -20,21 +21,33 @@ def test_targeted_dlr_equals_the_hand_value():
         targeted_dlr(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 2]))
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A linear classifier of 6 classes on 2x4x4 inputs in [0, 1], trained on noisy class prototypes."""
+def prototype_classifier(shape):
+    """A linear classifier of 6 classes on inputs of ``shape`` in [0, 1], trained on noisy class prototypes; 60
+    of its training points."""
     gen = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(6, 2, 4, 4, generator=gen)
+    prototypes = torch.rand(6, *shape, generator=gen)
     labels = torch.arange(6).repeat(40)
-    x = (prototypes[labels] + 0.15 * torch.randn(240, 2, 4, 4, generator=gen)).clamp(0, 1)
+    x = (prototypes[labels] + 0.15 * torch.randn(240, *shape, generator=gen)).clamp(0, 1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 6))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 6))
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(300):
         optimiser.zero_grad()
         torch.nn.functional.cross_entropy(model(x), labels).backward()
         optimiser.step()
     return model.eval(), x[:60], labels[:60]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The prototype classifier on 2x4x4 inputs."""
+    return prototype_classifier((2, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def trained_rgb():
+    """The prototype classifier on 3x10x10 inputs (torchattacks' L2 Square needs a side of at least 5)."""
+    return prototype_classifier((3, 10, 10))
 
 
 def _accuracy(model, x, labels):
@@ -84,8 +97,6 @@ def test_square_fools_a_zero_gradient_model_where_pgd_cannot(trained):
     adv = square(x, labels)
     assert (adv - x).abs().max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert _accuracy(quantised, adv, labels) < clean - 0.3
-    with pytest.raises(ValueError, match="only the L∞ version"):
-        Square(quantised, [classification("label")], eps=0.5, norm="l2")
 
 
 def test_square_margin_schedule_and_determinism(trained):
@@ -121,17 +132,20 @@ def test_the_cascade_equals_every_member_on_every_point(trained):
     assert report["apgd-ce"]["robust_accuracy"] >= report["apgd-t"]["robust_accuracy"]
 
 
-def test_zero_gradients_and_probabilities_are_flagged_and_versions_without_fab_refused(trained):
+def test_zero_gradients_and_probabilities_are_flagged_and_unimplemented_versions_refused(trained):
     model, x, labels = trained
     with pytest.warns(UserWarning, match="input gradient of exactly zero"):
         AutoAttack(Quantised(model).eval(), [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
     probabilities = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     with pytest.warns(UserWarning, match="look like probabilities"):
         AutoAttack(probabilities, [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
-    with pytest.raises(ValueError, match="need FAB"):
-        AutoAttack(model, [classification("label")], version="standard")
-    with pytest.raises(ValueError, match="square is L∞ only"):
-        AutoAttack(model, [classification("label")], norm="l2")
+    with pytest.raises(ValueError, match="untargeted FAB"):
+        AutoAttack(model, [classification("label")], version="plus")
+    with pytest.raises(ValueError, match="EOT"):
+        AutoAttack(model, [classification("label")], version="rand")
+    with pytest.raises(ValueError, match="chooses the members of version='custom'"):
+        AutoAttack(model, [classification("label")], version="standard", attacks=["square"])
+    assert AutoAttack(model, [classification("label")]).attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 def test_attacks_work_when_called_under_no_grad(trained):
@@ -141,15 +155,86 @@ def test_attacks_work_when_called_under_no_grad(trained):
     assert (adv - x).abs().max() > 0
 
 
-def test_our_cascade_is_at_least_as_strong_as_torchattacks_autoattack(trained):
+@pytest.mark.parametrize("norm,eps,fixture", [("linf", 0.2, "trained"), ("l2", 3.0, "trained_rgb")])
+def test_our_standard_autoattack_is_at_least_as_strong_as_torchattacks(request, norm, eps, fixture):
     torchattacks = pytest.importorskip("torchattacks")  # installed with --no-deps by the README's test command
-    model, x, labels = trained
-    theirs = torchattacks.AutoAttack(model, norm="Linf", eps=0.2, version="standard", n_classes=6, seed=0)
+    model, x, labels = request.getfixturevalue(fixture)
+    theirs = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
+                                     n_classes=6, seed=0)
     their_accuracy = _accuracy(model, theirs(x, labels), labels)
-    ours = AutoAttack(model, [classification("label")], eps=0.2, steps=100, queries=5000, seed=0)
+    ours = AutoAttack(model, [classification("label")], eps=eps, norm=norm, steps=100, queries=5000, seed=0)
     adv = ours(x, labels)
-    assert (adv - x).abs().max() <= 0.2 + 1e-6
+    assert _distance(adv - x, norm).max() <= eps * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1
     assert _accuracy(model, adv, labels) <= their_accuracy + 0.01
+    assert list(ours.summary()) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def _distance(delta, norm):
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def test_fab_projection_is_the_smallest_step_onto_the_hyperplane_in_the_box():
+    np = pytest.importorskip("numpy")
+    optimize = pytest.importorskip("scipy.optimize")
+    gen = torch.Generator().manual_seed(0)
+    rows, size = 6, 30
+    w = torch.randn(rows, size, generator=gen, dtype=torch.float64)
+    w[0, :10] = 0  # coordinates that cannot help
+    c = 3 * torch.randn(rows, generator=gen, dtype=torch.float64)
+    x = torch.rand(rows, size, generator=gen, dtype=torch.float64)
+    low, high = -x, 1 - x
+    for norm in ("linf", "l2"):
+        d = project_onto_hyperplane(w, c, low, high, norm)
+        torch.testing.assert_close((w * d).sum(1), c, rtol=0, atol=1e-12)
+        assert (d >= low - 1e-15).all() and (d <= high + 1e-15).all()
+    for r in range(rows):
+        bounds = list(zip(low[r].tolist(), high[r].tolist()))
+        # L∞: minimise t with -t <= d_i <= t, w·d = c (a linear programme)
+        lp = optimize.linprog(np.r_[np.zeros(size), 1.0],
+                              A_ub=np.block([[np.eye(size), -np.ones((size, 1))], [-np.eye(size), -np.ones((size, 1))]]),
+                              b_ub=np.zeros(2 * size), A_eq=np.r_[w[r].numpy(), 0.0][None], b_eq=[c[r].item()],
+                              bounds=bounds + [(0, None)])
+        d = project_onto_hyperplane(w[r:r + 1], c[r:r + 1], low[r:r + 1], high[r:r + 1], "linf")[0]
+        assert d.abs().max().item() == pytest.approx(lp.x[-1], rel=1e-9, abs=1e-12)
+        qp = optimize.minimize(lambda z: 0.5 * z @ z, np.zeros(size), jac=lambda z: z, method="SLSQP", bounds=bounds,
+                               constraints=[optimize.LinearConstraint(w[r].numpy()[None], c[r].item(), c[r].item())],
+                               options=dict(ftol=1e-15, maxiter=1000))
+        d = project_onto_hyperplane(w[r:r + 1], c[r:r + 1], low[r:r + 1], high[r:r + 1], "l2")[0]
+        assert np.abs(d.numpy() - qp.x).max() < 1e-7
+    # out of reach: the box point that gets closest along w
+    far = project_onto_hyperplane(w[1:2], torch.tensor([1e6], dtype=torch.float64), low[1:2], high[1:2], "linf")
+    torch.testing.assert_close(far, torch.where(w[1:2] > 0, high[1:2], low[1:2]))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.2), ("l2", 1.0)])
+def test_fab_finds_points_inside_the_budget_as_often_as_torchattacks(trained, norm, eps):
+    model, x, labels = trained
+    adv = FAB(model, [classification("label")], eps=eps, norm=norm, steps=100, target_classes=5)(x, labels)
+    assert _distance(adv - x, norm).max() <= eps * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1
+    fooled = _accuracy(model, adv, labels)
+    assert fooled < _accuracy(model, x, labels) - 0.3
+    torchattacks = pytest.importorskip("torchattacks")
+    theirs = torchattacks.FAB(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=100, n_classes=6,
+                              multi_targeted=True, n_restarts=1, seed=0)(x, labels)
+    assert fooled <= _accuracy(model, theirs, labels) + 0.01
+
+
+def test_l2_square_stays_on_budget_and_fools_a_zero_gradient_model(trained):
+    model, x, labels = trained
+    quantised = Quantised(model).eval()
+    adv = Square(quantised, [classification("label")], eps=1.5, norm="l2", steps=300)(x, labels)
+    assert _distance(adv - x, "l2").max() <= 1.5 * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1
+    assert _accuracy(quantised, adv, labels) < _accuracy(quantised, x, labels) - 0.3
+    pgd = PGD(quantised, [classification("label")], eps=1.5, norm="l2", steps=10)(x, labels)
+    assert _accuracy(quantised, pgd, labels) > _accuracy(quantised, adv, labels)
+
+
+def test_the_l2_pattern_is_unit_norm_with_opposite_halves():
+    values = pattern(5)
+    assert values.norm().item() == pytest.approx(1.0)
+    assert (values[:2] > 0).all() and (values[2:] < 0).all()
+    assert values[1, 2] == values[:2].max() and values[3, 2] == values[2:].min()  # the centres weigh most
 
 
 def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_member(tmp_path, capsys):
@@ -163,7 +248,7 @@ def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_me
     printed = capsys.readouterr().out
     assert "cascade (robust accuracy after each member" in printed and "apgd-t" in printed
     members = json.loads((out / "results.json").read_text())["summary"]["members"]
-    assert list(members) == ["apgd-ce", "apgd-t", "square"]
+    assert list(members) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
                      "--alpha", "0.01", "--no-progress"]) == 2
     assert "set their own step sizes" in capsys.readouterr().err

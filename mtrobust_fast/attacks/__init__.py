@@ -8,6 +8,7 @@ from mtrobust_fast.attacks.autoattack import AutoAttack
 from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.base import MODEL_MODES, Attack, unwrap
 from mtrobust_fast.attacks.cyclic import CyclicBatch, CyclicStep
+from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.grid import GridPGD
 from mtrobust_fast.attacks.pgd import FGSM, PGD, CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
@@ -15,7 +16,7 @@ from mtrobust_fast.attacks.square import Square
 from mtrobust_fast.attacks.specs import TaskSpec, classification, from_task
 from mtrobust_fast.attacks.wgd import WGD
 
-ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "square": Square,
+ATTACKS = {"pgd": PGD, "wgd": WGD, "apgd": APGD, "fgsm": FGSM, "apgdt": APGDT, "fab": FAB, "square": Square,
            "autoattack": AutoAttack, "ensemble": DenseEnsemble, "segpgd": SegPGD, "cospgd": CosPGD,
            "relative": RelativePGD, "cyclic_step": CyclicStep, "cyclic_batch": CyclicBatch, "grid": GridPGD}
 
@@ -45,6 +46,6 @@ def build_attack(name, model, tasks=None, **settings):
     return cls(model, tasks, **chosen)
 
 
-__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "Square", "AutoAttack",
+__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "FAB", "Square", "AutoAttack",
            "DenseEnsemble", "SegPGD", "CosPGD", "RelativePGD", "CyclicStep", "CyclicBatch", "GridPGD",
            "SettingRefused", "TaskSpec", "build_attack", "classification", "from_task", "unwrap"]

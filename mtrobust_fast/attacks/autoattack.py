@@ -7,10 +7,13 @@ running later members on fewer points. Members (``attacks=``):
 
 - ``apgd-ce``: APGD on the cross-entropy; ``apgd-dlr``: APGD on the DLR loss (scale-invariant);
 - ``apgd-t``: targeted APGD on the targeted DLR loss over the most likely wrong classes;
-- ``square``: the score-based Square attack (L∞), which needs no gradient.
+- ``fab-t``: the targeted minimum-norm FAB attack over the same target classes;
+- ``square``: the score-based Square attack (L∞ or L2), which needs no gradient.
 
-AutoAttack's "standard" version also runs FAB-T; it is not implemented here yet, so ``version="custom"`` (the
-default, members ``apgd-ce, apgd-t, square``) is the only version offered, and the report says which members ran.
+``version="standard"`` (the default without ``attacks``) runs AutoAttack's standard cascade APGD-CE, APGD-T,
+FAB-T, Square; ``version="custom"`` (the default with ``attacks``) runs the members given in ``attacks``. AutoAttack's "plus" version (untargeted FAB, restarts
+of every member) and "rand" version (gradients averaged over the model's randomness) are not offered: they are
+refused with the reason. The report says which members ran.
 Sanity checks as AutoAttack has them warn with their reason: a model whose outputs change between two passes on
 the same input (randomness: the evaluation is not reproducible and gradient attacks are weakened), outputs that
 are probabilities rather than logits (losses saturate), and samples whose input gradient is exactly zero
@@ -26,17 +29,24 @@ from mtrobust_fast import classification as heads
 from mtrobust_fast.attacks.apgd import APGD, APGDT
 from mtrobust_fast.attacks.base import Attack
 from mtrobust_fast.attacks.ensemble import DenseEnsemble
+from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.square import Square
 
-MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
-CUSTOM_DEFAULT = ("apgd-ce", "apgd-t", "square")
+MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+REFUSED_VERSIONS = {
+    "plus": "AutoAttack's plus version needs untargeted FAB and restarts of every member, which are not implemented; "
+            "use version='standard' or 'custom'",
+    "rand": "AutoAttack's rand version averages gradients over the model's randomness (EOT), which is not "
+            "implemented; use version='standard' or 'custom' on a deterministic model",
+}
 
 
 class AutoAttack(Attack):
-    """The cascade on one classification head (``target_tasks``), L∞ or L2 (``square`` is L∞ only).
+    """The cascade on one classification head (``target_tasks``), L∞ or L2.
 
-    ``steps``: iterations of each APGD member (default 100); ``queries``: Square's budget (default 5000);
-    ``target_classes``: APGD-T's targets (default 9). ``report`` accumulates, over calls, each member's robust
+    ``steps``: iterations of each APGD and FAB member (default 100); ``queries``: Square's budget (default 5000);
+    ``target_classes``: APGD-T's and FAB-T's targets (default 9). ``report`` accumulates, over calls, each member's robust
     accuracy after it ran and its wall time."""
 
     default_random_start = False
@@ -45,27 +55,30 @@ class AutoAttack(Attack):
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
                "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}
 
-    def __new__(cls, model=None, tasks=None, *, version="custom", **kwargs):
+    def __new__(cls, model=None, tasks=None, *, version=None, **kwargs):
         """``version="dense"`` gives the ensemble for dense multi-task models (:class:`DenseEnsemble`)."""
         if version == "dense":
             return DenseEnsemble(model, tasks, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, model, tasks=None, *, version="custom", attacks=None, steps=100, queries=5000,
+    def __init__(self, model, tasks=None, *, version=None, attacks=None, steps=100, queries=5000,
                  target_classes=9, restarts=1, **kwargs):
-        if version != "custom":
-            raise ValueError(f"version {version!r}: AutoAttack's standard, plus and rand versions need FAB, which "
-                             f"is not implemented yet; use version='custom' (members {', '.join(MEMBERS)}) or "
-                             f"'dense' (the ensemble for dense multi-task models)")
+        version = version or ("standard" if attacks is None else "custom")
+        if version in REFUSED_VERSIONS:
+            raise ValueError(f"version {version!r}: {REFUSED_VERSIONS[version]}")
+        if version not in ("standard", "custom"):
+            raise ValueError(f"version must be 'standard', 'custom' or 'dense', got {version!r}")
+        if version == "standard" and attacks is not None:
+            raise ValueError("attacks= chooses the members of version='custom'; 'standard' runs "
+                             f"{', '.join(STANDARD)}")
         if restarts != 1:
             raise ValueError("autoattack takes no restarts (its members run once each)")
         super().__init__(model, tasks, steps=steps, **kwargs)
-        self.attacks = tuple(attacks or CUSTOM_DEFAULT)
+        self.version = version
+        self.attacks = tuple(STANDARD if attacks is None else attacks)
         unknown = [a for a in self.attacks if a not in MEMBERS]
         if unknown or not self.attacks:
             raise ValueError(f"attacks must be a non-empty list of {', '.join(MEMBERS)}; got {list(self.attacks)}")
-        if "square" in self.attacks and self.norm != "linf":
-            raise ValueError("square is L∞ only; leave it out of attacks for norm='l2'")
         if len(self.target_tasks) != 1:
             raise ValueError(f"autoattack attacks one classification head; got target_tasks {self.target_tasks}")
         self.queries, self.target_classes = int(queries), int(target_classes)
@@ -95,6 +108,8 @@ class AutoAttack(Attack):
             return Square(self.model, self.specs, steps=self.queries, **common)
         if name == "apgd-t":
             return APGDT(self.model, self.specs, steps=self.steps, target_classes=self.target_classes, **common)
+        if name == "fab-t":
+            return FAB(self.model, self.specs, steps=self.steps, target_classes=self.target_classes, **common)
         loss = heads.cross_entropy if name == "apgd-ce" else heads.dlr
         specs = [replace(s, loss=loss) if s.name == head else s for s in self.specs]
         return APGD(self.model, specs, steps=self.steps, **common)

@@ -1,5 +1,14 @@
 """Square attack (Andriushchenko et al., ECCV 2020): a score-based random search that needs no gradient, so it
-finds adversarial points where gradients are useless (masked, zero or noisy), AutoAttack's fourth member."""
+finds adversarial points where gradients are useless (masked, zero or noisy), AutoAttack's fourth member.
+
+L∞: the perturbation lives on the ball's corners; each query redraws one random square window as ±eps per channel.
+L2: the perturbation lives on the sphere of radius eps and is built from square "patterns" (a window whose upper
+half holds nested squares of weight 1/(k+1)² around its centre and whose lower half holds the same pattern
+negated, unit norm, randomly transposed); each query moves the energy of two random windows W1, W2 (and any
+unused budget) into W1 as the old content of W1 plus a random-sign pattern, per channel, empties the rest of W2
+and rescales the whole perturbation back to norm eps. In both, a query is kept when it lowers the margin
+z_y − max_{k≠y} z_k, and the window's area shrinks on the paper's schedule.
+"""
 import math
 
 import torch
@@ -24,12 +33,33 @@ def margin(logits, labels):
     return true - others
 
 
+def pattern(side):
+    """The L2 attack's unit-norm side×side pattern: nested squares around the centre of the upper half (weight
+    Σ 1/(k+1)² over the squares that cover a pixel), the same negated in the lower half."""
+    def half(height, width):
+        ys, xs = torch.arange(height)[:, None], torch.arange(width)[None, :]
+        ring = torch.maximum((ys - height // 2).abs(), (xs - width // 2).abs())  # which square a pixel starts in
+        levels = torch.arange(max(height, width))[:, None, None]
+        values = ((levels >= ring) / (levels + 1.0) ** 2).sum(0)
+        return values / values.norm()
+
+    top = side // 2
+    values = torch.cat([half(top, side), -half(side - top, side)]) if top else half(side, side)
+    return values / values.norm()
+
+
+def _windows(tops, lefts, side, height, width, device):
+    """[n, 1, H, W] masks of one side×side window per sample at (tops, lefts) [n, 1]."""
+    ys = torch.arange(height, device=device)[None, :]
+    xs = torch.arange(width, device=device)[None, :]
+    return (((ys >= tops) & (ys < tops + side))[:, None, :, None] & ((xs >= lefts) & (xs < lefts + side))[:, None, None, :])
+
+
 class Square(Attack):
-    """Square attack, L∞: start from vertical stripes of ±eps; then, ``steps`` times (the query budget, 5000 by
-    default), draw for every still-correct sample a random square window of area p·H·W (p shrinking on the
-    paper's schedule from ``p_init``) and set the perturbation inside it to ±eps per channel; keep the change
-    where the margin z_y − max_{k≠y} z_k went down. One forward pass per query for the samples still correct;
-    no gradient. Works on one classification head (``target_tasks``) with class labels; L2 is not offered."""
+    """Square attack (see the module docstring), L∞ or L2: ``steps`` queries (5000 by default); per query, for
+    every still-correct sample, a random window of area p·H·W (p shrinking on the paper's schedule from
+    ``p_init``; at least 3×3 and odd for L2). One forward pass per query for the samples still correct; no
+    gradient. Works on one classification head (``target_tasks``) with class labels."""
 
     default_random_start = False
     settings = ("steps",)
@@ -38,8 +68,6 @@ class Square(Attack):
 
     def __init__(self, model, tasks=None, *, steps=5000, p_init=0.8, **kwargs):
         super().__init__(model, tasks, steps=steps, **kwargs)
-        if self.norm != "linf":
-            raise ValueError("square: only the L∞ version is implemented; use norm='linf'")
         if not 0 < p_init <= 1:
             raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
         if len(self.target_tasks) != 1:
@@ -57,7 +85,13 @@ class Square(Attack):
         return margin(logits.float(), labels)
 
     def _optimize(self, x, rows):
-        """The random search from the stripes start (``x`` is the clean batch: square has no random start)."""
+        """The random search (``x`` is the clean batch: square has no random start)."""
+        adv = self._linf_search(rows) if self.norm == "linf" else self._l2_search(rows)
+        _project_(adv, rows.x0, rows.eps, self.norm, self.lo, self.hi)
+        return adv
+
+    def _linf_search(self, rows):
+        """From vertical stripes of ±eps, redraw one window as ±eps per channel per query."""
         x0, labels = rows.x0, rows.targets[self.target_tasks[0]]
         count, channels, height, width = x0.shape
         eps = rows.eps.to(x0.dtype).view(-1, 1, 1, 1)
@@ -87,8 +121,77 @@ class Square(Attack):
             adv[index[better]] = candidate[better]
             best[index[better]] = value[better]
             self._record(best[:, None])
-        _project_(adv, x0, rows.eps, self.norm, self.lo, self.hi)
         return adv
+
+    def _l2_search(self, rows):
+        """From a grid of random-sign patterns at norm eps, move two windows' energy into one per query."""
+        x0, labels = rows.x0, rows.targets[self.target_tasks[0]]
+        count, channels, height, width = x0.shape
+        eps = rows.eps.to(x0.dtype).view(-1, 1, 1, 1)
+        device = x0.device
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+
+        def signs(*shape):
+            return torch.randint(0, 2, shape, generator=gen, device=device).to(x0.dtype) * 2 - 1
+
+        def on_sphere(delta, radius):
+            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            return delta / norm * radius
+
+        tile = max(1, min(height, width) // 5)
+        delta = torch.zeros_like(x0)
+        unit = pattern(tile).to(device=device, dtype=x0.dtype)
+        start_y, start_x = (height - tile * (height // tile)) // 2, (width - tile * (width // tile)) // 2
+        for top in range(start_y, height - tile + 1, tile):
+            for left in range(start_x, width - tile + 1, tile):
+                delta[:, :, top:top + tile, left:left + tile] = unit * signs(count, channels, 1, 1)
+        adv = (x0 + on_sphere(delta, eps)).clamp(self.lo, self.hi)
+        best = self._margin(adv, labels)
+        for query in range(self.steps):
+            index = (best > 0).nonzero().flatten()
+            if index.numel() == 0:
+                break
+            n = index.numel()
+            fraction = square_fraction(self.p_init, query, self.steps)
+            side = max(3, round(math.sqrt(fraction * height * width)))
+            side = min(side + 1 - side % 2, height, width)  # odd, so the pattern has a centre
+            current = adv[index] - x0[index]
+            first = _windows(torch.randint(0, height - side + 1, (n, 1), generator=gen, device=device),
+                             torch.randint(0, width - side + 1, (n, 1), generator=gen, device=device),
+                             side, height, width, device)
+            second = _windows(torch.randint(0, height - side + 1, (n, 1), generator=gen, device=device),
+                              torch.randint(0, width - side + 1, (n, 1), generator=gen, device=device),
+                              side, height, width, device)
+            both = (first | second).to(x0.dtype)
+            unused = (eps[index] ** 2 - current.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)).clamp_min(0)
+            energy = (current * both).flatten(1).pow(2).sum(1).view(-1, 1, 1, 1) + unused
+            shape = pattern(side).to(device=device, dtype=x0.dtype)
+            transposed = torch.randint(0, 2, (n, 1, 1, 1), generator=gen, device=device).bool()
+            shapes = torch.where(transposed, shape.T, shape)  # [n, 1, side, side]
+            placed = self._place(shapes, first, side) * signs(n, channels, 1, 1)
+            old = current * first
+            old_norm = old.flatten(2).norm(dim=2).clamp_min(1e-12)[:, :, None, None]
+            new = old / old_norm + placed
+            new = new / new.flatten(2).norm(dim=2).clamp_min(1e-12)[:, :, None, None] * (energy / channels).sqrt()
+            proposal = torch.where(first, new, torch.where(second, torch.zeros_like(current), current))
+            candidate = (x0[index] + on_sphere(proposal, eps[index])).clamp(self.lo, self.hi)
+            value = self._margin(candidate, labels[index])
+            better = value < best[index]
+            adv[index[better]] = candidate[better]
+            best[index[better]] = value[better]
+            self._record(best[:, None])
+        return adv
+
+    @staticmethod
+    def _place(shapes, window, side):
+        """Each sample's side×side ``shapes`` [n, 1, side, side] written where its ``window`` mask [n, 1, H, W] is."""
+        n, _, height, width = window.shape
+        tops = window.any(3)[:, 0].float().argmax(1)
+        lefts = window.any(2)[:, 0].float().argmax(1)
+        ys = (torch.arange(height, device=window.device)[None, :] - tops[:, None]).clamp(0, side - 1)
+        xs = (torch.arange(width, device=window.device)[None, :] - lefts[:, None]).clamp(0, side - 1)
+        picked = shapes[:, 0][torch.arange(n, device=window.device)[:, None, None], ys[:, :, None], xs[:, None, :]]
+        return picked[:, None] * window
 
     def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
         """One attacked set only (its single classification head)."""
