@@ -200,6 +200,44 @@ def strategy_differences(table, metric, out, dpi):
     return lines + [f"![strategy differences]({path.name})", ""], [path]
 
 
+def attacks_side_by_side(table, out, metric="adv_error", shown=60):
+    """One column per attack of ``metric`` (default the adversarial per-image error: higher = stronger attack)
+    per model task set × attacked set × task, the ensemble's per-sample worst case where the table has it, and
+    the worst value over the columns; one table per setting of everything but the attack (step sizes and step
+    counts may differ between attacks). Markdown (first ``shown`` rows) and ``attacks_side_by_side.csv``."""
+    if "attack" not in table.columns or metric not in table.columns:
+        return [f"_Skipped: the table has no `attack` or `{metric}` column._"], []
+    has_worst = "ensemble_worst_error" in table.columns and table["ensemble_worst_error"].notna().any()
+    if table["attack"].nunique() < 2 and not has_worst:
+        return ["_Skipped: one attack only (and no ensemble worst case)._"], []
+    keys = [c for c in results_table.config_columns(table) if c not in ("attack", "alpha", "steps", "restarts")]
+    units = [c for c in ("model_tasks", "attacked", "task") if c in table.columns]
+    filled = table.assign(**{k: table[k].astype(str) for k in keys})
+    wide = filled.pivot_table(index=keys + units, columns="attack", values=metric, aggfunc="mean")
+    wide.columns = [str(c) for c in wide.columns]
+    if has_worst:
+        worst = filled.dropna(subset=["ensemble_worst_error"]).groupby(keys + units)["ensemble_worst_error"].mean()
+        wide["ensemble (worst case)"] = worst
+    wide["worst over columns"] = wide.max(axis=1)
+    wide = wide.reset_index()
+    path = out / "attacks_side_by_side.csv"
+    wide.to_csv(path, index=False)
+    columns = [c for c in wide.columns if c not in keys]
+    lines = [f"{metric.replace('_', ' ')} under each attack (higher: the attack hurts more); the ensemble's worst "
+             f"case takes, per image, the worst of its members. All rows in `{path.name}`.", ""]
+    for config, group in (wide.groupby(keys, sort=True) if keys else [("all", wide)]):
+        label = results_table.config_label(keys, config if isinstance(config, tuple) else (config,)) if keys else ""
+        if label:
+            lines += [f"{label}:", ""]
+        lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        lines += ["| " + " | ".join(_fmt(v) if isinstance(v, float) else str(v) for v in row) + " |"
+                  for row in group[columns].head(shown).itertuples(index=False)]
+        if len(group) > shown:
+            lines.append(f"_({len(group) - shown} more rows in the CSV)_")
+        lines.append("")
+    return lines, [path]
+
+
 def _task_order(letter):
     from mtrobust_fast.task_names import CANONICAL_ORDER
     return (CANONICAL_ORDER.index(letter) if letter in CANONICAL_ORDER else len(CANONICAL_ORDER), letter)
@@ -212,7 +250,7 @@ def _fmt(value, signed=False):
 
 
 def analyses(table, metric, out, dpi):
-    """Every factor boxplot and the strategy differences: (markdown lines, paths)."""
+    """Every factor boxplot, the strategy differences and the attacks side by side: (markdown lines, paths)."""
     lines, paths = [], []
     for factor, name in FACTORS.items():
         lines += [f"### By {name} (`{factor}`)", ""]
@@ -221,4 +259,8 @@ def analyses(table, metric, out, dpi):
         paths += written
     lines += ["### Attack strategies: Weighted and Cyclic minus Vanilla", ""]
     section, written = strategy_differences(table, metric, out, dpi)
+    lines += section
+    paths += written
+    lines += ["### Attacks side by side", ""]
+    section, written = attacks_side_by_side(table, out)
     return lines + section, paths + written

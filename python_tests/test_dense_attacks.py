@@ -171,7 +171,7 @@ def test_dense_ensemble_is_at_least_as_strong_as_each_member_on_every_task(model
     assert ensemble.members() == ("apgd", "segpgd", "cospgd", "wgd", "relative")
     adv = ensemble(x, targets)
     assert (adv - x).abs().max() <= 4 / 255 + 1e-12 and adv.min() >= 0 and adv.max() <= 1
-    summary = ensemble.summary()
+    summary = ensemble.summary()["sd"]
     s, d = tasks.get_task("s"), tasks.get_task("d")
     for name, cls in (("apgd", build_attack), ("segpgd", SegPGD), ("cospgd", CosPGD), ("wgd", WGD),
                       ("relative", RelativePGD)):
@@ -189,3 +189,18 @@ def test_dense_ensemble_is_at_least_as_strong_as_each_member_on_every_task(model
         assert sum(summary["wins"][task].values()) == x.shape[0]
     single = AutoAttack(model, "sd", version="dense", eps=4 / 255, steps=2, target_tasks="d")
     assert single.members() == ("apgd", "cospgd")
+
+
+def test_the_ensemble_attacks_several_sets_one_after_the_other_with_a_summary_each(model_and_batch):
+    from mtrobust_fast.attacks import DenseEnsemble
+    model, x, targets = model_and_batch
+    kwargs = dict(eps=4 / 255, steps=2, deterministic=True)
+    both = DenseEnsemble(model, "sd", **kwargs)
+    adv = both.run_subsets(x, targets, subsets=["d", "sd"])
+    assert adv.shape == (2, *x.shape)
+    summary = both.summary()
+    assert list(summary) == ["d", "sd"] and summary["d"]["members"] == ["apgd", "cospgd"]
+    alone = DenseEnsemble(model, "sd", target_tasks="d", **kwargs)
+    torch.testing.assert_close(adv[0], alone(x, targets), rtol=0, atol=0)
+    assert alone.summary()["d"] == {**summary["d"], "seconds": alone.summary()["d"]["seconds"]}
+    assert both.target_tasks == ["segment_semantic", "depth_zbuffer"]  # restored after the sets

@@ -86,3 +86,18 @@ def test_partial_tables_skip_with_a_note(tmp_path):
     assert not any(p.name.startswith("factor_") for p in written)
     assert "_Skipped: the table has fewer than two values of `eps`._" in summary
     assert "_Skipped: the table has no wgd, cyclic_step or cyclic_batch rows._" in summary
+
+
+def test_attacks_side_by_side_give_one_column_per_attack_and_the_ensemble_worst_case(tmp_path):
+    data = table(attacks=("pgd", "wgd"))
+    data["adv_error"] = data["rel_vuln"]
+    ensemble = data[data["attack"] == "pgd"].assign(attack="ensemble", adv_error=lambda t: t["rel_vuln"] + 1,
+                                                    ensemble_worst_error=lambda t: t["rel_vuln"] + 2)
+    lines, paths = paired_analysis.attacks_side_by_side(pd.concat([data, ensemble]), tmp_path)
+    wide = pd.read_csv(paths[0])
+    assert {"pgd", "wgd", "ensemble", "ensemble (worst case)", "worst over columns"} <= set(wide.columns)
+    assert np.allclose(wide["wgd"] - wide["pgd"], 0.5) and np.allclose(wide["ensemble (worst case)"] - wide["pgd"], 2)
+    assert np.allclose(wide["worst over columns"], wide["ensemble (worst case)"])
+    assert any(line.startswith("| model_tasks | attacked | task | ensemble | pgd | wgd |") for line in lines)
+    lines, paths = paired_analysis.attacks_side_by_side(data[data["attack"] == "pgd"], tmp_path)
+    assert paths == [] and "one attack only" in lines[0]

@@ -326,3 +326,15 @@ def test_a_transfer_cell_with_the_target_as_surrogate_equals_the_white_box_cell(
     bad = dict(settings, models=[{"checkpoint": str(sd), "surrogate": str(tmp_path / "none.pt")}])
     with pytest.raises(plan.PlanError, match=r"models\[0\].surrogate: checkpoint not found"):
         plan.expand(bad, tmp_path)
+
+
+def test_an_ensemble_cell_attacks_every_set_and_records_its_worst_case(setup, tmp_path):
+    root, data, sdn, sd = setup
+    argv = ["sweep", "--out", str(tmp_path), "--data", str(data), "--checkpoint", str(sd), "--attack", "ensemble",
+            "--steps", "1", "--sets", "d,sd", "--limit", "1", "--no-progress"]
+    assert cli_main(argv) == 0
+    table = pd.read_parquet(tmp_path / "results.parquet")
+    assert sorted(set(table["attacked"])) == ["d", "sd"] and len(table) == 4
+    assert table["ensemble_worst_error"].notna().all()
+    assert (table["ensemble_worst_error"] >= table["adv_error"] - 1e-9).all()
+    assert set(table[table["attacked"] == "d"]["ensemble_winner"]) <= {"apgd", "cospgd"}

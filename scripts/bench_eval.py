@@ -138,11 +138,11 @@ def dense_rows(args, device):
         p, e = pgd["attacks"][label]["tasks"][task], ensemble["attacks"][label]["tasks"][task]
         print(f"{task:<18} {pgd['clean'][task]['error']:>9.4f} {p['adv_error']:>9.4f} {e['adv_error']:>9.4f} "
               f"{p['rel_vuln']:>9.4f} {e['rel_vuln']:>9.4f}")
-    worst = ensemble["ensemble"]["worst_error"]
+    worst = ensemble["ensemble"][label]["worst_error"]
     print("ensemble per-task worst case over its members (err/img): "
           + ", ".join(f"{metrics.set_label([t])} {v:.4f}" for t, v in worst.items()))
     print("winners: " + "; ".join(f"{metrics.set_label([t])} " + ", ".join(f"{m} {n}" for m, n in w.items())
-                                  for t, w in ensemble["ensemble"]["wins"].items()))
+                                  for t, w in ensemble["ensemble"][label]["wins"].items()))
     print(f"time: PGD {results['pgd'][1]:.1f} s, ensemble {results['ensemble'][1]:.1f} s")
 
 

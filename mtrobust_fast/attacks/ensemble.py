@@ -10,6 +10,7 @@ are at least as bad for the model as any member's; the point it returns for a sa
 raised the attacked set's summed error most. AutoAttack(version="dense") builds it.
 """
 import time
+from itertools import combinations
 
 import torch
 
@@ -19,6 +20,7 @@ from mtrobust_fast.attacks.base import Attack
 from mtrobust_fast.attacks.pgd import CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
 from mtrobust_fast.attacks.wgd import WGD
+from mtrobust_fast.metrics import set_label
 from mtrobust_fast.tasks import opmath
 
 MEMBERS = {"apgd": APGD, "segpgd": SegPGD, "cospgd": CosPGD, "wgd": WGD, "relative": RelativePGD}
@@ -42,8 +44,7 @@ class DenseEnsemble(Attack):
         if unknown:
             raise ValueError(f"attacks must be among {', '.join(MEMBERS)}; got {unknown}")
         self.attacks = tuple(attacks) if attacks else None
-        self._sums = None
-        self.samples = 0
+        self._sums = {}  # attacked-set label -> running sums (see summary)
 
     def members(self):
         """The members that apply to the attacked set, in the order they run."""
@@ -60,10 +61,23 @@ class DenseEnsemble(Attack):
         return tuple(chosen)
 
     def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
-        """One attacked set at a time (the members differ between sets)."""
-        if subsets is None or len(subsets) != 1 or self.task_names(subsets[0]) != self.target_tasks:
-            raise ValueError(f"the dense ensemble attacks its one set {self.target_tasks}; give that single set")
-        return self(x, targets, masks, sample_ids)[None]
+        """One attacked set after the other (the members differ between sets); each set keeps its own summary.
+        ``subsets``: default every non-empty subset of ``target_tasks``, as for the other attacks."""
+        if subsets is None:
+            subsets = [list(c) for k in range(1, len(self.target_tasks) + 1)
+                       for c in combinations(self.target_tasks, k)]
+        named = [self.task_names(s) for s in subsets]
+        if not named:
+            raise ValueError("subsets is empty")
+        kept = self.target_tasks
+        try:
+            results = []
+            for names in named:
+                self.target_tasks = names
+                results.append(self(x, targets, masks, sample_ids))
+        finally:
+            self.target_tasks = kept
+        return torch.stack(results)
 
     def _errors(self, points, rows):
         """[B, T] per-sample errors of every task of the attack at ``points``."""
@@ -77,11 +91,13 @@ class DenseEnsemble(Attack):
         attacked = torch.tensor([n in self.target_tasks for n in names], device=rows.x0.device)
         best_x, best_joint, worst = None, None, None
         members = self.members()
-        if self._sums is None:
-            self._sums = {"worst": torch.zeros(len(names), dtype=torch.float64),
-                          "member": {m: torch.zeros(len(names), dtype=torch.float64) for m in members},
-                          "wins": {m: torch.zeros(len(names), dtype=torch.int64) for m in members},
-                          "seconds": dict.fromkeys(members, 0.0)}
+        label = set_label(n for n in names if n in self.target_tasks)
+        if label not in self._sums:
+            self._sums[label] = {"worst": torch.zeros(len(names), dtype=torch.float64),
+                                 "member": {m: torch.zeros(len(names), dtype=torch.float64) for m in members},
+                                 "wins": {m: torch.zeros(len(names), dtype=torch.int64) for m in members},
+                                 "seconds": dict.fromkeys(members, 0.0), "samples": 0}
+        sums = self._sums[label]
         per_member = []
         for name in members:
             start = time.perf_counter()
@@ -101,25 +117,28 @@ class DenseEnsemble(Attack):
                 best_x = torch.where(better.view((-1,) + (1,) * (adv.dim() - 1)), adv, best_x)
                 best_joint = torch.where(better, joint, best_joint)
                 worst = torch.maximum(worst, errors)
-            self._sums["member"][name] += errors.sum(0).cpu()
-            self._sums["seconds"][name] += time.perf_counter() - start
+            sums["member"][name] += errors.sum(0).cpu()
+            sums["seconds"][name] += time.perf_counter() - start
         winners = torch.stack(per_member).argmax(0)  # [B, T]: the first member reaching the worst error
         for k, name in enumerate(members):
-            self._sums["wins"][name] += (winners == k).sum(0).cpu()
-        self._sums["worst"] += worst.sum(0).cpu()
-        self.samples += rows.x0.shape[0]
+            sums["wins"][name] += (winners == k).sum(0).cpu()
+        sums["worst"] += worst.sum(0).cpu()
+        sums["samples"] += rows.x0.shape[0]
         return best_x
 
     def summary(self):
-        """Per task: the mean worst-case error over the members (``worst_error``), each member's mean error
-        (``member_error``), how many samples each member won (``wins``), and each member's seconds."""
-        if self._sums is None:
-            return {}
+        """Per attacked set (its label, e.g. "sd"), per evaluated task: the mean worst-case error over the members
+        (``worst_error``), each member's mean error (``member_error``), how many samples each member won
+        (``wins``), and each member's seconds."""
         names = [s.name for s in self.specs]
-        count = max(self.samples, 1)
-        return {"members": list(self._sums["member"]),
-                "worst_error": {n: float(v) / count for n, v in zip(names, self._sums["worst"])},
-                "member_error": {m: {n: float(v) / count for n, v in zip(names, sums)}
-                                 for m, sums in self._sums["member"].items()},
-                "wins": {n: {m: int(self._sums["wins"][m][i]) for m in self._sums["wins"]} for i, n in enumerate(names)},
-                "seconds": {m: round(v, 3) for m, v in self._sums["seconds"].items()}}
+        out = {}
+        for label, sums in self._sums.items():
+            count = max(sums["samples"], 1)
+            out[label] = {
+                "members": list(sums["member"]),
+                "worst_error": {n: float(v) / count for n, v in zip(names, sums["worst"])},
+                "member_error": {m: {n: float(v) / count for n, v in zip(names, values)}
+                                 for m, values in sums["member"].items()},
+                "wins": {n: {m: int(sums["wins"][m][i]) for m in sums["wins"]} for i, n in enumerate(names)},
+                "seconds": {m: round(v, 3) for m, v in sums["seconds"].items()}}
+        return out

@@ -176,10 +176,9 @@ def format_report(config, summary):
     if "members" in summary:
         lines.append("cascade (robust accuracy after each member, seconds): " + ", ".join(
             f"{name} {_fmt(v['robust_accuracy'])} ({v['seconds']:.1f} s)" for name, v in summary["members"].items()))
-    if summary.get("ensemble"):
-        ensemble = summary["ensemble"]
-        lines.append(f"ensemble of {', '.join(ensemble['members'])}: worst-case err/img per task (member that won "
-                     f"most often): " + ", ".join(
+    for label, ensemble in (summary.get("ensemble") or {}).items():
+        lines.append(f"ensemble on {label} ({', '.join(ensemble['members'])}): worst-case err/img per task (member "
+                     f"that won most often): " + ", ".join(
                          f"{metrics.set_label([t])} {_fmt(v)} ({max(ensemble['wins'][t], key=ensemble['wins'][t].get)})"
                          for t, v in ensemble["worst_error"].items()))
     for item in summary["marginal"]:

@@ -69,6 +69,8 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   ``pert_snr_db``: mean 20·log10(‖x‖₂/‖δ‖₂) over perturbed images; ``pert_unperturbed``: images left unchanged.
 - With gradients: ``clean_grad_l1|l2|linf``: mean input-gradient norms of the task; ``clean_joint_grad_*``: of
   the attacked set's joint loss.
+- Ensemble cells (attack ``ensemble``): ``ensemble_worst_error``, the mean over images of the worst error any
+  member reached on the task; ``ensemble_winner``, the member that reached it most often.
 - ``version``: mtrobust_fast.__version__; ``seconds``: the cell's wall time (all its sets); ``device``.
 
 Rows are ordered by (model, attack, norm, eps, alpha, steps, restarts, seed, cell_id), then in the cell's order of

@@ -44,6 +44,10 @@ def rows(cell, config, summary, seconds):
                     out[f"grad_cosine_{_letter(other)}"] = gradients["cosine"][pair]
                     out[f"grad_covariance_{_letter(other)}"] = gradients["covariance"][pair]
             out["theorem2_factor"] = gradients["theorem2_factor"]
+        ensemble = (summary.get("ensemble") or {}).get(row["attacked"])
+        if ensemble is not None:  # the dense ensemble: per-sample worst case over its members, and who won most
+            wins = ensemble["wins"][task]
+            out.update(ensemble_worst_error=ensemble["worst_error"][task], ensemble_winner=max(wins, key=wins.get))
         out.update(version=mtrobust_fast.__version__, seconds=seconds, device=config["device"])
         table.append(out)
     return table
