@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from mtrobust_fast.data import taskonomy
 from mtrobust_fast.data.taskonomy import TaskonomyDataset, TaskonomyFileError, read_png, read_split_csv
-from mtrobust_fast.tasks import TASKS, get_task
+from mtrobust_fast.tasks import TASKS
 
 ALL = "sdDnkKeEprA"
 DOMAINS = [t.name for t in TASKS if t.letter != "A"]
