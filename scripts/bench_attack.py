@@ -103,9 +103,10 @@ def main():
         lambda n: PGD(model, steps=n, **common), attack, args.steps, device, args.repeats)))
     rows.append(("WGD step (attack sdnE)", per_step(
         lambda n: WGD(model, steps=n, **common), attack, args.steps, device, args.repeats)))
-    rows.append(("WGD step, normalised task grads", per_step(
-        lambda n: WGD(model, steps=n, normalize_task_grads=True, **common), attack, args.steps, device,
-        args.repeats)))
+    for batched in (False, True):
+        rows.append((f"WGD step, normalised task grads, {'batched VJP' if batched else 'a backward per task'}",
+                      per_step(lambda n: WGD(model, steps=n, normalize_task_grads=True, batched_vjp=batched, **common),
+                               attack, args.steps, device, args.repeats)))
     try:
         import torchattacks
     except ImportError:
@@ -121,9 +122,9 @@ def main():
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads; ResNet-18 sdnE, batch {args.batch} at {args.size} px; "
           f"autocast {args.autocast}; channels_last {args.channels_last}")
-    print(f"{'measurement':<40} {'ms':>10} {'x bare':>8}")
+    print(f"{'measurement':<58} {'ms':>10} {'x bare':>8}")
     for name, seconds in rows:
-        print(f"{name:<40} {seconds * 1e3:>10.1f} {seconds / bare_time:>8.3f}")
+        print(f"{name:<58} {seconds * 1e3:>10.1f} {seconds / bare_time:>8.3f}")
     ours = dict(rows)["PGD step (attack s)"]
     print(f"PGD step (attack s) / bare encoder + s head: {ours / dict(rows)['bare fwd+bwd, encoder + s head only']:.3f}x")
     ta = [s for n, s in rows if n.startswith("torchattacks")]
