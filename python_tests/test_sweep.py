@@ -338,3 +338,21 @@ def test_an_ensemble_cell_attacks_every_set_and_records_its_worst_case(setup, tm
     assert table["ensemble_worst_error"].notna().all()
     assert (table["ensemble_worst_error"] >= table["adv_error"] - 1e-9).all()
     assert set(table[table["attacked"] == "d"]["ensemble_winner"]) <= {"apgd", "cospgd"}
+
+
+def test_grid_settings_reach_grid_cells_only(setup, tmp_path):
+    settings = _settings(setup, attacks=["pgd", "grid"], steps=1, limit=1, sets=["sd"])
+    plain = {c.attack: c for c in plan.expand(settings, tmp_path)}
+    chosen = {c.attack: c for c in plan.expand(dict(settings, grid_weights="0,1", grid_task="d"), tmp_path)}
+    assert chosen["pgd"].cell_id == plain["pgd"].cell_id and chosen["pgd"].grid_weights is None
+    assert chosen["grid"].cell_id != plain["grid"].cell_id
+    assert chosen["grid"].grid_weights == [0.0, 1.0] and chosen["grid"].grid_task == "d"
+    with pytest.raises(plan.PlanError, match="grid_weights"):
+        plan.expand(dict(settings, grid_weights=[0, 0]), tmp_path)
+    root, data, sdn, sd = setup
+    argv = ["sweep", "--out", str(tmp_path / "out"), "--data", str(data), "--checkpoint", str(sd), "--attack", "grid",
+            "--steps", "1", "--sets", "sd", "--limit", "1", "--grid-weights", "0,1", "--grid-task", "d",
+            "--no-gradients", "--no-progress"]
+    assert cli_main(argv) == 0
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(table["grid_weights"]) == {"0,1"} and set(table["grid_task"]) == {"d"}

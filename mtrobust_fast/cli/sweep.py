@@ -15,7 +15,8 @@ from mtrobust_fast.tracking import redact
 LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "alpha": "alpha", "steps": "steps",
               "restarts": "restarts", "seed": "seeds", "checkpoint": "models"}
 SCALAR_FLAGS = {"data": "data", "main": "main", "split": "split", "limit": "limit", "size": "size",
-                "batch_size": "batch_size", "eps_units": "eps_units"}
+                "batch_size": "batch_size", "eps_units": "eps_units", "grid_weights": "grid_weights",
+                "grid_task": "grid_task"}
 
 
 def _list(text):
@@ -44,6 +45,9 @@ def add_arguments(parser):
     add("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     add("--size", type=int, default=None, help="image side in px (default: each model's input size)")
     add("--batch-size", type=int, default=None, help="images per batch (default 16)")
+    add("--grid-weights", default=None, help="grid attack: weights tried per task, comma-separated (default 0,1,10)")
+    add("--grid-task", default=None, help="grid attack: the task whose error picks each image's point (default: "
+                                          "each set's first task)")
     add("--no-gradients", action="store_true", help="skip the clean input-gradient statistics")
     add("--deterministic", action="store_true", help="random starts that depend only on (seed, image index)")
     add("--executor", choices=tuple(EXECUTORS), default="local", help="local (default) or ray")

@@ -28,6 +28,8 @@ Settings (a YAML/TOML file, or the flags of the same names; list keys also take 
     batch_size: 16
     gradients: true                   # the clean input-gradient statistics (first-order terms, Theorem 2)
     deterministic: false
+    grid_weights: [0, 1, 10]          # the grid attack's weights per task (only grid cells use and hash them)
+    grid_task: d                      # the grid attack's chosen task (default: each set's first task)
 
 A cell is one model × (attack, norm, eps, alpha, steps, restarts, seed); its attacked sets run batched. Each
 finished cell is written atomically to ``OUT/cells/<cell_id>.parquet``; a re-run skips those cells, and

@@ -44,6 +44,9 @@ def rows(cell, config, summary, seconds):
                     out[f"grad_cosine_{_letter(other)}"] = gradients["cosine"][pair]
                     out[f"grad_covariance_{_letter(other)}"] = gradients["covariance"][pair]
             out["theorem2_factor"] = gradients["theorem2_factor"]
+        if cell.attack == "grid":
+            out.update(grid_weights=",".join(f"{w:g}" for w in config["grid_weights"]) if cell.grid_weights else "",
+                       grid_task=cell.grid_task or "")
         ensemble = (summary.get("ensemble") or {}).get(row["attacked"])
         if ensemble is not None:  # the dense ensemble: per-sample worst case over its members, and who won most
             wins = ensemble["wins"][task]
@@ -64,7 +67,8 @@ def run_cell(settings, device="auto", record_steps=False):
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
             gradients=cell.gradients, device=device, record_steps=record_steps,
-            surrogate=cell.model.surrogate or None)
+            surrogate=cell.model.surrogate or None,
+            options={"grid_weights": cell.grid_weights, "grid_task": cell.grid_task} if cell.attack == "grid" else None)
     except SettingError as error:
         raise SettingError(f"{error} (cell {cell.cell_id}: model {cell.model.name}, {cell.attack} {cell.norm} "
                          f"eps={cell.eps:.4g} steps={cell.steps})") from error

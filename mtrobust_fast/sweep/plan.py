@@ -7,6 +7,7 @@ it has already finished, and a changed or retrained checkpoint is never mistaken
 """
 import hashlib
 import itertools
+import math
 import json
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +40,8 @@ KEYS = {
     "batch_size": (16, "int"),
     "gradients": (True, "bool"),
     "deterministic": (False, "bool"),
+    "grid_weights": (None, "weights?"),
+    "grid_task": (None, "task?"),
 }
 SET_WORDS = ("main", "all", "subsets")
 MODEL_KEYS = ("checkpoint", "train", "name", "main", "surrogate")
@@ -82,6 +85,8 @@ class Cell:
     batch_size: int
     gradients: bool
     deterministic: bool
+    grid_weights: object = None  # the grid attack's settings (None for every other attack, and the default)
+    grid_task: object = None
 
     def settings(self):
         """The cell as plain data (the model flattened), e.g. for a tracker or a Ray task."""
@@ -138,6 +143,11 @@ def _value(key, kind, value):
             return str(value)
         if kind == "task" and isinstance(value, str):
             return task_registry.get_task(value).letter
+        if kind == "weights" and isinstance(value, (list, str)):
+            values = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+            if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
+                raise ValueError(f"weights must be finite, >= 0 and not all 0, got {value!r}")
+            return values
     except Exception as error:
         raise PlanError(f"{key}: {error}") from None
     choices = {"attack": tuple(ATTACKS), "norm": NORMS, "split": SPLITS, "units": ("1", "255")}.get(kind)
@@ -326,6 +336,8 @@ def expand(settings, out):
                           seed=seed, sets=sets, data=data, split=settings["split"], limit=settings["limit"],
                           size=settings["size"], batch_size=settings["batch_size"],
                           gradients=settings["gradients"], deterministic=settings["deterministic"])
+            if attack == "grid":  # only grid cells carry (and hash) the grid's settings
+                values.update(grid_weights=settings["grid_weights"], grid_task=settings["grid_task"])
             cell_id = _hash({"model": model.identity, **values})[:20]
             cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values))
     return list(cells.values())
