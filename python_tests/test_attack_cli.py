@@ -133,6 +133,10 @@ def test_quickstart_model_sets_and_table_rows():
 
     rows = quickstart.table1_rows("s", {"s": summary("s", 0.9, 0.5), "sd": summary("sd", 0.8, 0.25, 0.125)})
     assert rows == [("∅", "0.900", "0.500", "-"), ("d", "0.800", "0.250", "0.125")]
+    two_seeds = {"s": [summary("s", 0.9, 0.5), summary("s", 0.8, 0.3)],
+                 "sd": [summary("sd", 0.8, 0.25, 0.125), summary("sd", 0.8, float("nan"), 0.375)]}
+    assert quickstart.table1_rows("s", two_seeds) == [("∅", "0.850 ± 0.050", "0.400 ± 0.100", "-"),
+                                                      ("d", "0.800 ± 0.000", "nan", "0.250 ± 0.125")]
 
 
 @pytest.mark.slow
@@ -143,13 +147,15 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("Table 1"):]
     assert "rel vuln single-task attack" in table and "\n∅ " in table and "\nd " in table
+    assert "mean ± half the range over 2 models per row (seeds 0-1)" in table and " ± " in table
     assert (tmp_path / "resnet18_sd" / "attack_pgd_linf" / "results.json").exists()
+    assert (tmp_path / "resnet18_sd_seed1" / "attack_pgd_linf" / "results.json").exists()
     # only what the quickstart reads stays on disk: weights without optimiser state, no best.pt
     assert sorted(p.name for p in (tmp_path / "resnet18_sd").glob("*.pt")) == ["last.pt"]
     assert "optimizer" not in torch.load(tmp_path / "resnet18_sd" / "last.pt", weights_only=True)["meta"]
     assert cli_main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("reusing") == 2 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
+    assert again.count("reusing") == 4 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
         table.split("\nquickstart wall")[0]
 
 

@@ -19,7 +19,7 @@ from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli import attack as attack_cli
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, seed, workers
+from mtrobust_fast.cli.args import MAX_SEED, add_budget_units, budget, pixel_budgets, positive_int, seed, workers
 from mtrobust_fast.data import synth
 from mtrobust_fast.training import TrainConfig, train
 from mtrobust_fast.files import atomic_write
@@ -51,7 +51,10 @@ def add_arguments(parser):
     parser.add_argument("--attack-limit", type=positive_int, default=None,
                         help="attack only the first N validation images (default: all)")
     parser.add_argument("--workers", type=workers, default=1, help="data-loading processes (default 1)")
-    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed of the first model of each task set (default 0)")
+    parser.add_argument("--seeds", type=positive_int, default=2,
+                        help="models trained per task set, with seeds SEED, SEED+1, ...; Table 1 gives the mean and "
+                             "the spread over them (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -75,11 +78,17 @@ def _records(run_dir):
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _train(args, data, tasks, run_dir):
+def run_dir_of(args, tasks, seed):
+    """Where the model of ``tasks`` trained with ``seed`` lives (the first seed keeps the plain name)."""
+    suffix = "" if seed == args.seed else f"_seed{seed}"
+    return args.workdir / f"resnet18_{tasks}{suffix}"
+
+
+def _train(args, data, tasks, run_dir, seed):
     """Train (or finish training) one model, then keep only what the quickstart reads: ``last.pt`` without the
     optimiser state, no ``best.pt`` (a third of the disk per model). ValueError on a bad setting."""
     train(TrainConfig(data=str(data), out=str(run_dir), tasks=tasks, encoder="resnet18", size=args.size,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, seed=args.seed,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, seed=seed,
                       workers=args.workers, val_before=True, resume=True, save_every=0,
                       progress=not args.no_progress))
     last = run_dir / LAST
@@ -103,12 +112,12 @@ def attack_settings(args):
     return (args.alpha if args.alpha is not None else cls.default_alpha(args.eps, steps or 1)), steps
 
 
-def _attack(args, data, tasks, run_dir):
+def _attack(args, data, tasks, run_dir, seed):
     """The attack results of one model (read back from its JSON when made with the same settings)."""
     out = run_dir / f"attack_{args.attack}_{args.norm}"
     alpha, steps = attack_settings(args)
     wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": steps or 1,
-              "limit": args.attack_limit, "seed": args.seed, "checkpoint_epoch": args.epochs}
+              "limit": args.attack_limit, "seed": seed, "checkpoint_epoch": args.epochs}
     json_path = attack_cli.output_paths(out)[1]
     if json_path.exists():
         saved = json.loads(json_path.read_text())
@@ -118,7 +127,7 @@ def _attack(args, data, tasks, run_dir):
     config, summary = evaluation.evaluate_checkpoint(
         run_dir / LAST, data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=alpha,
         steps=steps, sets=[args.main, "all"], batch_size=args.batch_size,
-        limit=args.attack_limit, seed=args.seed, workers=args.workers, progress=not args.no_progress)
+        limit=args.attack_limit, seed=seed, workers=args.workers, progress=not args.no_progress)
     print(attack_cli.format_report(config, summary))
     attack_cli.write_results(out, config, summary, metrics.summary_rows(summary))
     return summary
@@ -139,22 +148,31 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def _value(x):
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _value(values):
+    """A value, or the mean ± half the range of several (one per seed); "nan" when any is undefined."""
+    values = values if isinstance(values, list) else [values]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return "nan"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
 def table1_rows(main, results):
     """Rows (auxiliary, clean error, rel. vulnerability single-task attack, multi-task attack) of the main task;
-    ``results``: ``{task set: attack summary}``. The main task alone has no multi-task attack ("-")."""
+    ``results``: ``{task set: [attack summary per seed]}`` (or one summary). With several seeds each cell is the
+    mean ± half the range over them. The main task alone has no multi-task attack ("-")."""
     main_task = task_registry.get_task(main)
     rows = []
-    for tasks, summary in results.items():
+    for tasks, summaries in results.items():
+        summaries = summaries if isinstance(summaries, list) else [summaries]
+
         def rel_vuln(attacked):
-            return summary["attacks"][attacked]["tasks"][main_task.name]["rel_vuln"]
+            return [summary["attacks"][attacked]["tasks"][main_task.name]["rel_vuln"] for summary in summaries]
 
         multi = "-" if tasks == main_task.letter else _value(rel_vuln(tasks))
-        rows.append((tasks.replace(main_task.letter, "") or "∅", _value(summary["clean"][main_task.name]["error"]),
-                     _value(rel_vuln(main_task.letter)), multi))
+        clean = [summary["clean"][main_task.name]["error"] for summary in summaries]
+        rows.append((tasks.replace(main_task.letter, "") or "∅", _value(clean), _value(rel_vuln(main_task.letter)),
+                     multi))
     return rows
 
 
@@ -162,6 +180,9 @@ def run(args):
     start = time.perf_counter()
     try:
         pixel_budgets(args)
+        if args.seed + args.seeds - 1 > MAX_SEED:
+            raise ValueError(f"--seeds: seeds {args.seed} to {args.seed + args.seeds - 1} pass the largest seed "
+                             f"{MAX_SEED}")
         sets = model_sets(args.main, args.models)
         attack_settings(args)
     except ValueError as error:
@@ -173,25 +194,34 @@ def run(args):
         synth.synthesize(data, args.images, size=args.size, seed=args.seed, progress=not args.no_progress,
                          buildings=buildings)
     clean_rows, results = [], {}
+    seeds = range(args.seed, args.seed + args.seeds)
     for tasks in sets:
-        run_dir = args.workdir / f"resnet18_{tasks}"
-        try:
-            _train(args, data, tasks, run_dir)
-            clean_rows += _clean_rows(tasks, run_dir)
-            results[tasks] = _attack(args, data, tasks, run_dir)
-        except ValueError as error:
-            print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
-            return 2
+        for seed_value in seeds:
+            run_dir = run_dir_of(args, tasks, seed_value)
+            try:
+                _train(args, data, tasks, run_dir, seed_value)
+                clean_rows += _clean_rows(tasks if args.seeds == 1 else f"{tasks} (seed {seed_value})", run_dir)
+                results.setdefault(tasks, []).append(_attack(args, data, tasks, run_dir, seed_value))
+            except ValueError as error:
+                print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
+                return 2
     print(f"\nClean validation metrics, ResNet-18 at {args.size} px, {args.epochs} epochs "
           f"(mIoU and pixel accuracy: higher is better; losses, L1, MSE: lower is better)")
     print(_table(("model", "task", "metric", "before", "after"), clean_rows))
     main = task_registry.get_task(args.main)
-    samples = next(iter(results.values()))["samples"]
+    scores = {tasks: [_records(run_dir_of(args, tasks, k))[-1]["val"]["tasks"].get(main.name, {}).get("miou")
+                      for k in seeds] for tasks in sets}
+    if all(v is not None for values in scores.values() for v in values):
+        print(f"\nmIoU of {main.letter} on the validation images after training (per model; the dataset mIoU over "
+              f"the classes present): " + ", ".join(f"{tasks} {_value(values)}" for tasks, values in scores.items()))
+    samples = next(iter(results.values()))[0]["samples"]
     print(f"\nTable 1 (Baseline A) in miniature: main task {main.letter} ({main.name}), {args.attack.upper()} "
           f"{args.norm} eps={args.eps:.4g}, {attack_settings(args)[1] or 1} steps, {samples} validation images. The clean "
           f"per-image error of {main.letter} (averaged over images: 1 - the image's own mIoU for s, masked MSE "
           f"otherwise; not 1 - the dataset mIoU above) and its relative vulnerability (lower is better) when only "
-          f"{main.letter} is attacked and when all the model's tasks are attacked.")
+          f"{main.letter} is attacked and when all the model's tasks are attacked"
+          + (f"; mean ± half the range over {args.seeds} models per row (seeds {seeds[0]}-{seeds[-1]})."
+             if args.seeds > 1 else "."))
     print(_table(("auxiliary", f"per-image error {main.letter}", "rel vuln single-task attack",
                   "rel vuln multi-task attack"), table1_rows(main.letter, results)))
     print(f"\nquickstart wall time {time.perf_counter() - start:.0f} s")
