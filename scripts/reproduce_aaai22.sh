@@ -62,7 +62,7 @@ mtrobust-fast select --main s --candidates dDnE --full "$OUT/full/results.parque
 mtrobust-fast report "$OUT/full/results.parquet" --selection "$OUT/selection" --out "$OUT/report"
 
 # ---- analyses: factor boxplots, strategy differences, complexity, panels, CKA, landscape ----
-ANALYSIS_LIMIT=${ANALYSIS_LIMIT:-16}    # val images per analysis cell
+ANALYSIS_LIMIT=${ANALYSIS_LIMIT:-8}     # val images per analysis cell
 ANALYSIS_NORMS=${ANALYSIS_NORMS:-linf}  # "linf,l2" adds the norm boxplot (the eps are then L2 radii too)
 {
   echo "data: $OUT/data"
@@ -78,6 +78,7 @@ ANALYSIS_NORMS=${ANALYSIS_NORMS:-linf}  # "linf,l2" adds the norm boxplot (the e
   echo "split: val"
   echo "limit: $ANALYSIS_LIMIT"
   echo "batch_size: 16"
+  echo "gradients: false"
   echo "deterministic: true"
 } > "$OUT/analysis.yaml"
 mtrobust-fast sweep --config "$OUT/analysis.yaml" --out "$OUT/analysis"
