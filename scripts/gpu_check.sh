@@ -3,7 +3,7 @@
 #   1. build the extension with its CUDA kernels (for this GPU's architecture only, to save time);
 #   2. run the CUDA tests (fused-op properties and errors against the oracle, on the GPU) and the attack and
 #      adversarial-training tests (which then also exercise the CUDA op through the attacks);
-#   3. run bench_ops.py, bench_attack.py and bench_train.py on the GPU;
+#   3. run bench_ops.py, bench_attack.py, bench_train.py and bench_eval.py on the GPU;
 # then print one summary: each step's status and its key lines. Logs go to $OUT (or ./gpu_check_logs).
 # Nothing here installs from the network: missing Python packages are reported, and the steps that need
 # them are marked as skipped.
@@ -53,6 +53,7 @@ step cuda_tests 240 python -m pytest -q -p no:cacheprovider -rs python_tests/tes
 step bench_ops 120 python scripts/bench_ops.py --device cuda --repeats 20
 step bench_attack 150 python scripts/bench_attack.py --device cuda --size 256 --batch 64 --autocast bf16 --repeats 5 --steps 4
 step bench_train 150 python scripts/bench_train.py --device cuda --batch 256 --autocast bf16 --channels-last --repeats 5
+step bench_eval 100 python scripts/bench_eval.py --device cuda --work "$LOGS/bench_eval" --images 128 --classifier-epochs 4
 
 echo
 echo "================ GPU check summary ================"
@@ -60,5 +61,6 @@ cat "$LOGS/gpu.txt" "$LOGS/env.txt"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 echo "-- tests:"; tail -n 3 "$LOGS/cuda_tests.log"
 echo "-- bench_ops:"; tail -n 14 "$LOGS/bench_ops.log"
-echo "-- bench_attack:"; tail -n 12 "$LOGS/bench_attack.log"
+echo "-- bench_attack:"; tail -n 14 "$LOGS/bench_attack.log"
 echo "-- bench_train:"; tail -n 10 "$LOGS/bench_train.log"
+echo "-- bench_eval:"; tail -n 16 "$LOGS/bench_eval.log"
