@@ -5,8 +5,8 @@
 # every trained model (both epoch budgets) under Vanilla (pgd), Weighted (wgd) and Cyclic (cyclic_step) attacks at two
 # budgets, for the factor boxplots with Wilcoxon tests and the strategy difference heatmaps, plus model complexity,
 # adversarial-example panels, CKA between the two epoch budgets' models and a loss landscape.
-# Defaults finish in well under 30 minutes on a 2-core CPU; re-running resumes (finished models and cells are
-# reused). Scale up with the variables below, e.g. IMAGES=2000 SIZE=128 EPOCHS=30 bash scripts/reproduce_aaai22.sh.
+# On a 2-core CPU shared with other work the defaults took about 50 minutes in all (the analyses' 180-cell sweep
+# about 10 of them); re-running resumes (finished models and cells are reused). Scale up with the variables below, e.g. IMAGES=2000 SIZE=128 EPOCHS=30 bash scripts/reproduce_aaai22.sh.
 #
 #   bash scripts/reproduce_aaai22.sh [OUT]        (default OUT: aaai22-repro)
 set -euo pipefail
