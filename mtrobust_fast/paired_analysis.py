@@ -226,7 +226,7 @@ def attacks_side_by_side(table, out, metric="adv_error", shown=60):
     lines = [f"{metric.replace('_', ' ')} under each attack (higher: the attack hurts more); the ensemble's worst "
              f"case takes, per image, the worst of its members. All rows in `{path.name}`.", ""]
     for config, group in (wide.groupby(keys, sort=True) if keys else [("all", wide)]):
-        label = results_table.config_label(keys, config if isinstance(config, tuple) else (config,)) if keys else ""
+        label = " ".join(f"{k}={_short(v)}" for k, v in zip(keys, config if isinstance(config, tuple) else (config,)))
         if label:
             lines += [f"{label}:", ""]
         lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
@@ -236,6 +236,14 @@ def attacks_side_by_side(table, out, metric="adv_error", shown=60):
             lines.append(f"_({len(group) - shown} more rows in the CSV)_")
         lines.append("")
     return lines, [path]
+
+
+def _short(text):
+    """A setting read back as text, numbers shortened ("0.01568627..." -> "0.01569")."""
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
 
 
 def _task_order(letter):
