@@ -175,16 +175,21 @@ class Attack(abc.ABC):
         ``self(x, ...)`` with ``target_tasks=subsets[s]`` (same seed and sample ids).
         """
         x, targets, masks, ids = self._check_batch(x, targets, masks, sample_ids)
+        named = self._subset_names(subsets)
+        repeats = len(named)
+        adv = self._attack(_rows(x, repeats), {k: _rows(v, repeats) for k, v in targets.items()},
+                           {k: _rows(v, repeats) for k, v in masks.items()}, named, ids.repeat(repeats))
+        return adv.reshape(repeats, *x.shape)
+
+    def _subset_names(self, subsets):
+        """Attacked sets as lists of task names; None means every non-empty subset of ``target_tasks``."""
         if subsets is None:
             subsets = [list(c) for k in range(1, len(self.target_tasks) + 1)
                        for c in combinations(self.target_tasks, k)]
         named = [self.task_names(s) for s in subsets]
         if not named:
             raise ValueError("subsets is empty")
-        repeats = len(named)
-        adv = self._attack(_rows(x, repeats), {k: _rows(v, repeats) for k, v in targets.items()},
-                           {k: _rows(v, repeats) for k, v in masks.items()}, named, ids.repeat(repeats))
-        return adv.reshape(repeats, *x.shape)
+        return named
 
     @torch.no_grad()
     def outputs(self, x):

@@ -10,7 +10,6 @@ are at least as bad for the model as any member's; the point it returns for a sa
 raised the attacked set's summed error most. AutoAttack(version="dense") builds it.
 """
 import time
-from itertools import combinations
 
 import torch
 
@@ -63,12 +62,7 @@ class DenseEnsemble(Attack):
     def run_subsets(self, x, targets, masks=None, subsets=None, sample_ids=None):
         """One attacked set after the other (the members differ between sets); each set keeps its own summary.
         ``subsets``: default every non-empty subset of ``target_tasks``, as for the other attacks."""
-        if subsets is None:
-            subsets = [list(c) for k in range(1, len(self.target_tasks) + 1)
-                       for c in combinations(self.target_tasks, k)]
-        named = [self.task_names(s) for s in subsets]
-        if not named:
-            raise ValueError("subsets is empty")
+        named = self._subset_names(subsets)
         kept = self.target_tasks
         try:
             results = []

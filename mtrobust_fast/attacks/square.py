@@ -48,11 +48,14 @@ def pattern(side):
     return values / values.norm()
 
 
-def _windows(tops, lefts, side, height, width, device):
-    """[n, 1, H, W] masks of one side×side window per sample at (tops, lefts) [n, 1]."""
+def _windows(count, side, height, width, gen, device):
+    """Random side×side windows, one per sample: (tops [n, 1], lefts [n, 1], masks [n, 1, H, W])."""
+    tops = torch.randint(0, height - side + 1, (count, 1), generator=gen, device=device)
+    lefts = torch.randint(0, width - side + 1, (count, 1), generator=gen, device=device)
     ys = torch.arange(height, device=device)[None, :]
     xs = torch.arange(width, device=device)[None, :]
-    return (((ys >= tops) & (ys < tops + side))[:, None, :, None] & ((xs >= lefts) & (xs < lefts + side))[:, None, None, :])
+    masks = ((ys >= tops) & (ys < tops + side))[:, None, :, None] & ((xs >= lefts) & (xs < lefts + side))[:, None, None, :]
+    return tops, lefts, masks
 
 
 class Square(Attack):
@@ -102,26 +105,25 @@ class Square(Attack):
 
         adv = (x0 + eps * draw(count, channels, 1, width)).clamp(self.lo, self.hi)
         best = self._margin(adv, labels)
-        lines_y = torch.arange(height, device=x0.device)[None, :]
-        lines_x = torch.arange(width, device=x0.device)[None, :]
         for query in range(self.steps):
             index = (best > 0).nonzero().flatten()
             if index.numel() == 0:
                 break
             fraction = square_fraction(self.p_init, query, self.steps)
             side = max(1, min(height - 1, round(math.sqrt(fraction * height * width))))
-            top = torch.randint(0, height - side + 1, (index.numel(), 1), generator=gen, device=x0.device)
-            left = torch.randint(0, width - side + 1, (index.numel(), 1), generator=gen, device=x0.device)
-            window = (((lines_y >= top) & (lines_y < top + side))[:, None, :, None]
-                      & ((lines_x >= left) & (lines_x < left + side))[:, None, None, :])
+            _, _, window = _windows(index.numel(), side, height, width, gen, x0.device)
             signed = eps[index] * draw(index.numel(), channels, 1, 1)
             candidate = (x0[index] + torch.where(window, signed, adv[index] - x0[index])).clamp(self.lo, self.hi)
-            value = self._margin(candidate, labels[index])
-            better = value < best[index]
-            adv[index[better]] = candidate[better]
-            best[index[better]] = value[better]
-            self._record(best[:, None])
+            self._keep_better(adv, best, index, candidate, labels)
         return adv
+
+    def _keep_better(self, adv, best, index, candidate, labels):
+        """Query the margin at the candidates of the samples ``index``; keep each where it went down (in place)."""
+        value = self._margin(candidate, labels[index])
+        better = value < best[index]
+        adv[index[better]] = candidate[better]
+        best[index[better]] = value[better]
+        self._record(best[:, None])
 
     def _l2_search(self, rows):
         """From a grid of random-sign patterns at norm eps, move two windows' energy into one per query."""
@@ -156,40 +158,32 @@ class Square(Attack):
             side = max(3, round(math.sqrt(fraction * height * width)))
             side = min(side + 1 - side % 2, height, width)  # odd, so the pattern has a centre
             current = adv[index] - x0[index]
-            first = _windows(torch.randint(0, height - side + 1, (n, 1), generator=gen, device=device),
-                             torch.randint(0, width - side + 1, (n, 1), generator=gen, device=device),
-                             side, height, width, device)
-            second = _windows(torch.randint(0, height - side + 1, (n, 1), generator=gen, device=device),
-                              torch.randint(0, width - side + 1, (n, 1), generator=gen, device=device),
-                              side, height, width, device)
+            tops, lefts, first = _windows(n, side, height, width, gen, device)
+            _, _, second = _windows(n, side, height, width, gen, device)
             both = (first | second).to(x0.dtype)
             unused = (eps[index] ** 2 - current.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)).clamp_min(0)
             energy = (current * both).flatten(1).pow(2).sum(1).view(-1, 1, 1, 1) + unused
             shape = pattern(side).to(device=device, dtype=x0.dtype)
             transposed = torch.randint(0, 2, (n, 1, 1, 1), generator=gen, device=device).bool()
             shapes = torch.where(transposed, shape.T, shape)  # [n, 1, side, side]
-            placed = self._place(shapes, first, side) * signs(n, channels, 1, 1)
+            placed = self._place(shapes, tops, lefts, first) * signs(n, channels, 1, 1)
             old = current * first
             old_norm = old.flatten(2).norm(dim=2).clamp_min(1e-12)[:, :, None, None]
             new = old / old_norm + placed
             new = new / new.flatten(2).norm(dim=2).clamp_min(1e-12)[:, :, None, None] * (energy / channels).sqrt()
             proposal = torch.where(first, new, torch.where(second, torch.zeros_like(current), current))
             candidate = (x0[index] + on_sphere(proposal, eps[index])).clamp(self.lo, self.hi)
-            value = self._margin(candidate, labels[index])
-            better = value < best[index]
-            adv[index[better]] = candidate[better]
-            best[index[better]] = value[better]
-            self._record(best[:, None])
+            self._keep_better(adv, best, index, candidate, labels)
         return adv
 
     @staticmethod
-    def _place(shapes, window, side):
-        """Each sample's side×side ``shapes`` [n, 1, side, side] written where its ``window`` mask [n, 1, H, W] is."""
+    def _place(shapes, tops, lefts, window):
+        """Each sample's side×side ``shapes`` [n, 1, side, side] written into its ``window`` [n, 1, H, W], whose top
+        left corner is (``tops``, ``lefts``) [n, 1]."""
         n, _, height, width = window.shape
-        tops = window.any(3)[:, 0].float().argmax(1)
-        lefts = window.any(2)[:, 0].float().argmax(1)
-        ys = (torch.arange(height, device=window.device)[None, :] - tops[:, None]).clamp(0, side - 1)
-        xs = (torch.arange(width, device=window.device)[None, :] - lefts[:, None]).clamp(0, side - 1)
+        side = shapes.shape[-1]
+        ys = (torch.arange(height, device=window.device)[None, :] - tops).clamp(0, side - 1)
+        xs = (torch.arange(width, device=window.device)[None, :] - lefts).clamp(0, side - 1)
         picked = shapes[:, 0][torch.arange(n, device=window.device)[:, None, None], ys[:, :, None], xs[:, None, :]]
         return picked[:, None] * window
 
