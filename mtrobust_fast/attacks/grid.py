@@ -72,22 +72,23 @@ class GridPGD(PGD):
             picked.append(candidates[best, torch.arange(block, device=x.device)])
         return torch.cat(picked)
 
+    def _chosen(self, group):
+        """The task whose error picks the point of an attacked set."""
+        return self.grid_task or list(group)[0]
+
     def _chosen_scores(self, adv, targets, masks, index, attacked_sets, owners):
         """(error, loss) [rows] of each row's chosen task at its adversarial point."""
-        with torch.no_grad(), self._model_mode():
-            outputs = self.model(self._prepare(adv))
+        outputs = self.outputs(adv)
         by_name = {s.name: s for s in self.specs}
         errors, losses = torch.empty(adv.shape[0], dtype=torch.float64), torch.empty(adv.shape[0], dtype=torch.float64)
         block = adv.shape[0] // len(owners)
-        for name in dict.fromkeys(self.grid_task or list(group)[0] for group in attacked_sets):
+        for name in dict.fromkeys(self._chosen(group) for group in attacked_sets):
             rows = torch.cat([torch.arange(j * block, (j + 1) * block) for j, owner in enumerate(owners)
-                              if (self.grid_task or list(attacked_sets[owner])[0]) == name])
+                              if self._chosen(attacked_sets[owner]) == name])
             spec, on_device = by_name[name], rows.to(adv.device)
             output = opmath(spec.output(outputs))[on_device]
             target, mask = targets[name][index][on_device], masks.get(name)
             mask = None if mask is None else mask[index][on_device]
-            with torch.no_grad():
-                loss = spec.loss(output, target, mask).double().cpu()
-                error = loss if spec.error is None else spec.error(output, target, mask).double().cpu()
-            errors[rows], losses[rows] = error, loss
+            losses[rows] = spec.loss(output, target, mask).double().cpu()
+            errors[rows] = losses[rows] if spec.error is None else spec.error(output, target, mask).double().cpu()
         return errors.to(adv.device), losses.to(adv.device)
