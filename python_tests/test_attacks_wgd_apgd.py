@@ -155,7 +155,7 @@ def test_wgd_normalised_task_gradients_match_explicit_per_task_gradients(norm, e
     atk = WGD(model, batched_vjp=True, **kwargs)
     torch.testing.assert_close(atk(x0, targets, masks), x, rtol=0, atol=1e-12)
     assert atk._batched_vjp  # the batched vector-Jacobian product worked on this model
-    looped = WGD(model, **kwargs)  # on the CPU: one backward per task, the same points
+    looped = WGD(model, **kwargs)  # the default: one backward per task, the same points
     torch.testing.assert_close(looped(x0, targets, masks), x, rtol=0, atol=1e-12)
     assert looped._batched_vjp is False
 

@@ -211,7 +211,14 @@ class Attack(abc.ABC):
         """One restart from start point ``x`` (modified in place or replaced); returns the final points."""
 
     def _task_losses(self, x, targets, masks, names, task_rows=None):
-        """[R, len(names)] per-sample losses at x (graph kept when x requires grad).
+        """[R, len(names)] per-sample losses at x (graph kept when x requires grad); see
+        :meth:`_task_loss_columns`."""
+        return torch.stack(self._task_loss_columns(x, targets, masks, names, task_rows), dim=1)
+
+    def _task_loss_columns(self, x, targets, masks, names, task_rows=None):
+        """The per-sample losses [R] of each task of ``names``, as separate tensors: the gradient of one column
+        back-propagates through the encoder and that task's head only (a column of a stacked tensor would also
+        send zeros back through every other head).
 
         With ``task_rows`` (task name -> row indices or None for all rows) and a :class:`MultiTaskModel`, the
         shared encoder runs once and each task head only on the rows that attack that task; the other
@@ -221,8 +228,7 @@ class Attack(abc.ABC):
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if task_rows is None or not self._splits_heads(names):
                 outputs = self.model(x)
-                return torch.stack([by_name[n].loss(opmath(by_name[n].output(outputs)), targets[n],
-                                                    masks.get(n)) for n in names], dim=1)
+                return [by_name[n].loss(opmath(by_name[n].output(outputs)), targets[n], masks.get(n)) for n in names]
             representation = self.model.encode(x)
             columns = []
             for n in names:
@@ -235,7 +241,7 @@ class Attack(abc.ABC):
                 mask = masks.get(n)
                 loss = by_name[n].loss(output, targets[n][index], None if mask is None else mask[index])
                 columns.append(loss.new_zeros(x.shape[0]).index_copy(0, index, loss))
-            return torch.stack(columns, dim=1)
+            return columns
 
     def _step_specs(self):
         """The specs with the losses of this step: the tasks' own, or the ``dense_loss`` objective at the

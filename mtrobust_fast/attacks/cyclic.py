@@ -27,13 +27,17 @@ class CyclicStep(PGD):
     def _cyclic_step(self, x, rows, turn, seen, first):
         """One in-place step on the tasks of ``turn`` [R, T]; returns the updated (seen, first-inclusion losses)."""
         xg = x.detach().requires_grad_(True)
-        losses = self._row_losses(xg, rows)
+        columns = self._task_loss_columns(xg, rows.targets, rows.masks, rows.active, rows.task_rows)
+        losses = torch.stack(columns, dim=1)
         self._record(losses)
         current = losses.detach()
         new = turn & ~seen
         first = torch.where(new, torch.where(current > 0, current, torch.ones_like(current)), first)
         weights = torch.where(turn, rows.weights / first, torch.zeros_like(first))
-        (grad,) = torch.autograd.grad((weights * losses).sum(), xg)
+        # Only the columns some row ascends this step: the other heads are not back-propagated at all.
+        ascended = turn.any(dim=0).nonzero().flatten().tolist()
+        objective = sum((weights[:, t] * columns[t]).sum() for t in ascended) if ascended else (weights * losses).sum()
+        (grad,) = torch.autograd.grad(objective, xg)
         self._step(x, rows, grad.unsqueeze(0))
         return seen | turn, first
 
