@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mtrobust_fast.attacks import APGDT, FAB, PGD, AutoAttack, Square, build_attack, classification
+from mtrobust_fast.attacks import APGD, APGDT, FAB, PGD, AutoAttack, Square, build_attack, classification
 from mtrobust_fast.attacks.fab import project_onto_hyperplane
 from mtrobust_fast.attacks.square import margin, pattern, square_fraction
 from mtrobust_fast.classification import targeted_dlr
@@ -132,17 +132,17 @@ def test_the_cascade_equals_every_member_on_every_point(trained):
     assert report["apgd-ce"]["robust_accuracy"] >= report["apgd-t"]["robust_accuracy"]
 
 
-def test_zero_gradients_and_probabilities_are_flagged_and_unimplemented_versions_refused(trained):
+def test_zero_gradients_and_probabilities_are_flagged_and_bad_versions_refused(trained):
     model, x, labels = trained
     with pytest.warns(UserWarning, match="input gradient of exactly zero"):
         AutoAttack(Quantised(model).eval(), [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
     probabilities = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     with pytest.warns(UserWarning, match="look like probabilities"):
         AutoAttack(probabilities, [classification("label")], eps=0.2, steps=3, queries=20)(x, labels)
-    with pytest.raises(ValueError, match="untargeted FAB"):
-        AutoAttack(model, [classification("label")], version="plus")
-    with pytest.raises(ValueError, match="EOT"):
-        AutoAttack(model, [classification("label")], version="rand")
+    with pytest.raises(ValueError, match="version must be"):
+        AutoAttack(model, [classification("label")], version="strong")
+    with pytest.raises(ValueError, match="'plus' runs apgd-ce, apgd-dlr, fab, square, apgd-t, fab-t"):
+        AutoAttack(model, [classification("label")], version="plus", attacks=["square"])
     with pytest.raises(ValueError, match="chooses the members of version='custom'"):
         AutoAttack(model, [classification("label")], version="standard", attacks=["square"])
     assert AutoAttack(model, [classification("label")]).attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -220,6 +220,97 @@ def test_fab_finds_points_inside_the_budget_as_often_as_torchattacks(trained, no
     assert fooled <= _accuracy(model, theirs, labels) + 0.01
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", 0.2), ("l2", 1.0)])
+def test_untargeted_fab_takes_the_nearest_boundary_and_matches_torchattacks(trained, norm, eps):
+    model, x, labels = trained
+    fab = FAB(model, [classification("label")], eps=eps, norm=norm, steps=100, targeted=False)
+    # the first linearisation of a linear model: the class with the smallest |z_y - z_k| / ||w_y - w_k||_*
+    f, w = fab._linearise(x, labels, None)
+    weight = model[1].weight.detach()
+    with torch.no_grad():
+        logits = model(x)
+    gaps = logits.gather(1, labels[:, None]) - logits
+    normals = weight[labels][:, None, :] - weight[None]
+    dual = normals.abs().sum(2) if norm == "linf" else normals.norm(dim=2)
+    distance = (gaps.abs() / dual).scatter(1, labels[:, None], float("inf"))
+    nearest = distance.argmin(1)
+    torch.testing.assert_close(f, gaps.gather(1, nearest[:, None])[:, 0])
+    torch.testing.assert_close(w.flatten(1), normals[torch.arange(len(x)), nearest])
+    adv = fab(x, labels)
+    assert _distance(adv - x, norm).max() <= eps * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1
+    fooled = _accuracy(model, adv, labels)
+    assert fooled < _accuracy(model, x, labels) - 0.3
+    torchattacks = pytest.importorskip("torchattacks")
+    theirs = torchattacks.FAB(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=100, n_classes=6,
+                              multi_targeted=False, n_restarts=1, seed=0)(x, labels)
+    assert fooled <= _accuracy(model, theirs, labels) + 0.01
+
+
+def test_plus_runs_every_member_with_its_restarts_on_the_points_still_robust(trained, monkeypatch):
+    model, x, labels = trained
+    runs = []
+    original = AutoAttack._member
+
+    def counted(self, name, eps, restarts=1, restart=0):
+        member = original(self, name, eps, restarts, restart)
+        runs.append((name, restart, len(eps), getattr(member, "fab_restarts", None)))
+        return member
+
+    monkeypatch.setattr(AutoAttack, "_member", counted)
+    plus = AutoAttack(model, [classification("label")], version="plus", eps=0.05, steps=5, queries=30)
+    adv = plus(x, labels)
+    assert plus.attacks == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+    assert _distance(adv - x, "linf").max() <= 0.05 * (1 + 1e-6)
+    apgd_ce = [run for run in runs if run[0] == "apgd-ce"]
+    assert [run[1] for run in apgd_ce] == list(range(len(apgd_ce))) and 1 <= len(apgd_ce) <= 5
+    sizes = [run[2] for run in runs]
+    assert sizes == sorted(sizes, reverse=True)  # each run only on the points every earlier one left robust
+    assert [run[3] for run in runs if run[0] == "fab"] in ([], [5])  # FAB restarts inside its one run
+    assert [run[3] for run in runs if run[0] == "fab-t"] in ([], [1])
+    report = plus.summary()
+    assert list(report) == list(plus.attacks)
+    assert report["fab-t"]["robust_accuracy"] == pytest.approx(_accuracy(model, adv, labels))
+
+
+class Noisy(torch.nn.Module):
+    """A randomised model: Gaussian noise on the input at every pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.05 * torch.randn_like(x))
+
+
+def test_rand_averages_gradients_over_passes_and_warns_on_a_deterministic_model(trained):
+    model, x, labels = trained
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        APGD(model, [classification("label")], eps=0.05, steps=3, eot=4)(x, labels)
+        assert len(calls) == 4 * 3 + 4  # 3 gradient steps x 4 passes, and the last iterate scored x 4
+    finally:
+        hook.remove()
+    # a deterministic model: averaging 4 identical gradients gives the same walk
+    one = APGD(model, [classification("label")], eps=0.05, steps=4, seed=3)(x, labels)
+    four = APGD(model, [classification("label")], eps=0.05, steps=4, seed=3, eot=4)(x, labels)
+    torch.testing.assert_close(four, one, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="eot must be"):
+        APGD(model, [classification("label")], eot=0)
+    with pytest.warns(UserWarning, match="version='rand' is for models with randomness"):
+        AutoAttack(model, [classification("label")], version="rand", eps=0.05, steps=2)(x, labels)
+    noisy = Noisy(model).eval()
+    with pytest.warns(UserWarning, match="version='rand' averages"):
+        AutoAttack(noisy, [classification("label")], eps=0.05, steps=2, queries=5)(x, labels)
+    torch.manual_seed(0)
+    rand = AutoAttack(noisy, [classification("label")], version="rand", eps=0.2, steps=10)
+    adv = rand(x, labels)
+    assert list(rand.summary()) == ["apgd-ce", "apgd-dlr"]
+    assert _distance(adv - x, "linf").max() <= 0.2 * (1 + 1e-6)
+    assert _accuracy(model, adv, labels) < _accuracy(model, x, labels) - 0.3
+
+
 def test_l2_square_stays_on_budget_and_fools_a_zero_gradient_model(trained):
     model, x, labels = trained
     quantised = Quantised(model).eval()
@@ -249,6 +340,15 @@ def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_me
     assert "cascade (robust accuracy after each member" in printed and "apgd-t" in printed
     members = json.loads((out / "results.json").read_text())["summary"]["members"]
     assert list(members) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    with pytest.warns(UserWarning, match="version='rand' is for models with randomness"):
+        assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack",
+                         "autoattack", "--aa-version", "rand", "--steps", "2", "--target", "class", "--no-gradients",
+                         "--no-progress", "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["summary"]["members"]) == ["apgd-ce", "apgd-dlr"] and saved["config"]["version"] == "rand"
     assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
                      "--alpha", "0.01", "--no-progress"]) == 2
     assert "set their own step sizes" in capsys.readouterr().err
+    assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "pgd",
+                     "--aa-version", "plus", "--no-progress"]) == 2
+    assert "version" in capsys.readouterr().err

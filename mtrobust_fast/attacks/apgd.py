@@ -42,7 +42,9 @@ class APGD(Attack):
     checkpoint and the best loss has not changed since. The best point (highest f seen) is returned.
 
     Arguments are PGD's (see :class:`~mtrobust_fast.attacks.PGD`) except ``alpha`` (the step size is
-    adaptive), plus ``rho`` (0.75 in the paper). ``steps`` = the paper's N_iter: ``steps`` updates with
+    adaptive), plus ``rho`` (0.75 in the paper) and ``eot``: for models with randomness (randomised defences),
+    the objective and its gradient are averaged over ``eot`` passes at every step (expectation over
+    transformation; AutoAttack's "rand" version uses 20); 1 (the default) for deterministic models. ``steps`` = the paper's N_iter: ``steps`` updates with
     ``steps`` gradients, and one more forward pass to score the last iterate.
 
     Where the paper leaves a choice open, or where the reference implementation (fra31/auto-attack) departs
@@ -64,13 +66,33 @@ class APGD(Attack):
     settings = ("steps", "dense_loss")
     refused = {**Attack.refused, "alpha": "apgd sets its own step size (2*eps, halved at checkpoints)"}
 
-    def __init__(self, model, tasks=None, *, rho=0.75, **kwargs):
+    def __init__(self, model, tasks=None, *, rho=0.75, eot=1, **kwargs):
         if "alpha" in kwargs:
             raise ValueError("APGD sets its own step size (2·eps, halved at checkpoints); do not pass alpha")
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
             raise ValueError(f"rho must be a number in [0, 1], got {rho!r}")
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
         super().__init__(model, tasks, **kwargs)
-        self.rho = float(rho)
+        self.rho, self.eot = float(rho), eot
+
+    def _objective_and_grad(self, x, rows, weights=None):
+        """The base's (objective, losses, gradient), averaged over ``eot`` passes (one recorded step)."""
+        if self.eot == 1:
+            return super()._objective_and_grad(x, rows, weights)
+        weights = rows.weights if weights is None else weights
+        xg = x.detach().requires_grad_(True)
+        losses, grad = 0, 0
+        for _ in range(self.eot):
+            per_task = self._row_losses(xg, rows)
+            grad = grad + torch.autograd.grad((weights * per_task).sum(), xg)[0]
+            losses = losses + per_task.detach()
+        losses, grad = losses / self.eot, grad / self.eot
+        self._record(losses)
+        return (weights * losses).sum(dim=1), losses, grad
+
+    def _objective(self, x, rows):
+        return sum(super(APGD, self)._objective(x, rows) for _ in range(self.eot)) / self.eot
 
     def _optimize(self, x, rows):
         view = (-1,) + (1,) * (x.dim() - 1)

@@ -7,17 +7,23 @@ running later members on fewer points. Members (``attacks=``):
 
 - ``apgd-ce``: APGD on the cross-entropy; ``apgd-dlr``: APGD on the DLR loss (scale-invariant);
 - ``apgd-t``: targeted APGD on the targeted DLR loss over the most likely wrong classes;
-- ``fab-t``: the targeted minimum-norm FAB attack over the same target classes;
+- ``fab-t``: the targeted minimum-norm FAB attack over the same target classes; ``fab``: untargeted FAB (the
+  nearest linearised boundary at every iteration);
 - ``square``: the score-based Square attack (L∞ or L2), which needs no gradient.
 
-``version="standard"`` (the default without ``attacks``) runs AutoAttack's standard cascade APGD-CE, APGD-T,
-FAB-T, Square; ``version="custom"`` (the default with ``attacks``) runs the members given in ``attacks``. AutoAttack's "plus" version (untargeted FAB, restarts
-of every member) and "rand" version (gradients averaged over the model's randomness) are not offered: they are
-refused with the reason. The report says which members ran.
-Sanity checks as AutoAttack has them warn with their reason: a model whose outputs change between two passes on
-the same input (randomness: the evaluation is not reproducible and gradient attacks are weakened), outputs that
-are probabilities rather than logits (losses saturate), and samples whose input gradient is exactly zero
-(gradient masking: gradient attacks cannot move them; Square still can).
+Versions (AutoAttack's):
+- ``"standard"`` (the default without ``attacks``): APGD-CE, APGD-T, FAB-T, Square, each run once;
+- ``"plus"``: APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T, with 5 restarts of APGD-CE, APGD-DLR and FAB
+  (APGD's restarts are runs from new random starts, each on the points still robust; FAB's are its own random
+  restarts), stronger and several times slower;
+- ``"rand"``: APGD-CE and APGD-DLR with the gradient averaged over 20 passes (EOT), for models with randomness;
+- ``"custom"`` (the default with ``attacks``): the members given in ``attacks``, each run once.
+The report says which members ran. Sanity checks as AutoAttack has them warn with their reason: a model whose
+outputs change between two passes on the same input (randomness: the evaluation is not reproducible and
+gradient attacks are weakened; use version "rand"), a deterministic model under version "rand" (EOT only
+multiplies the cost; use "standard"), outputs that are probabilities rather than logits (losses saturate), and
+samples whose input gradient is exactly zero (gradient masking: gradient attacks cannot move them; Square still
+can).
 """
 import time
 import warnings
@@ -32,15 +38,15 @@ from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.square import Square
 
-MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-REFUSED_VERSIONS = {
-    "plus": "AutoAttack's plus version needs untargeted FAB and restarts of every member, which are not implemented; "
-            "use version='standard' or 'custom'",
-    "rand": "AutoAttack's rand version averages gradients over the model's randomness (EOT), which is not "
-            "implemented; use version='standard' or 'custom' on a deterministic model",
+MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "fab", "square")
+# version -> ((member, restarts), ...) in cascade order; "rand" members also average 20 passes per gradient.
+VERSIONS = {
+    "standard": (("apgd-ce", 1), ("apgd-t", 1), ("fab-t", 1), ("square", 1)),
+    "plus": (("apgd-ce", 5), ("apgd-dlr", 5), ("fab", 5), ("square", 1), ("apgd-t", 1), ("fab-t", 1)),
+    "rand": (("apgd-ce", 1), ("apgd-dlr", 1)),
 }
-
+STANDARD = tuple(name for name, _ in VERSIONS["standard"])
+RAND_EOT = 20
 
 class AutoAttack(Attack):
     """The cascade on one classification head (``target_tasks``), L∞ or L2.
@@ -50,7 +56,7 @@ class AutoAttack(Attack):
     accuracy after it ran and its wall time."""
 
     default_random_start = False
-    settings = ("steps",)
+    settings = ("steps", "version")
     summary_key = "members"
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
                "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}
@@ -64,18 +70,17 @@ class AutoAttack(Attack):
     def __init__(self, model, tasks=None, *, version=None, attacks=None, steps=100, queries=5000,
                  target_classes=9, restarts=1, **kwargs):
         version = version or ("standard" if attacks is None else "custom")
-        if version in REFUSED_VERSIONS:
-            raise ValueError(f"version {version!r}: {REFUSED_VERSIONS[version]}")
-        if version not in ("standard", "custom"):
-            raise ValueError(f"version must be 'standard', 'custom' or 'dense', got {version!r}")
-        if version == "standard" and attacks is not None:
-            raise ValueError("attacks= chooses the members of version='custom'; 'standard' runs "
-                             f"{', '.join(STANDARD)}")
+        if version not in (*VERSIONS, "custom"):
+            raise ValueError(f"version must be 'standard', 'plus', 'rand', 'custom' or 'dense', got {version!r}")
+        if version != "custom" and attacks is not None:
+            raise ValueError(f"attacks= chooses the members of version='custom'; {version!r} runs "
+                             f"{', '.join(name for name, _ in VERSIONS[version])}")
         if restarts != 1:
-            raise ValueError("autoattack takes no restarts (its members run once each)")
+            raise ValueError("autoattack takes no restarts (its version sets each member's)")
         super().__init__(model, tasks, steps=steps, **kwargs)
         self.version = version
-        self.attacks = tuple(STANDARD if attacks is None else attacks)
+        self.members = VERSIONS[version] if attacks is None else tuple((name, 1) for name in attacks)
+        self.attacks = tuple(name for name, _ in self.members)
         unknown = [a for a in self.attacks if a not in MEMBERS]
         if unknown or not self.attacks:
             raise ValueError(f"attacks must be a non-empty list of {', '.join(MEMBERS)}; got {list(self.attacks)}")
@@ -99,8 +104,9 @@ class AutoAttack(Attack):
 
     # ---- the cascade ----
 
-    def _member(self, name, eps):
-        common = dict(eps=eps, norm=self.norm, seed=self.seed, deterministic=self.deterministic,
+    def _member(self, name, eps, restarts=1, restart=0):
+        """Member ``name``; APGD's ``restart``-th run (a new random start: seed + restart), FAB's own restarts."""
+        common = dict(eps=eps, norm=self.norm, seed=self.seed + restart, deterministic=self.deterministic,
                       autocast=self.autocast, channels_last=self.channels_last, lo=self.lo, hi=self.hi,
                       model_mode=self.model_mode, target_tasks=self.target_tasks)
         head = self.target_tasks[0]
@@ -108,11 +114,12 @@ class AutoAttack(Attack):
             return Square(self.model, self.specs, steps=self.queries, **common)
         if name == "apgd-t":
             return APGDT(self.model, self.specs, steps=self.steps, target_classes=self.target_classes, **common)
-        if name == "fab-t":
-            return FAB(self.model, self.specs, steps=self.steps, target_classes=self.target_classes, **common)
+        if name in ("fab-t", "fab"):
+            return FAB(self.model, self.specs, steps=self.steps, target_classes=self.target_classes,
+                       targeted=name == "fab-t", restarts=restarts, **common)
         loss = heads.cross_entropy if name == "apgd-ce" else heads.dlr
         specs = [replace(s, loss=loss) if s.name == head else s for s in self.specs]
-        return APGD(self.model, specs, steps=self.steps, **common)
+        return APGD(self.model, specs, steps=self.steps, eot=RAND_EOT if self.version == "rand" else 1, **common)
 
     def _predictions(self, points):
         spec = next(s for s in self.specs if s.name == self.target_tasks[0])
@@ -131,11 +138,14 @@ class AutoAttack(Attack):
         adv = rows.x0.clone()
         robust = logits.argmax(1) == labels
         self.samples += labels.shape[0]
-        for name in self.attacks:
-            index = robust.nonzero().flatten()
+        for name, restarts in self.members:
             start = time.perf_counter()
-            if index.numel():
-                member = self._member(name, rows.eps[index].double().cpu())
+            runs = restarts if name.startswith("apgd") else 1  # FAB restarts inside one run
+            for restart in range(runs):
+                index = robust.nonzero().flatten()
+                if not index.numel():
+                    break
+                member = self._member(name, rows.eps[index].double().cpu(), restarts, restart)
                 member.on_gradient = self.on_gradient
                 subset = member(rows.x0[index], {k: v[index] for k, v in rows.targets.items()},
                                 {k: v[index] for k, v in rows.masks.items()}, sample_ids=rows.ids[index.cpu()])
@@ -148,10 +158,14 @@ class AutoAttack(Attack):
 
     def _sanity(self, x, labels, logits):
         again = self._predictions(x)
-        if not torch.allclose(logits, again, rtol=1e-4, atol=1e-5):
+        random = not torch.allclose(logits, again, rtol=1e-4, atol=1e-5)
+        if random and self.version != "rand":
             warnings.warn("autoattack: the model's outputs differ between two passes on the same input (randomness "
-                          "in the model); robust accuracy is not reproducible and gradient attacks are weakened",
-                          stacklevel=3)
+                          "in the model); robust accuracy is not reproducible and gradient attacks are weakened "
+                          "(version='rand' averages the gradients over the randomness)", stacklevel=3)
+        if not random and self.version == "rand":
+            warnings.warn("autoattack: version='rand' is for models with randomness, and this one gives the same "
+                          "outputs twice; EOT only multiplies the cost (use version='standard')", stacklevel=3)
         if bool((logits >= 0).all()) and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4):
             warnings.warn("autoattack: the outputs sum to 1 and are non-negative: they look like probabilities, "
                           "not logits; the losses saturate and the attacks weaken (return logits)", stacklevel=3)

@@ -76,14 +76,19 @@ class FAB(Attack):
     """FAB-T on one classification head (``target_tasks``), L∞ or L2: ``steps`` iterations (100 in AutoAttack) per
     target class, ``target_classes`` targets (9), ``restarts`` starts per target (the first at the clean image,
     the others at a random point at half the best distance found so far, or half of eps). See the module
-    docstring for the algorithm."""
+    docstring for the algorithm.
+
+    ``targeted=False`` is the untargeted FAB of AutoAttack's "plus" version: no target list; at every iteration
+    each sample takes the class k ≠ y whose linearised boundary is nearest, the smallest |z_y − z_k| / ‖∇(z_y −
+    z_k)‖_* (‖·‖_* the dual norm: L1 for L∞, L2 for L2). That needs every logit's input gradient, one backward
+    per class per iteration; ``restarts`` as above."""
 
     default_random_start = False
     settings = ("steps",)
     refused = {**Attack.refused, "alpha": "fab has no step size (it projects onto the linearised boundary)",
                "dense_loss": "fab attacks one classification head"}
 
-    def __init__(self, model, tasks=None, *, steps=100, target_classes=9, restarts=1, **kwargs):
+    def __init__(self, model, tasks=None, *, steps=100, target_classes=9, restarts=1, targeted=True, **kwargs):
         super().__init__(model, tasks, steps=steps, **kwargs)
         if len(self.target_tasks) != 1:
             raise ValueError(f"fab attacks one classification head; got target_tasks {self.target_tasks}")
@@ -91,7 +96,7 @@ class FAB(Attack):
             raise ValueError(f"target_classes must be an integer >= 1, got {target_classes!r}")
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-        self.target_classes, self.fab_restarts = target_classes, restarts
+        self.target_classes, self.fab_restarts, self.targeted = target_classes, restarts, bool(targeted)
 
     def _logits(self, x, grad=False):
         (name,) = self.target_tasks
@@ -112,11 +117,12 @@ class FAB(Attack):
         robust = logits.argmax(1) == labels
         best_norm[~robust] = 0.0  # already misclassified: the clean image is the answer
         gen = torch.Generator(device=x0.device).manual_seed(self.seed)
-        for rank in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
+        ranks = range(1, min(self.target_classes, logits.shape[1] - 1) + 1) if self.targeted else [None]
+        for rank in ranks:
             index = (best_norm > eps).nonzero().flatten()
             if index.numel() == 0:
                 break
-            targets = ranked[index, rank]  # robust points rank their true class first
+            targets = None if rank is None else ranked[index, rank]  # robust points rank their true class first
             for restart in range(self.fab_restarts):
                 start = x0[index] if restart == 0 else self._random_start(x0[index], best_norm[index], eps[index], gen)
                 found, norm = self._walk(start, x0[index], labels[index], targets)
@@ -134,20 +140,38 @@ class FAB(Attack):
         scaled = noise / _norm(noise, self.norm).clamp_min(1e-12).view(-1, *([1] * (x0.dim() - 1)))
         return (x0 + scaled * radius.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))).clamp(self.lo, self.hi)
 
+    def _linearise(self, x, labels, targets):
+        """f = z_y − z_t and w = ∇f at ``x`` for the target classes ``targets``, or, with ``targets`` None, for
+        each sample's class t ≠ y with the nearest linearised boundary |f| / ‖w‖_* (one backward per class)."""
+        xg = x.detach().requires_grad_(True)
+        logits = self._logits(xg, grad=True)
+        if targets is not None:
+            f = logits.gather(1, labels[:, None])[:, 0] - logits.gather(1, targets[:, None])[:, 0]
+            (w,) = torch.autograd.grad(f.sum(), xg)
+            return f.detach(), w
+        classes = logits.shape[1]
+        grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), xg, retain_graph=k < classes - 1)[0]
+                             for k in range(classes)], dim=1)  # [n, K, ...]
+        rows = torch.arange(x.shape[0], device=x.device)
+        f_all = logits.detach()[rows, labels][:, None] - logits.detach()  # [n, K]
+        w_all = grads[rows, labels][:, None] - grads
+        dual = w_all.flatten(2).abs().sum(2) if self.norm == "linf" else w_all.flatten(2).norm(dim=2)
+        distance = f_all.abs() / dual.clamp_min(1e-12)
+        distance[rows, labels] = float("inf")
+        nearest = distance.argmin(1)
+        return f_all[rows, nearest], w_all[rows, nearest]
+
     def _walk(self, x, x0, labels, targets):
-        """``steps`` FAB iterations towards ``targets`` from ``x``: (closest misclassified point, its distance; inf
-        where none was found)."""
+        """``steps`` FAB iterations towards ``targets`` (None: the nearest boundary at each iteration) from ``x``:
+        (closest misclassified point, its distance; inf where none was found)."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
         best, best_norm = x0.clone(), torch.full((x0.shape[0],), float("inf"), dtype=torch.float64, device=x0.device)
         flat0 = x0.flatten(1).double()
         for _ in range(self.steps):
-            xg = x.detach().requires_grad_(True)
-            logits = self._logits(xg, grad=True)
-            f = logits.gather(1, labels[:, None])[:, 0] - logits.gather(1, targets[:, None])[:, 0]
-            (w,) = torch.autograd.grad(f.sum(), xg)
-            self._record(f.detach()[:, None])
+            f, w = self._linearise(x, labels, targets)
+            self._record(f[:, None])
             flat, w = x.flatten(1).double(), w.flatten(1).double()
-            f = f.detach().double()
+            f = f.double()
             d = project_onto_hyperplane(w, -f, self.lo - flat, self.hi - flat, self.norm)
             d0 = project_onto_hyperplane(w, -f - (w * (flat0 - flat)).sum(1), self.lo - flat0, self.hi - flat0,
                                          self.norm)

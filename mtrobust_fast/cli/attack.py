@@ -92,6 +92,11 @@ def add_arguments(parser):
              "runs as its own rows, so the cost grows as (number of weights)^(tasks in the set)")
     add("--grid-task", default=None,
         help="grid: the task (letter or name) whose error picks each image's point (default: each set's first task)")
+    add("--aa-version", choices=("standard", "plus", "rand", "dense"), default=None,
+        help="autoattack: AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square; the default on a "
+             "classifier), plus (also APGD-DLR and untargeted FAB, 5 restarts), rand (APGD-CE and APGD-DLR with "
+             "gradients averaged over 20 passes, for models with randomness), or dense (the ensemble for dense "
+             "multi-task heads)")
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
     add("--target", type=target_sets, default=["all"],
         help="attacked sets, comma-separated: task letters, a head name, or 'all' (default all), e.g. s,sd,all")
@@ -124,7 +129,8 @@ def attack_dataset(args, on_batch=None):
     return evaluation.evaluate_checkpoint(
         args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
         steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
-        dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task},
+        dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task,
+                                                 "version": args.aa_version},
         split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
         workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch,
