@@ -314,6 +314,7 @@ class Task:
     metric_stats: Callable = field(compare=False, repr=False)
     metric_scores: Callable = field(compare=False, repr=False)
     higher_is_better: Mapping = field(compare=False, repr=False)
+    mirror_signs: tuple = ()  # per channel, the target's sign change when the image is mirrored left-right
 
     def __reduce__(self):
         """Pickle by letter (and segmentation loss): unpickling (e.g. in DataLoader workers) gives back the
@@ -356,7 +357,7 @@ class Task:
         return target.masked_fill(~mask[0] if self.is_segmentation else ~mask, 0), mask
 
 
-def _task(letter, name, channels, formats, pixels_to_target, geometric, folder=None, tag=None):
+def _task(letter, name, channels, formats, pixels_to_target, geometric, folder=None, tag=None, mirror_signs=()):
     segmentation = letter == "s"
     return Task(letter=letter, name=name, folder=folder or name, tag=tag or name, channels=channels,
                 formats=formats, geometric=geometric, pixels_to_target=pixels_to_target,
@@ -365,14 +366,14 @@ def _task(letter, name, channels, formats, pixels_to_target, geometric, folder=N
                 error=segment_error if segmentation else mse_error,
                 metric_stats=segment_stats if segmentation else dense_stats,
                 metric_scores=segment_scores if segmentation else dense_scores,
-                higher_is_better=directions(letter))
+                higher_is_better=directions(letter), mirror_signs=mirror_signs)
 
 
 TASKS = (
     _task("s", "segment_semantic", SEGMENT_CLASSES, ("gray8",), _segment_target, False, tag="segmentsemantic"),
     _task("d", "depth_zbuffer", 1, ("gray16",), _depth_target, True),
     _task("D", "depth_euclidean", 1, ("gray16",), _depth_target, True),
-    _task("n", "normal", 3, ("rgb8",), _normal_target, True),
+    _task("n", "normal", 3, ("rgb8",), _normal_target, True, mirror_signs=(-1.0, 1.0, 1.0)),  # x points right
     _task("k", "keypoints2d", 1, ("gray16",), partial(_heatmap_target, clip=KEYPOINTS2D_CLIP), False),
     _task("K", "keypoints3d", 1, ("gray16",), partial(_heatmap_target, clip=1.0), True),
     _task("e", "edge_texture", 1, ("gray16",), partial(_heatmap_target, clip=EDGE_TEXTURE_CLIP), False),

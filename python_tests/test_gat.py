@@ -125,16 +125,17 @@ def objects(tmp_path_factory):
                               progress=False)
 
 
-def test_gat_command_trains_and_validates_on_untransformed_images(objects, tmp_path):
+def test_gat_command_trains_augmented_and_validates_on_untransformed_images(objects, tmp_path):
     run = tmp_path / "gat"
     assert cli_main(["train", "--data", str(objects), "--out", str(run), "--epochs", "1", "--batch-size", "10",
                      "--lr", "1e-3", "--workers", "0", "--no-progress", "--adversarial", "madry_mix",
                      "--attack-tasks", "main", "--steps", "1", "--aux", "rotation,jigsaw,autoencoder",
-                     "--weighting", "mgda", "--curvature", "xi", "--robust-val", "0"]) == 0
+                     "--weighting", "mgda", "--curvature", "xi", "--robust-val", "0", "--augment", "crop+flip"]) == 0
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert set(record["train"]["task_losses"]) == {"class", "rotation", "jigsaw", "autoencoder", "curvature"}
     model, meta = load_checkpoint(run / "last.pt")
     assert meta["train_config"]["objective_settings"]["gat"]["routing"] == "shared"
+    assert meta["train_config"]["augment"] == "crop+flip"
     val = ObjectDataset(objects, "val")
     with torch.no_grad():
         images = torch.stack([val[i][0] for i in range(len(val))])

@@ -116,9 +116,10 @@ def test_loss_goes_down_and_run_dir_is_complete(data, tmp_path):
     assert load_checkpoint(run / "best.pt")[1]["epoch"] == best_epoch
 
 
-def test_resume_matches_an_uninterrupted_run(data, tmp_path):
+@pytest.mark.parametrize("augment", ["none", "crop+flip"])
+def test_resume_matches_an_uninterrupted_run(data, tmp_path, augment):
     common = ("--tasks", "sd", "--batch-size", "2", "--limit-train", "4", "--limit-val", "2", "--seed", "3",
-              "--schedule", "0:1e-3,1:1e-4")
+              "--schedule", "0:1e-3,1:1e-4", "--augment", augment)
     assert _train_cli(data, tmp_path / "straight", "--epochs", "2", *common, size=32) == 0
     assert _train_cli(data, tmp_path / "split", "--epochs", "1", *common, size=32) == 0
     assert _train_cli(data, tmp_path / "split", "--epochs", "2", "--resume", *common, size=32) == 0

@@ -24,6 +24,7 @@ from mtrobust_fast.training.config import (
     SELECT,
     TrainConfig,
 )
+from mtrobust_fast.training.augment import AUGMENTS
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.runner import train
 from mtrobust_fast.weighting import METHODS as WEIGHTINGS
@@ -74,6 +75,11 @@ def add_arguments(parser):
         help="segmentation training loss: ce (pixel cross-entropy) or balanced (each class present in an image "
              "weighs the same: the mean over its classes of the class's mean pixel cross-entropy; keeps small "
              "background-heavy sets from collapsing to background). Attacks and errors use plain ce "
+             "(default %(default)s)")
+    add("--augment", choices=AUGMENTS, default=_default("augment"),
+        help="training batches: flip (mirror each image left-right with probability 1/2; normals' x component "
+             "changes sign), crop (enlarge by 1.25 and cut a random window of the original size; labels and masks "
+             "by nearest neighbour), or crop+flip (GAT's CIFAR recipe). Validation images are never augmented "
              "(default %(default)s)")
     adv = parser.add_argument_group("adversarial training")
     adv.add_argument("--adversarial", choices=ADVERSARIAL, default=_default("adversarial"),

@@ -10,6 +10,7 @@ from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.cli.args import MAX_SEED
 from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
+from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.regularisers import KINDS as CURVATURE_KINDS
 from mtrobust_fast.weighting import METHODS as WEIGHTINGS
@@ -97,8 +98,9 @@ class TrainConfig:
     split_csv: Optional[str] = None
     point_threshold: Optional[int] = None
     class_loss: str = "ce"
-    segment_loss: str = "ce"
-    findings: Optional[str] = None  # chest X-rays: comma-separated labels of the main head (default all)  # "balanced": every class of an image weighs the same in its training loss
+    segment_loss: str = "ce"  # "balanced": every class of an image weighs the same in its training loss
+    findings: Optional[str] = None  # chest X-rays: comma-separated labels of the main head (default all)
+    augment: str = "none"  # training batches: "flip", "crop" or "crop+flip" (see training.augment)
     adversarial: str = "none"
     attack_tasks: str = "all"
     norm: str = "linf"
@@ -132,6 +134,7 @@ class TrainConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         self._check_adversarial()
+        check_augment(self.augment)
         if self.lr is not None and self.schedule is not None:
             raise ValueError("give lr (a constant rate) or schedule, not both")
         if self.lr is not None and not 0 < self.lr < math.inf:
@@ -254,7 +257,7 @@ class TrainConfig:
 
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "data_subset", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
-                "segment_loss", "findings",
+                "segment_loss", "findings", "augment",
                 "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
                 "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
                 "jigsaw_grid",

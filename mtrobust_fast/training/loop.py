@@ -78,7 +78,7 @@ class Trainer:
 
     def __init__(self, model, objective, weighting, optimizer, schedule, train_loader, val_loader, losses, *,
                  run_dir, ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None,
-                 robust=None, select="clean"):
+                 robust=None, select="clean", augment=None):
         if amp and ctx.device.type != "cuda":
             raise ValueError("amp (mixed precision) is supported on CUDA only; drop it on CPU")
         if len(train_loader) == 0:
@@ -97,6 +97,7 @@ class Trainer:
         self.losses = losses
         self.train_loader, self.val_loader = train_loader, val_loader
         self.robust, self.select = robust, select
+        self.augment = augment  # an augment.Augment for the training batches (None: none)
         self.run_dir = Path(run_dir)
         self.amp, self.save_every, self.seed = amp, save_every, seed
         self.progress = progress and ctx.is_main
@@ -136,6 +137,8 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
             images, targets, masks = to_device(batch, self.ctx.device)
+            if self.augment:
+                images, targets, masks = self.augment(images, targets, masks)
             n = images.shape[0]
             for out in self._updates(images, targets, masks):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import RobustValidation, make_objective
+from mtrobust_fast.training.augment import Augment
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
 from mtrobust_fast.training.gat import GAT
@@ -246,7 +247,7 @@ def _train(config, ctx):
         amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,
         record={**config.to_dict(), "objective_settings": objective.describe()},
         robust=robust_validation(config, ctx, val_set, losses, attacked) if attacked else None,
-        select=config.select,
+        select=config.select, augment=Augment(config.augment, {t.name: t for t in losses.tasks}),
     )
     start = 0
     if config.resume and last.exists():
