@@ -48,6 +48,7 @@ VERSIONS = {
 STANDARD = tuple(name for name, _ in VERSIONS["standard"])
 RAND_EOT = 20
 
+
 class AutoAttack(Attack):
     """The cascade on one classification head (``target_tasks``), L∞ or L2.
 
