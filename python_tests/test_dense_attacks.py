@@ -125,6 +125,19 @@ def test_segpgd_equals_a_hand_loop_with_the_rising_lambda(model_and_batch):
     assert (adv - x).abs().max() <= eps + 1e-12 and adv.min() >= 0 and adv.max() <= 1
 
 
+def test_segpgd_at_lambda_zero_on_a_right_model_is_pgd_on_the_pixel_ce(model_and_batch):
+    """λ = 0 at the first step weighs every correct pixel 1 and every wrong one 0: where the model is right on
+    every valid pixel (the target is its own prediction; label 0 is ignored by both), the step is PGD's on the
+    per-pixel cross-entropy."""
+    model, x, _ = model_and_batch
+    with torch.no_grad():
+        labels = {"segment_semantic": model(x)["segment_semantic"].argmax(1)}
+    settings = dict(eps=4 / 255, alpha=1 / 255, random_start=False)
+    seg = SegPGD(model, "s", steps=1, **settings)(x, labels)
+    pgd = PGD(model, "s", steps=1, **settings)(x, labels)
+    assert torch.equal(seg, pgd) and not torch.equal(seg, x)
+
+
 def test_cospgd_and_sea_losses_run_through_pgd_and_apgd_and_raise_the_error(model_and_batch):
     model, x, targets = model_and_batch
     with torch.no_grad():
