@@ -138,8 +138,11 @@ def dense_rows(args, device):
         if not (data / synth.SPLIT_CSV).exists():
             synth.synthesize(data, 240, size=64, seed=0, progress=False,
                              buildings=[f"synth{b:03d}" for b in range(10)])
-        model = trained(work / "taskonomy_sd", TrainConfig(
-            data=str(data), out=str(work / "taskonomy_sd"), tasks="sd", encoder="resnet18", size=64,
+        # The class-balanced loss keeps a briefly trained s head from predicting background everywhere (with plain
+        # CE, 3 epochs here gave such a head, which neither PGD nor the ensemble moved: its row compared nothing).
+        out = work / "taskonomy_sd_balanced"
+        model = trained(out, TrainConfig(
+            data=str(data), out=str(out), tasks="sd", encoder="resnet18", size=64, segment_loss="balanced",
             epochs=args.epochs, batch_size=16, lr=1e-3, workers=0, progress=False))
     model = model.to(device).eval()
     loader = make_loader(data, model, "val", limit=args.dense_images, batch_size=args.dense_images)
