@@ -221,6 +221,27 @@ def test_a_kill_between_an_epochs_outputs_loses_and_doubles_nothing(data, tmp_pa
     assert "optimizer" not in best and best["epoch"] == min(split, key=lambda r: r["val"]["loss"])["epoch"]
 
 
+def test_a_kill_before_the_first_checkpoint_leaves_no_doubled_log_lines(data, tmp_path, monkeypatch):
+    """Killed after epoch 1's log line but before any last.pt: the resumed run starts afresh, and its log holds
+    each epoch once (not the dead run's lines followed by the new run's)."""
+    common = ("--tasks", "d", "--batch-size", "2", "--limit-train", "4", "--limit-val", "2", "--seed", "3",
+              "--epochs", "2", "--lr", "1e-3", "--save-every", "0", "--val-before")
+    log = Trainer.log
+
+    def dying_log(self, record):
+        log(self, record)
+        if record["epoch"] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(Trainer, "log", dying_log)
+    with pytest.raises(_Killed):
+        _train_cli(data, tmp_path / "run", *common, size=32)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [0, 1] and not (tmp_path / "run" / "last.pt").exists()
+    assert _train_cli(data, tmp_path / "run", *common, "--resume", size=32) == 0
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [0, 1, 2]
+
+
 def test_size_defaults_to_the_images_own(data, tmp_path):
     assert _train_cli(data, tmp_path / "run", "--tasks", "d", "--epochs", "1", "--batch-size", "2",
                       "--limit-train", "2", "--limit-val", "1", size=None) == 0

@@ -285,10 +285,13 @@ class Trainer:
 
         An epoch's outputs land in this order: its log line, ``best.pt`` (if it improved), ``epoch_NNNN.pt``, and
         ``last.pt`` last. A kill at any point leaves ``last.pt`` at the previous epoch, and the resumed run redoes
-        the epoch exactly (dropping the log line it had already written), so no output is lost or doubled.
-        Temporaries of killed writes are removed when a run starts."""
+        the epoch exactly (dropping the log line it had already written), so no output is lost or doubled; a run
+        that starts from epoch 0 starts its log afresh (lines left by a run killed before its first ``last.pt``
+        would otherwise appear twice). Temporaries of killed writes are removed when a run starts."""
         if self.ctx.is_main and self.run_dir.is_dir():
             remove_stale_temporaries(self.run_dir)
+            if start_epoch == 0:
+                self._trim_log(-1)
         record = None
         if val_before and start_epoch == 0:
             record = {"epoch": 0, "val": self.validate()}
