@@ -150,13 +150,20 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     assert "mean ± half the range over 2 models per row (seeds 0-1)" in table and " ± " in table
     assert (tmp_path / "resnet18_sd" / "attack_pgd_linf" / "results.json").exists()
     assert (tmp_path / "resnet18_sd_seed1" / "attack_pgd_linf" / "results.json").exists()
-    # only what the quickstart reads stays on disk: weights without optimiser state, no best.pt
+    # only what the quickstart reads stays on disk: the first seed's weights without optimiser state, no best.pt;
+    # the second seed's models keep their log and attack results only
     assert sorted(p.name for p in (tmp_path / "resnet18_sd").glob("*.pt")) == ["last.pt"]
     assert "optimizer" not in torch.load(tmp_path / "resnet18_sd" / "last.pt", weights_only=True)["meta"]
+    assert not list((tmp_path / "resnet18_sd_seed1").glob("*.pt"))
     assert cli_main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("reusing") == 4 and again[again.index("Table 1"):].split("\nquickstart wall")[0] == \
-        table.split("\nquickstart wall")[0]
+    assert again.count("reusing") == 4 and "starting a new run" not in again
+    assert again[again.index("Table 1"):].split("\nquickstart wall")[0] == table.split("\nquickstart wall")[0]
+    # new attack settings: the second seed's models are trained again (the same models: same seed), then attacked
+    assert cli_main(argv[:-5] + ["--steps", "2", "--workers", "0", "--no-progress"]) == 0
+    third = capsys.readouterr().out
+    assert third.count("starting a new run") == 2 and "reusing" not in third
+    assert [r["epoch"] for r in quickstart._records(tmp_path / "resnet18_sd_seed1")] == [0, 1]
 
 
 def test_budgets_above_one_are_refused_unless_in_grey_levels(setup, tmp_path, capsys):

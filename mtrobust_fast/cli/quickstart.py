@@ -6,6 +6,10 @@ attack on the main task, a multi-task attack on all the model's tasks), and prin
 task and its relative vulnerability under both attacks, one row per auxiliary task, as in the paper's Table 1
 (Baseline A). Re-running reuses what is already in the work directory: the dataset, finished trainings and
 attack results made with the same settings. Flags scale it up (images, size, epochs, steps).
+
+Disk: only the first seed's models keep a checkpoint (``last.pt``, weights only); the models of the other seeds
+keep their log and attack results, which is all the table reads (a 64-px ResNet-18 checkpoint is ~55 MB, so the
+defaults stay under 300 MB). Such a model is trained again only when its attack settings change.
 """
 import json
 import math
@@ -112,18 +116,42 @@ def attack_settings(args):
     return (args.alpha if args.alpha is not None else cls.default_alpha(args.eps, steps or 1)), steps
 
 
-def _attack(args, data, tasks, run_dir, seed):
-    """The attack results of one model (read back from its JSON when made with the same settings)."""
-    out = run_dir / f"attack_{args.attack}_{args.norm}"
+def _attack_out(args, run_dir):
+    return run_dir / f"attack_{args.attack}_{args.norm}"
+
+
+def _saved_summary(args, run_dir, seed):
+    """The attack summary saved in ``run_dir`` when it was made with these settings, else None."""
     alpha, steps = attack_settings(args)
     wanted = {"attack": args.attack, "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": steps or 1,
               "limit": args.attack_limit, "seed": seed, "checkpoint_epoch": args.epochs}
-    json_path = attack_cli.output_paths(out)[1]
+    json_path = attack_cli.output_paths(_attack_out(args, run_dir))[1]
     if json_path.exists():
         saved = json.loads(json_path.read_text())
         if all(saved["config"].get(k) == v for k, v in wanted.items()):
             print(f"reusing {json_path}")
             return saved["summary"]
+    return None
+
+
+def _finished_without_checkpoint(args, run_dir, seed):
+    """The saved summary of a model whose checkpoint the quickstart dropped (see ``run``), when its log reached
+    ``--epochs`` and its attack matches these settings; else None (the model is trained again)."""
+    if (run_dir / LAST).exists() or not (run_dir / LOG_NAME).exists():
+        return None
+    records = _records(run_dir)
+    if not records or records[-1]["epoch"] != args.epochs:
+        return None
+    return _saved_summary(args, run_dir, seed)
+
+
+def _attack(args, data, tasks, run_dir, seed):
+    """The attack results of one model (read back from its JSON when made with the same settings)."""
+    saved = _saved_summary(args, run_dir, seed)
+    if saved is not None:
+        return saved
+    out = _attack_out(args, run_dir)
+    alpha, steps = attack_settings(args)
     config, summary = evaluation.evaluate_checkpoint(
         run_dir / LAST, data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=alpha,
         steps=steps, sets=[args.main, "all"], batch_size=args.batch_size,
@@ -199,9 +227,14 @@ def run(args):
         for seed_value in seeds:
             run_dir = run_dir_of(args, tasks, seed_value)
             try:
-                _train(args, data, tasks, run_dir, seed_value)
+                summary = _finished_without_checkpoint(args, run_dir, seed_value)
+                if summary is None:
+                    _train(args, data, tasks, run_dir, seed_value)
+                    summary = _attack(args, data, tasks, run_dir, seed_value)
+                    if seed_value != args.seed:  # its numbers are in its log and attack results: disk for one model
+                        (run_dir / LAST).unlink()
                 clean_rows += _clean_rows(tasks if args.seeds == 1 else f"{tasks} (seed {seed_value})", run_dir)
-                results.setdefault(tasks, []).append(_attack(args, data, tasks, run_dir, seed_value))
+                results.setdefault(tasks, []).append(summary)
             except ValueError as error:
                 print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
                 return 2
