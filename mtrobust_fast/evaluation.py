@@ -8,6 +8,7 @@ checkpoint file and a data folder; ``mtrobust-fast attack``, the sweep, the quic
 robust validation all measure through these two functions.
 """
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from mtrobust_fast import metrics
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.attacks import SettingRefused, build_attack
+from mtrobust_fast.attacks import SettingRefused, build_attack, dense
 from mtrobust_fast.data import open_dataset
 from mtrobust_fast.device import resolve_device, to_device
 from mtrobust_fast.models import STRIDE, load_checkpoint
@@ -182,6 +183,21 @@ def load_surrogate(path, model, attacked, device):
     return surrogate
 
 
+def _warn_if_objective_unused(atk, attack, sets):
+    """A dense objective (SegPGD's, CosPGD's, SEA's) replaces only segmentation losses (CosPGD: Taskonomy regression
+    losses too); an attacked set without such a task is attacked on its tasks' own losses. Say so, rather than let
+    a "segpgd" row on depth pass for SegPGD."""
+    if atk.dense_loss == "task":
+        return
+    changed = {s.name for s in atk.specs if dense.loss_for(s.loss, atk.dense_loss, 0.0) is not s.loss}
+    plain = [metrics.set_label(s) for s in sets if not changed.intersection(s)]
+    if plain:
+        replaced = "segmentation and regression" if atk.dense_loss in dense.REGRESSION else "segmentation"
+        warnings.warn(f"--attack {attack}: the {atk.dense_loss} objective changes no loss of the attacked set(s) "
+                      f"{', '.join(plain)} (it replaces {replaced} losses only), so those sets are attacked on their "
+                      f"tasks' own losses", stacklevel=2)
+
+
 def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, adv_gradients=False,
@@ -223,6 +239,7 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
         raise SettingError(f"--{error.setting.replace('_', '-')}: {error.reason}") from error
     except ValueError as error:
         raise SettingError(f"--attack {attack}: {error}") from error
+    _warn_if_objective_unused(atk, attack, sets)
     loader = make_loader(data, model, split, size, limit, batch_size, workers)
     start = time.perf_counter()
     summary = evaluate(model, loader, atk, sets=sets, gradients=gradients, adv_gradients=adv_gradients, progress=progress,

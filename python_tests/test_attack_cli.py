@@ -1,6 +1,7 @@
 """``mtrobust-fast attack`` end to end on a tiny synthetic dataset, its outputs, and its argument errors."""
 import csv
 import json
+import warnings
 
 import pytest
 import torch
@@ -251,3 +252,26 @@ def test_a_transfer_attack_from_the_model_itself_is_the_white_box_attack(setup, 
     error = capsys.readouterr().err
     assert "--surrogate: the model in" in error and "cannot craft attacks on s" in error
     assert _attack(setup, "--surrogate", str(only_d), "--target", "d", "--limit", "1", "--no-gradients") == 0
+
+
+@pytest.mark.parametrize("attack,target,warned", [("segpgd", "d,sd", "d"), ("segpgd", "s", None),
+                                                  ("cospgd", "d", None)])
+def test_a_dense_objective_that_changes_no_loss_of_a_set_is_named(setup, tmp_path, attack, target, warned):
+    """SegPGD's objective replaces segmentation losses only: on a depth-only set it is plain PGD, and the user is
+    told so (CosPGD also replaces regression losses, so depth alone is fine)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _attack(setup, "--attack", attack, "--target", target, "--limit", "1", "--no-gradients",
+                       "--out", str(tmp_path / "out")) == 0
+    ours = [str(w.message) for w in caught if "objective changes no loss" in str(w.message)]
+    expected = [] if warned is None else [
+        f"--attack {attack}: the {attack} objective changes no loss of the attacked set(s) {warned} (it replaces "
+        f"segmentation losses only), so those sets are attacked on their tasks' own losses"]
+    assert ours == expected
+
+
+def test_our_warnings_print_as_one_line_and_others_keep_pythons_format():
+    import mtrobust_fast.cli as cli
+    from mtrobust_fast import evaluation
+    assert cli._format_warning("it is so", UserWarning, evaluation.__file__, 3) == "warning: it is so\n"
+    assert cli._format_warning("it is so", UserWarning, "/elsewhere/x.py", 3).startswith("/elsewhere/x.py:3: ")

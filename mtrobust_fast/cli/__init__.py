@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 import mtrobust_fast
 
@@ -69,7 +70,19 @@ def build_parser(chosen=None):
 PASSIVE_OPENMP = (("quickstart",),)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_python_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """Our own warnings read as one "warning: ..." line on the command line; others keep Python's format."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
 def main(argv=None):
+    warnings.formatwarning = _format_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = chosen_command(argv)
     if chosen in PASSIVE_OPENMP:
