@@ -225,6 +225,7 @@ def evaluate(outputs, targets, masks, tasks):
 
 def set_label(names):
     """A short label of a task set: registry letters in the given order ("sd"), else names joined with "+"."""
+    names = list(names)  # read twice below: a generator would be spent by the first try
     try:
         return "".join(task_registry.get_task(name).letter for name in names)
     except ValueError:

@@ -352,3 +352,13 @@ def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_me
     assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "pgd",
                      "--aa-version", "plus", "--no-progress"]) == 2
     assert "version" in capsys.readouterr().err
+    # the dense version on a classifier names its set ("class"), and Square's header gives queries, not a step size
+    assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
+                     "--aa-version", "dense", "--steps", "2", "--limit", "4", "--no-gradients", "--no-progress",
+                     "--out", str(tmp_path / "dense")]) == 0
+    assert "\nensemble on class (apgd):" in capsys.readouterr().out
+    assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "square",
+                     "--steps", "20", "--limit", "4", "--no-gradients", "--no-progress",
+                     "--out", str(tmp_path / "square")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("SQUARE linf eps=0.031373 queries=20 ") and "alpha" not in header

@@ -287,3 +287,9 @@ def test_meter_reports_perturbation_and_gradient_norms_in_every_norm():
     with pytest.raises(ValueError, match="perturbations must be given"):
         meter.update(evaluation(), {tuple(names): evaluation()}, torch.randn(2, 3, 2, 4, 4),
                      adv_grads={tuple(names): torch.randn(2, 3, 2, 4, 4)})
+
+
+def test_set_label_of_names_outside_the_registry_also_from_a_generator():
+    assert metrics.set_label(["segment_semantic", "depth_zbuffer"]) == "sd"
+    assert metrics.set_label(n for n in ["class", "rotation"]) == "class+rotation"
+    assert metrics.set_label(iter(["class"])) == "class"

@@ -148,8 +148,9 @@ def format_report(config, summary):
     """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
     header = ("task", "clean err/img", "adv err/img", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
     alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
-    lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} alpha={alpha} "
-             f"steps={config['steps']} restarts={config['restarts']} on {summary['samples']} {config['split']} "
+    steps = f"alpha={alpha} steps={config['steps']}" if config["attack"] != "square" else f"queries={config['steps']}"
+    lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} "
+             f"{steps} restarts={config['restarts']} on {summary['samples']} {config['split']} "
              f"images, model {config['model']} ({config['encoder']})"
              + (f", transferred from {config['surrogate']}" if config.get("surrogate") else ""),
              "err/img: the per-image error averaged over images (1 - the image's own mIoU for segmentation, masked "
