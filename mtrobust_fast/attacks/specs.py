@@ -57,7 +57,8 @@ def resolve_specs(model, tasks):
     if tasks is None:
         names = getattr(model, "task_names", None)
         if names is None:
-            raise ValueError("tasks is required for a model without task_names (give TaskSpec objects)")
+            raise ValueError("tasks is required for a model without task_names: give TaskSpec objects, e.g. "
+                             "[classification()] for a classifier that returns logits, or Taskonomy task letters")
         tasks = list(names)
     if isinstance(tasks, (str, TaskSpec)):
         tasks = [tasks] if isinstance(tasks, TaskSpec) or tasks in task_registry.BY_NAME or tasks in records \
