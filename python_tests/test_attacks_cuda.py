@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 SEG, DEPTH, NORMAL = (tasks.BY_LETTER[letter] for letter in "sdn")
 EPS = {"linf": 8 / 255, "l2": 0.5}
-DENSE = [name for name in ATTACKS if name not in ("apgdt", "fab", "square", "autoattack")]
+DENSE = [name for name, cls in ATTACKS.items() if not cls.classifier_only]
+CLASSIFIER = [name for name, cls in ATTACKS.items() if cls.classifier_only]
 RANDOMISED = {"ensemble"}  # members with random starts drawn on the device: compared by strength, not by points
 
 
@@ -113,7 +114,7 @@ def _accuracy(model, x, labels):
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.25), ("l2", 5.0)])
-@pytest.mark.parametrize("name", ["apgdt", "fab", "square", "autoattack"])
+@pytest.mark.parametrize("name", CLASSIFIER)
 def test_classifier_attacks_on_cuda_are_as_strong_as_on_the_cpu(name, norm, eps):
     """Budgets large enough that 1000 Square queries break most points of this classifier."""
     model, x, labels = prototype_classifier()

@@ -76,6 +76,8 @@ def test_yaml_and_toml_give_the_same_cells(setup, tmp_path):
     ({"eps": ["eight"]}, "eps[0]:"),
     ({"steps": [0]}, "steps[0]:"),
     ({"attacks": ["pgd", "cw"]}, "attacks[1]: expected one of"),
+    ({"attacks": ["ensemble", "autoattack"]}, "attacks[1]: autoattack attacks one classification head"),
+    ({"attacks": ["square"]}, "attacks[0]: square attacks one classification head"),
     ({"sets": ["sx"]}, "sets[0]:"),
     ({"sets": ["sE"]}, "sets: model sdn has tasks sdn; it has no E"),
     ({"models": [{"checkpoint": "missing.pt"}]}, "models[0].checkpoint: checkpoint not found"),

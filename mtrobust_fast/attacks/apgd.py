@@ -149,6 +149,8 @@ class APGDT(APGD):
     attempt). Needs a model with exactly one attacked classification head (``target_tasks``) of at least 4
     classes whose labels are class indices. ``restarts`` count per target class."""
 
+    classifier_only = True
+
     def __init__(self, model, tasks=None, *, target_classes=9, **kwargs):
         super().__init__(model, tasks, **kwargs)
         if isinstance(target_classes, bool) or not isinstance(target_classes, int) or target_classes < 1:

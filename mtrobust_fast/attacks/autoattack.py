@@ -57,6 +57,7 @@ class AutoAttack(Attack):
     accuracy after it ran and its wall time."""
 
     default_random_start = False
+    classifier_only = True
     settings = ("steps", "version")
     summary_key = "members"
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",

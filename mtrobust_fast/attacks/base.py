@@ -94,9 +94,11 @@ class Attack(abc.ABC):
 
     ``settings``: the optional settings a front-end (CLI, sweep, training objective) may pass to this attack
     besides the common ones (eps, norm, restarts, seed, ...); ``refused`` says why the others are refused.
+    ``classifier_only``: the attack needs one classification head (so it cannot run on dense multi-task models).
     """
 
     default_random_start = True
+    classifier_only = False
     settings = ("alpha", "steps", "dense_loss")
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
 

@@ -84,6 +84,7 @@ class FAB(Attack):
     per class per iteration; ``restarts`` as above."""
 
     default_random_start = False
+    classifier_only = True
     settings = ("steps",)
     refused = {**Attack.refused, "alpha": "fab has no step size (it projects onto the linearised boundary)",
                "dense_loss": "fab attacks one classification head"}

@@ -65,6 +65,7 @@ class Square(Attack):
     gradient. Works on one classification head (``target_tasks``) with class labels."""
 
     default_random_start = False
+    classifier_only = True
     settings = ("steps",)
     refused = {**Attack.refused, "alpha": "square has no step size (it searches at the ball's corners)",
                "dense_loss": "square attacks one classification head"}

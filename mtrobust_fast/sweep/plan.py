@@ -124,6 +124,10 @@ def _value(key, kind, value):
         kind = kind[:-1]
     try:
         if kind == "attack" and value in ATTACKS:
+            if ATTACKS[value].classifier_only:
+                raise ValueError(f"{value} attacks one classification head, and sweeps measure multi-task Taskonomy "
+                                 f"models: use ensemble (AutoAttack's dense version) here, or attack a classifier "
+                                 f"with `mtrobust-fast attack --attack {value}`")
             return value
         if kind == "norm" and value in NORMS:
             return value
