@@ -149,3 +149,10 @@ def test_small_or_tied_correlations_carry_a_caution():
     result = selection.correlate([1.0, 2.0, 2.0, 4.0], [0.1, 0.3, 0.2, 0.5])
     assert result["note"].startswith("caution: only 4 points") and "1 tied value(s)" in result["note"]
     assert selection.correlate(list(range(6)), [0, 2, 1, 3, 5, 4])["note"] == ""
+
+
+def test_config_labels_leave_out_settings_the_attack_does_not_have():
+    assert results_table.config_label(["attack", "alpha", "eps"], ["ensemble", float("nan"), 4 / 255]) == \
+        "attack=ensemble eps=0.01569"
+    assert results_table.config_label(["attack", "alpha"], ["pgd", 0.0078431]) == "attack=pgd alpha=0.007843"
+    assert results_table.config_label(["attack", "alpha"], ["apgd", None]) == "attack=apgd"
