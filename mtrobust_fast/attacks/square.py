@@ -119,11 +119,13 @@ class Square(Attack):
         return adv
 
     def _keep_better(self, adv, best, index, candidate, labels):
-        """Query the margin at the candidates of the samples ``index``; keep each where it went down (in place)."""
+        """Query the margin at the candidates of the samples ``index``; keep each where it went down (in place,
+        by integer index and ``where``: no boolean indexing, so no host synchronisation on a GPU)."""
         value = self._margin(candidate, labels[index])
-        better = value < best[index]
-        adv[index[better]] = candidate[better]
-        best[index[better]] = value[better]
+        current = best[index]
+        better = value < current
+        adv[index] = torch.where(better.view(-1, *([1] * (adv.dim() - 1))), candidate, adv[index])
+        best[index] = torch.where(better, value, current)
         self._record(best[:, None])
 
     def _l2_search(self, rows):
