@@ -11,6 +11,7 @@ whatever the feature size. 1 for representations equal up to an orthogonal map a
 representation is constant over the images.
 """
 import torch
+from tqdm import tqdm
 
 
 def gram(features):
@@ -34,15 +35,15 @@ def cka_from_grams(k, l):
 
 
 @torch.no_grad()
-def encoder_features(model, loader, device=None, pool=False):
+def encoder_features(model, loader, device=None, pool=False, progress=False, desc="features"):
     """The encoder's representation of every image of ``loader`` ([n, C·H·W], or [n, C] with ``pool``: global
-    average over positions), in loader order, on the CPU in float64."""
+    average over positions), in loader order, on the CPU in float64. ``progress``: a bar over the batches."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     chunks = []
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
             x = batch[0].to(device)
             features = model.encode(x)
             features = features.mean(dim=(2, 3)) if pool and features.dim() == 4 else features

@@ -6,6 +6,7 @@ be. Flat, low surfaces along u mean a robust model; a sharp rise along u but not
 random noise does not.
 """
 import torch
+from tqdm import tqdm
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.tasks import opmath
@@ -24,22 +25,26 @@ def directions(model, x, targets, masks, records, attacked, seed=0):
 
 
 @torch.no_grad()
-def surface(model, x, targets, masks, records, u, v, a_values, b_values):
-    """Mean per-task loss over the batch at every (a, b): ``{task: [len(a_values), len(b_values)]}`` (float64)."""
+def surface(model, x, targets, masks, records, u, v, a_values, b_values, bar=None):
+    """Mean per-task loss over the batch at every (a, b): ``{task: [len(a_values), len(b_values)]}`` (float64);
+    ``bar``: a progress bar advanced once per forward pass."""
     out = {r.name: torch.empty(len(a_values), len(b_values), dtype=torch.float64) for r in records}
     for i, a in enumerate(a_values):
         for j, b in enumerate(b_values):
             outputs = model((x + a * u + b * v).clamp(0, 1))
             for r in records:
                 out[r.name][i, j] = r.loss(opmath(outputs[r.name]), targets[r.name], masks.get(r.name)).double().mean()
+            if bar is not None:
+                bar.update()
     return out
 
 
-def landscape(model, x, targets, masks, tasks, attacked=None, radius=16 / 255, points=21, seed=0, two_d=True):
+def landscape(model, x, targets, masks, tasks, attacked=None, radius=16 / 255, points=21, seed=0, two_d=True,
+              progress=False):
     """The landscape of ``model`` around the batch ``x``: ``{"a": [points], "b": [points] or [0], "adversarial":
     {task: [points]} (b = 0), "random": {task: [points]} (a = 0), "surface": {task: [points, points]} (with
     ``two_d``)}``. ``tasks``: records or names of the evaluated tasks; ``attacked``: the tasks whose loss gives
-    the adversarial direction (default all)."""
+    the adversarial direction (default all). ``progress``: a bar over the forward passes."""
     if points < 3 or points % 2 == 0:
         raise ValueError(f"points must be an odd number >= 3 (so that 0 is on the grid), got {points}")
     if not radius > 0:
@@ -48,19 +53,22 @@ def landscape(model, x, targets, masks, tasks, attacked=None, radius=16 / 255, p
     attacked = [r.name for r in records] if attacked is None else list(attacked)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=2 * points + (points * points if two_d else 0), desc="landscape", unit="pass",
+               disable=not progress, leave=False)
     try:
         u, v = directions(model, x, targets, masks, records, attacked, seed)
         grid = torch.linspace(-radius, radius, points, dtype=torch.float64).tolist()
         zero = [0.0]
         result = {"a": grid, "b": grid if two_d else zero,
                   "adversarial": {k: s[:, 0].tolist() for k, s in surface(model, x, targets, masks, records, u, v,
-                                                                          grid, zero).items()},
+                                                                          grid, zero, bar).items()},
                   "random": {k: s[0].tolist() for k, s in surface(model, x, targets, masks, records, u, v,
-                                                                  zero, grid).items()}}
+                                                                  zero, grid, bar).items()}}
         if two_d:
             result["surface"] = {k: s.tolist() for k, s in surface(model, x, targets, masks, records, u, v,
-                                                                   grid, grid).items()}
+                                                                   grid, grid, bar).items()}
     finally:
+        bar.close()
         model.train(was_training)
     return result
 

@@ -93,6 +93,10 @@ def test_the_cka_command_writes_a_symmetric_matrix_with_a_unit_diagonal(checkpoi
     assert all(matrix[i][i] == pytest.approx(1.0) for i in range(3))
     assert matrix[0][2] == pytest.approx(1.0) and matrix[0][1] == pytest.approx(matrix[1][0])
     assert (tmp_path / "cka.png").stat().st_size > 1000
+    assert "features 3/3" in capsys.readouterr().err  # a progress bar per model
+    assert cli_main(["analyze", "cka", "--checkpoints", f"{a},{b}", "--data", str(data), "--out", str(tmp_path),
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert "features" not in capsys.readouterr().err
     assert cli_main(["analyze", "cka", "--checkpoints", f"{a},{root / 'none.pt'}", "--data", str(data),
                      "--out", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
@@ -106,6 +110,7 @@ def test_the_landscape_command_writes_curves_and_a_figure(checkpoints, tmp_path,
     assert result["images"] == 2 and result["attacked"] == ["depth_zbuffer"] and len(result["a"]) == 3
     assert set(result["surface"]) == {"segment_semantic", "depth_zbuffer"}
     assert (tmp_path / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "/15 [" in capsys.readouterr().err  # the bar counts every forward pass: 2·3 for the curves + 3·3
     assert cli_main(["analyze", "landscape", "--checkpoint", str(a), "--data", str(data), "--out", str(tmp_path),
                      "--target", "n"]) == 2
     assert "--target" in capsys.readouterr().err

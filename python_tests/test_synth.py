@@ -261,7 +261,7 @@ def test_shading_and_labels_come_from_the_same_geometry(dataset):
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli.main(["data", "synth", "--out", str(out), "--images", "6", "--size", "64", "--seed", "1",
-                     "--workers", "1", "--quiet", "--buildings", "alpha", "beta", "gamma"])
+                     "--workers", "1", "--no-progress", "--buildings", "alpha", "beta", "gamma"])
     assert code == 0 and "wrote 6 images" in capsys.readouterr().out
     assert len(files_of(out, "keypoints3d")) == 6
     assert (out / synth.SPLIT_CSV).read_text().splitlines()[1:] == ["alpha,1,0,0", "beta,0,1,0", "gamma,0,0,1"]

@@ -26,6 +26,7 @@ def _common(parser):
     add("--out", required=True, type=Path, help="a folder for the results and the figure")
     add("--dpi", type=positive_int, default=120, help="PNG resolution (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    add("--no-progress", action="store_true", help="no progress bars")
 
 
 def _out(path):
@@ -62,7 +63,8 @@ def run_cka(args):
         device = resolve_device(args.device)
         models = [_load(path, device) for path in args.checkpoints]
         loader = make_loader(args.data, models[0], args.split, args.size, args.limit, args.batch_size)
-        grams = [gram(encoder_features(model, loader, device, pool=args.pool)) for model in models]
+        grams = [gram(encoder_features(model, loader, device, pool=args.pool, progress=not args.no_progress,
+                                       desc=f"features {i + 1}/{len(models)}")) for i, model in enumerate(models)]
         names = [str(path) for path in args.checkpoints]
         matrix = [[cka_from_grams(k, l) for l in grams] for k in grams]
         print(f"linear CKA of the encoder features ({'pooled' if args.pool else 'flattened'}) on "
@@ -129,7 +131,7 @@ def run_landscape(args):
         x, targets, masks = to_device(next(iter(loader)), device)
         records = [model.task_records[n] for n in names]
         result = landscape.landscape(model, x, targets, masks, records, attacked, args.radius, args.points,
-                                     args.seed, two_d=not args.no_2d)
+                                     args.seed, two_d=not args.no_2d, progress=not args.no_progress)
         result.update(checkpoint=str(args.checkpoint), images=int(x.shape[0]), attacked=attacked)
         (out / "landscape.json").write_text(json.dumps(result) + "\n")
         centre = len(result["a"]) // 2

@@ -187,12 +187,13 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--overwrite", action="store_true", help="replace an object dataset already in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar (as in the other commands; --quiet is the same)")
 
 
 def run(args):
     try:
-        out = synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.quiet,
+        out = synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
                                  args.overwrite)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"mtrobust-fast data synth-objects: error: {error}")

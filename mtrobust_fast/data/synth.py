@@ -334,12 +334,13 @@ def add_arguments(parser):
                              "rest train (10 buildings: 6/2/2). Default: synth000, ... one per 100 images, at "
                              "least 3")
     parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar (as in the other commands; --quiet is the same)")
 
 
 def run(args):
     try:
-        out = synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.quiet, args.buildings, args.overwrite)
+        out = synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings, args.overwrite)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"mtrobust-fast data synth: error: {error}")
     print(f"wrote {args.images} images ({args.size} px) to {out}")
