@@ -107,6 +107,16 @@ def test_bad_flag_is_reported_by_the_command(setup, tmp_path, capsys):
     assert "norms[0]: expected one of linf, l2" in capsys.readouterr().err
 
 
+def test_dry_run_shows_the_step_size_each_cell_will_use(setup, tmp_path, capsys):
+    root, data, sdn, sd = setup
+    assert cli_main(["sweep", "--out", str(tmp_path), "--data", str(data), "--checkpoint", str(sdn), "--attack",
+                     "pgd,apgd", "--eps", "8/255", "--steps", "10", "--alpha", "none,1/255", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(" pgd " in line and "alpha=0.0078431 (default)" in line for line in lines)
+    assert any(" pgd " in line and "alpha=0.0039216 " in line for line in lines)
+    assert any(" apgd " in line and "alpha=- " in line for line in lines)
+
+
 def _argv(setup, out, *extra):
     root, data, sdn, sd = setup
     return ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", f"{sdn},{sd}", "--steps", "1,2",

@@ -29,7 +29,9 @@ def add_arguments(parser):
     add("--out", type=Path, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
     add("--data", default=None, help="Taskonomy root the models are evaluated on")
     add("--checkpoint", type=_list, default=None, help="checkpoints, comma-separated (replaces the file's models)")
-    add("--attack", type=_list, default=None, help="attacks, comma-separated: any of `mtrobust-fast attack --attack`'s choices (pgd, wgd, apgd, cyclic_step, grid, ...)")
+    add("--attack", type=_list, default=None,
+        help="attacks, comma-separated: any dense attack of `mtrobust-fast attack --attack` (pgd, wgd, apgd, "
+             "cyclic_step, grid, segpgd, ensemble, ...; not the classifier-head apgdt, fab, square, autoattack)")
     add("--norm", type=_list, default=None, help="threat models, comma-separated: linf, l2")
     add("--eps", type=_list, default=None, help="budgets in [0,1] pixels, comma-separated, e.g. 4/255,8/255")
     add("--alpha", type=_list, default=None,
@@ -129,6 +131,18 @@ def _tracker_callback(args):
     return log
 
 
+def _alpha_text(cell):
+    """The step size a cell will use: its own, the attack's default for its budget, or "-" (no step size)."""
+    from mtrobust_fast.attacks import ATTACKS
+
+    cls = ATTACKS[cell.attack]
+    if cell.alpha is not None:
+        return f"{cell.alpha:.5g}"
+    if "alpha" in cls.settings:
+        return f"{cls.default_alpha(cell.eps, cell.steps or 1):.5g} (default)"
+    return "-"
+
+
 def run(args):
     try:
         cells = planning.expand(settings_from(args), args.out)
@@ -142,7 +156,7 @@ def run(args):
         for cell in cells:
             state = "pending" if cell in pending else "done"
             print(f"{cell.cell_id} {state:7} {cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
-                  f"alpha={cell.alpha} steps={cell.steps} restarts={cell.restarts} seed={cell.seed} "
+                  f"alpha={_alpha_text(cell)} steps={cell.steps} restarts={cell.restarts} seed={cell.seed} "
                   f"sets={','.join(cell.sets)}")
         return 0
     planned = {cell.cell_id for cell in cells}
