@@ -362,3 +362,28 @@ def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_me
                      "--out", str(tmp_path / "square")]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("SQUARE linf eps=0.031373 queries=20 ") and "alpha" not in header
+
+
+@pytest.mark.parametrize("name", ["square", "fab"])
+def test_classifier_attacks_skip_auxiliary_heads_and_land_where_the_whole_model_would(name, monkeypatch):
+    """On a GAT classifier (auxiliary heads beside the class head) the attack runs the encoder and the class head
+    only, and lands on exactly the point a run through the whole model gives."""
+    from mtrobust_fast.attacks.base import Attack
+    from mtrobust_fast.auxiliary import make_task
+    from mtrobust_fast.models.registry import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", classes=4, input_size=16, aux=[make_task("rotation"),
+                                                                        make_task("autoencoder")]).eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        labels = model(x)["class"].argmax(1)
+    calls = []
+    for head in ("rotation", "autoencoder"):
+        model.decoders[head].register_forward_hook(lambda *args: calls.append(1))
+    settings = dict(eps=8 / 255, steps=20 if name == "square" else 3, seed=0)
+    heads_only = build_attack(name, model, ["class"], **settings)(x, {"class": labels})
+    assert calls == []
+    monkeypatch.setattr(Attack, "_splits_heads", lambda self, names: False)
+    whole = build_attack(name, model, ["class"], **settings)(x, {"class": labels})
+    assert calls and torch.equal(heads_only, whole)

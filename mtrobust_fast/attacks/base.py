@@ -260,6 +260,14 @@ class Attack(abc.ABC):
         by_name = {s.name: s for s in self.specs}
         return all(n in self.model.decoders and by_name[n].key == n for n in names)
 
+    def _head_outputs(self, x, names):
+        """The outputs of the heads ``names``: on a MultiTaskModel whose specs read its heads by name, only the
+        encoder and those heads run (a GAT classifier's auxiliary heads cost nothing); otherwise the model."""
+        if not self._splits_heads(names):
+            return self.model(x)
+        representation = self.model.encode(x)
+        return {n: self.model.decoders[n](representation) for n in names}
+
     def _row_losses(self, x, rows):
         """[R, len(rows.active)] losses of the attacked tasks (0 where a row does not attack a task)."""
         return self._task_losses(x, rows.targets, rows.masks, rows.active, rows.task_rows)
@@ -296,7 +304,7 @@ class Attack(abc.ABC):
             return objective
         by_name = {s.name: s for s in self.specs}
         with torch.no_grad(), torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            outputs = self.model(x)
+            outputs = self._head_outputs(x, list(rows.active))
             errors = torch.stack([by_name[n].error(opmath(by_name[n].output(outputs)), rows.targets[n],
                                                    rows.masks.get(n)) for n in rows.active], dim=1)
         return (rows.weights * errors.to(rows.weights.dtype)).sum(dim=1)

@@ -76,7 +76,7 @@ class DenseEnsemble(Attack):
     def _errors(self, points, rows):
         """[B, T] per-sample errors of every task of the attack at ``points``."""
         with torch.no_grad():
-            outputs = self.model(points)
+            outputs = self._head_outputs(points, [s.name for s in self.specs])
             return torch.stack([s.error(opmath(s.output(outputs)), rows.targets[s.name], rows.masks.get(s.name))
                                 .double() for s in self.specs], dim=1)
 

@@ -103,7 +103,7 @@ class FAB(Attack):
         (name,) = self.target_tasks
         spec = next(s for s in self.specs if s.name == name)
         with torch.set_grad_enabled(grad):
-            return spec.output(self.model(x)).float()
+            return spec.output(self._head_outputs(x, [name])).float()
 
     def _optimize(self, x, rows):
         x0, labels = rows.x0, rows.targets[self.target_tasks[0]]

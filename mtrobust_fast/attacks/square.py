@@ -82,7 +82,7 @@ class Square(Attack):
         (name,) = self.target_tasks
         spec = next(s for s in self.specs if s.name == name)
         with torch.no_grad():
-            logits = spec.output(self.model(points))
+            logits = spec.output(self._head_outputs(points, [name]))
         if logits.dim() != 2 or labels.shape != logits.shape[:1] or labels.is_floating_point():
             raise ValueError(f"square needs a classification head (logits [B, K], class labels [B]); {name!r} "
                              f"gives {tuple(logits.shape)} outputs and labels {tuple(labels.shape)}")
