@@ -114,7 +114,7 @@ def test_dry_run_shows_the_step_size_each_cell_will_use(setup, tmp_path, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert any(" pgd " in line and "alpha=0.0078431 (default)" in line for line in lines)
     assert any(" pgd " in line and "alpha=0.0039216 " in line for line in lines)
-    assert any(" apgd " in line and "alpha=- " in line for line in lines)
+    assert any(" apgd " in line and "alpha=adaptive steps=10 " in line for line in lines)
 
 
 def _argv(setup, out, *extra):

@@ -108,6 +108,15 @@ class Attack(abc.ABC):
         cross the ball and come back whatever the budget; per-sample budgets give per-sample steps."""
         return eps * (2.5 / steps)
 
+    @classmethod
+    def describe_steps(cls, alpha, eps, steps):
+        """How a run of this attack steps, for reports: its step size (``alpha``, or the default for ``eps`` and
+        ``steps`` when None; "adaptive" for attacks that choose their own) and its number of steps."""
+        if "alpha" not in cls.settings:
+            return f"alpha=adaptive steps={steps}"
+        alpha = f"{alpha:.5g}" if alpha is not None else f"{cls.default_alpha(eps, steps or 1):.5g} (default)"
+        return f"alpha={alpha} steps={steps}"
+
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
                  channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval", dense_loss="task"):

@@ -70,6 +70,10 @@ class Square(Attack):
     refused = {**Attack.refused, "alpha": "square has no step size (it searches at the ball's corners)",
                "dense_loss": "square attacks one classification head"}
 
+    @classmethod
+    def describe_steps(cls, alpha, eps, steps):
+        return f"queries={steps}"
+
     def __init__(self, model, tasks=None, *, steps=5000, p_init=0.8, **kwargs):
         super().__init__(model, tasks, steps=steps, **kwargs)
         if not 0 < p_init <= 1:

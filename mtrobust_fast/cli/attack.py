@@ -147,8 +147,7 @@ HEADLINE_METRICS = ("accuracy", "auc", "miou", "mae")  # printed clean and adver
 def format_report(config, summary):
     """The per-task table of every attacked set, then the joint, marginal and first-order lines."""
     header = ("task", "clean err/img", "adv err/img", "rel vuln", "rel vuln (ratio of means)", "adv vuln")
-    alpha = "adaptive" if config["alpha"] is None else f"{config['alpha']:.5g}"
-    steps = f"alpha={alpha} steps={config['steps']}" if config["attack"] != "square" else f"queries={config['steps']}"
+    steps = ATTACKS[config["attack"]].describe_steps(config["alpha"], config["eps"], config["steps"])
     lines = [f"{config['attack'].upper()} {config['norm']} eps={config['eps']:.5g} "
              f"{steps} restarts={config['restarts']} on {summary['samples']} {config['split']} "
              f"images, model {config['model']} ({config['encoder']})"

@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.evaluation import SettingError
 from mtrobust_fast.sweep import plan as planning
 from mtrobust_fast.sweep.executors import EXECUTORS
@@ -131,18 +132,6 @@ def _tracker_callback(args):
     return log
 
 
-def _alpha_text(cell):
-    """The step size a cell will use: its own, the attack's default for its budget, or "-" (no step size)."""
-    from mtrobust_fast.attacks import ATTACKS
-
-    cls = ATTACKS[cell.attack]
-    if cell.alpha is not None:
-        return f"{cell.alpha:.5g}"
-    if "alpha" in cls.settings:
-        return f"{cls.default_alpha(cell.eps, cell.steps or 1):.5g} (default)"
-    return "-"
-
-
 def run(args):
     try:
         cells = planning.expand(settings_from(args), args.out)
@@ -156,7 +145,8 @@ def run(args):
         for cell in cells:
             state = "pending" if cell in pending else "done"
             print(f"{cell.cell_id} {state:7} {cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
-                  f"alpha={_alpha_text(cell)} steps={cell.steps} restarts={cell.restarts} seed={cell.seed} "
+                  f"{ATTACKS[cell.attack].describe_steps(cell.alpha, cell.eps, cell.steps)} restarts={cell.restarts} "
+                  f"seed={cell.seed} "
                   f"sets={','.join(cell.sets)}")
         return 0
     planned = {cell.cell_id for cell in cells}
