@@ -2,7 +2,6 @@
 report and task-selection commands, with task columns normalised to registry letters so that tables written
 with task names (``metrics.summary_rows`` uses names) and tables written with letters compare equal.
 """
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +65,7 @@ def config_label(keys, values):
     """A short human label of one configuration, e.g. "attack=pgd norm=linf eps=0.0314"; settings the attack does
     not have (alpha of APGD or the ensemble: None/NaN in the table) are left out."""
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, values)
-                    if not (v is None or (isinstance(v, float) and math.isnan(v))))
+                    if not pd.isna(v))
 
 
 def pair_values(table, metric, attacked="single"):
