@@ -17,14 +17,16 @@ from tqdm import tqdm
 
 from mtrobust_fast import metrics
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.attacks import SettingRefused, build_attack, dense
+from mtrobust_fast.attacks import build_attack, dense
 from mtrobust_fast.data import open_dataset
 from mtrobust_fast.device import resolve_device, to_device
 from mtrobust_fast.models import STRIDE, load_checkpoint
+from mtrobust_fast.registry import SettingValueError
 
 
-class SettingError(ValueError):
-    """A bad evaluation setting; the message starts with the setting's command-line name (``--target: ...``)."""
+class SettingError(SettingValueError):
+    """A bad evaluation argument; ``setting`` names the argument of :func:`evaluate_checkpoint` (``sets``,
+    ``checkpoint``, ``data``, ...), ``reason`` says what is wrong."""
 
 
 def task_letters(names):
@@ -45,13 +47,13 @@ def resolve_sets(sets, model_tasks, where="the model"):
             try:
                 names = [t.name for t in task_registry.resolve(item)]
             except ValueError as error:
-                raise SettingError(f"--target: {error}") from None
+                raise SettingError("sets", str(error)) from None
         else:
             names = list(item)
         missing = [name for name in names if name not in model_tasks]
         if missing:
-            raise SettingError(f"--target: {where} has tasks {task_letters(model_tasks)}; it has no "
-                               f"{', '.join(missing)} ({metrics.set_label(missing)}) to attack")
+            raise SettingError("sets", f"{where} has tasks {task_letters(model_tasks)}; it has no "
+                                       f"{', '.join(missing)} ({metrics.set_label(missing)}) to attack")
         chosen = tuple(name for name in model_tasks if name in names)
         if chosen not in resolved:
             resolved.append(chosen)
@@ -137,9 +139,9 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
         attack.on_gradient = None
         steps.close()
     if meter.samples == 0:
-        raise SettingError("--data: the loader yielded no batch to evaluate")
+        raise SettingError("data", "the loader yielded no batch to evaluate")
     summary = meter.compute()
-    if hasattr(attack, "summary"):  # a cascade or an ensemble: what each member achieved
+    if attack.summary_key is not None:  # a cascade or an ensemble: what each member achieved
         summary[attack.summary_key] = attack.summary()
     if record_steps:
         summary["step_losses"] = curves.result()
@@ -156,7 +158,7 @@ def make_loader(data, model, split="val", size=None, limit=None, batch_size=16, 
     try:
         dataset = open_dataset(data, model, split=split, size=size)
     except (FileNotFoundError, ValueError) as error:
-        raise SettingError(f"--data: {error}") from error
+        raise SettingError("data", str(error)) from error
     if limit:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     return DataLoader(dataset, batch_size, shuffle=False, num_workers=workers)
@@ -167,19 +169,19 @@ def load_surrogate(path, model, attacked, device):
     task and takes the same input channels."""
     path = Path(path)
     if not path.is_file():
-        raise SettingError(f"--surrogate: checkpoint not found: {path}")
+        raise SettingError("surrogate", f"checkpoint not found: {path}")
     try:
         surrogate, _ = load_checkpoint(path, map_location=device)
     except ValueError as error:
-        raise SettingError(f"--surrogate: {error}") from error
+        raise SettingError("surrogate", str(error)) from error
     missing = [name for name in attacked if name not in surrogate.task_names]
     if missing:
-        raise SettingError(f"--surrogate: the model in {path} has tasks {task_letters(surrogate.task_names)}; it "
-                           f"cannot craft attacks on {task_letters(missing)}")
+        raise SettingError("surrogate", f"the model in {path} has tasks {task_letters(surrogate.task_names)}; it "
+                                        f"cannot craft attacks on {task_letters(missing)}")
     channels = (model.config.get("input_channels", 3), surrogate.config.get("input_channels", 3))
     if channels[0] != channels[1]:
-        raise SettingError(f"--surrogate: the model in {path} takes {channels[1]}-channel images, the target "
-                           f"{channels[0]}-channel ones")
+        raise SettingError("surrogate", f"the model in {path} takes {channels[1]}-channel images, the target "
+                                        f"{channels[0]}-channel ones")
     return surrogate
 
 
@@ -198,6 +200,28 @@ def _warn_if_objective_unused(atk, attack, sets):
                       f"tasks' own losses", stacklevel=2)
 
 
+def recorded_options(atk, given):
+    """Each optional setting ``atk`` declares besides alpha and steps: the value given, else the attack's own."""
+    return {s.name: given[s.name] if given.get(s.name) is not None else getattr(atk, s.name, None)
+            for s in type(atk).option_settings()}
+
+
+def options_label(atk, given):
+    """The declared options besides alpha and steps given away from their defaults, as "name=value ..." ("" when
+    none): what tells two runs of one attack apart in a results table."""
+    return " ".join(f"{s.name}={format_value(given[s.name])}" for s in type(atk).option_settings()
+                    if not s.is_default(given.get(s.name)))
+
+
+def format_value(value):
+    """A setting's value as a short text: lists comma-separated, floats to 4 significant digits."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 255, alpha=None, steps=None,
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, adv_gradients=False,
@@ -207,38 +231,39 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
 
     ``sets``: attacked sets, each "all", task letters or a sequence of task names; all are attacked in one batch
     of rows. ``dense_loss``: the objective dense heads are attacked on (see :mod:`mtrobust_fast.attacks.dense`;
-    None: the attack's own). ``options``: settings only some attacks take, ``{"grid_weights": [...], "grid_task":
-    "d"}`` (None values mean the attack's default). ``summary`` is :func:`evaluate`'s; ``config`` records every setting, the checkpoint's epoch and the
-    wall time.
+    None: the attack's own). ``options``: any other optional setting the attack declares, e.g. ``{"grid_weights":
+    [...], "grid_task": "d"}`` (None values mean the attack's default). ``summary`` is :func:`evaluate`'s;
+    ``config`` records every setting (each declared option of the attack as given, else the attack's own value;
+    ``attack_options``: the options given that differ from their defaults, as one label), the checkpoint's epoch
+    and the wall time. Errors are :class:`SettingError` naming the argument.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise SettingError(f"--checkpoint: checkpoint not found: {checkpoint}")
+        raise SettingError("checkpoint", f"checkpoint not found: {checkpoint}")
     device = resolve_device(device)
     try:
         model, meta = load_checkpoint(checkpoint, map_location=device)
     except ValueError as error:
-        raise SettingError(f"--checkpoint: {error}") from error
+        raise SettingError("checkpoint", str(error)) from error
     stride = model.config.get("input_stride", STRIDE)
     if size is not None and size % stride:
-        raise SettingError(f"--size: the model in {checkpoint} takes images whose side is a multiple of {stride}, "
-                           f"got {size}")
+        raise SettingError("size", f"the model in {checkpoint} takes images whose side is a multiple of {stride}, "
+                                   f"got {size}")
     names = model.evaluated_task_names
     sets = resolve_sets(sets, names, f"the model in {checkpoint}")
     attacked = [name for name in names if any(name in s for s in sets)]
     crafter, attack_tasks = model, names
     if surrogate is not None:
         crafter, attack_tasks = load_surrogate(surrogate, model, attacked, device), attacked
+    given = {"alpha": alpha, "steps": steps, "normalize_task_grads": normalize_task_grads, "dense_loss": dense_loss,
+             **(options or {})}
     try:
         atk = build_attack(attack, crafter, attack_tasks, eps=eps, norm=norm, restarts=restarts, seed=seed,
-                           deterministic=deterministic, alpha=alpha, steps=steps,
-                           normalize_task_grads=normalize_task_grads, record_steps=record_steps,
-                           dense_loss=dense_loss, target_tasks=attacked,
-                           **(options or {}))
-    except SettingRefused as error:
-        raise SettingError(f"--{error.setting.replace('_', '-')}: {error.reason}") from error
+                           deterministic=deterministic, record_steps=record_steps, target_tasks=attacked, **given)
+    except SettingValueError as error:  # a refused or bad optional setting: named as such
+        raise SettingError(error.setting, error.reason, error.value) from error
     except ValueError as error:
-        raise SettingError(f"--attack {attack}: {error}") from error
+        raise SettingError("attack", str(error), attack) from error
     _warn_if_objective_unused(atk, attack, sets)
     loader = make_loader(data, model, split, size, limit, batch_size, workers)
     start = time.perf_counter()
@@ -248,9 +273,10 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
         "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
         "surrogate": None if surrogate is None else str(surrogate),
         "model": model.config["tasks"], "encoder": model.config["encoder"], "attack": attack,
-        "norm": norm, "eps": eps, "alpha": atk.alpha if "alpha" in type(atk).settings else None,
+        "norm": norm, "eps": eps, "alpha": atk.alpha if type(atk).takes("alpha") else None,
         "steps": atk.steps, "restarts": restarts, "normalize_task_grads": normalize_task_grads,
-        "dense_loss": atk.dense_loss, **{k: v for k, v in (options or {}).items() if v is not None}, "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
+        "dense_loss": atk.dense_loss, **recorded_options(atk, given), "attack_options": options_label(atk, given),
+        "target": [metrics.set_label(s) for s in sets], "split": split, "limit": limit,
         "seed": seed, "deterministic": deterministic, "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }

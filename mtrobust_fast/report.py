@@ -1,4 +1,4 @@
-"""``mtrobust-fast report RESULTS --out DIR``: the AAAI'22 figures of a sweep's results table as PNGs, and a
+"""The AAAI'22 figures of a sweep's results table as PNGs, and a
 ``summary.md`` that shows them with their numbers.
 
 - Main × auxiliary heatmaps of the main task's relative vulnerability (Tables 1–2 layout: row = main task m,
@@ -16,10 +16,8 @@ A figure whose data the table lacks is skipped with a note in the summary, so pa
 """
 import math
 import re
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -29,7 +27,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mtrobust_fast import paired_analysis, results_table, selection  # noqa: E402
-from mtrobust_fast.cli.args import positive_int  # noqa: E402
 from mtrobust_fast import task_names  # noqa: E402
 
 REQUIRED = ("model_tasks", "attacked", "task")
@@ -60,20 +57,6 @@ def spread(xs, ys, step=8):
             run = run + 1 if abs(ys[current] - ys[previous]) < close else 0
             offsets[current] = 2.0 + step * run
     return offsets
-
-
-def add_arguments(parser):
-    add = parser.add_argument
-    add("results", type=Path, help="results table written by the sweep (Parquet or CSV)")
-    add("--out", type=Path, required=True, help="folder for the PNGs and summary.md")
-    add("--metric", default="rel_vuln",
-        help="heatmap metric, e.g. rel_vuln or rel_vuln_ratio_of_means (default %(default)s)")
-    add("--selection", type=Path, default=None,
-        help="output folder (or its pairs.csv) of `mtrobust-fast select`, for the surrogate scatter")
-    add("--dpi", type=positive_int, default=120, help="PNG resolution (default %(default)s)")
-    add("--tracker", choices=("local", "comet", "comet-offline"), default=None,
-        help="also log the figures and summary to a tracker run in OUT (see mtrobust_fast.tracking)")
-    add("--project", default=None, help="Comet project name")
 
 
 def _ordered(values):
@@ -294,24 +277,3 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     summary = out / "summary.md"
     summary.write_text("\n".join(lines).rstrip() + "\n")
     return written + [summary]
-
-
-def run(args):
-    try:
-        paths = build(args.results, args.out, args.metric, args.selection, args.dpi)
-    except results_table.TableError as error:
-        print(f"mtrobust-fast report: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(f"wrote {p}" for p in paths))
-    if args.tracker is not None:
-        from mtrobust_fast.tracking import make_tracker
-
-        try:
-            with make_tracker(args.tracker, args.out, project=args.project, experiment_name="report") as tracker:
-                tracker.log_parameters({"results": str(args.results), "metric": args.metric})
-                for path in paths:
-                    tracker.log_figure(path)
-        except (RuntimeError, ImportError) as error:
-            print(f"mtrobust-fast report: --tracker {args.tracker}: {error}", file=sys.stderr)
-            return 2
-    return 0

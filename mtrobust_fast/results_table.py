@@ -9,8 +9,10 @@ import pandas as pd
 from mtrobust_fast import task_names
 
 # Columns that tell attack configurations apart; the ones present in a table split it into groups.
-CONFIG_COLUMNS = ("encoder", "checkpoint_epoch", "task_weights", "surrogate", "attack", "norm", "eps", "alpha", "steps",
-                  "restarts", "split", "limit")
+# ``attack_options``: every other declared setting of the attack set away from its default, as one label
+# ("grid_weights=0,1 grid_task=d"), so a setting an attack declares splits groups with no change here.
+CONFIG_COLUMNS = ("encoder", "checkpoint_epoch", "task_weights", "surrogate", "attack", "attack_options", "norm", "eps",
+                  "alpha", "steps", "restarts", "split", "limit")
 
 
 class TableError(ValueError):
@@ -64,8 +66,8 @@ def fixed_settings(table):
 def config_label(keys, values):
     """A short human label of one configuration, e.g. "attack=pgd norm=linf eps=0.0314"; settings the attack does
     not have (alpha of APGD or the ensemble: None/NaN in the table) are left out."""
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, values)
-                    if not pd.isna(v))
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else (str(v) if k == "attack_options" else f"{k}={v}")
+                    for k, v in zip(keys, values) if not pd.isna(v) and v != "")
 
 
 def pair_values(table, metric, attacked="single"):

@@ -1,4 +1,4 @@
-"""``mtrobust-fast select``: auxiliary-task selection from cheap surrogates (AAAI'22 RQ4, Table 3).
+"""Auxiliary-task selection from cheap surrogates (AAAI'22 RQ4, Table 3; the ``mtrobust-fast select`` command).
 
 For a main task m and candidate auxiliaries a, the full-cost score of a is the relative vulnerability of m on
 the fully trained model {m, a} (the one-task model {m} when a == m). A surrogate gives the same quantity at a
@@ -17,18 +17,14 @@ The tables come from the sweep, one per cost level, e.g. (paths illustrative)::
     mtrobust-fast select --main s --candidates dDnE --full full.parquet \\
         --surrogate few_epochs=few_epochs.parquet --surrogate resnet18=resnet18.parquet --clean clean_error
 """
-import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from mtrobust_fast import results_table
-from mtrobust_fast.cli.args import budget
 from mtrobust_fast import task_names
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence
@@ -61,15 +57,22 @@ def correlate(surrogate, full):
     return result
 
 
+class SeveralConfigurations(results_table.TableError):
+    """A table left with several attack configurations; ``listed`` describes them."""
+
+    def __init__(self, name, listed):
+        super().__init__(f"{name}: several attack configurations remain ({listed}); choose one with the filters "
+                         f"({', '.join(FILTERS)}) or a where condition COLUMN=VALUE")
+        self.name, self.listed = name, listed
+
+
 def _one_config(pairs, name):
     """``pairs`` without its config columns, after checking they hold a single configuration."""
     keys = results_table.config_columns(pairs)
     configs = pairs[keys].drop_duplicates() if keys else pairs.iloc[:0]
     if len(configs) > 1:
-        listed = "; ".join(results_table.config_label(keys, row) for row in configs.itertuples(index=False))
-        raise results_table.TableError(f"{name}: several attack configurations remain ({listed}); choose one "
-                                       f"with {', '.join('--' + k.replace('_', '-') for k in FILTERS)} or "
-                                       f"--where COLUMN=VALUE")
+        raise SeveralConfigurations(name, "; ".join(results_table.config_label(keys, row)
+                                                    for row in configs.itertuples(index=False)))
     return pairs.drop(columns=results_table.config_columns(pairs, varying=False))
 
 
@@ -84,39 +87,47 @@ def _matches(column, wanted):
     return column.astype(str) == str(wanted)
 
 
-def _filtered(table, args, name, keys=FILTERS):
-    wanted = [(key, getattr(args, key)) for key in keys if getattr(args, key) is not None] + list(args.where)
+def _filtered(table, filters, where, name, keys=FILTERS):
+    """Rows of ``table`` matching ``filters`` ({column of FILTERS: value}, None: any) and every ``where``
+    (column, value) condition; a ``where`` column the table lacks is an error."""
+    wanted = [(key, filters.get(key)) for key in keys if filters.get(key) is not None] + list(where)
     for key, value in wanted:
         if key in table.columns:
             table = table[_matches(table[key], value)]
-        elif (key, value) in args.where:
-            raise results_table.TableError(f"{name}: --where {key}=...: the table has no column {key}")
+        elif (key, value) in where:
+            raise results_table.TableError(f"{name}: where {key}=...: the table has no column {key}")
     if table.empty:
         raise results_table.TableError(f"{name}: no row matches the filters")
     return table
 
 
-def surrogate_scores(args):
-    """One DataFrame (main, aux, full, <surrogate>...) over the pairs that the full table has."""
-    required = ("model_tasks", "attacked", "task", args.metric, *args.clean)
-    full_table = _filtered(results_table.read(args.full, required), args, str(args.full))
-    scores = _one_config(results_table.pair_values(full_table, args.metric, args.attacked), str(args.full))
+def surrogate_scores(full, main, *, surrogates=(), clean=(), metric="rel_vuln", attacked="single",
+                     candidates=None, filters=None, where=()):
+    """One DataFrame (main, aux, full, <surrogate>...) over the pairs that the ``full`` table has.
+
+    ``surrogates``: (name, table path) pairs; ``clean``: clean-performance columns of ``full`` used as
+    surrogates; ``main``/``candidates``: task letters; ``filters``: {column of FILTERS: value} kept in every
+    table (encoder in ``full`` only: a surrogate's encoder may differ); ``where``: (column, value) conditions."""
+    filters = dict(filters or {})
+    required = ("model_tasks", "attacked", "task", metric, *clean)
+    full_table = _filtered(results_table.read(full, required), filters, where, str(full))
+    scores = _one_config(results_table.pair_values(full_table, metric, attacked), str(full))
     scores = scores.rename(columns={"value": "full"}).drop(columns="rows")
-    sources = [(column, full_table, column, str(args.full)) for column in args.clean]
+    sources = [(column, full_table, column, str(full)) for column in clean]
     keys = tuple(k for k in FILTERS if k != "encoder")  # a surrogate encoder may differ from the full one
-    for name, path in args.surrogate:
-        table = results_table.read(path, ("model_tasks", "attacked", "task", args.metric))
-        sources.append((name, _filtered(table, args, str(path), keys), args.metric, str(path)))
-    for name, table, metric, where in sources:
-        values = _one_config(results_table.pair_values(table, metric, args.attacked), f"{where} ({metric})")
+    for name, path in surrogates:
+        table = results_table.read(path, ("model_tasks", "attacked", "task", metric))
+        sources.append((name, _filtered(table, filters, where, str(path), keys), metric, str(path)))
+    for name, table, column, place in sources:
+        values = _one_config(results_table.pair_values(table, column, attacked), f"{place} ({column})")
         scores = scores.merge(values.rename(columns={"value": name}).drop(columns="rows"),
                               on=["main", "aux"], how="left")
-    scores = scores[scores["main"].isin(args.main)]
-    if args.candidates:
-        scores = scores[scores["aux"].isin(args.candidates)]
+    scores = scores[scores["main"].isin(main)]
+    if candidates:
+        scores = scores[scores["aux"].isin(candidates)]
     if scores.empty:
-        raise results_table.TableError(f"{args.full}: no model pairs {{main, aux}} for main task(s) "
-                                       f"{''.join(args.main)} and the candidates")
+        raise results_table.TableError(f"{full}: no model pairs {{main, aux}} for main task(s) "
+                                       f"{''.join(main)} and the candidates")
     return scores.sort_values(["main", "aux"], key=_canonical).reset_index(drop=True)
 
 
@@ -155,67 +166,6 @@ def correlations(scores, surrogates):
     return records
 
 
-def _task_letters(text):
-    try:
-        return task_names.letters(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _assignment(text):
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def add_arguments(parser):
-    add = parser.add_argument
-    add("--main", required=True, type=_task_letters, help="main task letter(s), e.g. s or sdDnE")
-    add("--candidates", type=_task_letters, default=None,
-        help="auxiliary task letters to rank, e.g. dDnE (default: every pair in --full, the one-task model "
-             "included); include the main letter to rank the one-task model too")
-    add("--full", required=True, type=Path, help="full-cost results table (Parquet or CSV)")
-    add("--surrogate", type=_assignment, action="append", default=[],
-        help="NAME=TABLE: a cheaper results table, e.g. few_epochs=e50.parquet (repeatable)")
-    add("--clean", action="append", default=[],
-        help="a clean-performance column of --full as a surrogate, e.g. clean_error or clean_miou (repeatable)")
-    add("--metric", default="rel_vuln", help="vulnerability column (default %(default)s)")
-    add("--attacked", choices=("single", "multi"), default="single",
-        help="rows where the main task alone (single) or every model task (multi) is attacked")
-    add("--attack", default=None, help="keep rows of this attack (pgd, wgd, apgd, fgsm)")
-    add("--norm", default=None, help="keep rows of this norm")
-    add("--eps", type=budget, default=None, help="keep rows of this eps in [0,1] pixels, e.g. 8/255")
-    add("--steps", type=int, default=None, help="keep rows of this number of steps")
-    add("--encoder", default=None, help="keep --full rows of this encoder (surrogate tables may use another)")
-    add("--task-weights", dest="task_weights", default=None, help="keep rows of these task weights")
-    add("--where", type=_assignment, action="append", default=[], metavar="COLUMN=VALUE",
-        help="keep rows of every table whose COLUMN equals VALUE, e.g. limit=256 (repeatable)")
-    add("--out", type=Path, default=None, help="write OUT/pairs.csv, OUT/correlations.csv, OUT/selection.json")
-
-
-def _fmt(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def format_tables(ranked, records, surrogates):
-    """Plain-text ranking and correlation tables."""
-    header = ["main", "aux", "full", "rank"] + [c for s in surrogates for c in (s, "rank")]
-    rows = [[r["main"], r["aux"], _fmt(r["full"]), _fmt(r["full_rank"])]
-            + [c for s in surrogates for c in (_fmt(r[s]), _fmt(r[f"{s}_rank"]))] for _, r in ranked.iterrows()]
-    lines = _aligned([header] + rows)
-    fields = ["surrogate", "main", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "note"]
-    lines += [""] + _aligned([fields] + [[_fmt(r[f]) for f in fields] for r in records])
-    return "\n".join(lines)
-
-
-def _aligned(rows):
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-
-
 def write(out, ranked, records):
     """OUT/pairs.csv (scores and ranks; read by `mtrobust-fast report --selection`), OUT/correlations.csv and
     OUT/selection.json (both, NaN as null)."""
@@ -225,31 +175,3 @@ def write(out, ranked, records):
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
     pairs = json.loads(ranked.to_json(orient="records"))
     (out / "selection.json").write_text(json.dumps({"pairs": pairs, "correlations": clean}, indent=2))
-
-
-def run(args):
-    surrogates = [name for name, _ in args.surrogate] + list(args.clean)
-    if not surrogates:
-        print("mtrobust-fast select: give at least one --surrogate NAME=TABLE or --clean COLUMN", file=sys.stderr)
-        return 2
-    duplicates = {name for name in surrogates if surrogates.count(name) > 1} | ({"full"} & set(surrogates))
-    if duplicates:
-        print(f"mtrobust-fast select: surrogate name(s) {', '.join(sorted(duplicates))} used twice or reserved",
-              file=sys.stderr)
-        return 2
-    try:
-        scores = surrogate_scores(args)
-    except results_table.TableError as error:
-        print(f"mtrobust-fast select: {error}", file=sys.stderr)
-        return 2
-    found = set(zip(scores["main"], scores["aux"]))
-    absent = [f"{m}+{a}" for m in args.main for a in args.candidates or () if (m, a) not in found]
-    if absent:
-        print(f"note: {args.full} has no model pair for {', '.join(absent)}", file=sys.stderr)
-    ranked = rank(scores, surrogates)
-    records = correlations(scores, surrogates)
-    print(format_tables(ranked, records, surrogates))
-    if args.out is not None:
-        write(args.out, ranked, records)
-        print(f"wrote {args.out / 'pairs.csv'}, {args.out / 'correlations.csv'}, {args.out / 'selection.json'}")
-    return 0

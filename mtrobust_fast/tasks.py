@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mtrobust_fast.task_names import NAMES, directions, letter_of, letters
+from mtrobust_fast.task_protocol import TaskRecord
 
 SEGMENT_CLASSES = 18  # logits; Taskonomy labels 0..17
 SEGMENT_IGNORE = 0  # "uncertain" pixels
@@ -388,10 +389,9 @@ BY_NAME = {task.name: task for task in TASKS}
 
 
 def record(task):
-    """A task record of the open task protocol (see :mod:`mtrobust_fast.classification`): ``task`` itself when it
-    is one (it has ``name``, ``loss``, ``error``, ``metric_stats``, ``metric_scores``), else the registry task
-    with that letter or name."""
-    if all(hasattr(task, attr) for attr in ("name", "loss", "error", "metric_stats", "metric_scores")):
+    """A task record of the open task protocol (:class:`~mtrobust_fast.task_protocol.TaskRecord`): ``task``
+    itself when it is one, else the registry task with that letter or name."""
+    if isinstance(task, TaskRecord):
         return task
     return get_task(task)
 

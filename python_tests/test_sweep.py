@@ -356,9 +356,9 @@ def test_grid_settings_reach_grid_cells_only(setup, tmp_path):
     settings = _settings(setup, attacks=["pgd", "grid"], steps=1, limit=1, sets=["sd"])
     plain = {c.attack: c for c in plan.expand(settings, tmp_path)}
     chosen = {c.attack: c for c in plan.expand(dict(settings, grid_weights="0,1", grid_task="d"), tmp_path)}
-    assert chosen["pgd"].cell_id == plain["pgd"].cell_id and chosen["pgd"].grid_weights is None
+    assert chosen["pgd"].cell_id == plain["pgd"].cell_id and "grid_weights" not in chosen["pgd"].options
     assert chosen["grid"].cell_id != plain["grid"].cell_id
-    assert chosen["grid"].grid_weights == [0.0, 1.0] and chosen["grid"].grid_task == "d"
+    assert chosen["grid"].options["grid_weights"] == (0.0, 1.0) and chosen["grid"].options["grid_task"] == "d"
     with pytest.raises(plan.PlanError, match="grid_weights"):
         plan.expand(dict(settings, grid_weights=[0, 0]), tmp_path)
     root, data, sdn, sd = setup

@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ATTACKS, DENSE_LOSS, STEPS, Attack
 from mtrobust_fast.classification import targeted_dlr
 
 _project_ = torch.ops.mtrobust_fast.project_
@@ -30,6 +30,7 @@ def checkpoints(steps):
         gap = max(gap - 3, 6)
 
 
+@ATTACKS.register("apgd")
 class APGD(Attack):
     """Auto-PGD: at iteration k (f = the row's objective Σ_t W[r,t]·L_t, per sample)
 
@@ -63,7 +64,7 @@ class APGD(Attack):
     - coinciding checkpoints of very short runs are merged.
     """
 
-    settings = ("steps", "dense_loss")
+    settings = (STEPS, DENSE_LOSS)
     refused = {**Attack.refused, "alpha": "apgd sets its own step size (2*eps, halved at checkpoints)"}
 
     def __init__(self, model, tasks=None, *, rho=0.75, eot=1, **kwargs):
@@ -141,6 +142,7 @@ class APGD(Attack):
         return best_x
 
 
+@ATTACKS.register("apgdt")
 class APGDT(APGD):
     """Targeted APGD on the targeted DLR loss (Croce & Hein 2020), AutoAttack's second member: for each of the
     ``target_classes`` most likely wrong classes at the clean input (the 2nd, 3rd, ... largest logit), APGD

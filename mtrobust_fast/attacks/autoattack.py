@@ -33,10 +33,11 @@ import torch
 
 from mtrobust_fast import classification as heads
 from mtrobust_fast.attacks.apgd import APGD, APGDT
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.square import Square
+from mtrobust_fast.registry import Setting, text
 
 MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "fab", "square")
 # version -> ((member, restarts), ...) in cascade order; "rand" members also average 20 passes per gradient.
@@ -49,6 +50,14 @@ STANDARD = tuple(name for name, _ in VERSIONS["standard"])
 RAND_EOT = 20
 
 
+VERSION = Setting("version", text, None, choices=("standard", "plus", "rand", "dense"), flag="aa-version",
+                  help="AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square; the default on a classifier), "
+                       "plus (also APGD-DLR and untargeted FAB, 5 restarts), rand (APGD-CE and APGD-DLR with "
+                       "gradients averaged over 20 passes, for models with randomness), or dense (the ensemble for "
+                       "dense multi-task heads)")
+
+
+@ATTACKS.register("autoattack")
 class AutoAttack(Attack):
     """The cascade on one classification head (``target_tasks``), L∞ or L2.
 
@@ -58,7 +67,7 @@ class AutoAttack(Attack):
 
     default_random_start = False
     classifier_only = True
-    settings = ("steps", "version")
+    settings = (STEPS, VERSION)
     summary_key = "members"
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
                "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}

@@ -8,7 +8,6 @@ implement :meth:`Attack._optimize` (one restart from a start point); every updat
 ``attack_step`` operator. Nothing in a step loop reads a value back to the host.
 """
 import abc
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import combinations
@@ -16,12 +15,24 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from mtrobust_fast import ops
+from mtrobust_fast import budgets, ops
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import dense
 from mtrobust_fast.attacks.specs import resolve_specs
 from mtrobust_fast.models.multitask import MultiTaskModel
+from mtrobust_fast.registry import Registry, Setting, integer, number, text
 from mtrobust_fast.tasks import opmath
+
+ATTACKS = Registry("attack")  # every attack registers itself here (``@ATTACKS.register("pgd")``)
+
+# The optional settings most attacks share; an attack lists the ones it takes in its ``settings``.
+ALPHA = Setting("alpha", number, None, low=0, sweep="grid",
+                help="step size in [0,1] pixels, e.g. 2/255 (default: the attack's own, 2.5*eps/steps for PGD)")
+STEPS = Setting("steps", integer, None, low=1, sweep="grid", help="iterations (default: the attack's own, 25 for PGD)")
+DENSE_LOSS = Setting("dense_loss", text, None, choices=dense.LOSSES, sweep="grid",
+                     help="objective for segmentation and regression heads: task (their training loss), segpgd, "
+                          "cospgd, masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, "
+                          "cospgd for cospgd, task otherwise)")
 
 _fused = torch.ops.mtrobust_fast
 _NOISE_KINDS = {"rand": 0, "randn": 1}
@@ -36,9 +47,9 @@ def _check_budget(name, value):
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError(f"{name} must be finite and >= 0 for every sample")
         return values
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, str) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a finite number >= 0 (or one per sample), got {value!r}")
-    return float(value)
+    return budgets.budget(value, name)
 
 
 def _row_budget(name, value, block, repeats, device, dtype):
@@ -92,15 +103,32 @@ def unwrap(model):
 class Attack(abc.ABC):
     """Base of the attacks. See :class:`mtrobust_fast.attacks.PGD` for the arguments.
 
-    ``settings``: the optional settings a front-end (CLI, sweep, training objective) may pass to this attack
-    besides the common ones (eps, norm, restarts, seed, ...); ``refused`` says why the others are refused.
-    ``classifier_only``: the attack needs one classification head (so it cannot run on dense multi-task models).
+    ``settings``: the declarations (:class:`~mtrobust_fast.registry.Setting`) of the optional settings a
+    front-end (CLI, sweep, training objective) may pass to this attack besides the common ones (eps, norm,
+    restarts, seed, ...); ``refused`` says why some others are refused. ``classifier_only``: the attack needs one
+    classification head (so it cannot run on dense multi-task models). ``summary_key``: where
+    :meth:`summary` (what a cascade's or an ensemble's members achieved) goes in an evaluation's summary.
     """
 
     default_random_start = True
     classifier_only = False
-    settings = ("alpha", "steps", "dense_loss")
+    settings = (ALPHA, STEPS, DENSE_LOSS)
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
+    summary_key = None
+
+    @classmethod
+    def takes(cls, setting):
+        """Whether this attack declares the optional setting named ``setting``."""
+        return any(s.name == setting for s in cls.settings)
+
+    @classmethod
+    def option_settings(cls):
+        """The declared settings besides alpha and steps (which every report shows as columns of their own)."""
+        return tuple(s for s in cls.settings if s not in (ALPHA, STEPS))
+
+    def summary(self):
+        """What the members of a composite attack achieved (None for a single attack)."""
+        return None
 
     @staticmethod
     def default_alpha(eps, steps):
@@ -112,7 +140,7 @@ class Attack(abc.ABC):
     def describe_steps(cls, alpha, eps, steps):
         """How a run of this attack steps, for reports: its step size (``alpha``, or the default for ``eps`` and
         ``steps`` when None; "adaptive" for attacks that choose their own) and its number of steps."""
-        if "alpha" not in cls.settings:
+        if not cls.takes("alpha"):
             return f"alpha=adaptive steps={steps}"
         alpha = f"{alpha:.5g}" if alpha is not None else f"{cls.default_alpha(eps, steps or 1):.5g} (default)"
         return f"alpha={alpha} steps={steps}"

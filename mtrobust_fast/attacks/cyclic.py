@@ -2,9 +2,11 @@
 attacked tasks' losses, attack one task at a time, in turn, either per step or per batch."""
 import torch
 
+from mtrobust_fast.attacks.base import ATTACKS
 from mtrobust_fast.attacks.pgd import PGD
 
 
+@ATTACKS.register("cyclic_step")
 class CyclicStep(PGD):
     """PGD whose step i ascends only one attacked task of each row: the ``i mod n``-th of the row's n attacked
     tasks (in the model's task order). The task's loss is divided by its value at the step where the task was
@@ -42,6 +44,7 @@ class CyclicStep(PGD):
         return seen | turn, first
 
 
+@ATTACKS.register("cyclic_batch")
 class CyclicBatch(PGD):
     """PGD on one attacked task per batch, in turn: the k-th call of the attack (counting from 0, or from
     ``batch_index``) attacks task ``k mod n`` of each n-task attacked set (in the model's task order), with plain PGD

@@ -15,7 +15,7 @@ import torch
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks.apgd import APGD
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 from mtrobust_fast.attacks.pgd import CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
 from mtrobust_fast.attacks.wgd import WGD
@@ -25,12 +25,13 @@ from mtrobust_fast.tasks import opmath
 MEMBERS = {"apgd": APGD, "segpgd": SegPGD, "cospgd": CosPGD, "wgd": WGD, "relative": RelativePGD}
 
 
+@ATTACKS.register("ensemble")
 class DenseEnsemble(Attack):
     """The ensemble on the attack's ``target_tasks``. ``steps``: iterations of every member (default 25);
     ``attacks``: members to run (default: every one that applies to the set, see the module docstring)."""
 
     default_random_start = False  # the members draw their own starts
-    settings = ("steps",)
+    settings = (STEPS,)
     summary_key = "ensemble"
     refused = {**Attack.refused, "alpha": "the ensemble's members use their own default step sizes",
                "dense_loss": "the ensemble runs its own objectives"}
@@ -77,7 +78,7 @@ class DenseEnsemble(Attack):
         """[B, T] per-sample errors of every task of the attack at ``points``."""
         with torch.no_grad():
             outputs = self._head_outputs(points, [s.name for s in self.specs])
-            return torch.stack([s.error(opmath(s.output(outputs)), rows.targets[s.name], rows.masks.get(s.name))
+            return torch.stack([s.damage(opmath(s.output(outputs)), rows.targets[s.name], rows.masks.get(s.name))
                                 .double() for s in self.specs], dim=1)
 
     def _optimize(self, x, rows):

@@ -21,7 +21,7 @@ eps-ball and the box with the fused projection.
 """
 import torch
 
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 
 _project_ = torch.ops.mtrobust_fast.project_
 BACKTRACK = 0.9
@@ -72,6 +72,7 @@ def _norm(delta, norm):
     return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(1)
 
 
+@ATTACKS.register("fab")
 class FAB(Attack):
     """FAB-T on one classification head (``target_tasks``), L∞ or L2: ``steps`` iterations (100 in AutoAttack) per
     target class, ``target_classes`` targets (9), ``restarts`` starts per target (the first at the clean image,
@@ -85,7 +86,7 @@ class FAB(Attack):
 
     default_random_start = False
     classifier_only = True
-    settings = ("steps",)
+    settings = (STEPS,)
     refused = {**Attack.refused, "alpha": "fab has no step size (it projects onto the linearised boundary)",
                "dense_loss": "fab attacks one classification head"}
 

@@ -8,10 +8,42 @@ from itertools import product
 
 import torch
 
+from mtrobust_fast import task_names
+from mtrobust_fast.attacks.base import ATTACKS
 from mtrobust_fast.attacks.pgd import PGD
+from mtrobust_fast.registry import Setting, number_list
 from mtrobust_fast.tasks import opmath
 
 
+
+def _task_key(value):
+    """A task given by letter or name: a Taskonomy task's letter (so "d" and "depth_zbuffer" are one setting), or
+    any other head's name as written."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a task letter or name, got {value!r}")
+    try:
+        return task_names.letter_of(value.strip())
+    except ValueError:
+        return value.strip()
+
+
+def _some_positive(weights):
+    if max(weights) <= 0:
+        raise ValueError(f"weights must not all be 0, got {','.join(f'{w:g}' for w in weights)}")
+
+
+# "always": a grid cell's id has always hashed both, at their defaults too (so earlier sweeps keep their ids).
+GRID_WEIGHTS = Setting("grid_weights", number_list, (0.0, 1.0, 10.0), low=0, check=_some_positive, sweep="value",
+                       cell_id="always",
+                       help="the weights tried for each attacked task, comma-separated (default 0,1,10); every "
+                            "combination runs as its own rows, so the cost grows as (number of weights)^(tasks in "
+                            "the set)")
+GRID_TASK = Setting("grid_task", _task_key, None, sweep="value", cell_id="always",
+                    help="the task (letter or name) whose error picks each image's point (default: each set's "
+                         "first task)")
+
+
+@ATTACKS.register("grid")
 class GridPGD(PGD):
     """PGD on Σ_t w_t·L_t for every weight vector w of the grid ``grid_weights``^n over an attacked set's n tasks
     (vectors that are all zero, or proportional to an earlier one, are dropped: a positive multiple of the
@@ -25,15 +57,14 @@ class GridPGD(PGD):
     start (``deterministic=True`` makes the starts equal). ``vectors(names)`` lists a set's vectors.
     """
 
-    settings = PGD.settings + ("grid_weights", "grid_task")
+    settings = PGD.settings + (GRID_WEIGHTS, GRID_TASK)
 
     def __init__(self, model, tasks=None, *, grid_weights=(0.0, 1.0, 10.0), grid_task=None, **kwargs):
         super().__init__(model, tasks, **kwargs)
-        values = [float(v) for v in grid_weights] if isinstance(grid_weights, (list, tuple)) else None
-        if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
+        if not isinstance(grid_weights, (list, tuple)):
             raise ValueError(f"grid_weights must be a non-empty list of finite weights >= 0, one of them > 0; got "
                              f"{grid_weights!r}")
-        self.grid_weights = tuple(dict.fromkeys(values))
+        self.grid_weights = tuple(dict.fromkeys(GRID_WEIGHTS.parse(grid_weights)))
         self.grid_task = None if grid_task is None else self.task_names([grid_task])[0]
 
     def vectors(self, names):
@@ -90,5 +121,5 @@ class GridPGD(PGD):
             target, mask = targets[name][index][on_device], masks.get(name)
             mask = None if mask is None else mask[index][on_device]
             losses[rows] = spec.loss(output, target, mask).double().cpu()
-            errors[rows] = losses[rows] if spec.error is None else spec.error(output, target, mask).double().cpu()
+            errors[rows] = spec.damage(output, target, mask).double().cpu()
         return errors.to(adv.device), losses.to(adv.device)

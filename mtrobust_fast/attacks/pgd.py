@@ -1,7 +1,8 @@
 """Projected gradient descent (Madry et al.) on the sum of the attacked tasks' per-sample losses, and FGSM."""
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, Attack
 
 
+@ATTACKS.register("pgd")
 class PGD(Attack):
     """PGD on a multi-task model: each step ascends Σ_{t attacked} L_t per sample and projects.
 
@@ -44,12 +45,13 @@ class PGD(Attack):
         return x
 
 
+@ATTACKS.register("fgsm")
 class FGSM(PGD):
     """Fast gradient sign method: one step of size ``eps`` from the clean input (``alpha`` defaults to ``eps``).
     With ``random_start=True`` and a smaller ``alpha`` it is the FGSM-RS step of fast adversarial training."""
 
     default_random_start = False
-    settings = ("alpha", "dense_loss")
+    settings = (ALPHA, DENSE_LOSS)
     refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd"}
 
     @staticmethod
@@ -62,6 +64,7 @@ class FGSM(PGD):
         super().__init__(model, tasks, eps=eps, alpha=alpha, steps=1, **kwargs)
 
 
+@ATTACKS.register("segpgd")
 class SegPGD(PGD):
     """PGD on the SegPGD objective (Gu et al., ECCV'22) for segmentation heads: pixel cross-entropy weighted
     1 − λ on still-correct pixels and λ on wrong ones, λ rising from 0 to ½ over the steps (see
@@ -71,6 +74,7 @@ class SegPGD(PGD):
         super().__init__(model, tasks, dense_loss=dense_loss, **kwargs)
 
 
+@ATTACKS.register("cospgd")
 class CosPGD(PGD):
     """PGD on the CosPGD objective (Agnihotri et al., ICML'24): each pixel's loss weighted by the detached
     cosine between prediction and target, for segmentation and Taskonomy regression heads (see

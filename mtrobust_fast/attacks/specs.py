@@ -13,6 +13,7 @@ import torch
 
 from mtrobust_fast import classification as heads
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.task_protocol import TaskRecord
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class TaskSpec:
     loss: Callable[..., torch.Tensor]
     key: Optional[Union[str, int]] = None
     error: Optional[Callable[..., torch.Tensor]] = None
+
+    def damage(self, output, target, mask=None):
+        """Per-sample error, or the loss for a spec without an error: what composite attacks (the ensemble, the
+        grid search) rank adversarial points by."""
+        return (self.loss if self.error is None else self.error)(output, target, mask)
 
     def output(self, outputs):
         if self.key is None:
@@ -63,14 +69,18 @@ def resolve_specs(model, tasks):
     if isinstance(tasks, (str, TaskSpec)):
         tasks = [tasks] if isinstance(tasks, TaskSpec) or tasks in task_registry.BY_NAME or tasks in records \
             else tasks
+    heads = list(getattr(model, "task_names", None) or ())
     specs = []
     for item in tasks:
         if isinstance(item, TaskSpec):
             specs.append(item)
         elif isinstance(item, str) and item in records:
             specs.append(from_task(records[item]))
-        elif hasattr(item, "loss") and hasattr(item, "name"):
+        elif isinstance(item, TaskRecord):
             specs.append(from_task(item))
+        elif isinstance(item, str) and item in heads and item not in task_registry.BY_NAME:
+            raise ValueError(f"tasks: the model's head {item!r} has no task record; give a TaskSpec for it, e.g. "
+                             f"TaskSpec({item!r}, loss, key={item!r}), or the model records")
         else:
             specs.extend(from_task(t) for t in task_registry.resolve(item))
     names = [s.name for s in specs]

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 
 _project_ = torch.ops.mtrobust_fast.project_
 # Fractions of the 10 000-query schedule at which the square's area p halves (the paper's schedule).
@@ -58,6 +58,7 @@ def _windows(count, side, height, width, gen, device):
     return tops, lefts, masks
 
 
+@ATTACKS.register("square")
 class Square(Attack):
     """Square attack (see the module docstring), L∞ or L2: ``steps`` queries (5000 by default); per query, for
     every still-correct sample, a random window of area p·H·W (p shrinking on the paper's schedule from
@@ -66,7 +67,7 @@ class Square(Attack):
 
     default_random_start = False
     classifier_only = True
-    settings = ("steps",)
+    settings = (STEPS,)
     refused = {**Attack.refused, "alpha": "square has no step size (it searches at the ball's corners)",
                "dense_loss": "square attacks one classification head"}
 

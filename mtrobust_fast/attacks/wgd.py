@@ -2,7 +2,8 @@
 per sample by each task's relative inverse attack rate."""
 import torch
 
-from mtrobust_fast.attacks.base import Attack
+from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, STEPS, Attack
+from mtrobust_fast.registry import Setting, boolean
 
 # A start loss at or below this counts as zero (see WGD's docstring).
 _ZERO_LOSS = 1e-12
@@ -21,6 +22,11 @@ def relative_rates(losses, start_losses, weights):
     return ratio / mean.clamp_min(_ZERO_LOSS)
 
 
+NORMALIZE_TASK_GRADS = Setting("normalize_task_grads", boolean, False, sweep="grid",
+                               help="L2-normalise each task's input gradient per sample before weighting")
+
+
+@ATTACKS.register("wgd")
 class WGD(Attack):
     """WGD: at step t every sample ascends Σ_i r_i(t)·∇L_i over its attacked tasks i, where
     r_i(t) = L̃_i(t) / mean_j L̃_j(t), L̃_i(t) = L_i(t) / L_i(0), L_i(0) the loss at the restart's start point
@@ -52,7 +58,7 @@ class WGD(Attack):
     normalisation.
     """
 
-    settings = ("alpha", "steps", "normalize_task_grads", "dense_loss")
+    settings = (ALPHA, STEPS, NORMALIZE_TASK_GRADS, DENSE_LOSS)
     refused = {}
 
     def __init__(self, model, tasks=None, *, normalize_task_grads=False, batched_vjp=False, **kwargs):

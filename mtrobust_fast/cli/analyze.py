@@ -145,4 +145,4 @@ def run_landscape(args):
         print(f"wrote {out / 'landscape.json'} and {path}")
         return 0
 
-    return run_reporting("analyze landscape", work)
+    return run_reporting("analyze landscape", work, flags={"sets": "--target"})

@@ -1,22 +1,19 @@
 """Command-line value parsers shared by the sub-commands (no torch import, so light commands stay light)."""
 import argparse
-import math
 import sys
-from fractions import Fraction
+
+from mtrobust_fast import budgets
+from mtrobust_fast.budgets import MAX_SEED
+from mtrobust_fast.registry import SettingValueError
 
 
 def budget(text):
     """A budget given as a float ("0.03") or a fraction ("8/255"); must be finite and >= 0."""
     try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a signed 64-bit integer
+        return budgets.budget(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 or a fraction like 8/255, got {text!r}") \
+            from None
 
 
 def _integer(text, low, high, rule):
@@ -63,19 +60,27 @@ def pixel_budgets(args, names=("eps", "alpha")):
                              f"add --eps-units 255")
 
 
-def run_reporting(command, action, expected=(ValueError, FileNotFoundError, FileExistsError)):
+def run_reporting(command, action, expected=(ValueError, FileNotFoundError, FileExistsError), flags=None):
     """``action()``'s exit code; an ``expected`` error, or any error raised in a DataLoader worker, is printed
-    as one line (``mtrobust-fast COMMAND: error: ...``) and gives exit code 2."""
+    as one line (``mtrobust-fast COMMAND: error: ...``) and gives exit code 2. A library error that names an API
+    argument (:class:`~mtrobust_fast.registry.SettingValueError`) is printed with that argument's flag:
+    ``flags`` maps argument names to flags (default ``--name-with-dashes``)."""
     try:
         return action()
     except expected as error:
-        message = error_line(error)
+        message = error_line(error) if not isinstance(error, SettingValueError) else flagged(error, flags or {})
     except RuntimeError as error:
         if not is_worker_error(error):
             raise
         message = error_line(error)
     print(f"mtrobust-fast {command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def flagged(error, flags):
+    """The message of a library error that names an API argument, with the argument's flag instead."""
+    name = flags.get(error.setting, "--" + error.setting.replace("_", "-"))
+    return f"{name}{'' if error.value is None else f' {error.value}'}: {error.reason}"
 
 
 def error_line(error):

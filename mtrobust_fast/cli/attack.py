@@ -15,8 +15,8 @@ from pathlib import Path
 from mtrobust_fast import evaluation, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.attacks.dense import LOSSES as DENSE_LOSSES
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
+from mtrobust_fast.cli.settings import add_setting_flags, flag_names, given_settings
 from mtrobust_fast.data.taskonomy import SPLITS
 from mtrobust_fast.models import load_checkpoint, read_checkpoint
 from mtrobust_fast.panels import PanelCollector
@@ -39,17 +39,6 @@ def target_sets(text):
     return sets
 
 
-def weight_list(text):
-    """Comma-separated non-negative weights ("0,1,10")."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,1,10, got {text!r}") from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
-        raise argparse.ArgumentTypeError(f"weights must be finite, >= 0 and not all 0, got {text!r}")
-    return values
-
-
 def eps_or_train(text):
     """A budget, or "train" (the checkpoint's adversarial-training budget, read once it is loaded)."""
     return "train" if text.strip() == "train" else budget(text)
@@ -69,7 +58,7 @@ def add_arguments(parser):
     add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
     add("--data", required=True, type=Path,
         help="the data the model was trained on: a Taskonomy root, an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
-    add("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default %(default)s)")
+    add("--attack", choices=ATTACKS.names(), default="pgd", help="attack (default %(default)s)")
     add("--surrogate", type=Path, default=None,
         help="transfer attack: craft the adversarial examples on this checkpoint's model and evaluate them on "
              "--checkpoint's (it must have the attacked tasks)")
@@ -77,26 +66,8 @@ def add_arguments(parser):
     add("--eps", type=eps_or_train, default=8 / 255,
         help="ball radius in [0,1] pixels, e.g. 8/255, or 'train': the eps and norm the checkpoint was "
              "adversarially trained with (default 8/255)")
-    add("--alpha", type=budget, default=None,
-        help="step size, e.g. 2/255 (default: 2.5*eps/steps for pgd and wgd, eps for fgsm; apgd adapts its own)")
-    add("--steps", type=positive_int, default=None, help="iterations (default: the attack's own, 25 for PGD)")
     add_budget_units(parser)
-    add("--normalize-task-grads", action="store_true",
-        help="wgd: L2-normalise each task's input gradient per sample before weighting")
-    add("--dense-loss", choices=DENSE_LOSSES, default=None,
-        help="objective for segmentation and regression heads: task (their training loss), segpgd, cospgd, "
-             "masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, cospgd for cospgd, "
-             "task otherwise)")
-    add("--grid-weights", type=weight_list, default=None,
-        help="grid: the weights tried for each attacked task, comma-separated (default 0,1,10); every combination "
-             "runs as its own rows, so the cost grows as (number of weights)^(tasks in the set)")
-    add("--grid-task", default=None,
-        help="grid: the task (letter or name) whose error picks each image's point (default: each set's first task)")
-    add("--aa-version", choices=("standard", "plus", "rand", "dense"), default=None,
-        help="autoattack: AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square; the default on a "
-             "classifier), plus (also APGD-DLR and untargeted FAB, 5 restarts), rand (APGD-CE and APGD-DLR with "
-             "gradients averaged over 20 passes, for models with randomness), or dense (the ensemble for dense "
-             "multi-task heads)")
+    add_setting_flags(parser, ATTACKS)
     add("--restarts", type=positive_int, default=1, help="random restarts, worst case kept (default 1)")
     add("--target", type=target_sets, default=["all"],
         help="attacked sets, comma-separated: task letters, a head name, or 'all' (default all), e.g. s,sd,all")
@@ -127,11 +98,8 @@ def add_arguments(parser):
 def attack_dataset(args, on_batch=None):
     """Run the attack the ``attack`` arguments describe; returns ``(config, summary)``."""
     return evaluation.evaluate_checkpoint(
-        args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, alpha=args.alpha,
-        steps=args.steps, restarts=args.restarts, normalize_task_grads=args.normalize_task_grads, sets=args.target,
-        dense_loss=args.dense_loss, options={"grid_weights": args.grid_weights, "grid_task": args.grid_task,
-                                                 "version": args.aa_version},
-        split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        args.checkpoint, args.data, attack=args.attack, norm=args.norm, eps=args.eps, restarts=args.restarts,
+        sets=args.target, options=given_settings(args, ATTACKS), split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
         workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch,
         surrogate=args.surrogate)
@@ -277,4 +245,4 @@ def run(args):
             track(args, config, rows, figures)
         return 0
 
-    return run_reporting("attack", attack)
+    return run_reporting("attack", attack, flags=flag_names(ATTACKS, {"sets": "--target"}))

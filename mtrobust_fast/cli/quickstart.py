@@ -45,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--size", type=positive_int, default=64, help="image side in px (default 64)")
     parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs per model (default 5)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--attack", choices=tuple(ATTACKS), default="pgd", help="attack (default pgd)")
+    parser.add_argument("--attack", choices=ATTACKS.names(), default="pgd", help="attack (default pgd)")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
     parser.add_argument("--eps", type=budget, default=8 / 255, help="default 8/255")
     parser.add_argument("--alpha", type=budget, default=None,
@@ -108,10 +108,10 @@ def attack_settings(args):
     is always explicit where the attack takes one, so saved results record it: --alpha, else the attack's
     default for this budget."""
     cls = ATTACKS[args.attack]
-    if args.alpha is not None and "alpha" not in cls.settings:
+    if args.alpha is not None and not cls.takes("alpha"):
         raise ValueError(f"--alpha: {cls.refused['alpha']}; leave --alpha out")
-    steps = args.steps if "steps" in cls.settings else None
-    if "alpha" not in cls.settings:
+    steps = args.steps if cls.takes("steps") else None
+    if not cls.takes("alpha"):
         return None, steps
     return (args.alpha if args.alpha is not None else cls.default_alpha(args.eps, steps or 1)), steps
 

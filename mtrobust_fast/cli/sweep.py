@@ -6,18 +6,19 @@ import sys
 from pathlib import Path
 
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.evaluation import SettingError
+from mtrobust_fast.cli.args import flagged
+from mtrobust_fast.cli.settings import add_sweep_flags
+from mtrobust_fast.evaluation import SettingError, format_value
 from mtrobust_fast.sweep import plan as planning
 from mtrobust_fast.sweep.executors import EXECUTORS
 from mtrobust_fast.sweep.store import Store
 from mtrobust_fast.tracking import redact
 
 # flag dest -> settings key, for flags that take a comma-separated list
-LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "alpha": "alpha", "steps": "steps",
-              "restarts": "restarts", "seed": "seeds", "checkpoint": "models"}
+LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "restarts": "restarts", "seed": "seeds",
+              "checkpoint": "models"}
 SCALAR_FLAGS = {"data": "data", "main": "main", "split": "split", "limit": "limit", "size": "size",
-                "batch_size": "batch_size", "eps_units": "eps_units", "grid_weights": "grid_weights",
-                "grid_task": "grid_task"}
+                "batch_size": "batch_size", "eps_units": "eps_units"}
 
 
 def _list(text):
@@ -35,11 +36,8 @@ def add_arguments(parser):
              "cyclic_step, grid, segpgd, ensemble, ...; not the classifier-head apgdt, fab, square, autoattack)")
     add("--norm", type=_list, default=None, help="threat models, comma-separated: linf, l2")
     add("--eps", type=_list, default=None, help="budgets in [0,1] pixels, comma-separated, e.g. 4/255,8/255")
-    add("--alpha", type=_list, default=None,
-        help="step sizes, comma-separated ('none': the attack's own, 2.5*eps/steps for pgd and wgd)")
     add("--eps-units", type=int, choices=(1, 255), default=None,
         help="units of --eps and --alpha: 1 = [0,1] pixels (default), 255 = grey levels (8 means 8/255)")
-    add("--steps", type=_list, default=None, help="iterations, comma-separated ('none': the attack's own)")
     add("--restarts", type=_list, default=None, help="random restarts, comma-separated")
     add("--seed", type=_list, default=None, help="seeds, comma-separated")
     add("--sets", default=None, help="attacked sets, comma-separated: main, all, subsets or task letters")
@@ -48,9 +46,7 @@ def add_arguments(parser):
     add("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     add("--size", type=int, default=None, help="image side in px (default: each model's input size)")
     add("--batch-size", type=int, default=None, help="images per batch (default 16)")
-    add("--grid-weights", default=None, help="grid attack: weights tried per task, comma-separated (default 0,1,10)")
-    add("--grid-task", default=None, help="grid attack: the task whose error picks each image's point (default: "
-                                          "each set's first task)")
+    add_sweep_flags(parser, ATTACKS)  # alpha, steps and every other sweep key an attack declares
     add("--no-gradients", action="store_true", help="skip the clean input-gradient statistics")
     add("--deterministic", action="store_true", help="random starts that depend only on (seed, image index)")
     add("--executor", choices=tuple(EXECUTORS), default="local", help="local (default) or ray")
@@ -78,7 +74,10 @@ def settings_from(args):
     for dest, key in LIST_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
-            settings[key] = [_number(v) for v in value] if dest in ("steps", "restarts", "seed") else value
+            settings[key] = [_number(v) for v in value] if dest in ("restarts", "seed") else value
+    for key in planning.attack_keys():
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     if args.sets is not None:
         settings["sets"] = args.sets
     for dest, key in SCALAR_FLAGS.items():
@@ -100,7 +99,7 @@ def _train_models(cells):
         try:
             train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
         except (ValueError, FileExistsError) as error:
-            raise SettingError(f"models: training {model.name}: {error}") from error
+            raise SettingError("models", f"training {model.name}: {error}") from error
 
 
 def _tracker_callback(args):
@@ -117,7 +116,7 @@ def _tracker_callback(args):
             tracker = make_tracker(args.tracker, args.out / "runs" / cell.cell_id, project=args.project,
                                    experiment_name=f"{cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.4g}")
         except (ImportError, RuntimeError) as error:  # no comet_ml, no API key
-            raise SettingError(f"--tracker {args.tracker}: {error}") from error
+            raise SettingError("tracker", str(error), args.tracker) from error
         try:
             tracker.log_parameters({k: v for k, v in cell.settings().items() if k != "model"}
                                    | {f"model_{k}": v for k, v in cell.settings()["model"].items()})
@@ -146,8 +145,8 @@ def run(args):
             state = "pending" if cell in pending else "done"
             print(f"{cell.cell_id} {state:7} {cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
                   f"{ATTACKS[cell.attack].describe_steps(cell.alpha, cell.eps, cell.steps)} restarts={cell.restarts} "
-                  f"seed={cell.seed} "
-                  f"sets={','.join(cell.sets)}")
+                  f"seed={cell.seed} sets={','.join(cell.sets)}"
+                  + "".join(f" {k}={format_value(v)}" for k, v in cell.options.items() if v is not None))
         return 0
     planned = {cell.cell_id for cell in cells}
     earlier = len(done - planned)
@@ -168,8 +167,8 @@ def run(args):
         if args.executor == "ray":
             options.update(address=args.address, num_cpus=args.ray_cpus)
         ran = EXECUTORS[args.executor](pending, on_done, lambda cell: store.claim(cell.cell_id), **options)
-    except SettingError as error:
-        print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+    except SettingError as error:  # named as the sweep's keys are (sets, models, ...) or by the flag
+        print(f"mtrobust-fast sweep: error: {flagged(error, {'models': 'models', 'sets': 'sets'})}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sweep: interrupted with {len(store.done())} of {len(cells)} cells finished; run the same command "

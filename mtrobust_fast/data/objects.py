@@ -178,24 +178,3 @@ def synthesize_objects(out, images, size=32, seed=0, workers=None, progress=True
             "depth_units_per_m": DEPTH_UNITS_PER_M, "domains": list(DOMAINS)}
     (out / META_JSON).write_text(json.dumps(meta, indent=1) + "\n")
     return out
-
-
-def add_arguments(parser):
-    parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
-    parser.add_argument("--images", required=True, type=int, help="number of images")
-    parser.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an object dataset already in --out")
-    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
-                        help="no progress bar (as in the other commands; --quiet is the same)")
-
-
-def run(args):
-    try:
-        out = synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
-                                 args.overwrite)
-    except (ValueError, FileExistsError) as error:
-        raise SystemExit(f"mtrobust-fast data synth-objects: error: {error}")
-    print(f"wrote {args.images} object images ({args.size} px, {len(CLASSES)} classes) to {out}")
-    return 0

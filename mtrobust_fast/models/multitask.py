@@ -3,6 +3,7 @@ import torch.nn as nn
 
 from mtrobust_fast import classification
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.task_protocol import TaskRecord
 
 # Every encoder ends at stride 32 and every decoder up-samples ×32, so inputs must be multiples of this.
 STRIDE = 32
@@ -30,13 +31,20 @@ class MultiTaskModel(nn.Module):
     (see ``registry.build_model`` and ``checkpoint``).
     """
 
-    def __init__(self, encoder, decoders, config=None):
+    def __init__(self, encoder, decoders, config=None, records=None):
         super().__init__()
         if not decoders:
             raise ValueError("decoders must hold at least one task head")
         self.encoder = encoder
         self.decoders = nn.ModuleDict(decoders)
         self.config = dict(config or {})
+        records = dict(records or {})
+        stray = [name for name in records if name not in self.decoders]
+        bad = [name for name, r in records.items() if not isinstance(r, TaskRecord)]
+        if stray or bad:
+            raise ValueError(f"records must map head names {list(self.decoders)} to task records; "
+                             + (f"no head is named {stray}" if stray else f"{bad} are not task records"))
+        self.records = records
 
     @property
     def task_names(self):
@@ -44,10 +52,19 @@ class MultiTaskModel(nn.Module):
 
     @property
     def task_records(self):
-        """``{task name: task record}``: Taskonomy registry tasks, and the heads ``config["heads"]`` describes."""
+        """``{head name: task record}`` of the heads that have one: the ``records`` given, the heads
+        ``config["heads"]`` describes, and heads named after Taskonomy tasks. A head with none of these has no
+        record; attacks then need a :class:`~mtrobust_fast.attacks.TaskSpec` for it."""
         heads = self.config.get("heads", {})
-        return {name: classification.task_from_config(name, heads[name]) if name in heads
-                else task_registry.get_task(name) for name in self.decoders}
+        out = {}
+        for name in self.decoders:
+            if name in self.records:
+                out[name] = self.records[name]
+            elif name in heads:
+                out[name] = classification.task_from_config(name, heads[name])
+            elif name in task_registry.BY_NAME or name in task_registry.BY_LETTER:
+                out[name] = task_registry.get_task(name)
+        return out
 
     @property
     def evaluated_task_names(self):

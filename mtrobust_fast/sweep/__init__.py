@@ -28,8 +28,14 @@ Settings (a YAML/TOML file, or the flags of the same names; list keys also take 
     batch_size: 16
     gradients: true                   # the clean input-gradient statistics (first-order terms, Theorem 2)
     deterministic: false
+    dense_loss: [task, js]            # objective of dense heads (attacks that take it; null: the attack's own)
+    normalize_task_grads: [false, true]  # wgd: L2-normalise each task's input gradient
     grid_weights: [0, 1, 10]          # the grid attack's weights per task (only grid cells use and hash them)
     grid_task: d                      # the grid attack's chosen task (default: each set's first task)
+
+The keys after ``deterministic`` are the sweep keys the attacks declare (``Setting(..., sweep="grid")`` takes a
+list and forms a grid axis, ``sweep="value"`` one value); a key reaches only the cells of the attacks that
+declare it, and a new attack's declared keys are sweep keys with no change here.
 
 A cell is one model × (attack, norm, eps, alpha, steps, restarts, seed); its attacked sets run batched. Each
 finished cell is written atomically to ``OUT/cells/<cell_id>.parquet``; a re-run skips those cells, and
@@ -71,6 +77,10 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   ``pert_snr_db``: mean 20·log10(‖x‖₂/‖δ‖₂) over perturbed images; ``pert_unperturbed``: images left unchanged.
 - With gradients: ``clean_grad_l1|l2|linf``: mean input-gradient norms of the task; ``clean_joint_grad_*``: of
   the attacked set's joint loss.
+- ``attack_options``: the attack's other declared settings given away from their defaults, as one label
+  (``grid_weights=0,1 grid_task=d``; "" when none), and one column per declared sweep key the cell's attack
+  takes (``dense_loss``, ``normalize_task_grads``, ``grid_weights``, ``grid_task``, ...) holding the value it used,
+  as text.
 - Ensemble cells (attack ``ensemble``): ``ensemble_worst_error``, the mean over images of the worst error any
   member reached on the task; ``ensemble_winner``, the member that reached it most often.
 - ``version``: mtrobust_fast.__version__; ``seconds``: the cell's wall time (all its sets); ``device``.

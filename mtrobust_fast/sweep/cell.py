@@ -5,7 +5,7 @@ import time
 import mtrobust_fast
 from mtrobust_fast import metrics
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.evaluation import SettingError, evaluate_checkpoint
+from mtrobust_fast.evaluation import SettingError, evaluate_checkpoint, format_value
 from mtrobust_fast.sweep.plan import cell_from_settings
 
 
@@ -44,9 +44,10 @@ def rows(cell, config, summary, seconds):
                     out[f"grad_cosine_{_letter(other)}"] = gradients["cosine"][pair]
                     out[f"grad_covariance_{_letter(other)}"] = gradients["covariance"][pair]
             out["theorem2_factor"] = gradients["theorem2_factor"]
-        if cell.attack == "grid":
-            out.update(grid_weights=",".join(f"{w:g}" for w in config["grid_weights"]) if cell.grid_weights else "",
-                       grid_task=cell.grid_task or "")
+        # the attack's declared sweep settings: the value it used, as text; and the ones set away from their
+        # defaults, as one label that tells two configurations of one attack apart
+        out.update({name: "" if config.get(name) is None else format_value(config[name]) for name in cell.options})
+        out["attack_options"] = config["attack_options"]
         ensemble = (summary.get("ensemble") or {}).get(row["attacked"])
         if ensemble is not None:  # the dense ensemble: per-sample worst case over its members, and who won most
             wins = ensemble["wins"][task]
@@ -67,10 +68,10 @@ def run_cell(settings, device="auto", record_steps=False):
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
             gradients=cell.gradients, device=device, record_steps=record_steps,
-            surrogate=cell.model.surrogate or None,
-            options={"grid_weights": cell.grid_weights, "grid_task": cell.grid_task} if cell.attack == "grid" else None)
+            surrogate=cell.model.surrogate or None, options=cell.options)
     except SettingError as error:
-        raise SettingError(f"{error} (cell {cell.cell_id}: model {cell.model.name}, {cell.attack} {cell.norm} "
-                         f"eps={cell.eps:.4g} steps={cell.steps})") from error
+        raise SettingError(error.setting, f"{error.reason} (cell {cell.cell_id}: model {cell.model.name}, "
+                                          f"{cell.attack} {cell.norm} eps={cell.eps:.4g} steps={cell.steps})",
+                           error.value) from error
     seconds = round(time.perf_counter() - start, 3)
     return {"rows": rows(cell, config, summary, seconds), "curves": summary.get("step_losses", {})}

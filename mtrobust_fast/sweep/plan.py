@@ -7,29 +7,27 @@ it has already finished, and a changed or retrained checkpoint is never mistaken
 """
 import hashlib
 import itertools
-import math
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from mtrobust_fast import metrics
+from mtrobust_fast import budgets, metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import budget
 from mtrobust_fast.models.checkpoint import read_checkpoint
+from mtrobust_fast.registry import SettingValueError
 from mtrobust_fast.training.config import DEFAULT_TASKS, TrainConfig
 
-# key -> (default, kind); kind "list:..." keys take one value or a list and form the grid.
-KEYS = {
+# The sweep's own keys: key -> (default, kind); kind "list:..." keys take one value or a list and form the grid.
+# The attacks' sweep keys (alpha, steps, dense_loss, grid_weights, ...) come from their declared settings.
+CORE_KEYS = {
     "data": (None, "path"),
     "models": (None, "models"),
     "attacks": (["pgd"], "list:attack"),
     "norms": (["linf"], "list:norm"),
     "eps_units": (1, "units"),
     "eps": ([8 / 255], "list:budget"),
-    "alpha": ([None], "list:budget?"),
-    "steps": ([None], "list:int?"),
     "restarts": ([1], "list:int"),
     "seeds": ([0], "list:seed"),
     "sets": (["all"], "sets"),
@@ -40,8 +38,6 @@ KEYS = {
     "batch_size": (16, "int"),
     "gradients": (True, "bool"),
     "deterministic": (False, "bool"),
-    "grid_weights": (None, "weights?"),
-    "grid_task": (None, "task?"),
 }
 SET_WORDS = ("main", "all", "subsets")
 MODEL_KEYS = ("checkpoint", "train", "name", "main", "surrogate")
@@ -73,7 +69,7 @@ class Cell:
     attack: str
     norm: str
     eps: float
-    alpha: object  # float, or None for the attack's own
+    alpha: object  # float, or None for the attack's own (or one that takes no alpha)
     steps: object  # int, or None for the attack's own
     restarts: int
     seed: int
@@ -85,8 +81,8 @@ class Cell:
     batch_size: int
     gradients: bool
     deterministic: bool
-    grid_weights: object = None  # the grid attack's settings (None for every other attack, and the default)
-    grid_task: object = None
+    # The attack's other declared sweep settings it takes, {name: value} (None: the attack's own).
+    options: dict = field(default_factory=dict, hash=False)
 
     def settings(self):
         """The cell as plain data (the model flattened), e.g. for a tracker or a Ray task."""
@@ -134,7 +130,7 @@ def _value(key, kind, value):
         if kind == "split" and value in SPLITS:
             return value
         if kind == "budget" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-            return budget(str(value))
+            return budgets.budget(value, key)
         if kind in ("int", "seed") and isinstance(value, int) and not isinstance(value, bool):
             if kind == "int" and value < 1:
                 raise ValueError(f"must be >= 1, got {value}")
@@ -147,13 +143,9 @@ def _value(key, kind, value):
             return str(value)
         if kind == "task" and isinstance(value, str):
             return task_registry.get_task(value).letter
-        if kind == "weights" and isinstance(value, (list, str)):
-            values = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
-            if not values or any(not math.isfinite(v) or v < 0 for v in values) or max(values) <= 0:
-                raise ValueError(f"weights must be finite, >= 0 and not all 0, got {value!r}")
-            return values
     except Exception as error:
-        raise PlanError(f"{key}: {error}") from None
+        reason = error.reason if isinstance(error, SettingValueError) else error
+        raise PlanError(f"{key}: {reason}") from None
     choices = {"attack": tuple(ATTACKS), "norm": NORMS, "split": SPLITS, "units": ("1", "255")}.get(kind)
     expected = f"one of {', '.join(choices)}" if choices else f"a {kind}"
     raise PlanError(f"{key}: expected {expected}, got {value!r}")
@@ -178,13 +170,38 @@ def _sets(value):
     return out
 
 
+def attack_keys():
+    """The attacks' declared sweep settings by name (grid keys take a list of values, value keys one value)."""
+    return {name: s for name, s in ATTACKS.settings().items() if s.sweep}
+
+
+def _setting_value(key, setting, value):
+    if value == "none":
+        return None
+    try:
+        return setting.parse(value)
+    except SettingValueError as error:
+        raise PlanError(f"{key}: {error.reason}") from None
+
+
 def check(settings):
     """All settings with defaults filled in and every value checked; unknown keys are errors."""
-    unknown = sorted(set(settings) - set(KEYS))
+    declared = attack_keys()
+    known = list(CORE_KEYS) + list(declared)
+    unknown = sorted(set(settings) - set(known))
     if unknown:
-        raise PlanError(f"{unknown[0]}: unknown key (known keys: {', '.join(KEYS)})")
+        raise PlanError(f"{unknown[0]}: unknown key (known keys: {', '.join(known)})")
     out = {}
-    for key, (default, kind) in KEYS.items():
+    for key, setting in declared.items():
+        value = settings.get(key)
+        if setting.sweep == "grid":
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise PlanError(f"{key}: empty list")
+            out[key] = list(dict.fromkeys(_setting_value(f"{key}[{i}]", setting, v) for i, v in enumerate(values)))
+        else:
+            out[key] = _setting_value(key, setting, value)
+    for key, (default, kind) in CORE_KEYS.items():
         value = settings.get(key, default)
         if kind.startswith("list:"):
             values = value if isinstance(value, list) else [value]
@@ -202,7 +219,7 @@ def check(settings):
             if value is not None and out["eps_units"] == 1 and value > 1:
                 raise PlanError(f"{key}[{i}]: {value:g} is above 1, but images are in [0, 1]: write {value:g}/255, "
                                 f"or set eps_units: 255")
-        out[key] = [None if v is None else v / out["eps_units"] for v in out[key]]
+        out[key] = [None if v is None else budgets.to_pixels(v, out["eps_units"], key) for v in out[key]]
     if out["size"] is not None and out["size"] % 32:
         raise PlanError(f"size: must be a multiple of 32 (the encoders' stride), got {out['size']}")
     if out["data"] is None:
@@ -323,27 +340,34 @@ def attacked_sets(words, model):
 def expand(settings, out):
     """The cells of the checked ``settings`` (see :func:`check`), in a deterministic order, without repeats.
 
-    Grid values that an attack does not take are dropped for it (fgsm's steps, apgd's alpha), so a grid mixing
-    attacks never asks for an impossible cell."""
+    Values of settings an attack does not declare are dropped for it (fgsm's steps, apgd's alpha, the grid
+    attack's weights on other attacks), so a grid mixing attacks never asks for an impossible cell. A cell's id
+    hashes the settings its attack takes: alpha and steps always, the other declared ones as their declarations
+    say (by default only when not at their default, so a newly declared setting keeps earlier ids)."""
     settings = check(settings)
+    declared = attack_keys()
+    axes = [key for key, s in declared.items() if s.sweep == "grid" and key not in ("alpha", "steps")]
     models = [_model(i, entry, settings, out) for i, entry in enumerate(settings["models"])]
     data = str(Path(settings["data"]).resolve())
     cells = {}
     for model in models:
         sets = attacked_sets(settings["sets"], model)
         grid = itertools.product(settings["attacks"], settings["norms"], settings["eps"], settings["alpha"],
-                                 settings["steps"], settings["restarts"], settings["seeds"])
-        for attack, norm, eps, alpha, steps, restarts, seed in grid:
-            alpha = alpha if "alpha" in ATTACKS[attack].settings else None
-            steps = steps if "steps" in ATTACKS[attack].settings else None
-            values = dict(attack=attack, norm=norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
-                          seed=seed, sets=sets, data=data, split=settings["split"], limit=settings["limit"],
-                          size=settings["size"], batch_size=settings["batch_size"],
-                          gradients=settings["gradients"], deterministic=settings["deterministic"])
-            if attack == "grid":  # only grid cells carry (and hash) the grid's settings
-                values.update(grid_weights=settings["grid_weights"], grid_task=settings["grid_task"])
-            cell_id = _hash({"model": model.identity, **values})[:20]
-            cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values))
+                                 settings["steps"], settings["restarts"], settings["seeds"],
+                                 *(settings[key] for key in axes))
+        for attack, norm, eps, alpha, steps, restarts, seed, *chosen in grid:
+            cls = ATTACKS[attack]
+            taken = {key: value for key, value in zip(["alpha", "steps", *axes], [alpha, steps, *chosen])
+                     if cls.takes(key)}
+            taken.update({key: settings[key] for key, s in declared.items() if s.sweep == "value" and cls.takes(key)})
+            values = dict(attack=attack, norm=norm, eps=eps, alpha=taken.pop("alpha", None),
+                          steps=taken.pop("steps", None), restarts=restarts, seed=seed, sets=sets, data=data,
+                          split=settings["split"], limit=settings["limit"], size=settings["size"],
+                          batch_size=settings["batch_size"], gradients=settings["gradients"],
+                          deterministic=settings["deterministic"])
+            hashed = {key: value for key, value in taken.items() if declared[key].hashed(value)}
+            cell_id = _hash({"model": model.identity, **values, **hashed})[:20]
+            cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values, options=taken))
     return list(cells.values())
 
 
@@ -352,4 +376,5 @@ def cell_from_settings(settings):
     values = {f.name: settings[f.name] for f in fields(Cell)}
     values["model"] = Model(**settings["model"])
     values["sets"] = tuple(values["sets"])
+    values["options"] = dict(values["options"])
     return Cell(**values)

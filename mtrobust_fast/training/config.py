@@ -7,7 +7,7 @@ from typing import Optional
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.cli.args import MAX_SEED
+from mtrobust_fast.budgets import MAX_SEED
 from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment

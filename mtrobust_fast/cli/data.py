@@ -1,0 +1,51 @@
+"""``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
+(:mod:`mtrobust_fast.data.synth`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.objects`)."""
+from pathlib import Path
+
+from mtrobust_fast.data import objects, synth
+
+
+def add_synth_arguments(parser):
+    parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
+    parser.add_argument("--images", required=True, type=int, help="number of images")
+    parser.add_argument("--size", type=int, default=256, help=f"image side in px, a multiple of {synth.SIZE_MULTIPLE} (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--buildings", nargs="+", default=None, metavar="NAME",
+                        help="building names; whole buildings go to one split, in the order given: the last "
+                             "round(15%%) (at least 1 from 3 buildings) are test, the ones before them val, the "
+                             "rest train (10 buildings: 6/2/2). Default: synth000, ... one per 100 images, at "
+                             "least 3")
+    parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar (as in the other commands; --quiet is the same)")
+
+
+def run_synth(args):
+    try:
+        out = synth.synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings, args.overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise SystemExit(f"mtrobust-fast data synth: error: {error}")
+    print(f"wrote {args.images} images ({args.size} px) to {out}")
+    return 0
+
+
+def add_synth_objects_arguments(parser):
+    parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    parser.add_argument("--images", required=True, type=int, help="number of images")
+    parser.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an object dataset already in --out")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar (as in the other commands; --quiet is the same)")
+
+
+def run_synth_objects(args):
+    try:
+        out = objects.synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
+                                 args.overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise SystemExit(f"mtrobust-fast data synth-objects: error: {error}")
+    print(f"wrote {args.images} object images ({args.size} px, {len(objects.CLASSES)} classes) to {out}")
+    return 0
