@@ -26,9 +26,37 @@ import numpy as np
 import torch
 
 from mtrobust_fast import classification
+from mtrobust_fast.registry import Registry, Setting, integer
 from mtrobust_fast.tasks import dense_scores, dense_stats, l1_loss
 
-KINDS = ("rotation", "jigsaw", "autoencoder", "hog", "depth")
+AUXILIARY = Registry("auxiliary task")  # every auxiliary task registers itself here
+
+
+class AuxiliaryTask:
+    """What every auxiliary task adds to its record: its ``kind`` (the name it is registered under), ``order``
+    (under GAT's shared routing the transforms run in increasing order, because a later task's targets come from
+    the images the earlier ones made), the ``settings`` it declares, and how it is built (:meth:`create`, from a
+    run's seed and settings) and rebuilt from a model config (:meth:`from_config`)."""
+
+    order = 0
+    settings = ()
+    from_data = False  # labels that come with the data instead of from the images
+    warp = None  # warp(maps, labels): the transform applied to per-pixel maps, for tasks that move pixels
+
+    @property
+    def kind(self):
+        return type(self).registered_name
+
+    @classmethod
+    def create(cls, seed=0, **settings):
+        return cls()
+
+    @classmethod
+    def from_config(cls, name, config):
+        return cls(name)
+
+    def to_config(self):
+        return {"kind": self.kind}
 
 
 def _generator_draws(generator):
@@ -54,13 +82,14 @@ def rotate(images, quarter_turns):
     return out
 
 
+@AUXILIARY.register("rotation")
 @dataclass(frozen=True)
-class RotationTask(classification.ClassificationTask):
+class RotationTask(AuxiliaryTask, classification.ClassificationTask):
     """4-way rotation prediction."""
 
     name: str = "rotation"
     classes: int = 4
-    kind = "rotation"
+    order = 0
 
     def transform(self, images, generator=None):
         labels = balanced_labels(images.shape[0], 4, generator)
@@ -69,9 +98,6 @@ class RotationTask(classification.ClassificationTask):
     def warp(self, maps, labels):
         """The same turns applied to per-pixel maps [B, C, H, W] (labels of the data that must follow)."""
         return rotate(maps, labels)
-
-    def to_config(self):
-        return {"kind": self.kind}
 
 
 def jigsaw_permutations(grid, count, seed):
@@ -89,8 +115,14 @@ def jigsaw_permutations(grid, count, seed):
     return tuple(found)
 
 
+JIGSAW_PERMUTATIONS = Setting("jigsaw_permutations", integer, 4, low=2, high=1000,
+                              help="jigsaw: the number of tile permutations (its classes)")
+JIGSAW_GRID = Setting("jigsaw_grid", integer, 2, low=2, help="jigsaw: tiles per side")
+
+
+@AUXILIARY.register("jigsaw")
 @dataclass(frozen=True)
-class JigsawTask(classification.ClassificationTask):
+class JigsawTask(AuxiliaryTask, classification.ClassificationTask):
     """Which of ``permutations`` reordered the g×g tiles of the image."""
 
     name: str = "jigsaw"
@@ -98,7 +130,18 @@ class JigsawTask(classification.ClassificationTask):
     grid: int = 2
     seed: int = 0
     permutations: tuple = field(default=(), compare=False)
-    kind = "jigsaw"
+    order = 1
+    settings = (JIGSAW_PERMUTATIONS, JIGSAW_GRID)
+
+    @classmethod
+    def create(cls, seed=0, jigsaw_permutations=4, jigsaw_grid=2):
+        """The task of a run: its permutations drawn from the run's ``seed``."""
+        return cls(classes=jigsaw_permutations, grid=jigsaw_grid, seed=seed)
+
+    @classmethod
+    def from_config(cls, name, config):
+        return cls(name=name, classes=int(config["classes"]), grid=int(config["grid"]), seed=int(config["seed"]),
+                   permutations=tuple(tuple(p) for p in config["permutations"]))
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,13 +179,14 @@ class JigsawTask(classification.ClassificationTask):
                 "permutations": [list(p) for p in self.permutations]}
 
 
+@AUXILIARY.register("autoencoder")
 @dataclass(frozen=True)
-class AutoencoderTask:
+class AutoencoderTask(AuxiliaryTask):
     """Reconstruct the input image (3 channels in [0, 1]); per-sample L1."""
 
     name: str = "autoencoder"
     channels: int = 3
-    kind = "autoencoder"
+    order = 2
     higher_is_better = MappingProxyType({"l1": False, "mse": False})
 
     def loss(self, output, target, mask=None):
@@ -162,9 +206,6 @@ class AutoencoderTask:
 
     def transform(self, images, generator=None):
         return images, images
-
-    def to_config(self):
-        return {"kind": self.kind}
 
 
 def line_pixels(r0, c0, r1, c1):
@@ -234,18 +275,20 @@ def hog_image(images, orientations=9, cell=4):
     return out
 
 
+@AUXILIARY.register("hog")
 @dataclass(frozen=True)
 class HogTask(AutoencoderTask):
     """Draw the input's HOG visualisation (1 channel); per-sample L1."""
 
     name: str = "hog"
     channels: int = 1
-    kind = "hog"
+    order = 3
 
     def transform(self, images, generator=None):
         return images, hog_image(images)
 
 
+@AUXILIARY.register("depth")
 @dataclass(frozen=True)
 class DepthTask(AutoencoderTask):
     """Predict the depth map that comes with the data (1 channel, masked L1); its labels are not made from the
@@ -253,7 +296,7 @@ class DepthTask(AutoencoderTask):
 
     name: str = "depth"
     channels: int = 1
-    kind = "depth"
+    order = 4
     from_data = True
 
     def transform(self, images, generator=None):
@@ -261,32 +304,17 @@ class DepthTask(AutoencoderTask):
 
 
 def make_task(kind, **options):
-    """The auxiliary task ``kind`` (one of ``KINDS``) with its options (jigsaw: classes, grid, seed)."""
-    if kind == "rotation":
-        return RotationTask()
-    if kind == "jigsaw":
-        return JigsawTask(**options)
-    if kind == "autoencoder":
-        return AutoencoderTask()
-    if kind == "hog":
-        return HogTask()
-    if kind == "depth":
-        return DepthTask()
-    raise ValueError(f"aux: unknown auxiliary task {kind!r}; choose from {', '.join(KINDS)}")
+    """The auxiliary task ``kind`` built from its record's own fields (jigsaw: classes, grid, seed)."""
+    return AUXILIARY.get(kind)(**options)
+
+
+def for_run(kind, seed, settings):
+    """The auxiliary task ``kind`` of a training run with ``seed``, from the run's ``settings`` (a mapping that
+    holds at least the settings the task declares, e.g. a training config's fields)."""
+    cls = AUXILIARY.get(kind)
+    return cls.create(seed, **{s.name: settings[s.name] for s in cls.settings if settings.get(s.name) is not None})
 
 
 def from_config(name, config):
     """The record a ``to_config`` dict describes."""
-    kind = config.get("kind")
-    if kind == "jigsaw":
-        return JigsawTask(name=name, classes=int(config["classes"]), grid=int(config["grid"]),
-                          seed=int(config["seed"]), permutations=tuple(tuple(p) for p in config["permutations"]))
-    if kind == "rotation":
-        return RotationTask(name)
-    if kind == "autoencoder":
-        return AutoencoderTask(name)
-    if kind == "hog":
-        return HogTask(name)
-    if kind == "depth":
-        return DepthTask(name)
-    raise ValueError(f"head {name!r}: unknown kind {kind!r}")
+    return AUXILIARY.get(config.get("kind")).from_config(name, config)

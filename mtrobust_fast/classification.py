@@ -16,7 +16,13 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from mtrobust_fast.registry import Registry
 from mtrobust_fast.tasks import opmath
+
+# The kinds of head record a model's config can describe (``config["heads"][name]["kind"]``); each registered
+# class rebuilds itself with ``from_config(name, config)`` from what its ``to_config()`` wrote. GAT's auxiliary
+# tasks are kinds of their own registry (:data:`mtrobust_fast.auxiliary.AUXILIARY`).
+TASK_KINDS = Registry("task kind")
 
 ACCURACY_DIRECTIONS = MappingProxyType({"accuracy": True})
 
@@ -85,6 +91,7 @@ LOSS_FUNCTIONS = {"ce": cross_entropy, "dlr": dlr, "bce": bce_one_hot}
 LOSSES = tuple(LOSS_FUNCTIONS)
 
 
+@TASK_KINDS.register("classification")
 @dataclass(frozen=True)
 class ClassificationTask:
     """A classifier head with ``classes`` logits. ``loss_name``: "ce" (softmax cross-entropy), "dlr" (an attack
@@ -132,7 +139,11 @@ class ClassificationTask:
 
     def to_config(self):
         """Plain data that rebuilds this record (stored in model configs and checkpoints)."""
-        return {"kind": "classification", "classes": self.classes, "loss": self.loss_name}
+        return {"kind": self.registered_name, "classes": self.classes, "loss": self.loss_name}
+
+    @classmethod
+    def from_config(cls, name, config):
+        return cls(name, int(config["classes"]), config.get("loss", "ce"))
 
 
 AUC_BINS = 4096  # score bins of the summable AUC statistics: pairs within one bin count as ties
@@ -159,6 +170,7 @@ def binned_auc(positives, negatives):
     return torch.where(pairs > 0, wins / pairs.clamp_min(1), torch.full_like(wins, float("nan")))
 
 
+@TASK_KINDS.register("multilabel")
 @dataclass(frozen=True)
 class MultiLabelTask:
     """A head of ``labels`` independent binary labels (e.g. chest X-ray findings): one logit each, sigmoid BCE.
@@ -234,9 +246,14 @@ class MultiLabelTask:
                 **{f"auc_{n}": float(a) for n, a in zip(self.label_names, aucs)}}
 
     def to_config(self):
-        return {"kind": "multilabel", "labels": self.labels, "label_names": list(self.label_names)}
+        return {"kind": self.registered_name, "labels": self.labels, "label_names": list(self.label_names)}
+
+    @classmethod
+    def from_config(cls, name, config):
+        return cls(name, int(config["labels"]), tuple(config.get("label_names", ())))
 
 
+@TASK_KINDS.register("regression")
 @dataclass(frozen=True)
 class RegressionTask:
     """A head of one scalar per sample (e.g. a patient's age, scaled by the dataset) with an L1 loss; samples
@@ -270,19 +287,21 @@ class RegressionTask:
         return {"mae": float(stats[0]) / float(stats[1]) if float(stats[1]) else float("nan")}
 
     def to_config(self):
-        return {"kind": "regression"}
+        return {"kind": self.registered_name}
+
+    @classmethod
+    def from_config(cls, name, config):
+        return cls(name)
 
 
 def task_from_config(name, config):
-    """The record a ``to_config`` dict describes: a classification, multi-label or regression head, or an
-    auxiliary task's (:mod:`mtrobust_fast.auxiliary`)."""
-    kind = config.get("kind")
-    if kind == "multilabel":
-        return MultiLabelTask(name, int(config["labels"]), tuple(config.get("label_names", ())))
-    if kind == "regression":
-        return RegressionTask(name)
-    if kind != "classification":
-        from mtrobust_fast import auxiliary
+    """The record a ``to_config`` dict describes: a registered task kind, or an auxiliary task's
+    (:mod:`mtrobust_fast.auxiliary`)."""
+    from mtrobust_fast.auxiliary import AUXILIARY
 
-        return auxiliary.from_config(name, config)
-    return ClassificationTask(name, int(config["classes"]), config.get("loss", "ce"))
+    kind = config.get("kind")
+    for registry in (TASK_KINDS, AUXILIARY):
+        if kind in registry:
+            return registry[kind].from_config(name, config)
+    raise ValueError(f"head {name!r}: unknown kind {kind!r}; known kinds are "
+                     f"{', '.join(list(TASK_KINDS) + list(AUXILIARY))}")

@@ -8,7 +8,7 @@ import sys
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
+from mtrobust_fast.auxiliary import AUXILIARY
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
@@ -27,7 +27,7 @@ from mtrobust_fast.training.config import (
 from mtrobust_fast.training.augment import AUGMENTS
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.runner import train
-from mtrobust_fast.weighting import METHODS as WEIGHTINGS
+from mtrobust_fast.weighting import WEIGHTINGS
 
 
 def _default(name):
@@ -61,7 +61,7 @@ def add_arguments(parser):
     add("--weights", default=_default("weights"),
         help="task loss weights: uniform (1/N), zamir (the paper's main/auxiliary table, needs --main), or "
              "TASK=W,... for every task, negative weights allowed, e.g. s=1,d=-0.1 (default %(default)s)")
-    add("--weighting", choices=WEIGHTINGS, default=_default("weighting"),
+    add("--weighting", choices=WEIGHTINGS.names(), default=_default("weighting"),
         help="how task losses become encoder gradients: static (the weighted sum), or a torchjd aggregator of the "
              "per-task encoder gradients (ew/mean, mgda, upgrad, pcgrad, imtlg, aligned_mtl, dualproj, graddrop; "
              "cagrad, nashmtl with their torchjd extras); --weights scale the losses first (default %(default)s)")
@@ -106,7 +106,7 @@ def add_arguments(parser):
     gat = parser.add_argument_group("GAT: auxiliary self-supervised tasks (classifiers)")
     gat.add_argument("--aux", default=None,
                      help=f"auxiliary heads trained on labels made from the images, comma-separated: "
-                          f"{', '.join(AUX_KINDS)}; the main task is still trained by --adversarial")
+                          f"{', '.join(AUXILIARY)}; the main task is still trained by --adversarial")
     gat.add_argument("--domain-labels", action="store_true",
                      help="also train a 'domain' head on the data's coarse labels (CIFAR-100 superclasses, CIFAR-10 "
                           "vehicle/animal, the object set's free-standing/against-a-wall); weight it with --weights, "

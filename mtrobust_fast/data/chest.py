@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from mtrobust_fast.classification import MultiLabelTask, RegressionTask
 from mtrobust_fast.data.images import read_resized
+from mtrobust_fast.data.readers import DOMAIN, FINDINGS, READERS
 
 SPLITS = ("train", "val", "test")
 CHEXPERT_FINDINGS = (
@@ -94,9 +95,21 @@ def _sex(text):
     return {"female": 1.0, "f": 1.0, "male": 0.0, "m": 0.0}.get((text or "").strip().lower())
 
 
+@READERS.register("chest")
 class ChestXrayDataset(Dataset):
     """A CheXpert or NIH folder as ``(image [1, S, S], targets, masks)``; ``findings`` chooses and orders the
     labels (default: all of the format's)."""
+
+    priority = 1
+    settings = (DOMAIN, FINDINGS)
+
+    @staticmethod
+    def detect(root):
+        return chest_format(root) is not None
+
+    @classmethod
+    def open(cls, root, split, size, domain=False, findings=None):
+        return cls(root, split, size, domain, findings)
 
     classes = None
     domain_classes = None

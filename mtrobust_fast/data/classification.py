@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtrobust_fast.data import chest, objects
+from mtrobust_fast.data import objects, readers
+from mtrobust_fast.data.readers import READERS
 from mtrobust_fast.data.images import read_resized
 from mtrobust_fast.tasks import get_task
 
@@ -85,9 +86,21 @@ def _channel_stats(pixels):
     return {"mean": values.mean(0).round(6).tolist(), "std": np.maximum(values.std(0), 1e-6).round(6).tolist()}
 
 
+@READERS.register("cifar")
 class CifarDataset(Dataset):
     """CIFAR-10/100 from the binary distribution; labels are the fine classes (``coarse`` holds CIFAR-100's 20
     superclasses)."""
+
+    priority = 2
+    settings = (readers.DOMAIN,)
+
+    @staticmethod
+    def detect(root):
+        return cifar_folder(root) is not None
+
+    @classmethod
+    def open(cls, root, split, size, domain=False):
+        return cls(root, split, size, domain)
 
     def __init__(self, root, split="train", size=None, domain=False):
         if split not in SPLITS:
@@ -149,8 +162,20 @@ def _resized(image, size):
                          align_corners=False)[0].clamp(0, 1)
 
 
+@READERS.register("objects")
 class ObjectDataset(Dataset):
     """The synthetic object set written by :func:`mtrobust_fast.data.objects.synthesize_objects`."""
+
+    priority = 0
+    settings = (readers.DOMAIN, readers.DEPTH)
+
+    @staticmethod
+    def detect(root):
+        return (Path(root) / objects.META_JSON).is_file()
+
+    @classmethod
+    def open(cls, root, split, size, domain=False, depth=False):
+        return cls(root, split, size, domain, depth)
 
     def __init__(self, root, split="train", size=None, domain=False, depth=False):
         if split not in SPLITS:
@@ -248,12 +273,23 @@ class _ArrayDataset(Dataset):
         return _resized(image, self.size), {"class": torch.tensor(self.labels[index])}, {}
 
 
+@READERS.register("stl10")
 class Stl10Dataset(_ArrayDataset):
     """STL-10 from its binary distribution: ``train_X.bin``/``test_X.bin`` (uint8, 3×96×96 per image, each
     channel stored column by column) and ``train_y.bin``/``test_y.bin`` (labels 1…10); the unlabelled set is
     not read."""
 
     classes = 10
+    priority = 3
+    settings = ()
+
+    @staticmethod
+    def detect(root):
+        return stl10_folder(root) is not None
+
+    @classmethod
+    def open(cls, root, split, size):
+        return cls(root, split, size)
 
     def __init__(self, root, split="train", size=None):
         if split not in SPLITS:
@@ -292,12 +328,23 @@ def image_folder(root):
     return train.is_dir() and any(d.is_dir() for d in train.iterdir())
 
 
+@READERS.register("image_folder")
 class ImageFolderDataset(Dataset):
     """``root/<split>/<class>/<image>`` (ImageNet-R, ROBIN/OOD-CV style): classes are the sorted folder names
     of ``train/``, images are resized to ``size`` (required: the images' sizes differ), normalisation comes from
     up to 512 training images. A split folder that is missing is an error naming it."""
 
     domain_classes = None
+    priority = 4
+    settings = ()
+
+    @staticmethod
+    def detect(root):
+        return image_folder(root)
+
+    @classmethod
+    def open(cls, root, split, size):
+        return cls(root, split, size)
 
     def __init__(self, root, split="train", size=None):
         if split not in SPLITS:
@@ -349,32 +396,11 @@ class ImageFolderDataset(Dataset):
 
 
 def is_classification_data(root):
-    """Whether ``root`` is an object set, a CIFAR or STL-10 binary distribution, an image-folder layout or a chest
-    X-ray set (else it is read as Taskonomy)."""
-    return (Path(root) / objects.META_JSON).is_file() or cifar_folder(root) is not None or \
-        stl10_folder(root) is not None or image_folder(root) or chest.chest_format(root) is not None
+    """Whether a registered classification reader detects its layout at ``root`` (else it is read as Taskonomy)."""
+    return readers.find(root) is not None
 
 
 def open_classification(root, split="train", size=None, domain=False, depth=False, findings=None):
-    """The classification dataset at ``root`` (``domain``: with the domain labels, which the object set, CIFAR
-    and chest X-rays have; ``depth``: with the depth maps, which only the object set has; ``findings``: the
-    chest X-ray labels to read, in order)."""
-    if findings and chest.chest_format(root) is None:
-        raise ValueError(f"findings: {root} is not a chest X-ray set")
-    if (Path(root) / objects.META_JSON).is_file():
-        return ObjectDataset(root, split, size, domain, depth)
-    if depth:
-        raise ValueError(f"aux: {root} holds no depth maps (the synthetic object set has them)")
-    if chest.chest_format(root) is not None:
-        return chest.ChestXrayDataset(root, split, size, domain, findings)
-    if cifar_folder(root) is not None:
-        return CifarDataset(root, split, size, domain)
-    if domain:
-        raise ValueError(f"domain_labels: {root} has no coarse labels (CIFAR, the object set and chest X-rays "
-                         f"have them)")
-    if stl10_folder(root) is not None:
-        return Stl10Dataset(root, split, size)
-    if image_folder(root):
-        return ImageFolderDataset(root, split, size)
-    raise FileNotFoundError(f"{root} is not a classification dataset (object set, CIFAR, STL-10, image folder or "
-                            f"chest X-ray CSV)")
+    """The classification dataset at ``root`` (``domain``: with the domain labels; ``depth``: with the depth maps;
+    ``findings``: the chest X-ray labels to read, in order), read by the reader that detects its layout."""
+    return readers.open_split(root, split, size, domain=domain, depth=depth, findings=findings)

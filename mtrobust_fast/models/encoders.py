@@ -9,6 +9,10 @@ import math
 
 import torch.nn as nn
 
+from mtrobust_fast.registry import Registry
+
+ENCODERS = Registry("encoder")  # constructors ``**kw -> nn.Module`` with ``out_channels``, registered below
+
 
 def init_weights(module):
     """He-normal convolutions (std √(2/n), n = k·k·out_channels), zero biases, BatchNorm (1, 0), as the source."""
@@ -174,21 +178,26 @@ class XceptionSmallEncoder(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
+@ENCODERS.register("resnet18")
 def resnet18(**kw):
     return ResNetEncoder(BasicBlock, [2, 2, 2, 2], **kw)
 
 
+@ENCODERS.register("resnet50")
 def resnet50(**kw):
     return ResNetEncoder(Bottleneck, [3, 4, 6, 3], **kw)
 
 
+@ENCODERS.register("resnet152")
 def resnet152(**kw):
     return ResNetEncoder(Bottleneck, [3, 8, 36, 3], **kw)
 
 
+@ENCODERS.register("wide_resnet50_2")
 def wide_resnet50_2(**kw):
     return ResNetEncoder(Bottleneck, [3, 4, 6, 3], base_width=128, **kw)
 
 
+@ENCODERS.register("xception_small")
 def xception_small(**kw):
     return XceptionSmallEncoder(**kw)

@@ -6,44 +6,29 @@ from mtrobust_fast import classification
 from mtrobust_fast.models.decoders import ClassificationHead, DenseHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel
 
-_ENCODERS = {}
-
 # Names the source's CLI used (``--arch``) for the same encoders.
 _ALIASES = {"wresnet50": "wide_resnet50_2", "xception": "xception_small"}
 
 
 def register_encoder(name):
     """Decorator: make an encoder constructor (``**kw -> nn.Module`` with ``out_channels``) buildable by name."""
-
-    def register(constructor):
-        if name in _ENCODERS:
-            raise ValueError(f"encoder {name!r} is already registered")
-        _ENCODERS[name] = constructor
-        return constructor
-
-    return register
-
-
-for _constructor in (
-    encoders.resnet18, encoders.resnet50, encoders.resnet152, encoders.wide_resnet50_2, encoders.xception_small
-):
-    register_encoder(_constructor.__name__)(_constructor)
+    return encoders.ENCODERS.register(name)
 
 
 def list_encoders():
-    return sorted(_ENCODERS)
+    return sorted(encoders.ENCODERS)
 
 
 def canonical_encoder_name(name):
     """The registered name for ``name`` (accepting the source's aliases); ValueError listing the choices."""
     name = _ALIASES.get(name, name)
-    if name not in _ENCODERS:
+    if name not in encoders.ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(list_encoders())}")
     return name
 
 
 def build_encoder(name, **kw):
-    return _ENCODERS[canonical_encoder_name(name)](**kw)
+    return encoders.ENCODERS[canonical_encoder_name(name)](**kw)
 
 
 def _weights_by_name(resolved, task_weights):

@@ -27,10 +27,12 @@ from typing import Optional
 import torch
 
 from mtrobust_fast import ops
-from mtrobust_fast.attacks import ATTACKS, TaskSpec, build_attack
+from mtrobust_fast.attacks import ATTACKS, FGSM, PGD, TaskSpec, build_attack
+from mtrobust_fast.registry import Registry, Setting, integer, number
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
-OBJECTIVES = ("madry", "madry_mix", "trades", "fgsm_rs", "free")
+OBJECTIVES = Registry("adversarial objective")  # every adversarial training objective registers itself here
+FREE = "free"  # Free's replayed perturbation: an inner "attack" that is never built as one
 
 
 def draw_seed():
@@ -41,16 +43,16 @@ def draw_seed():
 def default_alpha(attack, eps, steps):
     """The step size when none is given: PGD's own (2.5·ε/steps), 1.25·ε for FGSM with a random start (Wong et
     al.'s fast adversarial training), ε for Free (Shafahi et al.)."""
-    if attack == "pgd":
-        return ATTACKS["pgd"].default_alpha(eps, steps)
-    return 1.25 * eps if attack == "fgsm" else eps
+    if attack == FREE:
+        return eps
+    return 1.25 * eps if ATTACKS[attack] is FGSM else ATTACKS[attack].default_alpha(eps, steps)
 
 
 @dataclass(frozen=True)
 class AttackSettings:
     """The inner attack of an objective or of robust validation."""
 
-    attack: str = "pgd"  # "pgd", "fgsm", or "free" (Free's replayed perturbation; never built as an attack)
+    attack: str = "pgd"  # a registered attack ("pgd", "fgsm"), or FREE (never built as an attack)
     norm: str = "linf"
     eps: float = 8 / 255
     alpha: Optional[float] = None  # None: default_alpha
@@ -65,12 +67,13 @@ class AttackSettings:
     def build(self, model, tasks, attacked, seed, deterministic=False):
         """The attack on ``model`` (unwrapped from DDP by the attack) raising the losses of ``attacked``."""
         return build_attack(self.attack, model, tasks, eps=self.eps, norm=self.norm, alpha=self.step_size,
-                            steps=None if self.attack == "fgsm" else self.steps,
+                            steps=self.steps if ATTACKS[self.attack].takes("steps") else None,
                             random_start=True, target_tasks=list(attacked), seed=seed,
                             deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast)
 
     def describe(self):
-        label = {"fgsm": "FGSM-RS", "free": "Free"}.get(self.attack, f"PGD-{self.steps}")
+        label = "Free" if self.attack == FREE else f"{self.attack.upper()}-{self.steps}" \
+            if ATTACKS[self.attack].takes("steps") else f"{self.attack.upper()}-RS"
         return f"{label} {self.norm} eps={self.eps:.4g} alpha={self.step_size:.4g}"
 
     def to_dict(self):
@@ -78,9 +81,14 @@ class AttackSettings:
 
 
 class AdversarialObjective(Objective):
-    """Shared parts: the task losses, the attacked task names, the inner attack's settings."""
+    """Shared parts: the task losses, the attacked task names, the inner attack's settings.
+
+    ``inner_attack``: the attack it trains against (what ``AttackSettings.attack`` is for it); ``settings``: its
+    own declared settings, passed by :func:`make_objective`."""
 
     name = "adversarial"
+    inner_attack = PGD.registered_name
+    settings = ()
 
     def __init__(self, losses, attack, attacked):
         self.losses, self.attack = losses, attack
@@ -99,6 +107,7 @@ class AdversarialObjective(Objective):
         return {"objective": self.name, "attacked": self.attacked, **self.attack.to_dict()}
 
 
+@OBJECTIVES.register("madry")
 class Madry(AdversarialObjective):
     """Every task's loss at the adversarial input."""
 
@@ -110,12 +119,15 @@ class Madry(AdversarialObjective):
         return ObjectiveOutput(self.losses.means(forward(model, x_adv, features), targets, masks), features or None)
 
 
+@OBJECTIVES.register("fgsm_rs")
 class FgsmRS(Madry):
     """``madry`` with one FGSM step from a uniform random start."""
 
     name = "fgsm_rs"
+    inner_attack = FGSM.registered_name
 
 
+@OBJECTIVES.register("madry_mix")
 class MadryMix(AdversarialObjective):
     """Attacked tasks: half clean, half adversarial loss; other tasks: clean loss."""
 
@@ -136,10 +148,16 @@ def _divergence_spec(task):
     return TaskSpec(task.name, task.divergence, key=task.name)
 
 
+BETA = Setting("beta", number, 6.0, low=0, help="trades: weight of the divergence term")
+REPLAYS = Setting("replays", integer, 4, low=1, help="free: replays of each batch")
+
+
+@OBJECTIVES.register("trades")
 class Trades(AdversarialObjective):
     """Clean loss plus β times the divergence between adversarial and clean outputs (attacked tasks)."""
 
     name = "trades"
+    settings = (BETA,)
 
     def __init__(self, losses, attack, attacked, beta=6.0):
         super().__init__(losses, attack, attacked)
@@ -167,10 +185,13 @@ class Trades(AdversarialObjective):
         return {**super().describe(), "beta": self.beta}
 
 
+@OBJECTIVES.register("free")
 class Free(AdversarialObjective):
     """Free adversarial training: ``replays`` parameter updates per batch, each also stepping the perturbation."""
 
     name = "free"
+    inner_attack = FREE
+    settings = (REPLAYS,)
 
     def __init__(self, losses, attack, attacked, replays=4):
         super().__init__(losses, attack, attacked)
@@ -224,16 +245,14 @@ class RobustValidation:
         return self.attack.describe()
 
 
-def make_objective(name, losses, attack, attacked, *, beta=6.0, replays=4):
-    """The adversarial objective ``name`` (one of ``OBJECTIVES``)."""
-    if name == "madry":
-        return Madry(losses, attack, attacked)
-    if name == "madry_mix":
-        return MadryMix(losses, attack, attacked)
-    if name == "trades":
-        return Trades(losses, attack, attacked, beta=beta)
-    if name == "fgsm_rs":
-        return FgsmRS(losses, attack, attacked)
-    if name == "free":
-        return Free(losses, attack, attacked, replays=replays)
-    raise ValueError(f"adversarial must be one of {OBJECTIVES}, got {name!r}")
+def make_objective(name, losses, attack, attacked, **settings):
+    """The adversarial objective ``name`` (registered in ``OBJECTIVES``); ``settings``: values of the settings it
+    declares (trades: beta; free: replays). A setting it does not declare is an error."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"adversarial must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    cls = OBJECTIVES[name]
+    declared = {s.name for s in cls.settings}
+    stray = [key for key in settings if key not in declared]
+    if stray:
+        raise ValueError(f"adversarial {name!r} takes no {', '.join(stray)}")
+    return cls(losses, attack, attacked, **settings)

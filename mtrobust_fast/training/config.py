@@ -8,12 +8,12 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.budgets import MAX_SEED
-from mtrobust_fast.auxiliary import KINDS as AUX_KINDS
+from mtrobust_fast.auxiliary import AUXILIARY
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.regularisers import KINDS as CURVATURE_KINDS
-from mtrobust_fast.weighting import METHODS as WEIGHTINGS
+from mtrobust_fast.weighting import WEIGHTINGS
 from mtrobust_fast.weighting import parse_weights
 
 # The source's step schedules (epoch index from which a learning rate applies), per optimiser:
@@ -23,7 +23,7 @@ DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "sgd": 1e-4}
 OPTIMIZERS = tuple(DEFAULT_SCHEDULES)
 WEIGHT_MODES = ("uniform", "zamir")  # or explicit "TASK=W,..." weights
 DEFAULT_TASKS = "sdnE"  # Taskonomy tasks when none are given
-ADVERSARIAL = ("none",) + OBJECTIVES
+ADVERSARIAL = ("none",) + OBJECTIVES.names()
 NORMS = ("linf", "l2")
 CLASS_LOSSES = ("ce", "bce")
 CURVATURE = ("none",) + CURVATURE_KINDS
@@ -132,7 +132,7 @@ class TrainConfig:
         if self.weights not in WEIGHT_MODES:
             parse_weights(self.weights)
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            raise ValueError(f"weighting must be one of {WEIGHTINGS.names()}, got {self.weighting!r}")
         self._check_adversarial()
         check_augment(self.augment)
         if self.lr is not None and self.schedule is not None:
@@ -175,9 +175,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
         if self.aux_routing not in ROUTINGS:
             raise ValueError(f"aux_routing must be one of {ROUTINGS}, got {self.aux_routing!r}")
-        unknown = [a for a in self.aux_names if a not in AUX_KINDS]
+        unknown = [a for a in self.aux_names if a not in AUXILIARY]
         if unknown:
-            raise ValueError(f"aux: unknown auxiliary task(s) {unknown}; choose from {', '.join(AUX_KINDS)}")
+            raise ValueError(f"aux: unknown auxiliary task(s) {unknown}; choose from {', '.join(AUXILIARY)}")
         if len(set(self.aux_names)) != len(self.aux_names):
             raise ValueError(f"aux: a task is given twice in {self.aux!r}")
         if self.curvature != "none" and self.aux_names and self.aux_routing != "shared":
@@ -209,7 +209,7 @@ class TrainConfig:
         """The inner attack of the objective, or (``validation``) the PGD of robust validation."""
         if validation:
             return AttackSettings("pgd", self.norm, self.eps, None, self.robust_val_steps, "eval", autocast)
-        attack = {"fgsm_rs": "fgsm", "free": "free"}.get(self.adversarial, "pgd")
+        attack = OBJECTIVES[self.adversarial].inner_attack
         return AttackSettings(attack, self.norm, self.eps, self.alpha, self.steps, self.attack_mode, autocast)
 
     def task_weights(self, names=None):

@@ -19,7 +19,6 @@ The weighting strategy then combines the main and auxiliary losses (and the curv
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
 ROUTINGS = ("shared", "separate")
-_ORDER = ("rotation", "jigsaw", "autoencoder", "hog", "depth")  # targets come from what the ones before made
 
 
 class GAT(Objective):
@@ -35,7 +34,7 @@ class GAT(Objective):
         if type(main).updates is not Objective.updates:
             raise ValueError("GAT's main objective must make one update per batch (free replays batches)")
         self.main, self.routing = main, routing
-        self.aux = sorted(aux, key=lambda task: _ORDER.index(task.kind))
+        self.aux = sorted(aux, key=lambda task: task.order)  # targets come from what the ones before made
 
     def start_epoch(self, epoch):
         self.main.start_epoch(epoch)
@@ -45,11 +44,11 @@ class GAT(Objective):
         Labelled per-pixel targets of the data (depth) and their masks are warped along with the images."""
         targets, masks = dict(targets), dict(masks)
         for task in self.aux:
-            if getattr(task, "from_data", False):
+            if task.from_data:
                 continue
             images, targets[task.name] = task.transform(images)
-            if hasattr(task, "warp"):
-                for data_task in (t for t in self.aux if getattr(t, "from_data", False)):
+            if task.warp is not None:
+                for data_task in (t for t in self.aux if t.from_data):
                     labels = targets[task.name]
                     targets[data_task.name] = task.warp(targets[data_task.name], labels)
                     if data_task.name in masks:
@@ -72,7 +71,7 @@ class GAT(Objective):
             features = [] if out.features is not None else None
             aux_losses = {}
             for task in self.aux:
-                x, labels = (images, targets[task.name]) if getattr(task, "from_data", False) \
+                x, labels = (images, targets[task.name]) if task.from_data \
                     else task.transform(images)
                 output = forward(model, x, features)[task.name]
                 aux_losses[task.name] = task.loss(output, labels, masks.get(task.name)).mean()

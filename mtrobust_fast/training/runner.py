@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtrobust_fast import auxiliary
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.data.chest import chest_format
+from mtrobust_fast.data import readers
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
-from mtrobust_fast.training.adversarial import RobustValidation, make_objective
+from mtrobust_fast.training.adversarial import OBJECTIVES, RobustValidation, make_objective
 from mtrobust_fast.training.augment import Augment
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig, parse_schedule
 from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
@@ -67,8 +67,8 @@ def make_datasets(config):
                              f"(leave --tasks out)")
         if config.segment_loss != "ce":
             raise ValueError(f"segment_loss: {config.data} is a classification dataset; it has no segmentation task")
-        depth = "depth" in config.aux_names
-        if chest_format(config.data) is not None and config.class_loss != "ce":
+        depth = any(auxiliary.AUXILIARY[kind].from_data for kind in config.aux_names)  # depth maps from the data
+        if any(s.name == "findings" for s in readers.find(config.data).settings) and config.class_loss != "ce":
             raise ValueError("class_loss: a chest X-ray head is multi-label (a sigmoid BCE per finding); leave "
                              "--class-loss at ce")
         findings = [f.strip() for f in config.findings.split(",") if f.strip()] if config.findings else None
@@ -77,9 +77,7 @@ def make_datasets(config):
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
         size = config.size or int(train_set[0][0].shape[-1])
-        aux = [auxiliary.make_task(kind, **({"classes": config.jigsaw_permutations, "grid": config.jigsaw_grid,
-                                             "seed": config.seed} if kind == "jigsaw" else {}))
-               for kind in config.aux_names]
+        aux = [auxiliary.for_run(kind, config.seed, config.to_dict()) for kind in config.aux_names]
         model = build_classifier(config.encoder, train_set.classes, size, config.class_loss, train_set.normalization,
                                  aux=aux, domain_classes=train_set.domain_classes if config.domain_labels else None,
                                  head=getattr(train_set, "main_task", None),
@@ -159,8 +157,9 @@ def make_objective_for(config, model, losses):
         objective = CleanObjective(losses)
     else:
         settings = config.attack_settings(autocast=torch.float16 if config.amp else None)
-        objective = make_objective(config.adversarial, losses, settings, attacked, beta=config.beta,
-                                   replays=config.replays)
+        declared = OBJECTIVES[config.adversarial].settings
+        objective = make_objective(config.adversarial, losses, settings, attacked,
+                                   **{s.name: getattr(config, s.name) for s in declared})
     auxiliary_tasks = [model.task_records[name] for name in model.config.get("auxiliary", [])]
     if auxiliary_tasks:
         objective = GAT(objective, auxiliary_tasks, config.aux_routing)

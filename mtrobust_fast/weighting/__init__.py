@@ -6,20 +6,17 @@ An objective returns one loss per task with its graph; a :class:`Weighting` owns
 aggregators over the shared encoder's per-task gradients (MGDA, UPGrad, PCGrad, ... through torchjd) in
 ``jacobian.py``.
 """
-from mtrobust_fast.weighting.base import Weighting
+from mtrobust_fast.weighting.base import WEIGHTINGS, Weighting
+from mtrobust_fast.weighting.jacobian import JacobianWeighting  # importing it registers the torchjd methods
 from mtrobust_fast.weighting.static import StaticWeighting, parse_weights
-
-METHODS = ("static", "ew", "mean", "mgda", "upgrad", "pcgrad", "imtlg", "aligned_mtl", "dualproj", "graddrop",
-           "cagrad", "nashmtl")
 
 
 def make_weighting(method, weights):
-    """The weighting ``method`` ("static", or a torchjd aggregator name) over task weights ``{task: w}``."""
-    if method == "static":
-        return StaticWeighting(weights)
-    from mtrobust_fast.weighting.jacobian import JacobianWeighting
+    """The weighting ``method`` (registered in ``WEIGHTINGS``: "static", or a torchjd aggregator name) over task
+    weights ``{task: w}``."""
+    if method not in WEIGHTINGS:
+        raise ValueError(f"weighting: unknown method {method!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return WEIGHTINGS[method](weights)
 
-    return JacobianWeighting(method, weights)
 
-
-__all__ = ["METHODS", "StaticWeighting", "Weighting", "make_weighting", "parse_weights"]
+__all__ = ["WEIGHTINGS", "JacobianWeighting", "StaticWeighting", "Weighting", "make_weighting", "parse_weights"]

@@ -3,6 +3,11 @@ import abc
 
 import torch
 
+from mtrobust_fast.registry import Registry
+
+# Every weighting method registers a factory ``weights -> Weighting`` here (``weights``: {task name: w}).
+WEIGHTINGS = Registry("weighting")
+
 
 class Weighting(abc.ABC):
     """Turns ``{task name: scalar loss with its graph}`` into gradients on the model's parameters.

@@ -14,35 +14,28 @@ proportional to a uniform scale of the Jacobian, so unscaling afterwards is exac
 process would aggregate its own Jacobian and the averaged result is not the aggregate of the averaged Jacobian;
 torchrun training with these weightings is refused (static weights work under DDP).
 """
+import functools
+
 import torch
-from torchjd import aggregation
-from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from mtrobust_fast.weighting.base import Weighting
+from mtrobust_fast.weighting.base import WEIGHTINGS, Weighting
 
+# method -> its torchjd aggregator, built from the module ``torchjd.aggregation`` and the number of tasks
+# (torchjd is imported only when a method is built, so reading the registry stays cheap).
 AGGREGATORS = {
-    "ew": aggregation.Sum,  # equal weights: the gradient of the summed losses, as the GAT code's "EW"
-    "mean": aggregation.Mean,
-    "mgda": aggregation.MGDA,
-    "upgrad": aggregation.UPGrad,
-    "pcgrad": aggregation.PCGrad,
-    "imtlg": aggregation.IMTLG,
-    "aligned_mtl": aggregation.AlignedMTL,
-    "dualproj": aggregation.DualProj,
-    "graddrop": aggregation.GradDrop,
-    "cagrad": lambda: aggregation.CAGrad(c=0.5),
-    "nashmtl": None,  # needs the number of tasks; built in JacobianWeighting
+    "ew": lambda agg, n: agg.Sum(),  # equal weights: the gradient of the summed losses, as the GAT code's "EW"
+    "mean": lambda agg, n: agg.Mean(),
+    "mgda": lambda agg, n: agg.MGDA(),
+    "upgrad": lambda agg, n: agg.UPGrad(),
+    "pcgrad": lambda agg, n: agg.PCGrad(),
+    "imtlg": lambda agg, n: agg.IMTLG(),
+    "aligned_mtl": lambda agg, n: agg.AlignedMTL(),
+    "dualproj": lambda agg, n: agg.DualProj(),
+    "graddrop": lambda agg, n: agg.GradDrop(),
+    "cagrad": lambda agg, n: agg.CAGrad(c=0.5),
+    "nashmtl": lambda agg, n: agg.NashMTL(n_tasks=n),
 }
-ALIASES = {"imtl": "imtlg", "pcg": "pcgrad"}
 OPTIONAL = {"cagrad": "torchjd[cagrad]", "nashmtl": "torchjd[nash_mtl]"}
-
-
-def canonical(name):
-    name = ALIASES.get(name, name)
-    if name not in AGGREGATORS:
-        raise ValueError(f"weighting: unknown method {name!r}; choose static or one of "
-                         f"{', '.join(sorted(set(AGGREGATORS) | set(ALIASES)))}")
-    return name
 
 
 class JacobianWeighting(Weighting):
@@ -52,11 +45,14 @@ class JacobianWeighting(Weighting):
     needs_model = True
 
     def __init__(self, name, weights):
-        self.name = canonical(name)
+        from torchjd import aggregation
+
+        if name not in AGGREGATORS:
+            raise ValueError(f"weighting: unknown method {name!r}; choose one of {', '.join(AGGREGATORS)}")
+        self.name = name
         self.weights = {task: float(w) for task, w in weights.items()}
         try:
-            self.aggregator = aggregation.NashMTL(n_tasks=len(self.weights)) if self.name == "nashmtl" \
-                else AGGREGATORS[self.name]()
+            self.aggregator = AGGREGATORS[name](aggregation, len(self.weights))
         except ImportError as error:
             raise ValueError(f"weighting: {self.name} needs its optional dependencies: pip install "
                              f"\"{OPTIONAL[self.name]}\" ({error})") from None
@@ -65,6 +61,8 @@ class JacobianWeighting(Weighting):
         return sum(self.weights[name] * value for name, value in values.items())
 
     def backward(self, losses, *, scaler=None, model=None, features=None):
+        from torchjd.autojac import backward, jac_to_grad, mtl_backward
+
         self._check(losses, list(self.weights))
         if model is None or not hasattr(model, "shared_parameters"):
             raise ValueError(f"weighting {self.name} needs the model and its shared_parameters()")
@@ -80,3 +78,7 @@ class JacobianWeighting(Weighting):
             backward(scaled, inputs=shared)
         jac_to_grad(shared, self.aggregator)
         return torch.stack([loss.detach() for loss in weighted]).sum()
+
+
+for _method in AGGREGATORS:
+    WEIGHTINGS.register(_method)(functools.partial(JacobianWeighting, _method))

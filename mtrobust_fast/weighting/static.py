@@ -2,7 +2,7 @@
 subtract a task's loss (a "negative" task)."""
 import math
 
-from mtrobust_fast.weighting.base import Weighting
+from mtrobust_fast.weighting.base import WEIGHTINGS, Weighting
 
 
 def parse_weights(text):
@@ -24,6 +24,7 @@ def parse_weights(text):
     return weights
 
 
+@WEIGHTINGS.register("static")
 class StaticWeighting(Weighting):
     """Back-propagates Σ_t w_t · L_t with fixed ``weights`` ``{task name: w}`` (any sign, not all zero)."""
 
