@@ -193,3 +193,50 @@ def test_no_module_outside_cli_imports_the_cli():
             if any(name == "mtrobust_fast.cli" or name.startswith("mtrobust_fast.cli.") for name in names):
                 offenders.append(str(path.relative_to(package)))
     assert offenders == []
+
+
+def test_training_components_declare_their_settings_once_for_config_flags_and_resume(capsys):
+    """Every setting an adversarial objective or an auxiliary task declares is a training-config field with the
+    declared default and check, a `train` flag, and a setting a resume must not change."""
+    from mtrobust_fast.auxiliary import AUXILIARY
+    from mtrobust_fast.training.adversarial import OBJECTIVES
+    from mtrobust_fast.training.config import RESUME_FIXED, TrainConfig
+
+    declared = {**OBJECTIVES.settings(), **AUXILIARY.settings()}
+    assert {"beta", "replays", "jigsaw_permutations", "jigsaw_grid"} <= set(declared)
+    config = TrainConfig(data="d", out="o")
+    train_help = _help(capsys, "train")
+    for name, setting in declared.items():
+        assert getattr(config, name) == setting.default and name in RESUME_FIXED
+        assert flag(setting) in train_help
+    with pytest.raises(ValueError, match="^replays: must be >= 1"):
+        TrainConfig(data="d", out="o", replays=0)
+
+
+def test_a_reader_registered_in_one_file_is_detected_and_opened(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from mtrobust_fast.data.classification import is_classification_data, open_classification
+    from mtrobust_fast.data.readers import READERS
+
+    class ToyReader:
+        priority = -1
+        settings = ()
+
+        @staticmethod
+        def detect(root):
+            return (Path(root) / "toy.txt").is_file()
+
+        @classmethod
+        def open(cls, root, split, size):
+            return TensorDataset(torch.zeros(3, 3, 4, 4))
+
+    (tmp_path / "toy.txt").write_text("x")
+    assert not is_classification_data(tmp_path)
+    READERS.register("toy")(ToyReader)
+    try:
+        assert is_classification_data(tmp_path) and len(open_classification(tmp_path, "val")) == 3
+        with pytest.raises(ValueError, match=f"domain_labels: {tmp_path} holds no .*readers that have them: "):
+            open_classification(tmp_path, "val", domain=True)
+    finally:
+        READERS.unregister("toy")

@@ -35,9 +35,8 @@ def _some_positive(weights):
 # "always": a grid cell's id has always hashed both, at their defaults too (so earlier sweeps keep their ids).
 GRID_WEIGHTS = Setting("grid_weights", number_list, (0.0, 1.0, 10.0), low=0, check=_some_positive, sweep="value",
                        cell_id="always",
-                       help="the weights tried for each attacked task, comma-separated (default 0,1,10); every "
-                            "combination runs as its own rows, so the cost grows as (number of weights)^(tasks in "
-                            "the set)")
+                       help="the weights tried for each attacked task, comma-separated; every combination runs "
+                            "as its own rows, so the cost grows as (number of weights)^(tasks in the set)")
 GRID_TASK = Setting("grid_task", _task_key, None, sweep="value", cell_id="always",
                     help="the task (letter or name) whose error picks each image's point (default: each set's "
                          "first task)")

@@ -31,12 +31,16 @@ def add_setting_flags(parser, registry, skip=()):
     for setting in registry.settings().values():
         if setting.name in skip:
             continue
-        help_text = setting.help + _scope(registry, setting)
         if setting.convert is boolean and setting.default is False:
-            parser.add_argument(flag(setting), dest=setting.name, action="store_true", help=help_text)
+            parser.add_argument(flag(setting), dest=setting.name, action="store_true",
+                                help=setting.help + _scope(registry, setting))
         else:
+            shown = ",".join(f"{v:g}" for v in setting.default) if isinstance(setting.default, tuple) \
+                else setting.default
             parser.add_argument(flag(setting), dest=setting.name, type=_converter(setting), default=None,
-                                metavar=setting.name.upper(), help=help_text)
+                                metavar=setting.name.upper(),
+                                help=setting.help + ("" if shown is None else f" (default {shown})")
+                                + _scope(registry, setting))
 
 
 def add_sweep_flags(parser, registry):

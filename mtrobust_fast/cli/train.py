@@ -10,6 +10,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.auxiliary import AUXILIARY
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
+from mtrobust_fast.cli.settings import add_setting_flags
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
     ADVERSARIAL,
@@ -26,6 +27,7 @@ from mtrobust_fast.training.config import (
 )
 from mtrobust_fast.training.augment import AUGMENTS
 from mtrobust_fast.training.gat import ROUTINGS
+from mtrobust_fast.training.adversarial import OBJECTIVES
 from mtrobust_fast.training.runner import train
 from mtrobust_fast.weighting import WEIGHTINGS
 
@@ -96,10 +98,7 @@ def add_arguments(parser):
                      help="step size (default: 2.5*eps/steps for PGD, 1.25*eps for fgsm_rs, eps for free)")
     adv.add_argument("--steps", type=int, default=_default("steps"),
                      help="PGD steps of the inner attack (default %(default)s)")
-    adv.add_argument("--beta", type=float, default=_default("beta"), help="trades: weight of the divergence "
-                     "(default %(default)s)")
-    adv.add_argument("--replays", type=int, default=_default("replays"),
-                     help="free: updates per batch (default %(default)s)")
+    add_setting_flags(adv, OBJECTIVES)  # each objective's declared settings (trades: --beta, free: --replays)
     adv.add_argument("--attack-mode", choices=MODEL_MODES, default=_default("attack_mode"),
                      help="model mode during the inner attack: eval, or train with BatchNorm statistics frozen "
                           "(default %(default)s)")
@@ -115,10 +114,7 @@ def add_arguments(parser):
                      help="shared: the transformed batch replaces every head's input (the GAT code); separate: "
                           "the main head sees the original images, each auxiliary head its own copy "
                           "(default %(default)s)")
-    gat.add_argument("--jigsaw-permutations", type=int, default=_default("jigsaw_permutations"),
-                     help="jigsaw: number of tile orders (classes), stored with the checkpoint (default %(default)s)")
-    gat.add_argument("--jigsaw-grid", type=int, default=_default("jigsaw_grid"),
-                     help="jigsaw: tiles per side (default %(default)s)")
+    add_setting_flags(gat, AUXILIARY)  # each auxiliary task's declared settings (--jigsaw-permutations, ...)
     adv.add_argument("--curvature", choices=CURVATURE, default=_default("curvature"),
                      help="gradient-curvature regulariser: xi = (1 - cos^2(g1, g2)) |g1 - g2|^2 / |g1 + g2|^2 between "
                           "the input gradients of two tasks, its batch mean added as one more loss. xi: its exact gradient "

@@ -7,6 +7,7 @@ declare is an error naming the option and the readers that have it. ``priority``
 that matches several layouts is read by the first).
 """
 import importlib
+import pkgutil
 
 from mtrobust_fast.registry import Registry, Setting, boolean, text
 
@@ -16,16 +17,18 @@ DOMAIN = Setting("domain", boolean, False, help="also read the coarse (domain) l
 DEPTH = Setting("depth", boolean, False, help="also read the depth maps")
 FINDINGS = Setting("findings", text, None, help="chest X-ray findings to choose from")
 
-# The modules that define readers; imported on first use so that `import mtrobust_fast.data` stays light.
-_MODULES = ("mtrobust_fast.data.classification", "mtrobust_fast.data.chest")
 
 # What each option is called where users set it (a training config field).
 _WHERE = {"domain": "domain_labels", "depth": "aux", "findings": "findings"}
 
 
 def _load():
-    for module in _MODULES:
-        importlib.import_module(module)
+    """Import every module of the data package once, so that each reader defined there has registered (on first
+    use, so that `import mtrobust_fast.data` stays light): a new reader is one new file."""
+    import mtrobust_fast.data as package
+
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
 
 
 def find(root):

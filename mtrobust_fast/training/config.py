@@ -1,8 +1,8 @@
 """What a training run is: one plain dataclass (recorded in every checkpoint) and the step LR schedule."""
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any, Optional
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
@@ -57,14 +57,16 @@ def lr_at(schedule, epoch):
 
 
 @dataclass
-class TrainConfig:
+class _TrainConfig:
     """Every choice of a training run (the ``mtrobust-fast train`` flags), recorded in every checkpoint.
 
     ``tasks``: Taskonomy task letters (default sdnE); None on classification data (the model has one "class"
     head). ``size``: None means the images' own size (the first training image's side).
     ``adversarial``: "none" or an objective of :mod:`mtrobust_fast.training.adversarial`, with its inner
-    attack (``attack_tasks``, ``norm``, ``eps``, ``alpha``, ``steps``, ``attack_mode``), ``beta`` (trades) and
-    ``replays`` (free). ``robust_val``: validation images attacked (PGD-``robust_val_steps``) every epoch; None
+    attack (``attack_tasks``, ``norm``, ``eps``, ``alpha``, ``steps``, ``attack_mode``). The settings the
+    objectives and auxiliary tasks declare (``beta`` of trades, ``replays`` of free, ``jigsaw_permutations``,
+    ``jigsaw_grid``, ...) are fields too, added from their declarations (None: the declared default), so a new
+    component's setting is a field with no change here. ``robust_val``: validation images attacked (PGD-``robust_val_steps``) every epoch; None
     means 64 when training adversarially, else 0. ``select``: which validation score picks ``best.pt``.
     """
 
@@ -107,14 +109,10 @@ class TrainConfig:
     eps: float = 8 / 255
     alpha: Optional[float] = None
     steps: int = 10
-    beta: float = 6.0
-    replays: int = 4
     attack_mode: str = "eval"
     aux: Optional[str] = None
     domain_labels: bool = False
     aux_routing: str = "shared"
-    jigsaw_permutations: int = 4
-    jigsaw_grid: int = 2
     curvature: str = "none"
     curvature_tasks: Optional[str] = None
     curvature_weight: float = 1.0
@@ -124,6 +122,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name, setting in COMPONENT_SETTINGS.items():  # errors name the setting
+            value = getattr(self, name)
+            setattr(self, name, setting.default if value is None else setting.parse(value))
         if self.tasks is not None:
             self.tasks = task_registry.task_string(self.tasks)
         self.encoder = canonical_encoder_name(self.encoder)
@@ -145,7 +146,7 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
-        for name in ("epochs", "batch_size", "steps", "replays", "robust_val_steps"):
+        for name in ("epochs", "batch_size", "steps", "robust_val_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("size", "val_batch_size", "limit_train", "limit_val"):
@@ -186,8 +187,6 @@ class TrainConfig:
             raise ValueError(f"curvature must be one of {CURVATURE}, got {self.curvature!r}")
         if not -math.inf < self.curvature_weight < math.inf:
             raise ValueError(f"curvature_weight must be finite, got {self.curvature_weight}")
-        if not 0 <= self.beta < math.inf:
-            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
         if self.robust_val is not None and self.robust_val < 0:
             raise ValueError(f"robust_val must be >= 0, got {self.robust_val}")
         if self.select == "robust" and self.robust_images == 0:
@@ -255,10 +254,18 @@ class TrainConfig:
         return asdict(self)
 
 
+# The settings the training components declare (objectives, auxiliary tasks), by name.
+COMPONENT_SETTINGS = {**OBJECTIVES.settings(), **AUXILIARY.settings()}
+if set(COMPONENT_SETTINGS) & {f.name for f in fields(_TrainConfig)}:
+    raise TypeError(f"declared settings {set(COMPONENT_SETTINGS) & {f.name for f in fields(_TrainConfig)}} clash "
+                    f"with training config fields")
+TrainConfig = make_dataclass("TrainConfig", [(name, Any, field(default=None)) for name in COMPONENT_SETTINGS],
+                             bases=(_TrainConfig,))
+TrainConfig.__module__, TrainConfig.__doc__ = __name__, _TrainConfig.__doc__
+
 # Settings that must not change when a run is resumed (the rest — epochs, workers, progress … — may).
 RESUME_FIXED = ("tasks", "encoder", "size", "data_subset", "optim", "weights", "weighting", "main", "seed", "batch_size", "class_loss",
                 "segment_loss", "findings", "augment",
-                "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "beta", "replays", "attack_mode",
-                "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing", "jigsaw_permutations",
-                "jigsaw_grid",
-                "select")
+                "adversarial", "attack_tasks", "norm", "eps", "alpha", "steps", "attack_mode",
+                "curvature", "curvature_tasks", "curvature_weight", "aux", "domain_labels", "aux_routing",
+                "select") + tuple(COMPONENT_SETTINGS)
