@@ -103,4 +103,12 @@ TORCH_LIBRARY(mtrobust_fast, m) {
 
 // `import mtrobust_fast._C` loads this library, which registers the operators above.
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  // The Python wrapper reads the kernels' limit from here instead of keeping a copy of it.
+  if (module != nullptr && PyModule_AddIntConstant(module, "MAX_TASKS", mtr::kMaxTasks) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

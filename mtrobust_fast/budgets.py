@@ -23,16 +23,19 @@ def budget(value, name="eps"):
     return result
 
 
-def to_pixels(value, units=1, name="eps"):
-    """A budget in [0, 1] pixel units: divided by 255 when ``units`` is 255 (grey levels), else refused above 1
-    (images are in [0, 1], so 8 is almost surely meant as 8/255)."""
+def to_pixels(value, units=1, name="eps", hint="give it in grey levels (units of 255)"):
+    """A budget in [0, 1] pixel units: ``value`` divided by 255 when ``units`` is 255 (grey levels). Either way
+    the result must be at most 1 (images are in [0, 1]: 8 in pixel units is almost surely meant as 8/255; 300
+    grey levels is no budget). ``hint``: how the caller's user gives grey levels (a flag, a key)."""
     if units not in UNITS:
         raise ValueError(f"eps_units must be 1 or 255, got {units!r}")
     if units == 255:
+        if value > 255:
+            raise ValueError(f"{name}: {value:g} grey levels is more than the whole range of 255 (images are in "
+                             f"[0, 1])")
         return value / 255
     if value > 1:
-        raise ValueError(f"{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or use "
-                         f"units of 255")
+        raise ValueError(f"{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or {hint}")
     return value
 
 

@@ -240,3 +240,24 @@ def test_a_reader_registered_in_one_file_is_detected_and_opened(tmp_path):
             open_classification(tmp_path, "val", domain=True)
     finally:
         READERS.unregister("toy")
+
+
+def test_one_budget_rule_for_every_front_end():
+    """A budget is refused above 1 pixel unit whichever units it was given in (the attack and sweep commands
+    accepted 300 grey levels, eps = 1.18, which training refused)."""
+    from mtrobust_fast import budgets
+
+    assert budgets.to_pixels(8, 255) == pytest.approx(8 / 255) and budgets.to_pixels(0.5) == 0.5
+    with pytest.raises(ValueError, match="300 grey levels is more than the whole range"):
+        budgets.to_pixels(300, 255)
+    with pytest.raises(ValueError, match="eps: 8 is above 1"):
+        budgets.to_pixels(8)
+
+
+def test_grey_levels_above_the_range_are_refused_by_attack_and_sweep(setup, tmp_path, capsys):
+    root, data, checkpoint = setup
+    common = ["--data", str(data), "--checkpoint", str(checkpoint), "--eps-units", "255", "--eps", "300"]
+    assert cli_main(["attack", *common, "--limit", "1"]) == 2
+    assert "--eps: 300 grey levels is more than the whole range" in capsys.readouterr().err
+    assert cli_main(["sweep", "--out", str(tmp_path), *common]) == 2
+    assert "eps[0]: 300 grey levels" in capsys.readouterr().err

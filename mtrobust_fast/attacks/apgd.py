@@ -9,7 +9,6 @@ import torch
 from mtrobust_fast.attacks.base import ATTACKS, DENSE_LOSS, STEPS, Attack
 from mtrobust_fast.classification import targeted_dlr
 
-_project_ = torch.ops.mtrobust_fast.project_
 
 
 def checkpoints(steps):
@@ -113,7 +112,7 @@ class APGD(Attack):
             self._step(z, rows, grad.unsqueeze(0), alpha=eta)
             if k > 0:  # x_{k+1} = P(0.75·z + 0.5·x_k − 0.25·x_{k−1}); x_prev becomes x_k
                 z.mul_(0.75).add_(x, alpha=0.5).sub_(x_prev, alpha=0.25)
-                _project_(z, rows.x0, rows.eps, self.norm, self.lo, self.hi)
+                self._project(z, rows)
             x_prev, x = x, z
             if k + 1 < self.steps:
                 loss, _, grad = self._objective_and_grad(x, rows)

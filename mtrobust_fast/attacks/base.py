@@ -34,7 +34,6 @@ DENSE_LOSS = Setting("dense_loss", text, None, choices=dense.LOSSES, sweep="grid
                           "cospgd, masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, "
                           "cospgd for cospgd, task otherwise)")
 
-_fused = torch.ops.mtrobust_fast
 _NOISE_KINDS = {"rand": 0, "randn": 1}
 
 
@@ -52,13 +51,13 @@ def _check_budget(name, value):
     return budgets.budget(value, name)
 
 
-def _row_budget(name, value, block, repeats, device, dtype):
-    """The per-row tensor of a budget for `repeats` blocks of `block` samples."""
-    if isinstance(value, float):
-        return torch.full((block * repeats,), value, dtype=dtype, device=device)
-    if value.numel() != block:
-        raise ValueError(f"{name} has {value.numel()} values but the batch has {block} samples")
-    return value.to(device=device, dtype=dtype).repeat(repeats)
+def _row_budget(name, value, block, repeats, x0):
+    """The per-row tensor of a budget for `repeats` blocks of `block` samples, in the fused op's form."""
+    if not isinstance(value, float):
+        if value.numel() != block:
+            raise ValueError(f"{name} has {value.numel()} values but the batch has {block} samples")
+        value = value.to(device=x0.device).repeat(repeats)
+    return ops.row_values(name, value, x0)
 
 
 def _check_count(name, value):
@@ -155,9 +154,7 @@ class Attack(abc.ABC):
         self.steps = _check_count("steps", steps)
         self.alpha = _check_budget("alpha", self.default_alpha(self.eps, self.steps) if alpha is None else alpha)
         self.restarts = _check_count("restarts", restarts)
-        if not isinstance(norm, str) or norm.lower() not in ops.NORMS:
-            raise ValueError(f"norm must be one of {ops.NORMS}, got {norm!r}")
-        self.norm = norm.lower()
+        self.norm = ops.check_norm(norm)
         self.random_start = self.default_random_start if random_start is None else bool(random_start)
         self.target_tasks = self.task_names(target_tasks) if target_tasks is not None else [s.name for s in self.specs]
         self.seed = int(seed)
@@ -166,9 +163,7 @@ class Attack(abc.ABC):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.autocast = autocast
         self.channels_last = bool(channels_last)
-        if not lo < hi:
-            raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
-        self.lo, self.hi = float(lo), float(hi)
+        self.lo, self.hi = ops.check_bounds(lo, hi)
         self.record_steps = bool(record_steps)
         if model_mode not in MODEL_MODES:
             raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
@@ -348,10 +343,14 @@ class Attack(abc.ABC):
 
     def _step(self, x, rows, grads, alpha=None, task_weights=None, normalize_task_grads=False):
         """In-place fused update of x (grads [T, R, ...], optional per-row step sizes and task weights [R, T]);
-        the arguments were checked when the attack started, so the registered operator is called directly."""
-        _fused.attack_step_(x, rows.x0, grads, task_weights, rows.eps, rows.alpha if alpha is None else alpha,
-                            self.norm, normalize_task_grads, self.lo, self.hi)
-        return x
+        the arguments were brought to the op's form when the attack started, so the prepared path is taken."""
+        return ops.attack_step_prepared_(x, rows.x0, grads, task_weights, rows.eps,
+                                         rows.alpha if alpha is None else alpha, self.norm, normalize_task_grads,
+                                         self.lo, self.hi)
+
+    def _project(self, x, rows):
+        """In place: x projected onto the rows' balls and the input box (the prepared path, as :meth:`_step`)."""
+        return ops.project_prepared_(x, rows.x0, rows.eps, self.norm, self.lo, self.hi)
 
     # ---- internals ----
 
@@ -445,7 +444,7 @@ class Attack(abc.ABC):
             radius = self._noise((x0.shape[0], 1), ids, restart, x0.device, "rand") ** (1.0 / direction.shape[1])
             delta = (direction * radius * eps[:, None]).view(x0.shape)
         x += delta.to(x.dtype)
-        _fused.project_(x, x0, eps, self.norm, self.lo, self.hi)
+        ops.project_prepared_(x, x0, eps, self.norm, self.lo, self.hi)
         return x
 
     def _attack(self, x, targets, masks, attacked_sets, ids):
@@ -463,11 +462,10 @@ class Attack(abc.ABC):
             blocks = [k for k, group in enumerate(attacked_sets) if n in group]
             task_rows[n] = None if len(blocks) == len(attacked_sets) else torch.cat(
                 [torch.arange(k * block, (k + 1) * block) for k in blocks]).to(x0.device)
-        opmath = torch.float64 if x0.dtype == torch.float64 else torch.float32
         repeats = len(attacked_sets)
         rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
-                    _row_budget("eps", self.eps, block, repeats, x0.device, opmath),
-                    _row_budget("alpha", self.alpha, block, repeats, x0.device, opmath), ids, task_rows)
+                    _row_budget("eps", self.eps, block, repeats, x0),
+                    _row_budget("alpha", self.alpha, block, repeats, x0), ids, task_rows)
         with self._model_mode(), torch.enable_grad():  # input gradients even when called under no_grad
             best_x, best_loss = None, None
             for restart in range(self.restarts):

@@ -21,9 +21,9 @@ eps-ball and the box with the fused projection.
 """
 import torch
 
+from mtrobust_fast import ops
 from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 
-_project_ = torch.ops.mtrobust_fast.project_
 BACKTRACK = 0.9
 OVERSHOOT = 1.05
 ALPHA_MAX = 0.1
@@ -133,7 +133,7 @@ class FAB(Attack):
                 best_norm[index[better]] = norm[better]
         inside = best_norm <= eps * (1 + 1e-6)
         result = torch.where(inside.view(-1, *([1] * (x0.dim() - 1))), best, x0)
-        _project_(result, x0, rows.eps, self.norm, self.lo, self.hi)
+        ops.project_prepared_(result, x0, rows.eps, self.norm, self.lo, self.hi)
         return result
 
     def _random_start(self, x0, best_norm, eps, gen):

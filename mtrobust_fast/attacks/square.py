@@ -15,7 +15,6 @@ import torch
 
 from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 
-_project_ = torch.ops.mtrobust_fast.project_
 # Fractions of the 10 000-query schedule at which the square's area p halves (the paper's schedule).
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -96,7 +95,7 @@ class Square(Attack):
     def _optimize(self, x, rows):
         """The random search (``x`` is the clean batch: square has no random start)."""
         adv = self._linf_search(rows) if self.norm == "linf" else self._l2_search(rows)
-        _project_(adv, rows.x0, rows.eps, self.norm, self.lo, self.hi)
+        self._project(adv, rows)
         return adv
 
     def _linf_search(self, rows):

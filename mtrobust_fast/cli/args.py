@@ -47,17 +47,12 @@ def add_budget_units(parser):
 
 
 def pixel_budgets(args, names=("eps", "alpha")):
-    """Bring ``args``' budgets to [0, 1] pixel units in place: divide by 255 under ``--eps-units 255``; otherwise
-    refuse a budget above 1 (images are in [0, 1], so ``--eps 8`` is almost surely meant as 8/255)."""
+    """Bring ``args``' budgets to [0, 1] pixel units in place (:func:`mtrobust_fast.budgets.to_pixels`: divided
+    by 255 under ``--eps-units 255``, refused above 1 either way)."""
     for name in names:
         value = getattr(args, name, None)
-        if value is None:
-            continue
-        if args.eps_units == 255:
-            setattr(args, name, value / 255)
-        elif value > 1:
-            raise ValueError(f"--{name}: {value:g} is above 1, but images are in [0, 1]: give {value:g}/255, or "
-                             f"add --eps-units 255")
+        if value is not None:
+            setattr(args, name, budgets.to_pixels(value, args.eps_units, f"--{name}", "add --eps-units 255"))
 
 
 def run_reporting(command, action, expected=(ValueError, FileNotFoundError, FileExistsError), flags=None):

@@ -8,19 +8,23 @@ projects onto the per-row ``eps`` ball around ``x0`` and clamps to ``[lo, hi]``.
 ``torch.compile`` and CUDA graphs. ``mtrobust_fast.ops.reference`` is the plain-PyTorch oracle.
 
 Arguments are checked here on the host, without a device synchronisation: a per-row ``eps``/``alpha``
-tensor that lives on a CUDA device is checked asynchronously (``torch._assert_async``).
+tensor that lives on a CUDA device is checked asynchronously (``torch._assert_async``). This module owns the
+rules: an attack brings its arguments to the operator's form once when it starts (:func:`check_norm`,
+:func:`check_bounds`, :func:`row_values`) and then steps through :func:`attack_step_prepared_` and
+:func:`project_prepared_`, which skip the checks in the hot loop.
 """
 import math
 import numbers
 
 import torch
 
-from mtrobust_fast import _C  # noqa: F401  (loads the library that registers the operators)
+from mtrobust_fast import _C  # loads the library that registers the operators
 
-__all__ = ["attack_step", "attack_step_", "project", "project_", "NORMS"]
+__all__ = ["attack_step", "attack_step_", "project", "project_", "NORMS", "MAX_TASKS", "check_norm", "check_bounds",
+           "row_values", "attack_step_prepared_", "project_prepared_"]
 
 NORMS = ("linf", "l2")
-MAX_TASKS = 64  # csrc/attack_step_math.h: kMaxTasks
+MAX_TASKS = _C.MAX_TASKS  # the kernels' limit on tasks per call (kMaxTasks in csrc/attack_step_math.h)
 _ops = torch.ops.mtrobust_fast
 
 
@@ -55,21 +59,24 @@ def _check_x(x, x0):
         raise ValueError(f"x0 has shape {tuple(x0.shape)} but x has shape {tuple(x.shape)}")
 
 
-def _check_norm(norm):
+def check_norm(norm):
+    """``norm`` lower-cased, one of ``NORMS``."""
     if not isinstance(norm, str) or norm.lower() not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return norm.lower()
 
 
-def _check_bounds(lo, hi):
+def check_bounds(lo, hi):
+    """(lo, hi) as floats, lo <= hi and neither NaN."""
     lo, hi = float(lo), float(hi)
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"lo must be <= hi (and not NaN), got lo={lo}, hi={hi}")
     return lo, hi
 
 
-def _row_parameter(name, value, x):
-    """eps/alpha as a [B] tensor in the opmath dtype on x's device; a float is broadcast to every row."""
+def row_values(name, value, x):
+    """eps/alpha as a [B] tensor in the opmath dtype on x's device; a float is broadcast to every row; every value
+    finite and >= 0."""
     batch = x.shape[0]
     dtype = _opmath(x.dtype)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -124,9 +131,9 @@ def _task_grads(grads, weights, x):
 def _step_args(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi):
     _check_x(x, x0)
     grads = _task_grads(grads, weights, x)
-    lo, hi = _check_bounds(lo, hi)
-    return (x, x0, grads, weights, _row_parameter("eps", eps, x), _row_parameter("alpha", alpha, x),
-            _check_norm(norm), bool(normalize_task_grads), lo, hi)
+    lo, hi = check_bounds(lo, hi)
+    return (x, x0, grads, weights, row_values("eps", eps, x), row_values("alpha", alpha, x),
+            check_norm(norm), bool(normalize_task_grads), lo, hi)
 
 
 def attack_step(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normalize_task_grads=False,
@@ -158,8 +165,8 @@ def attack_step_(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normali
 
 def _project_args(x, x0, eps, norm, lo, hi):
     _check_x(x, x0)
-    lo, hi = _check_bounds(lo, hi)
-    return x, x0, _row_parameter("eps", eps, x), _check_norm(norm), lo, hi
+    lo, hi = check_bounds(lo, hi)
+    return x, x0, row_values("eps", eps, x), check_norm(norm), lo, hi
 
 
 def project(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
@@ -171,6 +178,20 @@ def project(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
 def project_(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
     """In-place form of :func:`project`: updates and returns ``x``."""
     _ops.project_(*_project_args(x, x0, eps, norm, lo, hi))
+    return x
+
+
+def attack_step_prepared_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi):
+    """:func:`attack_step_` on arguments already in the operator's form (``grads`` ``[T, B, *S]``, ``eps`` and
+    ``alpha`` from :func:`row_values`, ``norm`` from :func:`check_norm`, bounds from :func:`check_bounds`),
+    without checking them again: the hot loop of an attack that checked them when it started."""
+    _ops.attack_step_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi)
+    return x
+
+
+def project_prepared_(x, x0, eps, norm, lo, hi):
+    """:func:`project_` on arguments already in the operator's form (see :func:`attack_step_prepared_`)."""
+    _ops.project_(x, x0, eps, norm, lo, hi)
     return x
 
 

@@ -215,11 +215,12 @@ def check(settings):
         else:
             out[key] = _value(key, kind, value)
     for key in ("eps", "alpha"):  # budgets in [0, 1] pixels, or grey levels under eps_units: 255
-        for i, value in enumerate(out[key]):
-            if value is not None and out["eps_units"] == 1 and value > 1:
-                raise PlanError(f"{key}[{i}]: {value:g} is above 1, but images are in [0, 1]: write {value:g}/255, "
-                                f"or set eps_units: 255")
-        out[key] = [None if v is None else budgets.to_pixels(v, out["eps_units"], key) for v in out[key]]
+        try:
+            out[key] = [None if v is None else budgets.to_pixels(v, out["eps_units"], f"{key}[{i}]",
+                                                                 "set eps_units: 255")
+                        for i, v in enumerate(out[key])]
+        except ValueError as error:
+            raise PlanError(str(error)) from None
     if out["size"] is not None and out["size"] % 32:
         raise PlanError(f"size: must be a multiple of 32 (the encoders' stride), got {out['size']}")
     if out["data"] is None:
