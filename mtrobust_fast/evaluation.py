@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from mtrobust_fast import metrics
+from mtrobust_fast import metrics, task_names
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import build_attack, dense
 from mtrobust_fast.data import open_dataset
@@ -35,26 +35,17 @@ def task_letters(names):
 
 
 def resolve_sets(sets, model_tasks, where="the model"):
-    """Attacked sets as tuples of task names in the model's order. Each set is "all", registry letters ("sd"), or
-    a sequence of task names; every task must be one of ``model_tasks``."""
+    """Attacked sets as tuples of task names in the model's order. Each set is "all", or what
+    :func:`~mtrobust_fast.task_names.model_tasks` reads (a head name, registry letters such as "sd", a sequence of
+    task names); every task must be one of ``model_tasks``."""
     resolved = []
     for item in sets:
-        if item == "all":
-            names = list(model_tasks)
-        elif isinstance(item, str) and item in model_tasks:
-            names = [item]
-        elif isinstance(item, str):
-            try:
-                names = [t.name for t in task_registry.resolve(item)]
-            except ValueError as error:
-                raise SettingError("sets", str(error)) from None
-        else:
-            names = list(item)
-        missing = [name for name in names if name not in model_tasks]
-        if missing:
-            raise SettingError("sets", f"{where} has tasks {task_letters(model_tasks)}; it has no "
-                                       f"{', '.join(missing)} ({metrics.set_label(missing)}) to attack")
-        chosen = tuple(name for name in model_tasks if name in names)
+        try:
+            chosen = tuple(model_tasks if item == "all" else task_names.model_tasks(item, model_tasks, "sets"))
+        except task_names.TaskNotInModel as error:
+            raise SettingError("sets", f"{where} has tasks {task_letters(model_tasks)}: {error.reason}") from None
+        except SettingValueError as error:
+            raise SettingError("sets", error.reason) from None
         if chosen not in resolved:
             resolved.append(chosen)
     return resolved

@@ -3,6 +3,8 @@ task sets. :mod:`mtrobust_fast.tasks` builds the full task records on it; comman
 tables (select, report) use this module alone, so they start without importing torch."""
 from types import MappingProxyType
 
+from mtrobust_fast.registry import SettingValueError
+
 CANONICAL_ORDER = "sdDnkKeEprA"
 NAMES = MappingProxyType({
     "s": "segment_semantic", "d": "depth_zbuffer", "D": "depth_euclidean", "n": "normal", "k": "keypoints2d",
@@ -53,3 +55,51 @@ def letters(spec):
             raise ValueError(f"task {NAMES[letter]!r} is given twice in {spec!r}")
         chosen.append(letter)
     return sorted(chosen, key=CANONICAL_ORDER.index)
+
+
+class TaskNotInModel(SettingValueError):
+    """A task that is not one of the model's (as opposed to text that names no task at all)."""
+
+
+def model_tasks(spec, names, what="tasks"):
+    """The tasks of a model with task (head) names ``names`` that ``spec`` names, in the model's order, each
+    once: what a user wrote turned into the model's tasks, the one rule for every front-end and the library.
+
+    ``spec``: a head name ("class", "seg"), Taskonomy letters ("sd") or a Taskonomy name, a record (anything with a
+    ``name``), comma-separated text of these ("s,d", "class,rotation"), or a list of them. A head name wins over
+    letters, so a head called "sd" is that head. ``what`` names the argument in errors."""
+    names = list(names)
+
+    def unknown(key):
+        return TaskNotInModel(what, f"{key!r} is not one of the model's tasks ({', '.join(names)}): unknown task "
+                                    f"{key!r} for this model")
+
+    if isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",")] if "," in spec else [spec.strip()]
+    elif hasattr(spec, "name"):
+        items = [spec]
+    else:
+        items = list(spec)
+    chosen = []
+    for item in items:
+        item = getattr(item, "name", item)
+        if not isinstance(item, str) or not item:
+            raise SettingValueError(what, f"expected task names or letters, got {item!r}")
+        if item in names:
+            chosen.append(item)
+            continue
+        keys = [item] if item in LETTERS or item in ALIASES else list(item)
+        for key in keys:
+            if key not in NAMES and key not in LETTERS and key not in ALIASES:
+                if len(keys) == 1:
+                    raise unknown(key)
+                raise SettingValueError(what, f"unknown task letter {key!r} in {item!r}; letters are "
+                                              f"{' '.join(CANONICAL_ORDER)} (case-sensitive), and the model's tasks "
+                                              f"are {names}")
+            name = NAMES[letter_of(key)]
+            if name not in names:
+                raise unknown(key)
+            chosen.append(name)
+    if not chosen:
+        raise SettingValueError(what, "no task given")
+    return [name for name in names if name in chosen]

@@ -82,3 +82,18 @@ def test_custom_heads_with_records_are_attacked_and_evaluated():
     batches = ((xb, {"seg": sb, "depth": db}, {}) for xb, sb, db in loader)
     summary = evaluation.evaluate(model, list(batches), atk, gradients=False)
     assert set(summary["clean"]) == {"seg", "depth"} and summary["samples"] == 2
+
+
+def test_one_rule_turns_what_a_user_wrote_into_the_models_tasks():
+    from mtrobust_fast.task_names import TaskNotInModel, model_tasks
+
+    taskonomy = ["segment_semantic", "depth_zbuffer", "normal"]
+    for spec in ("ds", "s,d", ["depth_zbuffer", "s"], [task_registry.get_task("d"), "s"], "sds"):
+        assert model_tasks(spec, taskonomy) == ["segment_semantic", "depth_zbuffer"], spec
+    heads = ["class", "rotation", "sd"]
+    assert model_tasks("class,rotation", heads) == ["class", "rotation"]
+    assert model_tasks("sd", heads) == ["sd"]  # a head name wins over letters
+    with pytest.raises(TaskNotInModel, match="'E' is not one of the model's tasks"):
+        model_tasks("sE", taskonomy, "sets")
+    with pytest.raises(ValueError, match="^sets: unknown task letter 'x' in 'sx'"):
+        model_tasks("sx", taskonomy, "sets")

@@ -15,8 +15,7 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from mtrobust_fast import budgets, ops
-from mtrobust_fast import tasks as task_registry
+from mtrobust_fast import budgets, ops, task_names
 from mtrobust_fast.attacks import dense
 from mtrobust_fast.attacks.specs import resolve_specs
 from mtrobust_fast.models.multitask import MultiTaskModel
@@ -179,19 +178,17 @@ class Attack(abc.ABC):
     # ---- public API ----
 
     def task_names(self, keys):
-        """Names of the attack's tasks given as names or registry letters; errors name an unknown task."""
+        """Names of the attack's tasks given as names or registry letters (:func:`~mtrobust_fast.task_names.
+        model_tasks`), in the order given; errors name an unknown task."""
+        known = [s.name for s in self.specs]
         if isinstance(keys, str):
-            keys = [keys] if keys in {s.name for s in self.specs} else list(keys)
-        by_name = {s.name: s.name for s in self.specs}
+            keys = [keys] if keys in known else list(keys)
         names = []
         for key in keys:
-            name = by_name.get(key)
-            if name is None and key in task_registry.BY_LETTER:
-                name = by_name.get(task_registry.BY_LETTER[key].name)
-            if name is None:
-                raise ValueError(f"unknown task {key!r}: this attack's tasks are {list(by_name)}")
-            if name not in names:
-                names.append(name)
+            try:
+                names += [n for n in task_names.model_tasks(key, known) if n not in names]
+            except ValueError:
+                raise ValueError(f"unknown task {key!r}: this attack's tasks are {known}") from None
         if not names:
             raise ValueError("the attacked task set is empty")
         return names

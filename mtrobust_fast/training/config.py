@@ -4,6 +4,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
+from mtrobust_fast import task_names
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
@@ -224,12 +225,13 @@ class _TrainConfig:
         given = parse_weights(self.weights)
         by_name = {}
         for key, weight in given.items():
-            name = key if key in names else None
-            if name is None and key in task_registry.BY_LETTER and task_registry.BY_LETTER[key].name in names:
-                name = task_registry.BY_LETTER[key].name
-            if name is None:
-                raise ValueError(f"weights: {key!r} is not one of the model's tasks {names}")
-            by_name[name] = weight
+            try:
+                found = task_names.model_tasks(key, names, "weights")
+            except ValueError as error:
+                raise ValueError(str(error)) from None
+            if len(found) != 1:
+                raise ValueError(f"weights: {key!r} names {len(found)} tasks; give one weight per task")
+            by_name[found[0]] = weight
         missing = [n for n in names if n not in by_name]
         if missing:
             raise ValueError(f"weights: give a weight for every task; missing {missing}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mtrobust_fast import auxiliary
+from mtrobust_fast import auxiliary, task_names
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data import readers
 from mtrobust_fast.data.classification import is_classification_data, open_classification
@@ -123,6 +123,14 @@ def make_loaders(config, ctx, train_set, val_set):
     return train_loader, val_loader
 
 
+def _model_tasks(spec, names, what):
+    """:func:`~mtrobust_fast.task_names.model_tasks`, its errors worded like the training config's own."""
+    try:
+        return task_names.model_tasks(spec, names, what)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
+
+
 def attacked_tasks(config, model):
     """The task names ``attack_tasks`` names: "all" (every labelled task), "main" (``main``, or the model's only
     labelled task), or task letters/names separated by commas ("s,d", "sd")."""
@@ -135,17 +143,8 @@ def attacked_tasks(config, model):
             raise ValueError(f"attack_tasks: 'main' needs --main when the model has several tasks ({names})")
         if config.main is None:
             return ["class" if "class" in names else names[0]]
-        return [config.main if config.main in names else task_registry.get_task(config.main).name]
-    chosen = []
-    for part in (p.strip() for p in text.split(",")):
-        items = [part] if part in names else list(part)
-        for item in items:
-            name = item if item in names else task_registry.get_task(item).name if item in task_registry.BY_LETTER \
-                else None
-            if name not in names:
-                raise ValueError(f"attack_tasks: {item!r} is not one of the model's tasks {names}")
-            chosen.append(name)
-    return [n for n in names if n in chosen]
+        return _model_tasks(config.main, names, "main")
+    return _model_tasks(text, names, "attack_tasks")
 
 
 def make_objective_for(config, model, losses):
@@ -172,9 +171,9 @@ def curvature_tasks(config, model):
     names = model.task_names
     if config.curvature_tasks:
         chosen = [part.strip() for part in config.curvature_tasks.split(",") if part.strip()]
-        chosen = [c if c in names else task_registry.get_task(c).name for c in chosen]
+        chosen = [_model_tasks(c, names, "curvature_tasks")[0] for c in chosen]
     else:
-        main = names[0] if config.main is None else task_registry.get_task(config.main).name
+        main = names[0] if config.main is None else _model_tasks(config.main, names, "main")[0]
         chosen = [main] + [n for n in names if n != main][:1]
     if len(chosen) != 2:
         raise ValueError(f"curvature: needs two tasks (a main and an auxiliary one); the model has {names}")
