@@ -86,7 +86,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     per-task input-gradient statistics; ``adv_gradients``: also the per-task and joint input-gradient norms at
     every attacked set's adversarial input (one more backward per task and set). The perturbation's norms and
     SNR are always measured. ``on_batch(x, targets, masks, adv, sets)``: called with every batch and its
-    adversarial inputs ``[len(sets), B, ...]`` (e.g. :class:`mtrobust_fast.panels.PanelCollector`). ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
+    adversarial inputs ``[len(sets), B, ...]`` (e.g. :class:`mtrobust_fast.analysis.panels.PanelCollector`). ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
     step]}}`` (the attack must have been built with ``record_steps=True``). Sample ids (for deterministic
     attacks) count from ``first_id`` in loader order. The model is scored in eval mode; the attack runs in its
     own ``model_mode``; the model's mode is restored afterwards.

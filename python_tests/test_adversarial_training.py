@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from mtrobust_fast.attacks import PGD
 from mtrobust_fast.classification import ClassificationTask
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.objects import synthesize_objects
+from mtrobust_fast.data.synth.objects import synthesize_objects
 from mtrobust_fast.models import build_classifier, load_checkpoint
 from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, Trainer, make_objective
 from mtrobust_fast.weighting import StaticWeighting

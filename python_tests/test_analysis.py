@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mtrobust_fast import landscape, tasks
-from mtrobust_fast.cka import linear_cka
+from mtrobust_fast import tasks
+from mtrobust_fast.analysis import landscape
+from mtrobust_fast.analysis.cka import linear_cka
 from mtrobust_fast.cli import main as cli_main
 
 
@@ -72,7 +73,7 @@ def test_the_landscape_is_the_clean_loss_at_its_centre_and_rises_along_the_adver
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from mtrobust_fast.data.synth import synthesize
+    from mtrobust_fast.data.synth.taskonomy import synthesize
     from mtrobust_fast.models import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("analysis")

@@ -11,7 +11,7 @@ from mtrobust_fast.cli import attack as attack_cli
 from mtrobust_fast.cli import args as cli_args
 from mtrobust_fast.cli import quickstart
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import build_model, save_checkpoint
 
 SIZE = 32

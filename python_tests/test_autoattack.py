@@ -10,7 +10,7 @@ from mtrobust_fast.attacks.fab import project_onto_hyperplane
 from mtrobust_fast.attacks.square import margin, pattern, square_fraction
 from mtrobust_fast.classification import targeted_dlr
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.objects import synthesize_objects
+from mtrobust_fast.data.synth.objects import synthesize_objects
 
 
 def test_targeted_dlr_equals_the_hand_value():

@@ -49,7 +49,7 @@ def test_table_commands_start_without_torch(command):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from mtrobust_fast.data.synth import synthesize
+    from mtrobust_fast.data.synth.taskonomy import synthesize
     from mtrobust_fast.models import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("cli")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mtrobust_fast import auxiliary
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.classification import ObjectDataset
-from mtrobust_fast.data.objects import synthesize_objects
+from mtrobust_fast.data.synth.objects import synthesize_objects
 from mtrobust_fast.models import build_classifier, load_checkpoint
 from mtrobust_fast.training import AttackSettings, TaskLosses, make_objective
 from mtrobust_fast.training.gat import GAT

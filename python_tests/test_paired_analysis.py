@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mtrobust_fast import paired_analysis, report
+from mtrobust_fast.analysis import paired_analysis, report
 
 KNOWN_A = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
 KNOWN_D = np.array([0.5, -0.2, 1.3, 0.7, 2.1, -0.4, 0.9, 1.1, 0.3, 1.6])

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from mtrobust_fast import panels
+from mtrobust_fast.analysis import panels
 
 
 def test_perturbation_image_is_grey_where_nothing_changed_and_reaches_the_extremes():
@@ -35,7 +35,7 @@ def test_outputs_are_drawn_by_kind():
 
 def test_attack_writes_panels_and_logs_them(tmp_path):
     from mtrobust_fast.cli import main as cli_main
-    from mtrobust_fast.data.synth import synthesize
+    from mtrobust_fast.data.synth.taskonomy import synthesize
     from mtrobust_fast.models import build_model, save_checkpoint
 
     data = synthesize(tmp_path / "data", 8, size=32, seed=0, workers=1, progress=False)

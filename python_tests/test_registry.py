@@ -13,7 +13,7 @@ import mtrobust_fast
 from mtrobust_fast.attacks import ATTACKS, PGD
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.cli.settings import flag
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import build_model, save_checkpoint
 from mtrobust_fast.registry import Registry, Setting, SettingValueError, number
 from mtrobust_fast.sweep import plan

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtrobust_fast import report, results_table
+from mtrobust_fast.analysis import report, results_table
 from mtrobust_fast.cli import main as cli_main
 
 NAMES = {"s": "segment_semantic", "d": "depth_zbuffer", "n": "normal"}
@@ -134,7 +134,7 @@ def test_heatmap_with_missing_cells_and_rows(tmp_path):
 
 
 def test_figure_helpers_mark_lone_rows_spread_labels_and_name_columns():
-    from mtrobust_fast import report
+    from mtrobust_fast.analysis import report
 
     scaled = report._row_scaled(np.array([[1.0, 2.0, 3.0], [5.0, np.nan, np.nan], [4.0, 4.0, np.nan]]))
     assert np.allclose(scaled[0], [0, 0.5, 1]) and np.isnan(scaled[1]).all() and np.isnan(scaled[2]).all()
@@ -144,7 +144,7 @@ def test_figure_helpers_mark_lone_rows_spread_labels_and_name_columns():
 
 
 def test_small_or_tied_correlations_carry_a_caution():
-    from mtrobust_fast import selection
+    from mtrobust_fast.analysis import selection
 
     result = selection.correlate([1.0, 2.0, 2.0, 4.0], [0.1, 0.3, 0.2, 0.5])
     assert result["note"].startswith("caution: only 4 points") and "1 tied value(s)" in result["note"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mtrobust_fast import selection
+from mtrobust_fast.analysis import selection
 from mtrobust_fast.cli import main as cli_main
 
 FULL = {"s": 0.8, "d": 1.2, "D": 0.5, "n": 2.0, "E": 1.6}  # main s: rel_vuln of s on {s, aux}

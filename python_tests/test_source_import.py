@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import load_checkpoint, read_checkpoint
 
 LAYERS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}

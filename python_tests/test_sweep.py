@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import build_model, save_checkpoint
 from mtrobust_fast.sweep import plan
 from mtrobust_fast.sweep.store import Store

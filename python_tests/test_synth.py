@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mtrobust_fast import cli
-from mtrobust_fast.data import scene, synth
+from mtrobust_fast.data.synth import scene
+from mtrobust_fast.data.synth import taskonomy as synth
 
 SIZE = 64
 IMAGES = 6

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import load_checkpoint
 from mtrobust_fast.training import CleanObjective, ObjectiveOutput, TaskLosses, TrainConfig, Trainer
 from mtrobust_fast.weighting import StaticWeighting

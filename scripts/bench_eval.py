@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from mtrobust_fast import metrics
 from mtrobust_fast.attacks import AutoAttack, build_attack
-from mtrobust_fast.data import synth
-from mtrobust_fast.data.objects import synthesize_objects
+from mtrobust_fast.data.synth import taskonomy
+from mtrobust_fast.data.synth.objects import synthesize_objects
 from mtrobust_fast.evaluation import evaluate, make_loader
 from mtrobust_fast.models import load_checkpoint
 from mtrobust_fast.training import TrainConfig, train
@@ -135,8 +135,8 @@ def dense_rows(args, device):
         data = args.taskonomy_data
     else:
         data = work / "synth"
-        if not (data / synth.SPLIT_CSV).exists():
-            synth.synthesize(data, 240, size=64, seed=0, progress=False,
+        if not (data / taskonomy.SPLIT_CSV).exists():
+            taskonomy.synthesize(data, 240, size=64, seed=0, progress=False,
                              buildings=[f"synth{b:03d}" for b in range(10)])
         # The class-balanced loss keeps a briefly trained s head from predicting background everywhere (with plain
         # CE, 3 epochs here gave such a head, which neither PGD nor the ensemble moved: its row compared nothing).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mtrobust_fast.data.synth import synthesize
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import build_model, save_checkpoint
 from mtrobust_fast.sweep import plan
 from mtrobust_fast.sweep.executors import run_local, run_ray

@@ -10,22 +10,22 @@ import time
 
 from PIL import Image
 
-from mtrobust_fast.data import synth
+from mtrobust_fast.data.synth import taskonomy
 
 
 def stage_times(size, count, seed):
     """CPU ms per image for render, domain maps and PNG encoding, measured serially in this process."""
-    ids, _ = synth.plan(count)
+    ids, _ = taskonomy.plan(count)
     totals = {"render": 0.0, "domains": 0.0, "png": 0.0}
     for image_id in ids:
         start = time.process_time()
-        render = synth.render_image(image_id, size, seed)
+        render = taskonomy.render_image(image_id, size, seed)
         mid = time.process_time()
-        domains = synth.domains_of(render)
+        domains = taskonomy.domains_of(render)
         end = time.process_time()
         for array in domains.values():
             Image.fromarray(array).save(
-                io.BytesIO(), format="PNG", compress_level=synth.PNG_COMPRESS_LEVEL, compress_type=synth.PNG_COMPRESS_TYPE
+                io.BytesIO(), format="PNG", compress_level=taskonomy.PNG_COMPRESS_LEVEL, compress_type=taskonomy.PNG_COMPRESS_TYPE
             )
         totals["render"] += mid - start
         totals["domains"] += end - mid
@@ -48,7 +48,7 @@ def main():
         print("CPU ms per image (1 process): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + f", total {total:.1f}")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        synth.synthesize(out, args.images, args.size, args.seed, args.workers, progress=False)
+        taskonomy.synthesize(out, args.images, args.size, args.seed, args.workers, progress=False)
         elapsed = time.perf_counter() - start
     print(f"{args.images} images of {args.size} px, {args.workers} workers: {elapsed:.2f} s, "
           f"{args.images / elapsed:.1f} images/s (load average {os.getloadavg()[0]:.1f})")

@@ -1,6 +1,6 @@
 """``mtrobust-fast analyze cka`` and ``mtrobust-fast analyze landscape``: representation similarity between
-checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.cka`) and input-space loss landscapes
-around a batch of images (:mod:`mtrobust_fast.landscape`), each as a table, a JSON/CSV file and a figure."""
+checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.analysis.cka`) and input-space loss landscapes
+around a batch of images (:mod:`mtrobust_fast.analysis.landscape`), each as a table, a JSON/CSV file and a figure."""
 import argparse
 import csv
 import json
@@ -55,7 +55,7 @@ def add_cka_arguments(parser):
 
 def run_cka(args):
     def work():
-        from mtrobust_fast.cka import cka_from_grams, encoder_features, gram
+        from mtrobust_fast.analysis.cka import cka_from_grams, encoder_features, gram
         from mtrobust_fast.device import resolve_device
         from mtrobust_fast.evaluation import make_loader
 
@@ -118,7 +118,7 @@ def add_landscape_arguments(parser):
 
 def run_landscape(args):
     def work():
-        from mtrobust_fast import landscape
+        from mtrobust_fast.analysis import landscape
         from mtrobust_fast.device import resolve_device, to_device
         from mtrobust_fast.evaluation import make_loader, resolve_sets
 

@@ -19,7 +19,7 @@ from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, posi
 from mtrobust_fast.cli.settings import add_setting_flags, flag_names, given_settings
 from mtrobust_fast.data.taskonomy import SPLITS
 from mtrobust_fast.models import load_checkpoint, read_checkpoint
-from mtrobust_fast.panels import PanelCollector
+from mtrobust_fast.analysis.panels import PanelCollector
 
 
 def target_sets(text):

@@ -1,14 +1,15 @@
 """``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
-(:mod:`mtrobust_fast.data.synth`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.objects`)."""
+(:mod:`mtrobust_fast.data.synth.taskonomy`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.synth.objects`)."""
 from pathlib import Path
 
-from mtrobust_fast.data import objects, synth
+from mtrobust_fast.data.synth import objects
+from mtrobust_fast.data.synth import taskonomy
 
 
 def add_synth_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
     parser.add_argument("--images", required=True, type=int, help="number of images")
-    parser.add_argument("--size", type=int, default=256, help=f"image side in px, a multiple of {synth.SIZE_MULTIPLE} (default 256)")
+    parser.add_argument("--size", type=int, default=256, help=f"image side in px, a multiple of {taskonomy.SIZE_MULTIPLE} (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--buildings", nargs="+", default=None, metavar="NAME",
@@ -23,7 +24,7 @@ def add_synth_arguments(parser):
 
 def run_synth(args):
     try:
-        out = synth.synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings, args.overwrite)
+        out = taskonomy.synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings, args.overwrite)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"mtrobust-fast data synth: error: {error}")
     print(f"wrote {args.images} images ({args.size} px) to {out}")

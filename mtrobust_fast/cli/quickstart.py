@@ -24,7 +24,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli import attack as attack_cli
 from mtrobust_fast.cli.args import MAX_SEED, add_budget_units, budget, pixel_budgets, positive_int, seed, workers
-from mtrobust_fast.data import synth
+from mtrobust_fast.data.synth import taskonomy
 from mtrobust_fast.training import TrainConfig, train
 from mtrobust_fast.files import atomic_write
 from mtrobust_fast.models import read_checkpoint
@@ -217,9 +217,9 @@ def run(args):
         print(f"mtrobust-fast quickstart: error: {error}", file=sys.stderr)
         return 2
     data = args.workdir / "data"
-    if not (data / synth.SPLIT_CSV).exists():
+    if not (data / taskonomy.SPLIT_CSV).exists():
         buildings = [f"synth{b:03d}" for b in range(BUILDINGS)] if args.images >= 5 * BUILDINGS else None
-        synth.synthesize(data, args.images, size=args.size, seed=args.seed, progress=not args.no_progress,
+        taskonomy.synthesize(data, args.images, size=args.size, seed=args.seed, progress=not args.no_progress,
                          buildings=buildings)
     clean_rows, results = [], {}
     seeds = range(args.seed, args.seed + args.seeds)

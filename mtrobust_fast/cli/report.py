@@ -1,5 +1,5 @@
 """``mtrobust-fast report RESULTS --out DIR``: the figures and ``summary.md`` of a results table (see
-:mod:`mtrobust_fast.report`). Reads results tables only, so it starts without torch."""
+:mod:`mtrobust_fast.analysis.report`). Reads results tables only, so it starts without torch."""
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from mtrobust_fast import report, results_table  # matplotlib and pandas: only when the command runs
+    from mtrobust_fast.analysis import report, results_table  # matplotlib and pandas: only when the command runs
 
     try:
         paths = report.build(args.results, args.out, args.metric, args.selection, args.dpi)

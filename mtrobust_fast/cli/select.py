@@ -1,5 +1,5 @@
 """``mtrobust-fast select``: rank auxiliary tasks by cheap surrogates and correlate the surrogates with the full
-cost (see :mod:`mtrobust_fast.selection`). Reads results tables only, so it starts without torch."""
+cost (see :mod:`mtrobust_fast.analysis.selection`). Reads results tables only, so it starts without torch."""
 import argparse
 import math
 import sys
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtrobust_fast import results_table, selection, task_names
+from mtrobust_fast import task_names
+from mtrobust_fast.analysis import results_table, selection
 from mtrobust_fast.cli.args import budget
 
 

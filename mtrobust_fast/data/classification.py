@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtrobust_fast.data import objects, readers
+from mtrobust_fast.data import readers
+from mtrobust_fast.data.synth import objects
 from mtrobust_fast.data.readers import READERS
 from mtrobust_fast.data.images import read_resized
 from mtrobust_fast.tasks import get_task
@@ -164,7 +165,7 @@ def _resized(image, size):
 
 @READERS.register("objects")
 class ObjectDataset(Dataset):
-    """The synthetic object set written by :func:`mtrobust_fast.data.objects.synthesize_objects`."""
+    """The synthetic object set written by :func:`mtrobust_fast.data.synth.objects.synthesize_objects`."""
 
     priority = 0
     settings = (readers.DOMAIN, readers.DEPTH)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtrobust_fast.data import scene as sc
+from mtrobust_fast.data.synth import scene as sc
 
 # Room surface index of each wall, the yaw that turns an object's local +z (its front) into the room,
 # and the world axis running along the wall.

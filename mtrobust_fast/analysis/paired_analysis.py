@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from mtrobust_fast import results_table  # noqa: E402
+from mtrobust_fast.analysis import results_table  # noqa: E402
 
 # Factor column -> its name in figures. "model_weights" is derived from task_weights (uniform vs weighted).
 FACTORS = {"encoder": "architecture", "checkpoint_epoch": "training epochs", "eps": "ε", "norm": "norm",

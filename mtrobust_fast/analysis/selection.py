@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mtrobust_fast import results_table
+from mtrobust_fast.analysis import results_table
 from mtrobust_fast import task_names
 
 MIN_CANDIDATES = 3  # Pearson/Spearman of fewer points is ±1 or undefined: not evidence

@@ -9,7 +9,7 @@
   on sets of several sizes: one line per model through the mean over the sets of each size, every set a dot.
 - Boxplots of the metric by architecture, training epochs, ε, norm, steps, attack strategy and model task
   weighting, each with paired Wilcoxon signed-rank tests and effect sizes, and difference heatmaps of the
-  Weighted and Cyclic attack strategies against vanilla PGD (:mod:`mtrobust_fast.paired_analysis`).
+  Weighted and Cyclic attack strategies against vanilla PGD (:mod:`mtrobust_fast.analysis.paired_analysis`).
 - Surrogate vs full-cost scatter with Pearson/Spearman (Table 3), from ``mtrobust-fast select --out``.
 
 A figure whose data the table lacks is skipped with a note in the summary, so partial sweeps still report.
@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mtrobust_fast import paired_analysis, results_table, selection  # noqa: E402
 from mtrobust_fast import task_names  # noqa: E402
+from mtrobust_fast.analysis import paired_analysis, results_table, selection  # noqa: E402
 
 REQUIRED = ("model_tasks", "attacked", "task")
 # Axis and title names of the table's columns (a column without one is shown as it is).

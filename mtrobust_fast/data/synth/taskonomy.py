@@ -1,6 +1,6 @@
 """``mtrobust-fast data synth``: a synthetic Taskonomy dataset in the real encodings and omnidata layout.
 
-Each image is one ray-cast room (:mod:`mtrobust_fast.data.rooms`, :mod:`mtrobust_fast.data.scene`); every
+Each image is one ray-cast room (:mod:`mtrobust_fast.data.synth.rooms`, :mod:`mtrobust_fast.data.synth.scene`); every
 domain is derived from that single cast, so depth, normals, curvature, shading, labels, edges and keypoints
 agree with each other the way the real ones do. Files land in
 ``DIR/{domain}/taskonomy/{building}/point_{P}_view_{V}_domain_{tag}.png`` next to the split CSV
@@ -39,7 +39,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from mtrobust_fast.data import rooms, scene
+from mtrobust_fast.data.synth import rooms
+from mtrobust_fast.data.synth import scene
 
 # Folder name -> file tag (only segmentation differs), in the order files are written.
 DOMAIN_TAGS = {
@@ -305,7 +306,7 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
 
     write_split_csv(out / SPLIT_CSV, splits)
     info = {
-        "generator": "mtrobust_fast.data.synth",
+        "generator": "mtrobust_fast.data.synth.taskonomy",
         "images": images, "size": size, "seed": seed,
         "intrinsics": scene.camera_intrinsics(size).tolist(),
         "fov_degrees": scene.FOV_DEGREES,

@@ -1,7 +1,7 @@
 """``mtrobust-fast data synth-objects``: a synthetic object-classification set rendered with the scene generator.
 
 Each image shows one object of ``CLASSES`` in a random room (the building styles, materials, windows and lights
-of :mod:`mtrobust_fast.data.rooms`): the object's pose (where it stands, its yaw, the camera's azimuth,
+of :mod:`mtrobust_fast.data.synth.rooms`): the object's pose (where it stands, its yaw, the camera's azimuth,
 elevation and distance), its colours, the light and the room vary from image to image; the label is the object
 in front of the camera, and nothing else in the room is an object of a class. The same ray cast gives each
 image's depth and surface normals (GAT's depth task uses them). Images are rendered at twice the size and
@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mtrobust_fast.data import rooms, scene
-from mtrobust_fast.data.synth import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID, clear_outputs
+from mtrobust_fast.data.synth import rooms
+from mtrobust_fast.data.synth import scene
+from mtrobust_fast.data.synth.taskonomy import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID, clear_outputs
 
 FORMAT = "mtrobust-fast/objects/v1"
 META_JSON = "objects.json"

@@ -344,11 +344,6 @@ def _pixel_rect(aabb, camera, size, focal):
     return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
 
 
-def _bounding_sphere(prim):
-    lo, hi = prim.aabb()
-    return (lo + hi) / 2, float(np.linalg.norm(hi - lo) / 2)
-
-
 def _shadowed(scene, to_light, dist):
     """Which surface points the light cannot see, given their offsets to the light (3, N) and distances (N,).
 
