@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from mtrobust_fast.attacks import PGD
-from mtrobust_fast.classification import ClassificationTask
+from mtrobust_fast.tasks.classification import ClassificationTask
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth.objects import synthesize_objects
 from mtrobust_fast.models import build_classifier, load_checkpoint

@@ -8,7 +8,7 @@ import torch
 from mtrobust_fast.attacks import APGD, APGDT, FAB, PGD, AutoAttack, Square, build_attack, classification
 from mtrobust_fast.attacks.fab import project_onto_hyperplane
 from mtrobust_fast.attacks.square import margin, pattern, square_fraction
-from mtrobust_fast.classification import targeted_dlr
+from mtrobust_fast.tasks.classification import targeted_dlr
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth.objects import synthesize_objects
 
@@ -369,7 +369,7 @@ def test_classifier_attacks_skip_auxiliary_heads_and_land_where_the_whole_model_
     """On a GAT classifier (auxiliary heads beside the class head) the attack runs the encoder and the class head
     only, and lands on exactly the point a run through the whole model gives."""
     from mtrobust_fast.attacks.base import Attack
-    from mtrobust_fast.auxiliary import make_task
+    from mtrobust_fast.tasks.auxiliary import make_task
     from mtrobust_fast.models.registry import build_classifier
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from mtrobust_fast.classification import MultiLabelTask, RegressionTask, binned_auc
+from mtrobust_fast.tasks.classification import MultiLabelTask, RegressionTask, binned_auc
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.chest import AGE_SCALE, CHEXPERT_FINDINGS, ChestXrayDataset, chest_format
 from mtrobust_fast.data.classification import is_classification_data, open_classification

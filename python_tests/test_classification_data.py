@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtrobust_fast.classification import ClassificationTask, bce_one_hot
+from mtrobust_fast.tasks.classification import ClassificationTask, bce_one_hot
 from mtrobust_fast.data import open_dataset
 from mtrobust_fast.data.classification import CifarDataset, ObjectDataset, is_classification_data, read_cifar_file
 from mtrobust_fast.data.synth.objects import CLASSES, synthesize_objects

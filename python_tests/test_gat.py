@@ -9,7 +9,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mtrobust_fast import auxiliary
+from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.classification import ObjectDataset
 from mtrobust_fast.data.synth.objects import synthesize_objects

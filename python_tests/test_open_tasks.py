@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mtrobust_fast import classification, evaluation
+from mtrobust_fast import evaluation
+from mtrobust_fast.tasks import classification
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import APGD, PGD, WGD, DenseEnsemble, TaskSpec
 from mtrobust_fast.models.multitask import MultiTaskModel

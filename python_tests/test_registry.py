@@ -198,7 +198,7 @@ def test_no_module_outside_cli_imports_the_cli():
 def test_training_components_declare_their_settings_once_for_config_flags_and_resume(capsys):
     """Every setting an adversarial objective or an auxiliary task declares is a training-config field with the
     declared default and check, a `train` flag, and a setting a resume must not change."""
-    from mtrobust_fast.auxiliary import AUXILIARY
+    from mtrobust_fast.tasks.auxiliary import AUXILIARY
     from mtrobust_fast.training.adversarial import OBJECTIVES
     from mtrobust_fast.training.config import RESUME_FIXED, TrainConfig
 

@@ -6,7 +6,7 @@ import torch
 
 from mtrobust_fast.models import build_model
 from mtrobust_fast.training import CleanObjective, TaskLosses
-from mtrobust_fast import auxiliary
+from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast.models import build_classifier
 from mtrobust_fast.training.regularisers import (CurvatureRegularised, curvature_penalty, curvature_term, curvature_xi,
                                                   houdini, softmax_margin)

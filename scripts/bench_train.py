@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from mtrobust_fast import auxiliary
+from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast.models import build_classifier, build_model
 from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, make_objective
 from mtrobust_fast.training.gat import GAT

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from mtrobust_fast.attacks.base import ATTACKS, DENSE_LOSS, STEPS, Attack
-from mtrobust_fast.classification import targeted_dlr
+from mtrobust_fast.tasks.classification import targeted_dlr
 
 
 

@@ -31,7 +31,7 @@ from dataclasses import replace
 
 import torch
 
-from mtrobust_fast import classification as heads
+from mtrobust_fast.tasks import classification as heads
 from mtrobust_fast.attacks.apgd import APGD, APGDT
 from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 from mtrobust_fast.attacks.ensemble import DenseEnsemble

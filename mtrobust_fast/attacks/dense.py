@@ -31,7 +31,7 @@ LOSSES = ("task", "segpgd", "cospgd", "masked_ce", "balanced_masked_ce", "js")
 
 def _pixels(output, target, mask):
     """(float logits, labels with ignored pixels set to 0, valid [B, H, W]) of a segmentation batch."""
-    valid = task_registry._label_mask(output, target, mask)
+    valid = task_registry.label_mask(output, target, mask)
     return opmath(output), target, valid
 
 

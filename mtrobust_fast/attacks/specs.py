@@ -3,7 +3,7 @@
 Attacks work on any ``nn.Module`` whose output is a dict (keyed by task name), a tuple or a single tensor.
 A :class:`TaskSpec` says which part of the output belongs to the task and how to turn
 ``(output, target, mask)`` into one loss per sample (shape ``[B]``). Task records (Taskonomy tasks from
-:mod:`mtrobust_fast.tasks`, classification heads from :mod:`mtrobust_fast.classification`, or a model's own
+:mod:`mtrobust_fast.tasks`, classification heads from :mod:`mtrobust_fast.tasks.classification`, or a model's own
 ``task_records``) become specs automatically; :func:`classification` makes one for any classifier output.
 """
 from dataclasses import dataclass
@@ -11,9 +11,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from mtrobust_fast import classification as heads
+from mtrobust_fast.tasks import classification as heads
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.task_protocol import TaskRecord
+from mtrobust_fast.tasks.protocol import TaskRecord
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TaskSpec:
 
 
 def from_task(task):
-    """The spec of a task record (a registry task, a :class:`~mtrobust_fast.classification.ClassificationTask`, ...)
+    """The spec of a task record (a registry task, a :class:`~mtrobust_fast.tasks.classification.ClassificationTask`, ...)
     on a model whose output dict is keyed by the task's name."""
     return TaskSpec(task.name, task.loss, key=task.name, error=task.error)
 

@@ -8,7 +8,7 @@ import sys
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import MODEL_MODES
-from mtrobust_fast.auxiliary import AUXILIARY
+from mtrobust_fast.tasks.auxiliary import AUXILIARY
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
 from mtrobust_fast.cli.settings import add_setting_flags
 from mtrobust_fast.models import list_encoders

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtrobust_fast.classification import MultiLabelTask, RegressionTask
+from mtrobust_fast.tasks.classification import MultiLabelTask, RegressionTask
 from mtrobust_fast.data.images import read_resized
 from mtrobust_fast.data.readers import DOMAIN, FINDINGS, READERS
 

@@ -1,9 +1,9 @@
 """Hard-parameter-sharing multi-task model: one shared encoder, one decoder per task (keyed by task name)."""
 import torch.nn as nn
 
-from mtrobust_fast import classification
+from mtrobust_fast.tasks import classification
 from mtrobust_fast import tasks as task_registry
-from mtrobust_fast.task_protocol import TaskRecord
+from mtrobust_fast.tasks.protocol import TaskRecord
 
 # Every encoder ends at stride 32 and every decoder up-samples ×32, so inputs must be multiples of this.
 STRIDE = 32

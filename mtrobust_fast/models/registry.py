@@ -2,7 +2,7 @@
 import mtrobust_fast
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models import encoders
-from mtrobust_fast import classification
+from mtrobust_fast.tasks import classification
 from mtrobust_fast.models.decoders import ClassificationHead, DenseHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel
 
@@ -83,11 +83,11 @@ SMALL_INPUT_MAX = 64  # classifiers for images this small or smaller get the 32-
 def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", normalization=None, name="class",
                      aux=(), domain_classes=None, head=None, domain_tasks=(), input_channels=3, **kw):
     """An image classifier as a :class:`MultiTaskModel`: ``{name: logits [B, classes]}``, plus one head per
-    auxiliary task record of ``aux`` (:mod:`mtrobust_fast.auxiliary`: a linear head for rotation/jigsaw, a
+    auxiliary task record of ``aux`` (:mod:`mtrobust_fast.tasks.auxiliary`: a linear head for rotation/jigsaw, a
     dense head back to the input resolution for the autoencoder), listed in ``config["auxiliary"]``.
     ``domain_classes``: also a ``"domain"`` head for a coarser label that comes with the data (superclasses).
     ``head``: the main head's task record when it is not a single-label classifier (a
-    :class:`~mtrobust_fast.classification.MultiLabelTask`; ``classes``, ``loss`` and ``name`` then come from it).
+    :class:`~mtrobust_fast.tasks.classification.MultiLabelTask`; ``classes``, ``loss`` and ``name`` then come from it).
     ``domain_tasks``: more heads for labels that come with the data (e.g. a chest X-ray's sex and age), each a
     linear head on the pooled features, listed in ``config["domain"]``. ``input_channels``: 3, or 1 for
     grayscale images (see :meth:`MultiTaskModel.encode`).

@@ -9,7 +9,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.budgets import MAX_SEED
-from mtrobust_fast.auxiliary import AUXILIARY
+from mtrobust_fast.tasks.auxiliary import AUXILIARY
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS

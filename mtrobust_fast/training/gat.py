@@ -3,7 +3,7 @@ auxiliary heads on the shared encoder.
 
 The main task is trained by any objective over the main tasks only (``madry_mix`` as the GAT code's "MADRY",
 ``madry``, ``trades``, or clean), so the adversarial examples come from the main tasks' loss alone. Each
-auxiliary task (:mod:`mtrobust_fast.auxiliary`) makes its own inputs and labels from the batch and is trained
+auxiliary task (:mod:`mtrobust_fast.tasks.auxiliary`) makes its own inputs and labels from the batch and is trained
 on those clean inputs. Which images each head sees is ``routing``:
 
 - ``shared`` (the GAT code): the auxiliary transforms are applied in turn to the batch (rotation, then jigsaw,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mtrobust_fast import auxiliary, task_names
+from mtrobust_fast import task_names
+from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data import readers
 from mtrobust_fast.data.classification import is_classification_data, open_classification

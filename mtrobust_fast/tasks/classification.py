@@ -21,7 +21,7 @@ from mtrobust_fast.tasks import opmath
 
 # The kinds of head record a model's config can describe (``config["heads"][name]["kind"]``); each registered
 # class rebuilds itself with ``from_config(name, config)`` from what its ``to_config()`` wrote. GAT's auxiliary
-# tasks are kinds of their own registry (:data:`mtrobust_fast.auxiliary.AUXILIARY`).
+# tasks are kinds of their own registry (:data:`mtrobust_fast.tasks.auxiliary.AUXILIARY`).
 TASK_KINDS = Registry("task kind")
 
 ACCURACY_DIRECTIONS = MappingProxyType({"accuracy": True})
@@ -296,8 +296,8 @@ class RegressionTask:
 
 def task_from_config(name, config):
     """The record a ``to_config`` dict describes: a registered task kind, or an auxiliary task's
-    (:mod:`mtrobust_fast.auxiliary`)."""
-    from mtrobust_fast.auxiliary import AUXILIARY
+    (:mod:`mtrobust_fast.tasks.auxiliary`)."""
+    from mtrobust_fast.tasks.auxiliary import AUXILIARY
 
     kind = config.get("kind")
     for registry in (TASK_KINDS, AUXILIARY):

@@ -1,6 +1,6 @@
 """Self-supervised auxiliary tasks of GAT as task records: each makes its own labels from the images.
 
-Every auxiliary task is a task record of the open protocol (see :mod:`mtrobust_fast.classification`) plus
+Every auxiliary task is a task record of the open protocol (see :mod:`mtrobust_fast.tasks.classification`) plus
 ``transform(images, generator) -> (images, labels)``: the images the task's head sees and its labels.
 
 - ``rotation``: each image turned by k·90°, k in {0, 1, 2, 3}; the k of a batch are balanced (a shuffled list
@@ -25,7 +25,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from mtrobust_fast import classification
+from mtrobust_fast.tasks import classification
 from mtrobust_fast.registry import Registry, Setting, integer
 from mtrobust_fast.tasks import dense_scores, dense_stats, l1_loss
 
