@@ -103,3 +103,13 @@ def model_tasks(spec, names, what="tasks"):
     if not chosen:
         raise SettingValueError(what, "no task given")
     return [name for name in names if name in chosen]
+
+
+def set_label(names):
+    """A short label of a task set: Taskonomy letters in the given order ("sd"), else the names joined with "+"
+    (a classifier's "class", a custom model's "seg+depth")."""
+    names = list(names)  # read twice below: a generator would be spent by the first try
+    try:
+        return "".join(letter_of(name) for name in names)
+    except ValueError:
+        return "+".join(names)

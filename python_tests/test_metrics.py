@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtrobust_fast import metrics
-from mtrobust_fast.metrics import Evaluation, VulnerabilityMeter
+from mtrobust_fast.evaluation import metrics
+from mtrobust_fast.evaluation.metrics import Evaluation, VulnerabilityMeter
 from mtrobust_fast.tasks import TaskMeter
 
 D, N = "depth_zbuffer", "normal"

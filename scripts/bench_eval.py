@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mtrobust_fast import metrics
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast.attacks import AutoAttack, build_attack
 from mtrobust_fast.data.synth import taskonomy
 from mtrobust_fast.data.synth.objects import synthesize_objects

@@ -19,7 +19,7 @@ from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 from mtrobust_fast.attacks.pgd import CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
 from mtrobust_fast.attacks.wgd import WGD
-from mtrobust_fast.metrics import set_label
+from mtrobust_fast.task_names import set_label
 from mtrobust_fast.tasks import opmath
 
 MEMBERS = {"apgd": APGD, "segpgd": SegPGD, "cospgd": CosPGD, "wgd": WGD, "relative": RelativePGD}

@@ -1,6 +1,6 @@
 """``mtrobust-fast attack``: attack a checkpoint's model (a multi-task Taskonomy model or a classifier) and report, per
 attacked set and evaluated task, the clean and adversarial error, the relative and adversarial vulnerability and
-the first-order gradient terms (see :mod:`mtrobust_fast.metrics`), as a table, a CSV and a JSON file.
+the first-order gradient terms (see :mod:`mtrobust_fast.evaluation.metrics`), as a table, a CSV and a JSON file.
 
 Several attacked sets (``--target s,sd,all``) are attacked in one batch of rows (``Attack.run_subsets``), and the
 marginal vulnerability between sets that differ by one task is reported. Budgets are in [0, 1] pixel units
@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from mtrobust_fast import evaluation, metrics
+from mtrobust_fast import evaluation
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers

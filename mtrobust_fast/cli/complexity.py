@@ -4,7 +4,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from mtrobust_fast import metrics
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.cli.args import positive_int, run_reporting
 from mtrobust_fast.models import build_model, list_encoders, load_checkpoint

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mtrobust_fast import evaluation, metrics
+from mtrobust_fast import evaluation
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.cli import attack as attack_cli

@@ -3,7 +3,7 @@ import math
 import time
 
 import mtrobust_fast
-from mtrobust_fast import metrics
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.evaluation import SettingError, evaluate_checkpoint, format_value
 from mtrobust_fast.sweep.plan import cell_from_settings

@@ -12,7 +12,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from mtrobust_fast import budgets, metrics
+from mtrobust_fast import budgets
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
 from mtrobust_fast.models.checkpoint import read_checkpoint

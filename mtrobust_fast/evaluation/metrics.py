@@ -32,6 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.task_names import set_label
 from mtrobust_fast.tasks import opmath
 
 DUAL_NORMS = {"linf": "l1", "l2": "l2"}
@@ -221,15 +222,6 @@ def evaluate(outputs, targets, masks, tasks):
         errors[name] = task.error(output, target, mask)
         stats[name] = task.metric_stats(output, target, mask)
     return Evaluation(losses, errors, stats)
-
-
-def set_label(names):
-    """A short label of a task set: registry letters in the given order ("sd"), else names joined with "+"."""
-    names = list(names)  # read twice below: a generator would be spent by the first try
-    try:
-        return "".join(task_registry.get_task(name).letter for name in names)
-    except ValueError:
-        return "+".join(names)
 
 
 def _cat(chunks):

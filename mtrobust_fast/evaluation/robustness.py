@@ -3,7 +3,7 @@
 :func:`evaluate` takes a model, a loader of ``(images, targets, masks)`` batches and an attack; per batch it
 scores the clean input, optionally the clean per-task input gradients, and the adversarial input of every
 attacked set (all sets attacked in one batch of rows, ``Attack.run_subsets``), and returns the
-:class:`~mtrobust_fast.metrics.VulnerabilityMeter` summary. :func:`evaluate_checkpoint` does the same from a
+:class:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter` summary. :func:`evaluate_checkpoint` does the same from a
 checkpoint file and a data folder; ``mtrobust-fast attack``, the sweep, the quickstart and training-time
 robust validation all measure through these two functions.
 """
@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from mtrobust_fast import metrics, task_names
+from mtrobust_fast import task_names
+from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import build_attack, dense
 from mtrobust_fast.data import open_dataset
@@ -79,7 +80,7 @@ def _records(model, tasks):
 
 def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, adv_gradients=False, progress=False,
              record_steps=False, device=None, first_id=0, on_batch=None):
-    """Attack every batch of ``loader`` and return the :class:`~mtrobust_fast.metrics.VulnerabilityMeter` summary.
+    """Attack every batch of ``loader`` and return the :class:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter` summary.
 
     ``tasks``: the evaluated tasks (records or names; default the model's). ``sets``: attacked sets (tuples of
     task names; default one set, the attack's ``target_tasks``). ``gradients``: also collect the clean
