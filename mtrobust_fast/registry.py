@@ -196,9 +196,6 @@ class Registry:
     def __getitem__(self, name):
         return self.get(name)
 
-    def items(self):
-        return self._items.items()
-
     def values(self):
         return self._items.values()
 
