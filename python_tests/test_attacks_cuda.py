@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 SEG, DEPTH, NORMAL = (tasks.BY_LETTER[letter] for letter in "sdn")
 EPS = {"linf": 8 / 255, "l2": 0.5}
-DENSE = [name for name, cls in ATTACKS.items() if not cls.classifier_only]
-CLASSIFIER = [name for name, cls in ATTACKS.items() if cls.classifier_only]
+DENSE = [name for name in ATTACKS.names() if not ATTACKS.get(name).classifier_only]
+CLASSIFIER = [name for name in ATTACKS.names() if ATTACKS.get(name).classifier_only]
 RANDOMISED = {"ensemble"}  # members with random starts drawn on the device: compared by strength, not by points
 
 
