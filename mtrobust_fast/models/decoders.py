@@ -58,8 +58,14 @@ class ClassificationHead(nn.Sequential):
 
 class DenseHead(nn.Sequential):
     """A dense head back to the input resolution from an encoder of ``stride`` (a power of 2, at most 32): the
-    last log2(stride) stages of the Taskonomy decoder, then a 3×3 convolution (raw output). For classifiers'
-    auxiliary tasks (autoencoder, HOG, depth) on small-input encoders."""
+    last log2(stride) stages of the Taskonomy decoder, then a 3×3 convolution (raw output). For encoders of a
+    smaller output stride (``resnet18_cpu``) and classifiers' auxiliary tasks (autoencoder, HOG, depth) on
+    small-input encoders.
+
+    The last convolution starts at zero (every head first predicts 0 and learns from there): the He-normal init
+    of the other layers, whose spread is set by the output channels, gives a 1-3-channel output layer weights
+    ~3x a fan-in init's, and regression heads then sat at the mean prediction for hundreds of steps (a 16-image
+    normals batch: L1 0.35 after 150 Adam steps, against 0.05 with this init)."""
 
     def __init__(self, in_channels, out_channels, stride):
         stages = int(stride).bit_length() - 1
@@ -69,3 +75,4 @@ class DenseHead(nn.Sequential):
         layers.append(nn.Conv2d(channels, out_channels, 3, 1, 1))
         super().__init__(*layers)
         init_weights(self)
+        nn.init.zeros_(self[-1].weight)

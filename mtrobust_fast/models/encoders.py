@@ -1,7 +1,8 @@
 """Shared encoders of the hard-parameter-sharing models: ResNets, a wide ResNet and a small Xception.
 
-Every encoder maps a [B, 3, H, W] image (already normalised by the model) to a feature map at stride 32,
-[B, out_channels, H/32, W/32], and exposes ``out_channels`` so decoders can be built for it. There are no
+Every encoder maps a [B, 3, H, W] image (already normalised by the model) to a feature map at its ``stride``
+(32 for the paper's architectures), [B, out_channels, H/stride, W/stride], and exposes ``out_channels`` and
+``stride`` so decoders can be built for it. There are no
 classification layers (no global pooling, no fully-connected head) and no pretrained weights: the source
 trained its Taskonomy models from scratch.
 """
@@ -87,17 +88,26 @@ class ResNetEncoder(nn.Module):
     """ResNet trunk: 7×7/2 stem + 3×3/2 max-pool, then four stages at strides 4, 8, 16, 32.
 
     ``small_input``: the stem of ResNets for 32-px images (CIFAR): one 3×3 stride-1 convolution, no max-pool,
-    so the stages run at strides 1, 2, 4, 8."""
+    so the stages run at strides 1, 2, 4, 8. ``stem_stride=2``: one 3×3 stride-2 convolution, no max-pool
+    (stages at strides 2, 4, 8, 16). ``widths``: the stages' channels (ResNet's 64, 128, 256, 512; the stem
+    has the first)."""
 
-    def __init__(self, block, layers, base_width=64, small_input=False):
+    def __init__(self, block, layers, base_width=64, small_input=False, widths=(64, 128, 256, 512), stem_stride=None):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers}")
-        self.stem = nn.Sequential(conv_bn(3, 64, 3, 1), nn.ReLU(inplace=True)) if small_input else \
-            nn.Sequential(conv_bn(3, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-        self.stride = 8 if small_input else 32
-        stages, in_channels = [], 64
-        for i, (width, count) in enumerate(zip((64, 128, 256, 512), layers)):
+        if len(widths) != 4 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be four positive channel counts, got {widths}")
+        stem_stride = stem_stride or (1 if small_input else 4)
+        if stem_stride not in (1, 2, 4) or (small_input and stem_stride != 1):
+            raise ValueError(f"stem_stride must be 1, 2 or 4 (1 with small_input), got {stem_stride}")
+        stem = {1: [conv_bn(3, widths[0], 3, 1), nn.ReLU(inplace=True)],
+                2: [conv_bn(3, widths[0], 3, 2), nn.ReLU(inplace=True)],
+                4: [conv_bn(3, widths[0], 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]}[stem_stride]
+        self.stem = nn.Sequential(*stem)
+        self.stride = 8 * stem_stride
+        stages, in_channels = [], widths[0]
+        for i, (width, count) in enumerate(zip(widths, layers)):
             blocks = []
             for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -180,6 +190,16 @@ class XceptionSmallEncoder(nn.Module):
 
 @ENCODERS.register("resnet18")
 def resnet18(**kw):
+    return ResNetEncoder(BasicBlock, [2, 2, 2, 2], **kw)
+
+
+@ENCODERS.register("resnet18_cpu")
+def resnet18_cpu(**kw):
+    """ResNet-18 for CPU-scale runs on small images: a quarter of the channels (16-128) and a 3×3 stride-2
+    stem without max-pool, so the representation is at stride 16 (4×4 at 64 px, where ResNet-18's is 2×2)
+    at about ResNet-18's cost per pixel; its dense heads are the Taskonomy decoder's last four stages."""
+    kw.setdefault("widths", (16, 32, 64, 128))
+    kw.setdefault("stem_stride", 2)
     return ResNetEncoder(BasicBlock, [2, 2, 2, 2], **kw)
 
 

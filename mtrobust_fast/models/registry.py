@@ -52,7 +52,8 @@ def _weights_by_name(resolved, task_weights):
 
 
 def build_model(tasks="sdnE", encoder="resnet18", input_size=256, task_weights=None, **kw):
-    """A ``MultiTaskModel`` with the named encoder and one Taskonomy decoder per task of ``tasks``.
+    """A ``MultiTaskModel`` with the named encoder and one Taskonomy decoder per task of ``tasks`` (for an
+    encoder of a smaller output stride, the decoder's last log2(stride) stages: ``DenseHead``).
 
     ``tasks``: letters (``"sdnE"``) or a list of letters/names; decoders follow the canonical task order.
     ``input_size``: the training resolution recorded in the config (any multiple of 32 runs).
@@ -65,7 +66,9 @@ def build_model(tasks="sdnE", encoder="resnet18", input_size=256, task_weights=N
     resolved = task_registry.resolve(tasks)
     weights = _weights_by_name(resolved, task_weights)
     trunk = build_encoder(name, **kw)
-    decoders = {t.name: TaskonomyDecoder(trunk.out_channels, t.channels) for t in resolved}
+    stride = getattr(trunk, "stride", STRIDE)
+    decoders = {t.name: TaskonomyDecoder(trunk.out_channels, t.channels) if stride == STRIDE
+                else DenseHead(trunk.out_channels, t.channels, stride) for t in resolved}
     config = {
         "encoder": name,
         "encoder_kwargs": dict(kw),

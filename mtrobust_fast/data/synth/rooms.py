@@ -22,6 +22,34 @@ _SMALL_OBJECTS = {"bottle": 3, "vase": 2, "books": 3, "toaster": 1, "microwave":
 _WALL_OBJECTS = {"tv": 1, "clock": 2, "picture": 3}
 
 
+@dataclass(frozen=True)
+class ScenePreset:
+    """What a room holds and where the camera stands. Each catalogue maps an object kind to its draw weight;
+    each count is a [low, high) range of draws (a draw may find no free spot)."""
+
+    floor: dict
+    floor_count: tuple
+    small: dict
+    small_count: tuple
+    wall: dict
+    wall_count: tuple
+    room_width: tuple  # metres, [low, high) for the room's x and z sides
+    camera_distance: tuple  # metres from the fixation point, open interval
+    fixation_on_object: float  # probability that the camera looks at an object rather than a wall
+
+
+SCENE_PRESETS = {
+    # Cluttered furnished rooms: 16 object classes, many of them small at a distance (the default).
+    "rooms": ScenePreset(_FLOOR_OBJECTS, (3, 8), _SMALL_OBJECTS, (2, 7), _WALL_OBJECTS, (0, 4),
+                         (3.5, 7.0), (1.5, 5.5), 0.8),
+    # Fewer, larger objects seen from closer: 2-4 pieces of five big furniture classes (table, chair, couch,
+    # bed, refrigerator), nothing on tables or walls, a smaller room, the camera 1.2-3.2 m from an object.
+    # Objects cover a large part of each image, so small models at 64 px can learn to segment them in minutes.
+    "large": ScenePreset({"table": 1, "chair": 1, "couch": 1, "bed": 1, "fridge": 1}, (2, 5), {}, (0, 1), {}, (0, 1),
+                         (3.0, 4.5), (1.2, 3.2), 1.0),
+}
+
+
 @dataclass
 class BuildingStyle:
     wall: np.ndarray
@@ -370,15 +398,16 @@ def _windows(size, rng):
     return windows
 
 
-def sample_scene(style, rng):
-    """A furnished room in ``style`` with a light and a fixation point, drawn from ``rng``."""
-    size = np.array([rng.uniform(3.5, 7.0), rng.uniform(2.5, 3.2), rng.uniform(3.5, 7.0)])
+def sample_scene(style, rng, preset="rooms"):
+    """A furnished room in ``style`` with a light and a fixation point, drawn from ``rng`` (see ``SCENE_PRESETS``)."""
+    preset = SCENE_PRESETS[preset]
+    size = np.array([rng.uniform(*preset.room_width), rng.uniform(2.5, 3.2), rng.uniform(*preset.room_width)])
     room = sc.Room(size, _room_materials(style, rng), _windows(size, rng))
     furnish, groups = _Furnisher(rng, size), []
-    for add, catalogue, low, high in (
-        (furnish.add_floor_object, _FLOOR_OBJECTS, 3, 8),
-        (furnish.add_small_object, _SMALL_OBJECTS, 2, 7),
-        (furnish.add_wall_object, _WALL_OBJECTS, 0, 4),
+    for add, catalogue, (low, high) in (
+        (furnish.add_floor_object, preset.floor, preset.floor_count),
+        (furnish.add_small_object, preset.small, preset.small_count),
+        (furnish.add_wall_object, preset.wall, preset.wall_count),
     ):
         for _ in range(rng.integers(low, high)):
             start = len(furnish.primitives)
@@ -386,7 +415,7 @@ def sample_scene(style, rng):
             if len(furnish.primitives) > start:
                 groups.append((start, len(furnish.primitives)))
     light = furnish.light_position()
-    if furnish.primitives and rng.uniform() < 0.8:
+    if furnish.primitives and rng.uniform() < preset.fixation_on_object:
         lo, hi = furnish.primitives[rng.integers(len(furnish.primitives))].aabb()
         fixation = (lo + hi) / 2
     else:
@@ -408,15 +437,17 @@ def sample_scene(style, rng):
     )
 
 
-def sample_camera(scene, rng):
-    """A camera inside the room, outside all furniture, 1.5-5.5 m from the fixation point and looking at it."""
+def sample_camera(scene, rng, preset="rooms"):
+    """A camera inside the room, outside all furniture, at the preset's distance from the fixation point (1.5-5.5
+    m for rooms) and looking at it."""
+    near, far = SCENE_PRESETS[preset].camera_distance
     size = scene.room.size
     boxes = [p.aabb() for p in scene.primitives]
     for _ in range(100):
         position = np.array([rng.uniform(0.3, size[0] - 0.3), rng.uniform(0.9, 1.8), rng.uniform(0.3, size[2] - 0.3)])
         offset = scene.fixation - position
         dist = np.linalg.norm(offset)
-        if not 1.5 < dist < 5.5 or abs(offset[1]) > 0.8 * dist:
+        if not near < dist < far or abs(offset[1]) > 0.8 * dist:
             continue
         if any(np.all(position > lo - 0.15) and np.all(position < hi + 0.15) for lo, hi in boxes):
             continue

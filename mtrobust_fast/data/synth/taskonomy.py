@@ -238,18 +238,19 @@ def domains_of(render):
     }
 
 
-def render_image(image_id, size, seed):
-    """The render of one image: style from (seed, building), room from the point, camera from the view."""
+def render_image(image_id, size, seed, preset="rooms"):
+    """The render of one image: style from (seed, building), room from the point, camera from the view; what the
+    room holds and how far the camera stands from the preset (``rooms.SCENE_PRESETS``)."""
     b, p, v = image_id.building_index, image_id.point, image_id.view
     style = rooms.sample_style(np.random.default_rng([seed, 0, b]))
-    room = rooms.sample_scene(style, np.random.default_rng([seed, 1, b, p]))
-    camera = rooms.sample_camera(room, np.random.default_rng([seed, 2, b, p, v]))
+    room = rooms.sample_scene(style, np.random.default_rng([seed, 1, b, p]), preset)
+    camera = rooms.sample_camera(room, np.random.default_rng([seed, 2, b, p, v]), preset)
     return scene.render(room, camera, size)
 
 
 def _write_image(job):
-    out, size, seed, image_id = job
-    for domain, array in domains_of(render_image(image_id, size, seed)).items():
+    out, size, seed, preset, image_id = job
+    for domain, array in domains_of(render_image(image_id, size, seed, preset)).items():
         path = Path(out) / domain / "taskonomy" / image_id.building / image_id.filename(domain)
         Image.fromarray(array).save(path, compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_TYPE)
 
@@ -257,7 +258,9 @@ def _write_image(job):
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
-def _check_arguments(images, size, seed, workers):
+def _check_arguments(images, size, seed, workers, preset):
+    if preset not in rooms.SCENE_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(rooms.SCENE_PRESETS)}, got {preset!r}")
     if not isinstance(images, int) or images <= 0:
         raise ValueError(f"images must be a positive integer, got {images!r}")
     if not isinstance(size, int) or size <= 0 or size % SIZE_MULTIPLE:
@@ -277,9 +280,12 @@ def clear_outputs(out, names, overwrite, what="a synthetic dataset"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def synthesize(out, images, size=256, seed=0, workers=None, progress=True, buildings=None, overwrite=False):
-    """Write ``images`` synthetic Taskonomy images of ``size`` px under ``out``; returns ``out`` as a Path."""
-    _check_arguments(images, size, seed, workers)
+def synthesize(out, images, size=256, seed=0, workers=None, progress=True, buildings=None, overwrite=False,
+               preset="rooms"):
+    """Write ``images`` synthetic Taskonomy images of ``size`` px under ``out``; returns ``out`` as a Path.
+    ``preset``: a scene preset of ``rooms.SCENE_PRESETS`` ("rooms": cluttered furnished rooms; "large": fewer, larger
+    objects seen from closer), recorded in the info JSON."""
+    _check_arguments(images, size, seed, workers, preset)
     ids, splits = plan(images, buildings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +295,7 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
             (out / domain / "taskonomy" / name).mkdir(parents=True, exist_ok=True)
 
     workers = min(workers or os.cpu_count() or 1, images)
-    jobs = [(str(out), size, seed, image_id) for image_id in ids]
+    jobs = [(str(out), size, seed, preset, image_id) for image_id in ids]
     with tqdm(total=images, disable=not progress, unit="img", desc="synth") as bar:
         if workers == 1:
             for job in jobs:
@@ -307,7 +313,7 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
     write_split_csv(out / SPLIT_CSV, splits)
     info = {
         "generator": "mtrobust_fast.data.synth.taskonomy",
-        "images": images, "size": size, "seed": seed,
+        "images": images, "size": size, "seed": seed, "scene": preset,
         "intrinsics": scene.camera_intrinsics(size).tolist(),
         "fov_degrees": scene.FOV_DEGREES,
         "depth_units_per_m": DEPTH_UNITS_PER_M,
