@@ -121,50 +121,69 @@ def test_missing_checkpoint_and_data(setup, tmp_path, capsys):
 # ---- quickstart (Table 1 in miniature) ----
 
 def test_quickstart_model_sets_and_table_rows():
-    assert quickstart.model_sets("s", None) == ["s", "sd", "sD", "sn", "sE"]
-    assert quickstart.model_sets("d", "d, ds") == ["d", "sd"]
-    with pytest.raises(ValueError, match="--models: every task set must hold the main task s"):
-        quickstart.model_sets("s", "s,dn")
+    assert quickstart.main_tasks("s, n") == ["s", "n"]
+    assert quickstart.model_sets(["s", "n"], quickstart.MODELS) == ["s", "sd", "sn", "n"]
+    assert quickstart.model_sets(["d"], "d, ds") == ["d", "sd"]
+    with pytest.raises(ValueError, match="--models: every task set must hold a main task"):
+        quickstart.model_sets(["s"], "s,dn")
+    assert quickstart.attacked_sets(["s", "n"], "sn") == ["s", "n", "all"]
+    assert quickstart.attacked_sets(["s", "n"], "s") == ["s"]
 
-    def summary(tasks, clean, single, multi=None):
-        attacks = {"s": {"tasks": {"segment_semantic": {"rel_vuln": single}}}}
+    def summary(clean, single, multi=None):
+        errors = {"segment_semantic": {"error": clean}}
+        attacks = {"s": {"segment_semantic": {"error": single}}}
         if multi is not None:
-            attacks[tasks] = {"tasks": {"segment_semantic": {"rel_vuln": multi}}}
-        return {"clean": {"segment_semantic": {"error": clean}}, "attacks": attacks}
+            attacks["sd"] = {"segment_semantic": {"error": multi}}
+        return {"clean": {"segment_semantic": {"error": sum(clean) / len(clean)}},
+                "per_sample": {"clean": errors, "attacks": attacks}}
 
-    rows = quickstart.table1_rows("s", {"s": summary("s", 0.9, 0.5), "sd": summary("sd", 0.8, 0.25, 0.125)})
-    assert rows == [("∅", "0.900", "0.500", "-"), ("d", "0.800", "0.250", "0.125")]
-    two_seeds = {"s": [summary("s", 0.9, 0.5), summary("s", 0.8, 0.3)],
-                 "sd": [summary("sd", 0.8, 0.25, 0.125), summary("sd", 0.8, float("nan"), 0.375)]}
-    assert quickstart.table1_rows("s", two_seeds) == [("∅", "0.850 ± 0.050", "0.400 ± 0.100", "-"),
-                                                      ("d", "0.800 ± 0.000", "nan", "0.250 ± 0.125")]
+    clean = [0.5, 0.25, 0.5, 1.0]
+    results = {"sd": [summary(clean, [1.0, 0.5, 0.5, 1.0], [0.5, 0.25, 0.5, 1.0])],
+               "s": [summary(clean, [0.75, 0.25, 1.0, 1.0])]}
+    rows = quickstart.table1("s", results)
+    assert [r[0] for r in rows] == ["∅", "d"]  # the main task alone first
+    assert rows[0][1] == "0.562" and rows[0][2].startswith("0.375 [") and rows[0][3] == "-"
+    assert rows[1][2].startswith("0.500 [") and rows[1][3] == "0.000 [0.000, 0.000]"
+    two = quickstart.table1("s", {"s": [summary(clean, [0.75, 0.25, 1.0, 1.0]), summary(clean, clean)]})
+    assert two[0][2].startswith("0.188 [") and two[0][2].endswith("(seeds 0.188 ± 0.188)")
+    lines = quickstart.verdicts("s", results)
+    assert lines[0].startswith("claim 1, adding d to s: relative vulnerability 0.500 with d vs 0.375 alone")
+    assert lines[1].startswith("claim 2, model sd: relative vulnerability 0.000 attacking sd vs 0.500")
+    assert all("paired permutation test over 4 images, p = " in line for line in lines)
 
 
 @pytest.mark.slow
 def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
-    argv = ["quickstart", "--workdir", str(tmp_path), "--models", "s,sd", "--images", "12", "--size", "32",
-            "--epochs", "1", "--batch-size", "4", "--steps", "1", "--workers", "0", "--no-progress"]
+    argv = ["quickstart", "--workdir", str(tmp_path), "--models", "s,sd", "--main", "s", "--images", "12",
+            "--size", "32", "--epochs", "1", "--batch-size", "4", "--steps", "1", "--workers", "0", "--no-progress"]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
+    models = out[out.index("Models:"):out.index("Table 1")]
+    assert models.count("[all-background]") == 4 and models.count("[training mean]") == 2 and " vs " in models
     table = out[out.index("Table 1"):]
     assert "rel vuln single-task attack" in table and "\n∅ " in table and "\nd " in table
-    assert "mean ± half the range over 2 models per row (seeds 0-1)" in table and " ± " in table
-    assert (tmp_path / "resnet18_sd" / "attack_pgd_linf" / "results.json").exists()
-    assert (tmp_path / "resnet18_sd_seed1" / "attack_pgd_linf" / "results.json").exists()
+    assert "95 % bootstrap interval over images" in table and " [" in table and "(seeds " in table
+    assert "claim 1, adding d to s" in table and "claim 2, model sd" in table
+    assert (tmp_path / "table1.md").read_text().count("| ∅ |") == 1 and (tmp_path / "table1_s.csv").exists()
+    assert (tmp_path / "resnet18_cpu_sd" / "attack_pgd_linf" / "results.json").exists()
+    assert (tmp_path / "resnet18_cpu_sd_seed1" / "attack_pgd_linf" / "results.json").exists()
     # only what the quickstart reads stays on disk: the first seed's weights without optimiser state, no best.pt;
     # the second seed's models keep their log and attack results only
-    assert sorted(p.name for p in (tmp_path / "resnet18_sd").glob("*.pt")) == ["last.pt"]
-    assert "optimizer" not in torch.load(tmp_path / "resnet18_sd" / "last.pt", weights_only=True)["meta"]
-    assert not list((tmp_path / "resnet18_sd_seed1").glob("*.pt"))
+    assert sorted(p.name for p in (tmp_path / "resnet18_cpu_sd").glob("*.pt")) == ["last.pt"]
+    assert "optimizer" not in torch.load(tmp_path / "resnet18_cpu_sd" / "last.pt", weights_only=True)["meta"]
+    assert not list((tmp_path / "resnet18_cpu_sd_seed1").glob("*.pt"))
     assert cli_main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("reusing") == 4 and "starting a new run" not in again
-    assert again[again.index("Table 1"):].split("\nquickstart wall")[0] == table.split("\nquickstart wall")[0]
+    assert again[again.index("Table 1"):].split("\ntables written")[0] == table.split("\ntables written")[0]
     # new attack settings: the second seed's models are trained again (the same models: same seed), then attacked
     assert cli_main(argv[:-5] + ["--steps", "2", "--workers", "0", "--no-progress"]) == 0
     third = capsys.readouterr().out
     assert third.count("starting a new run") == 2 and "reusing" not in third
-    assert [r["epoch"] for r in quickstart._records(tmp_path / "resnet18_sd_seed1")] == [0, 1]
+    assert [r["epoch"] for r in quickstart._records(tmp_path / "resnet18_cpu_sd_seed1")] == [0, 1]
+    # a dataset made with other settings is refused, not silently reused
+    assert cli_main(argv[:7] + ["--images", "13"] + argv[9:]) == 2
+    assert "--workdir:" in capsys.readouterr().err
 
 
 def test_budgets_above_one_are_refused_unless_in_grey_levels(setup, tmp_path, capsys):

@@ -14,7 +14,7 @@ from mtrobust_fast.models import (
     save_checkpoint,
 )
 
-SMALL_ENCODERS = ["resnet18", "resnet50", "xception_small"]
+SMALL_ENCODERS = ["resnet18", "resnet18_cpu", "resnet50", "xception_small"]
 BIG_ENCODERS = ["resnet152", "wide_resnet50_2"]
 TASK_SETS = ["s", "dnE", "DpA"]  # every channel count (18, 1, 3, 2) appears
 
@@ -227,3 +227,31 @@ def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_pat
         truncated.write_bytes(f.read(4096))
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         load_checkpoint(truncated)
+
+
+def test_cpu_encoder_decodes_from_stride_16_and_a_trained_tiny_model_beats_its_trivial_predictor():
+    from mtrobust_fast import tasks
+    from mtrobust_fast.evaluation import baselines
+    from mtrobust_fast.models import build_model
+    from mtrobust_fast.models.decoders import DenseHead
+    torch.manual_seed(0)
+    model = build_model("sn", encoder="resnet18_cpu", input_size=32)
+    assert model.encoder.stride == 16 and all(isinstance(d, DenseHead) for d in model.decoders.values())
+    normal = tasks.get_task("n")
+    x = torch.rand(8, 3, 32, 32)
+    # a learnable target: each pixel's normal is a fixed function of its colour
+    target = torch.stack([x[:, 0] * 2 - 1, x[:, 1] - x[:, 2], x[:, 0] * x[:, 1]], 1)
+    mask = torch.ones(8, 1, 32, 32, dtype=torch.bool)
+    assert (model(x)[normal.name] == 0).all()  # the zero-initialised output layer predicts 0 at first
+    optimizer = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(60):
+        loss = normal.loss(model(x)[normal.name], target, mask).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        mse = normal.metric_scores(normal.metric_stats(model(x)[normal.name], target, mask))["mse"]
+    batch = (x, {normal.name: target}, {normal.name: mask})
+    trivial = baselines.trivial_scores([normal], [batch], [batch])[normal.name]
+    assert mse < 0.7 * trivial["mse"], (mse, trivial)

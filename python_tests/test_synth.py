@@ -285,3 +285,17 @@ def test_taskonomy_loader_reads_every_task(dataset):
             for name, target in targets.items():
                 assert torch.isfinite(target.float()).all(), name
     assert seen == IMAGES
+
+
+def test_large_preset_holds_only_big_furniture_that_covers_much_of_each_image(tmp_path):
+    out = synth.synthesize(tmp_path / "large", 12, size=32, seed=0, workers=1, progress=False, preset="large")
+    labels = np.concatenate([np.array(Image.open(p)).ravel()
+                             for p in sorted((out / "segment_semantic").rglob("*.png"))])
+    big = {scene.DINING_TABLE, scene.CHAIR, scene.COUCH, scene.BED, scene.REFRIGERATOR}
+    present = set(np.unique(labels).tolist()) - {0, scene.BACKGROUND}
+    assert present and present <= big
+    assert np.isin(labels, list(big)).mean() > 0.15  # cluttered rooms: ~0.1 spread over 16 classes
+    import json
+    assert json.loads((out / synth.INFO_JSON).read_text())["scene"] == "large"
+    with pytest.raises(ValueError, match="preset must be one of rooms, large"):
+        synth.synthesize(tmp_path / "bad", 3, size=32, progress=False, preset="tiny")

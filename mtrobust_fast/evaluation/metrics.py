@@ -32,6 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from mtrobust_fast import tasks as task_registry
+from mtrobust_fast.analysis import statistics
 from mtrobust_fast.task_names import set_label
 from mtrobust_fast.tasks import opmath
 
@@ -360,17 +361,37 @@ class VulnerabilityMeter:
         stats = self._stats.get((where, name))
         return {} if stats is None else self.records[name].metric_scores(stats.cpu())
 
-    def compute(self):
-        """The summary: a JSON-ready dict (see the module docstring for the definitions)."""
+    def compute(self, intervals=False, per_sample=False, confidence=0.95, seed=0):
+        """The summary: a JSON-ready dict (see the module docstring for the definitions).
+
+        ``intervals``: add a ``<metric>_ci`` ``[low, high]`` percentile-bootstrap interval over samples (at
+        ``confidence``) next to every per-sample mean: clean loss and error, adversarial loss and error,
+        relative and adversarial vulnerability. ``per_sample``: add ``per_sample`` ``{"clean": {task: {"error",
+        "loss"}}, "attacks": {set label: {task: {"error", "loss"}}}}`` lists in sample order, for paired
+        comparisons between models or attacks on the same samples."""
         if self._sets is None:
             raise RuntimeError("VulnerabilityMeter has seen no batch")
         clean = {kind: {t: _cat(v) for t, v in per.items()} for kind, per in self._clean.items()}
+
+        def ci(values):
+            if not intervals:
+                return {}
+            _, low, high = statistics.mean_interval(values.cpu().numpy(), confidence, seed=seed)
+            return {"ci": [low, high]}
+
+        def with_ci(name, values):
+            return {name: float(values.mean()), **{f"{name}_{k}": v for k, v in ci(values).items()}}
+
         summary = {
             "tasks": list(self.tasks), "samples": self.samples, "eps": self.eps, "dual_norm": self.q,
-            "clean": {t: {"loss": float(clean["losses"][t].mean()), "error": float(clean["errors"][t].mean()),
+            "clean": {t: {**with_ci("loss", clean["losses"][t]), **with_ci("error", clean["errors"][t]),
                           **self._scores("clean", t)} for t in self.tasks},
             "attacks": {},
         }
+        if per_sample:
+            summary["per_sample"] = {"clean": {t: {"error": clean["errors"][t].tolist(),
+                                                   "loss": clean["losses"][t].tolist()} for t in self.tasks},
+                                     "attacks": {}}
         joint_vulnerability = {}
         for attacked in self._sets:
             adv = {kind: {t: _cat(v) for t, v in per.items()} for kind, per in self._adv[attacked].items()}
@@ -378,12 +399,13 @@ class VulnerabilityMeter:
             for t in self.tasks:
                 change = relative_change(clean["errors"][t], adv["errors"][t])
                 per_task[t] = {
-                    "adv_loss": float(adv["losses"][t].mean()),
-                    "adv_error": float(adv["errors"][t].mean()),
+                    **with_ci("adv_loss", adv["losses"][t]),
+                    **with_ci("adv_error", adv["errors"][t]),
                     "rel_vuln": relative_vulnerability(clean["errors"][t], adv["errors"][t]),
+                    **{f"rel_vuln_{k}": v for k, v in ci(change).items()},
                     "rel_vuln_undefined": int(change.isnan().sum()),
                     "rel_vuln_ratio_of_means": relative_vulnerability_of_means(clean["errors"][t], adv["errors"][t]),
-                    "adv_vuln": float(adversarial_vulnerability(clean["losses"][t], adv["losses"][t]).mean()),
+                    **with_ci("adv_vuln", adversarial_vulnerability(clean["losses"][t], adv["losses"][t])),
                     **{f"adv_{k}": v for k, v in self._scores(attacked, t).items()},
                 }
             joint = adversarial_vulnerability(joint_loss(clean["losses"], attacked, self.weights),
@@ -399,6 +421,9 @@ class VulnerabilityMeter:
             if attacked in self._perturbation:
                 entry["perturbation"] = self._perturbation_summary(attacked)
             summary["attacks"][set_label(attacked)] = entry
+            if per_sample:
+                summary["per_sample"]["attacks"][set_label(attacked)] = {
+                    t: {"error": adv["errors"][t].tolist(), "loss": adv["losses"][t].tolist()} for t in self.tasks}
         summary["marginal"] = [{"base": list(p["base"]), "added": p["added"], "delta": p["delta"]}
                                for p in marginal_vulnerabilities(joint_vulnerability)]
         if self._grads["dot"]:

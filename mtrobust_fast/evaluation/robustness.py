@@ -79,7 +79,7 @@ def _records(model, tasks):
 
 
 def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, adv_gradients=False, progress=False,
-             record_steps=False, device=None, first_id=0, on_batch=None):
+             record_steps=False, device=None, first_id=0, on_batch=None, intervals=False, per_sample=False):
     """Attack every batch of ``loader`` and return the :class:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter` summary.
 
     ``tasks``: the evaluated tasks (records or names; default the model's). ``sets``: attacked sets (tuples of
@@ -90,7 +90,9 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     adversarial inputs ``[len(sets), B, ...]`` (e.g. :class:`mtrobust_fast.analysis.panels.PanelCollector`). ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
     step]}}`` (the attack must have been built with ``record_steps=True``). Sample ids (for deterministic
     attacks) count from ``first_id`` in loader order. The model is scored in eval mode; the attack runs in its
-    own ``model_mode``; the model's mode is restored afterwards.
+    own ``model_mode``; the model's mode is restored afterwards. ``intervals``, ``per_sample``: 95 % bootstrap
+    intervals over samples next to every per-sample mean, and the per-sample errors and losses (see
+    :meth:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter.compute`).
     """
     records = _records(model, tasks)
     sets = [tuple(attack.target_tasks)] if sets is None else [tuple(s) for s in sets]
@@ -132,7 +134,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
         steps.close()
     if meter.samples == 0:
         raise SettingError("data", "the loader yielded no batch to evaluate")
-    summary = meter.compute()
+    summary = meter.compute(intervals=intervals, per_sample=per_sample)
     if attack.summary_key is not None:  # a cascade or an ensemble: what each member achieved
         summary[attack.summary_key] = attack.summary()
     if record_steps:
@@ -218,7 +220,8 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
                         restarts=1, normalize_task_grads=False, sets=("all",), split="val", size=None,
                         batch_size=16, limit=None, seed=0, deterministic=False, gradients=True, adv_gradients=False,
                         workers=0, on_batch=None, surrogate=None,
-                        device="auto", progress=False, record_steps=False, dense_loss=None, options=None):
+                        device="auto", progress=False, record_steps=False, dense_loss=None, options=None,
+                        intervals=False, per_sample=False):
     """Attack a checkpoint's model over one split of ``data`` and return ``(config, summary)``.
 
     ``sets``: attacked sets, each "all", task letters or a sequence of task names; all are attacked in one batch
@@ -227,7 +230,8 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
     [...], "grid_task": "d"}`` (None values mean the attack's default). ``summary`` is :func:`evaluate`'s;
     ``config`` records every setting (each declared option of the attack as given, else the attack's own value;
     ``attack_options``: the options given that differ from their defaults, as one label), the checkpoint's epoch
-    and the wall time. Errors are :class:`SettingError` naming the argument.
+    and the wall time. ``intervals``, ``per_sample``: see :func:`evaluate`. Errors are :class:`SettingError`
+    naming the argument.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -260,7 +264,8 @@ def evaluate_checkpoint(checkpoint, data, *, attack="pgd", norm="linf", eps=8 / 
     loader = make_loader(data, model, split, size, limit, batch_size, workers)
     start = time.perf_counter()
     summary = evaluate(model, loader, atk, sets=sets, gradients=gradients, adv_gradients=adv_gradients, progress=progress,
-                       record_steps=record_steps, device=device, on_batch=on_batch)
+                       record_steps=record_steps, device=device, on_batch=on_batch, intervals=intervals,
+                       per_sample=per_sample)
     config = {
         "checkpoint": str(checkpoint), "checkpoint_epoch": meta.get("epoch"),
         "surrogate": None if surrogate is None else str(surrogate),
