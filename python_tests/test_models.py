@@ -35,7 +35,8 @@ def _check_outputs(model, task_string, size):
     for t in resolved:
         assert out[t.name].shape == (1, t.channels, size, size), t.name
         assert torch.isfinite(out[t.name]).all()
-    assert rep.shape == (1, model.encoder.out_channels, size // 32, size // 32)
+    stride = model.encoder.stride
+    assert rep.shape == (1, model.encoder.out_channels, size // stride, size // stride)
 
 
 @pytest.mark.parametrize("task_string", TASK_SETS)
