@@ -45,9 +45,10 @@ def test_attack_writes_table_csv_and_json(setup, capsys):
                    "--alpha", "2/255", "--out", str(root / "res")) == 0
     printed = capsys.readouterr().out
     assert "attacked set s:" in printed and "attacked set sd:" in printed and "rel vuln" in printed
-    assert "marginal vulnerability s + d" in printed
+    assert "marginal vulnerability s + d" in printed and "95 % bootstrap interval over images" in printed
     with open(root / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
+    assert all(float(r["adv_error_low"]) <= float(r["adv_error"]) <= float(r["adv_error_high"]) for r in rows)
     assert [(r["attacked"], r["task"]) for r in rows] == [
         ("s", "segment_semantic"), ("s", "depth_zbuffer"), ("sd", "segment_semantic"), ("sd", "depth_zbuffer")]
     assert all(r["samples"] == "3" and r["attack"] == "pgd" for r in rows)

@@ -147,6 +147,9 @@ def test_table_has_one_row_per_model_set_task_and_config(reference):
     assert set(reference["samples"]) == {2} and set(reference["model_tasks"]) == {"sdn", "sd"}
     sd = reference[(reference["attacked"] == "sd") & (reference["task"] == "depth_zbuffer")]
     assert sd["marginal_vuln"].notna().all()
+    for metric in ("clean_error", "adv_error", "adv_loss", "adv_vuln"):  # 95 % bootstrap bounds over the images
+        assert (reference[f"{metric}_low"] <= reference[metric] + 1e-12).all(), metric
+        assert (reference[metric] <= reference[f"{metric}_high"] + 1e-12).all(), metric
 
 
 def test_resume_after_kill_equals_uninterrupted_run(setup, reference, tmp_path):

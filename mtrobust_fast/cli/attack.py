@@ -103,7 +103,13 @@ def attack_dataset(args, on_batch=None):
         sets=args.target, options=given_settings(args, ATTACKS), split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
         workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch,
-        surrogate=args.surrogate)
+        surrogate=args.surrogate, intervals=True)
+
+
+def _with_ci(values, key):
+    """``values[key]``, followed by its interval ``values[key + "_ci"]`` when there is one."""
+    ci = values.get(f"{key}_ci")
+    return _fmt(values[key]) + ("" if ci is None else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]")
 
 
 def _fmt(value):
@@ -122,10 +128,10 @@ def format_report(config, summary):
              f"images, model {config['model']} ({config['encoder']})"
              + (f", transferred from {config['surrogate']}" if config.get("surrogate") else ""),
              "err/img: the per-image error averaged over images (1 - the image's own mIoU for segmentation, masked "
-             "MSE for regression, 0/1 for classification)"]
+             "MSE for regression, 0/1 for classification); [low, high]: 95 % bootstrap interval over images"]
     for label, entry in summary["attacks"].items():
-        rows = [header] + [(metrics.set_label([t]), _fmt(summary["clean"][t]["error"]), _fmt(v["adv_error"]),
-                            _fmt(v["rel_vuln"]), _fmt(v["rel_vuln_ratio_of_means"]), _fmt(v["adv_vuln"]))
+        rows = [header] + [(metrics.set_label([t]), _with_ci(summary["clean"][t], "error"), _with_ci(v, "adv_error"),
+                            _with_ci(v, "rel_vuln"), _fmt(v["rel_vuln_ratio_of_means"]), _with_ci(v, "adv_vuln"))
                            for t, v in entry["tasks"].items()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_fmt(entry['joint_adv_vuln'])}"

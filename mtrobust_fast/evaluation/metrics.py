@@ -450,14 +450,26 @@ class VulnerabilityMeter:
         }
 
 
+def _bounds(values):
+    """``{"x_ci": [low, high]}`` entries as ``x_low`` and ``x_high`` columns; other entries unchanged."""
+    out = {}
+    for key, value in values.items():
+        if key.endswith("_ci"):
+            out[f"{key[:-3]}_low"], out[f"{key[:-3]}_high"] = value
+        else:
+            out[key] = value
+    return out
+
+
 def summary_rows(summary):
-    """A tidy table of a :meth:`VulnerabilityMeter.compute` summary: one dict per (attacked set, evaluated task)."""
+    """A tidy table of a :meth:`VulnerabilityMeter.compute` summary: one dict per (attacked set, evaluated task);
+    an interval ``x_ci`` becomes the columns ``x_low`` and ``x_high``."""
     table = []
     for label, entry in summary["attacks"].items():
         for t, values in entry["tasks"].items():
-            clean = summary["clean"][t]
+            clean = _bounds(summary["clean"][t])
             row = {"attacked": label, "task": t, "samples": summary["samples"],
-                   "clean_loss": clean["loss"], "clean_error": clean["error"], **values,
+                   "clean_loss": clean["loss"], "clean_error": clean["error"], **_bounds(values),
                    "joint_adv_vuln": entry["joint_adv_vuln"]}
             row.update({f"clean_{k}": v for k, v in clean.items() if k not in ("loss", "error")})
             if "gradients" in summary:

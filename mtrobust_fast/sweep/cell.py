@@ -68,7 +68,7 @@ def run_cell(settings, device="auto", record_steps=False):
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
             gradients=cell.gradients, device=device, record_steps=record_steps,
-            surrogate=cell.model.surrogate or None, options=cell.options)
+            surrogate=cell.model.surrogate or None, options=cell.options, intervals=True)
     except SettingError as error:
         raise SettingError(error.setting, f"{error.reason} (cell {cell.cell_id}: model {cell.model.name}, "
                                           f"{cell.attack} {cell.norm} eps={cell.eps:.4g} steps={cell.steps})",
