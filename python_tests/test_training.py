@@ -94,11 +94,19 @@ def test_amp_needs_cuda(data, tmp_path):
 
 # ---- training runs ----
 
-def test_loss_goes_down_and_run_dir_is_complete(data, tmp_path):
+def test_loss_goes_down_and_run_dir_is_complete(data, tmp_path, capsys):
     run = tmp_path / "run"
     code = _train_cli(data, run, "--tasks", "sd", "--epochs", "4", "--batch-size", "4", "--lr", "1e-3",
                       "--limit-train", "8", "--limit-val", "4", "--save-every", "2", "--val-before")
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "trivial predictors on the validation set" in printed and "all-background" in printed
+    closing = printed[printed.index("finished epoch 4"):]
+    assert "segment_semantic: miou" in closing and " vs " in closing and "[training mean]" in closing
+    assert f"checkpoints in {run}: last.pt, best.pt" in closing
+    trivial = json.loads((run / "trivial.json").read_text())
+    assert trivial["segment_semantic"]["predictor"] == "all-background"
+    assert set(trivial["depth_zbuffer"]) == {"predictor", "error", "l1", "mse"}
     log = _log(run)
     assert [r["epoch"] for r in log] == list(range(5))
     first, last = log[1]["train"], log[-1]["train"]
@@ -108,7 +116,7 @@ def test_loss_goes_down_and_run_dir_is_complete(data, tmp_path):
     assert set(seg) == {"loss", "miou", "pixel_acc"} and 0 <= seg["miou"] <= 1
     assert set(log[-1]["val"]["tasks"]["depth_zbuffer"]) == {"loss", "l1", "mse"}
     assert sorted(os.listdir(run)) == ["best.pt", "config.json", "epoch_0002.pt", "epoch_0004.pt", "last.pt",
-                                       "metrics.jsonl"]
+                                       "metrics.jsonl", "trivial.json"]
     model, meta = load_checkpoint(run / "last.pt")
     assert meta["epoch"] == 4 and model.config["tasks"] == "sd" and model.config["input_size"] == 64
     assert meta["train_config"]["lr"] == 1e-3

@@ -20,6 +20,8 @@ from mtrobust_fast import task_names
 from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data import readers
+from mtrobust_fast.evaluation import baselines
+from mtrobust_fast.files import atomic_write
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
@@ -27,13 +29,14 @@ from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import OBJECTIVES, RobustValidation, make_objective
 from mtrobust_fast.training.augment import Augment
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig, parse_schedule
-from mtrobust_fast.training.loop import LAST, Trainer, seed_everything
+from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, seed_everything
 from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
 from mtrobust_fast.training.regularisers import CurvatureRegularised
 from mtrobust_fast.weighting import make_weighting
 
 CONFIG_NAME = "config.json"
+TRIVIAL_NAME = "trivial.json"  # the validation scores of the tasks' trivial predictors
 
 
 def native_size(dataset):
@@ -262,7 +265,47 @@ def _train(config, ctx):
             print(f"resuming {last} after epoch {start}", flush=True)
     elif config.resume and ctx.is_main:
         print(f"no {LAST} in {run_dir}: starting a new run", flush=True)
+    trivial = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return trainer.fit(config.epochs, start_epoch=start, val_before=config.val_before)
+        trivial = trivial_predictors(config, run_dir, losses.tasks, train_set, val_set, ctx.device)
+    record = trainer.fit(config.epochs, start_epoch=start, val_before=config.val_before)
+    if ctx.is_main:
+        print(closing_summary(record, trivial, {t.name: t for t in losses.tasks}, run_dir), flush=True)
+    return record
+
+
+def trivial_predictors(config, run_dir, records, train_set, val_set, device):
+    """The validation scores of each task's trivial predictor (see :mod:`mtrobust_fast.evaluation.baselines`),
+    from ``TRIVIAL_NAME`` in the run folder when an earlier start of the run computed them; printed."""
+    path = run_dir / TRIVIAL_NAME
+    if path.exists():
+        scores = json.loads(path.read_text())
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        batch = config.val_batch_size or config.batch_size
+        train_loader = DataLoader(train_set, config.batch_size, shuffle=True, generator=generator,
+                                  num_workers=config.workers)
+        scores = baselines.trivial_scores(records, train_loader, DataLoader(val_set, batch, num_workers=config.workers),
+                                          device)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=1) + "\n"))
+    print("trivial predictors on the validation set (what a model must beat): " + " | ".join(
+        f"{name} {values['predictor']} " + " ".join(f"{k} {v:.4g}" for k, v in values.items()
+                                                    if k != "predictor" and not k.startswith("auc_"))
+        for name, values in scores.items()), flush=True)
+    return scores
+
+
+def closing_summary(record, trivial, records, run_dir):
+    """What the run produced: the last epoch's validation metrics against the trivial predictors, and where the
+    checkpoints are."""
+    lines = [f"finished epoch {record['epoch']}; validation against the trivial predictor of each task:"]
+    for name, scores in record["val"]["tasks"].items():
+        base = (trivial or {}).get(name)
+        text = baselines.compare(scores, base, records[name].higher_is_better) if base else \
+            " ".join(f"{k} {v:.4g}" for k, v in scores.items() if not k.startswith("auc_"))
+        lines.append(f"  {name}: {text}" + (f" [{base['predictor']}]" if base else ""))
+    saved = [p.name for p in (run_dir / LAST, run_dir / BEST) if p.exists()]
+    lines.append(f"checkpoints in {run_dir}: {', '.join(saved) or 'none'}; log {run_dir / LOG_NAME}")
+    return "\n".join(lines)
