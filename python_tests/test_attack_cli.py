@@ -295,3 +295,34 @@ def test_our_warnings_print_as_one_line_and_others_keep_pythons_format():
     from mtrobust_fast import evaluation
     assert cli._format_warning("it is so", UserWarning, evaluation.__file__, 3) == "warning: it is so\n"
     assert cli._format_warning("it is so", UserWarning, "/elsewhere/x.py", 3).startswith("/elsewhere/x.py:3: ")
+
+
+def test_per_sample_output_and_paired_tests_between_two_attacks(setup, tmp_path, capsys):
+    """--per-sample writes each image's clean and adversarial values, which agree with the run's means; `analyze
+    paired` compares two runs image by image, and a run against itself differs by exactly 0."""
+    for attack in ("pgd", "fgsm"):
+        steps = ["--steps", "3"] if attack == "pgd" else []
+        assert cli_main(["attack", "--checkpoint", str(setup[2]), "--data", str(setup[1]), "--no-progress",
+                         "--attack", attack, *steps, "--target", "s,sd", "--limit", "4", "--per-sample",
+                         "--out", str(tmp_path / attack)]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "pgd" / "per_sample.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 * 2 and {r["image"] for r in rows} == {"0", "1", "2", "3"}
+    summary = json.loads((tmp_path / "pgd" / "results.json").read_text())["summary"]
+    assert "per_sample" not in summary
+    for attacked in ("s", "sd"):
+        for task, values in summary["attacks"][attacked]["tasks"].items():
+            mine = [float(r["adv_error"]) for r in rows if r["attacked"] == attacked and r["task"] == task]
+            assert sum(mine) / 4 == pytest.approx(values["adv_error"])
+    assert cli_main(["analyze", "paired", "--a", str(tmp_path / "pgd"), "--b", str(tmp_path / "fgsm"),
+                     "--out", str(tmp_path / "paired.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "attacked s, task segment_semantic (4 images)" in printed and "attacked sd, task depth_zbuffer" in printed
+    assert cli_main(["analyze", "paired", "--a", str(tmp_path / "pgd"), "--b",
+                     str(tmp_path / "pgd" / "per_sample.csv"), "--value", "adv_loss"]) == 0
+    assert "difference +0.0000 [+0.0000, +0.0000], p = 1" in capsys.readouterr().out
+    assert cli_main(["analyze", "paired", "--a", str(tmp_path / "pgd"), "--b", str(tmp_path / "none")]) == 2
+    assert "no per-image results at" in capsys.readouterr().err
+    assert _attack(setup, "--per-sample", "--limit", "1") == 2
+    assert "--per-sample needs --out" in capsys.readouterr().err

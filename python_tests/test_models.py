@@ -256,3 +256,10 @@ def test_cpu_encoder_decodes_from_stride_16_and_a_trained_tiny_model_beats_its_t
     batch = (x, {normal.name: target}, {normal.name: mask})
     trivial = baselines.trivial_scores([normal], [batch], [batch])[normal.name]
     assert mse < 0.7 * trivial["mse"], (mse, trivial)
+
+
+def test_cpu_encoder_classifies_32_px_images_with_the_small_input_stem():
+    from mtrobust_fast.models import build_classifier
+    model = build_classifier("resnet18_cpu", classes=10, input_size=32)
+    assert model.encoder.stride == 8 and model.encoder.out_channels == 128  # stride-1 stem, quarter width
+    assert model(torch.rand(2, 3, 32, 32))["class"].shape == (2, 10)

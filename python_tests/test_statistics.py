@@ -4,6 +4,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -120,3 +121,37 @@ def test_compare_states_score_trivial_and_ratio():
     text = baselines.compare({"mse": 0.1, "l1": 0.2}, {"mse": 0.4, "l1": 0.4, "predictor": "x"},
                              {"mse": False, "l1": False})
     assert text == "mse 0.1 vs 0.4 (0.25x), l1 0.2 vs 0.4 (0.50x)"
+
+
+def _runs(errors_a, errors_b, attacked="class", task="class"):
+    from mtrobust_fast.analysis import per_sample
+
+    def frame(errors):
+        n = len(errors)
+        return pd.DataFrame({"image": range(n), "attacked": attacked, "task": task, "clean_error": 0.0,
+                             "clean_loss": 0.0, "adv_error": errors, "adv_loss": errors})
+    return per_sample, frame(errors_a), frame(errors_b)
+
+
+def test_per_image_comparison_uses_mcnemar_for_0_1_errors_and_only_the_paired_test_otherwise():
+    per_sample, a, b = _runs([1.0] * 30 + [0.0] * 70, [0.0] * 10 + [1.0] * 20 + [0.0] * 70)
+    (result,) = per_sample.compare(a, b)
+    assert result["mcnemar"] == stats_reference_mcnemar(0, 10) and result["difference"] == pytest.approx(0.1)
+    per_sample, a, b = _runs([0.5, 0.2, 0.9], [0.4, 0.2, 0.1])
+    (result,) = per_sample.compare(a, b, "adv_loss")
+    assert "mcnemar" not in result and result["pairs"] == 3
+
+
+def test_per_image_comparison_refuses_runs_on_different_images_or_sets():
+    per_sample, a, b = _runs([0.0] * 5, [0.0] * 6)
+    with pytest.raises(ValueError, match="same images"):
+        per_sample.compare(a, b)
+    per_sample, a, b = _runs([0.0] * 5, [0.0] * 5)
+    with pytest.raises(ValueError, match="share no attacked set"):
+        per_sample.compare(a, b.assign(attacked="other"))
+    with pytest.raises(ValueError, match="value must be one of"):
+        per_sample.compare(a, b, "accuracy")
+
+
+def stats_reference_mcnemar(only_a, only_b):
+    return {"only_a": only_a, "only_b": only_b, "p": stats.binomtest(only_a, only_a + only_b, 0.5).pvalue}

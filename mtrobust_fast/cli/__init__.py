@@ -27,6 +27,8 @@ COMMANDS = [
     (("analyze", "cka"), "mtrobust_fast.cli.analyze:cka", "linear CKA between checkpoints' encoder features"),
     (("analyze", "landscape"), "mtrobust_fast.cli.analyze:landscape",
      "input-space loss landscape along the adversarial and a random direction"),
+    (("analyze", "paired"), "mtrobust_fast.cli.analyze:paired",
+     "paired tests between two attack runs on the same images (two models, or two attacks)"),
 ]
 
 

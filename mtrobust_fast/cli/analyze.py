@@ -1,6 +1,7 @@
-"""``mtrobust-fast analyze cka`` and ``mtrobust-fast analyze landscape``: representation similarity between
+"""``mtrobust-fast analyze cka``, ``analyze landscape`` and ``analyze paired``: representation similarity between
 checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.analysis.cka`) and input-space loss landscapes
-around a batch of images (:mod:`mtrobust_fast.analysis.landscape`), each as a table, a JSON/CSV file and a figure."""
+around a batch of images (:mod:`mtrobust_fast.analysis.landscape`), each as a table, a JSON/CSV file and a figure;
+paired tests between two attack runs' per-image results (:mod:`mtrobust_fast.analysis.per_sample`)."""
 import argparse
 import csv
 import json
@@ -146,3 +147,47 @@ def run_landscape(args):
         return 0
 
     return run_reporting("analyze landscape", work, flags={"sets": "--target"})
+
+
+def add_paired_arguments(parser):
+    add = parser.add_argument
+    add("--a", required=True, type=Path,
+        help="the first run: an `attack --per-sample --out` folder or its per_sample.csv")
+    add("--b", required=True, type=Path, help="the second run, on the same images (data, split, limit)")
+    add("--value", choices=("adv_error", "clean_error", "adv_loss", "clean_loss"), default="adv_error",
+        help="the per-image value compared (default %(default)s)")
+    add("--out", type=Path, default=None, help="also write the tests to this CSV file")
+
+
+def run_paired(args):
+    def work():
+        from mtrobust_fast.analysis import per_sample
+
+        if args.out is not None and args.out.is_dir():
+            raise ValueError(f"--out: {args.out} is a folder; --out names a CSV file")
+        results = per_sample.compare(per_sample.read(args.a), per_sample.read(args.b), args.value)
+        print(f"{args.value} per image, a = {args.a}, b = {args.b}; difference a - b with its 95 % bootstrap "
+              f"interval over images and the paired permutation test" + (
+                  "; McNemar: images only a gets right, only b gets right" if "mcnemar" in results[0] else ""))
+        rows = []
+        for r in results:
+            line = (f"  attacked {r['attacked']}, task {r['task']} ({r['pairs']} images): a {r['mean_a']:.4f} vs b "
+                    f"{r['mean_b']:.4f}, difference {r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}], "
+                    f"p = {r['p']:.3g}")
+            row = {k: v for k, v in r.items() if k != "mcnemar"}
+            if "mcnemar" in r:
+                m = r["mcnemar"]
+                line += f"; McNemar {m['only_a']} vs {m['only_b']}, p = {m['p']:.3g}"
+                row.update(mcnemar_only_a=m["only_a"], mcnemar_only_b=m["only_b"], mcnemar_p=m["p"])
+            print(line)
+            rows.append(row)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+                writer.writeheader()
+                writer.writerows(rows)
+            print(f"wrote {args.out}")
+        return 0
+
+    return run_reporting("analyze paired", work)

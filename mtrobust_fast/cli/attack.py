@@ -20,6 +20,7 @@ from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, posi
 from mtrobust_fast.cli.settings import add_setting_flags, flag_names, given_settings
 from mtrobust_fast.data.taskonomy import SPLITS
 from mtrobust_fast.models import load_checkpoint, read_checkpoint
+from mtrobust_fast.analysis import per_sample
 from mtrobust_fast.analysis.panels import PanelCollector
 
 
@@ -85,6 +86,10 @@ def add_arguments(parser):
         help="also measure the input-gradient norms (L1, L2, Linf) per task and of the joint loss at each attacked "
              "set's adversarial input (one more backward per task and set and batch)")
     add("--out", type=Path, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
+    add("--per-sample", action="store_true",
+        help="also write OUT/per_sample.csv: each image's clean and adversarial error and loss per attacked set "
+             "and task, for paired tests between runs on the same images (`mtrobust-fast analyze paired`); "
+             "needs --out")
     add("--panels", type=positive_int, default=None,
         help="also draw the first N images (clean and adversarial input, perturbation, each task's target and "
              "predictions before and after) as OUT/panels/imageK_SET.png; needs --out")
@@ -103,7 +108,7 @@ def attack_dataset(args, on_batch=None):
         sets=args.target, options=given_settings(args, ATTACKS), split=args.split, size=args.size, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         deterministic=args.deterministic, gradients=not args.no_gradients, adv_gradients=args.adv_gradients,
         workers=args.workers, device=args.device, progress=not args.no_progress, on_batch=on_batch,
-        surrogate=args.surrogate, intervals=True)
+        surrogate=args.surrogate, intervals=True, per_sample=args.per_sample)
 
 
 def _with_ci(values, key):
@@ -230,9 +235,9 @@ def run(args):
         pixel_budgets(args)
         if from_training:
             args.eps, args.norm = training_budget(args.checkpoint)
-        for option in ("panels", "tracker"):
-            if getattr(args, option) is not None and args.out is None:
-                raise ValueError(f"--{option} needs --out (a folder to write into)")
+        for option in ("panels", "tracker", "per_sample"):
+            if getattr(args, option) not in (None, False) and args.out is None:
+                raise ValueError(f"--{option.replace('_', '-')} needs --out (a folder to write into)")
         if args.out is not None:
             output_paths(args.out)  # a bad --out is refused before the work
         collector = PanelCollector(args.panels) if args.panels else None
@@ -241,8 +246,10 @@ def run(args):
         if args.out is None:
             return 0
         rows = metrics.summary_rows(summary)
-        paths = write_results(args.out, config, summary, rows)
-        print("wrote " + " and ".join(str(p) for p in paths))
+        paths = list(write_results(args.out, config, {k: v for k, v in summary.items() if k != "per_sample"}, rows))
+        if args.per_sample:
+            paths.append(per_sample.write(args.out / per_sample.FILE, summary))
+        print("wrote " + ", ".join(str(p) for p in paths))
         figures = []
         if collector is not None:
             model, _ = load_checkpoint(args.checkpoint)

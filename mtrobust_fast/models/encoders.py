@@ -197,9 +197,11 @@ def resnet18(**kw):
 def resnet18_cpu(**kw):
     """ResNet-18 for CPU-scale runs on small images: a quarter of the channels (16-128) and a 3×3 stride-2
     stem without max-pool, so the representation is at stride 16 (4×4 at 64 px, where ResNet-18's is 2×2)
-    at about ResNet-18's cost per pixel; its dense heads are the Taskonomy decoder's last four stages."""
+    at about ResNet-18's cost per pixel; its dense heads are the Taskonomy decoder's last four stages.
+    With ``small_input`` (classifiers on 32-px images) it keeps the 3×3 stride-1 stem of that setting."""
     kw.setdefault("widths", (16, 32, 64, 128))
-    kw.setdefault("stem_stride", 2)
+    if not kw.get("small_input"):
+        kw.setdefault("stem_stride", 2)
     return ResNetEncoder(BasicBlock, [2, 2, 2, 2], **kw)
 
 
