@@ -156,3 +156,23 @@ def test_config_labels_leave_out_settings_the_attack_does_not_have():
         "attack=ensemble eps=0.01569"
     assert results_table.config_label(["attack", "alpha"], ["pgd", 0.0078431]) == "attack=pgd alpha=0.007843"
     assert results_table.config_label(["attack", "alpha"], ["apgd", None]) == "attack=apgd"
+
+
+def test_table_cells_carry_the_interval_of_one_row_or_the_spread_of_several(tmp_path):
+    """A cell from one results row shows its 95 % interval over images; a cell averaging rows (seeds) shows their
+    range and count; the vulnerability figure draws the joint intervals."""
+    table = results(weights=("uniform",), attacks=("pgd",))
+    table["rel_vuln_low"], table["rel_vuln_high"] = table["rel_vuln"] - 1, table["rel_vuln"] + 2
+    table["joint_adv_vuln_low"], table["joint_adv_vuln_high"] = 0.5 * table["joint_adv_vuln"], 2 * table["joint_adv_vuln"]
+    pairs = results_table.pair_values(table.assign(task=table["task"].map(results_table.letters)), "rel_vuln")
+    row = pairs[(pairs.main == "d") & (pairs.aux == "n")].iloc[0]
+    assert (row["value"], row["low"], row["high"], row["rows"]) == (12, 11, 14, 1)
+    path = tmp_path / "one.parquet"
+    table.to_parquet(path)
+    report.build(path, tmp_path / "one")
+    assert "| d | 10 [9, 12] | 11 [10, 13] | 12 [11, 14] |" in (tmp_path / "one" / "summary.md").read_text()
+    seeds = pd.concat([table, table.assign(rel_vuln=table["rel_vuln"] + 1, model=table["model"] + "_seed1")])
+    seeds.to_parquet(path)
+    report.build(path, tmp_path / "two")
+    assert "| d | 10.5 (10–11, 2 rows) |" in (tmp_path / "two" / "summary.md").read_text()
+    assert any(p.name.startswith("vuln_vs_tasks_") for p in (tmp_path / "two").iterdir())

@@ -81,9 +81,25 @@ def _fmt(value):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
-def _markdown_matrix(matrix):
-    lines = ["| main \\ aux | " + " | ".join(matrix.columns) + " |", "|---" * (len(matrix.columns) + 1) + "|"]
-    lines += [f"| {main} | " + " | ".join(_fmt(v) for v in row) + " |" for main, row in matrix.iterrows()]
+def _cell_text(pair):
+    """A Table-1 cell: the value with its 95 % interval over images ("0.42 [0.35, 0.5]") when it comes from one
+    row, with the spread of its rows ("0.42 (0.4–0.45, 3 rows)") when it is their mean (e.g. seeds)."""
+    if pair is None:
+        return "-"
+    value = _fmt(pair["value"])
+    if pair["rows"] > 1:
+        return f"{value} ({_fmt(pair['min'])}–{_fmt(pair['max'])}, {int(pair['rows'])} rows)"
+    if np.isfinite(pair["low"]) and np.isfinite(pair["high"]):
+        return f"{value} [{_fmt(pair['low'])}, {_fmt(pair['high'])}]"
+    return value
+
+
+def _markdown_matrix(cell, mains, auxes):
+    """The Markdown table of one panel: a row per main task, a column per auxiliary task."""
+    by_pair = {(row["main"], row["aux"]): row for _, row in cell.iterrows()}
+    lines = ["| main \\ aux | " + " | ".join(auxes) + " |", "|---" * (len(auxes) + 1) + "|"]
+    lines += [f"| {main} | " + " | ".join(_cell_text(by_pair.get((main, aux))) for aux in auxes) + " |"
+              for main in mains]
     return lines
 
 
@@ -142,7 +158,7 @@ def heatmaps(table, out, metric, dpi):
                           .reindex(index=mains, columns=auxes))
                 title = f"{kind}-task attack, {weight} weights"
                 _draw_matrix(axes[r][c], matrix, title)
-                lines += [f"{title}:", ""] + _markdown_matrix(matrix) + [""]
+                lines += [f"{title}:", ""] + _markdown_matrix(cell, mains, auxes) + [""]
         width = fig.get_size_inches()[0]
         fig.suptitle(textwrap.fill(f"{label_of_metric} of the main task — {config} (colour: per-row min–max, "
                                    f"darker = more vulnerable; grey: a row with a single value)",
@@ -175,6 +191,10 @@ def vulnerability_vs_tasks(table, out, dpi):
             mean = runs.groupby("size")["joint_adv_vuln"].mean()
             line, = ax.plot(mean.index, mean.to_numpy(), marker="o", label=f"{name}")
             ax.scatter(runs["size"], runs["joint_adv_vuln"], color=line.get_color(), alpha=0.4, s=12)
+            if {"joint_adv_vuln_low", "joint_adv_vuln_high"} <= set(runs.columns):  # 95 % intervals over images
+                ax.errorbar(runs["size"], runs["joint_adv_vuln"], fmt="none", ecolor=line.get_color(), alpha=0.4,
+                            capsize=2, yerr=[runs["joint_adv_vuln"] - runs["joint_adv_vuln_low"],
+                                             runs["joint_adv_vuln_high"] - runs["joint_adv_vuln"]])
             if len(runs) <= 32:
                 for (_, row), dy in zip(runs.iterrows(), spread(runs["size"], runs["joint_adv_vuln"])):
                     ax.annotate(row["attacked"], (row["size"], row["joint_adv_vuln"]), fontsize=6,

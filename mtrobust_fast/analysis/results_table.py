@@ -4,6 +4,7 @@ with task names (``metrics.summary_rows`` uses names) and tables written with le
 """
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mtrobust_fast import task_names
@@ -73,7 +74,8 @@ def config_label(keys, values):
 def pair_values(table, metric, attacked="single"):
     """The main task's ``metric`` per (config…, main, aux) from the two-task models {main, aux} and, as the
     diagonal main == aux, the one-task model {main}: a DataFrame with the config columns, ``main``, ``aux``,
-    ``value`` and ``rows`` (rows averaged, e.g. several seeds).
+    ``value`` and ``rows`` (rows averaged, e.g. several seeds), ``min`` and ``max`` (their spread), and ``low``,
+    ``high``: the mean of the rows' interval bounds ``<metric>_low``/``_high`` (NaN when the table has none).
 
     With a ``main`` column, rows of weighted (non-uniform) models count only for their own main task.
     ``attacked``: "single" takes rows where only the main task is attacked, "multi" where every task of the
@@ -98,5 +100,9 @@ def pair_values(table, metric, attacked="single"):
     rows["aux"] = [m.replace(t, "") or t for m, t in zip(rows["model_tasks"], rows["task"])]
     keys = config_columns(rows, varying=False) + ["main", "aux"]
     rows = rows.dropna(subset=[metric])
-    grouped = rows.groupby(keys, dropna=False)[metric]
-    return grouped.mean().rename("value").to_frame().join(grouped.size().rename("rows")).reset_index()
+    for bound in ("low", "high"):
+        rows[bound] = rows[f"{metric}_{bound}"] if f"{metric}_{bound}" in rows.columns else np.nan
+    grouped = rows.groupby(keys, dropna=False)
+    return pd.concat([grouped[metric].mean().rename("value"), grouped.size().rename("rows"),
+                      grouped[metric].min().rename("min"), grouped[metric].max().rename("max"),
+                      grouped["low"].mean(), grouped["high"].mean()], axis=1).reset_index()

@@ -139,7 +139,7 @@ def format_report(config, summary):
                             _with_ci(v, "rel_vuln"), _fmt(v["rel_vuln_ratio_of_means"]), _with_ci(v, "adv_vuln"))
                            for t, v in entry["tasks"].items()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_fmt(entry['joint_adv_vuln'])}"
+        lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_with_ci(entry, 'joint_adv_vuln')}"
                      + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
         lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
         scored = [f"{metrics.set_label([t])} {m} {_fmt(summary['clean'][t][m])} -> {_fmt(v['adv_' + m])}"

@@ -410,8 +410,8 @@ class VulnerabilityMeter:
                 }
             joint = adversarial_vulnerability(joint_loss(clean["losses"], attacked, self.weights),
                                               joint_loss(adv["losses"], attacked, self.weights))
-            joint_vulnerability[attacked] = float(joint.mean())
-            entry = {"attacked": list(attacked), "joint_adv_vuln": joint_vulnerability[attacked], "tasks": per_task}
+            entry = {"attacked": list(attacked), **with_ci("joint_adv_vuln", joint), "tasks": per_task}
+            joint_vulnerability[attacked] = entry["joint_adv_vuln"]
             if self._grads["dot"]:
                 entry["clean_joint_grad_norms"] = self._mean_norms("clean", ("joint", attacked))
                 entry["first_order_joint"] = self.eps * entry["clean_joint_grad_norms"][self.q]
@@ -470,7 +470,7 @@ def summary_rows(summary):
             clean = _bounds(summary["clean"][t])
             row = {"attacked": label, "task": t, "samples": summary["samples"],
                    "clean_loss": clean["loss"], "clean_error": clean["error"], **_bounds(values),
-                   "joint_adv_vuln": entry["joint_adv_vuln"]}
+                   **_bounds({k: v for k, v in entry.items() if k.startswith("joint_adv_vuln")})}
             row.update({f"clean_{k}": v for k, v in clean.items() if k not in ("loss", "error")})
             if "gradients" in summary:
                 row["first_order"] = summary["gradients"]["first_order"][t]

@@ -65,9 +65,9 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   variant (change of the mean errors over the mean clean error).
 - ``adv_vuln``: the task's adversarial vulnerability E|L(x+δ) − L(x)|; ``joint_adv_vuln``: the same for the
   attacked set's equally weighted joint loss.
-- ``<x>_low``, ``<x>_high`` for x in clean_loss, clean_error, adv_loss, adv_error, rel_vuln, adv_vuln: the 95 %
-  percentile-bootstrap interval over the cell's images of that per-image mean (images whose relative change is
-  undefined are left out of rel_vuln's).
+- ``<x>_low``, ``<x>_high`` for x in clean_loss, clean_error, adv_loss, adv_error, rel_vuln, adv_vuln and
+  joint_adv_vuln: the 95 % percentile-bootstrap interval over the cell's images of that per-image mean (images
+  whose relative change is undefined are left out of rel_vuln's).
 - ``clean_<metric>`` / ``adv_<metric>``: the task's own performance metrics (e.g. ``clean_miou``,
   ``clean_pixel_acc`` for s; ``clean_l1``/``clean_mse`` for regression tasks); null for tasks without them.
 - ``marginal_vuln``: Δ = joint vulnerability of ``attacked`` minus that of ``attacked`` without ``task`` (null
