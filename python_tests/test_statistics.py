@@ -155,3 +155,47 @@ def test_per_image_comparison_refuses_runs_on_different_images_or_sets():
 
 def stats_reference_mcnemar(only_a, only_b):
     return {"only_a": only_a, "only_b": only_b, "p": stats.binomtest(only_a, only_a + only_b, 0.5).pvalue}
+
+
+def test_metric_interval_from_summed_statistics_covers_a_pooled_ratio_at_about_its_nominal_rate():
+    """The bootstrap of a dataset-level metric (here a pooled MSE: sum of squared errors over sum of pixels, as
+    dense_scores computes it) covers the true value at about the nominal rate."""
+    rng = np.random.default_rng(1)
+    trials, covered = 200, 0
+    scores = lambda summed: {"mse": summed[0] / summed[1]}
+    for i in range(trials):
+        pixels = rng.integers(50, 150, size=60).astype(float)  # images of different valid areas
+        squared = rng.chisquare(pixels)  # per pixel error ~ N(0, 1): the true pooled MSE is 1
+        (low, high), = statistics.statistic_interval(np.stack([squared, pixels], 1), scores, resamples=400,
+                                                     seed=i).values()
+        covered += low <= 1.0 <= high
+    assert 0.89 <= covered / trials <= 0.99, covered / trials
+
+
+def test_an_accuracy_interval_from_counts_matches_the_interval_of_the_0_1_values():
+    right = np.r_[np.ones(70), np.zeros(30)]
+    (low, high), = statistics.statistic_interval(np.stack([right, np.ones(100)], 1),
+                                                 lambda s: {"accuracy": s[0] / s[1]}).values()
+    _, ref_low, ref_high = statistics.mean_interval(right)
+    assert abs(low - ref_low) <= 0.02 and abs(high - ref_high) <= 0.02
+
+
+def test_the_meter_gives_segmentation_and_classification_metrics_intervals_over_images():
+    torch.manual_seed(0)
+    seg, cls = tasks.get_task("s"), classification.ClassificationTask("class", 4)
+    meter = VulnerabilityMeter([seg, cls], eps=0.1)
+    for _ in range(3):
+        target = torch.randint(0, 18, (8, 16, 16))
+        logits = torch.randn(8, 18, 16, 16) + 4 * torch.nn.functional.one_hot(target, 18).permute(0, 3, 1, 2) \
+            * (torch.rand(8, 1, 1, 1) > 0.5)  # half the images right everywhere
+        labels = torch.randint(0, 4, (8,))
+        outputs = {seg.name: logits, "class": torch.randn(8, 4)}
+        targets, masks = {seg.name: target, "class": labels}, {seg.name: torch.ones(8, 1, 16, 16, dtype=torch.bool)}
+        clean = evaluate(outputs, targets, masks, [seg, cls])
+        meter.update(clean, {(seg.name,): evaluate(outputs, targets, masks, [seg, cls])})
+    summary = meter.compute(intervals=True)
+    for name, metric in ((seg.name, "miou"), ("class", "accuracy")):
+        low, high = summary["clean"][name][f"{metric}_ci"]
+        assert low < summary["clean"][name][metric] < high
+        assert summary["attacks"]["s"]["tasks"][name][f"adv_{metric}_ci"] == [low, high]  # same outputs, same draws
+    assert "miou_ci" not in meter.compute()["clean"][seg.name]

@@ -35,6 +35,29 @@ def mean_interval(values, confidence=CONFIDENCE, resamples=RESAMPLES, seed=0):
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def statistic_interval(sample_stats, scores, confidence=CONFIDENCE, resamples=RESAMPLES, seed=0):
+    """Percentile-bootstrap intervals of dataset-level metrics computed from summed statistics (mIoU from a
+    confusion matrix, accuracy from counts): ``sample_stats`` ``[N, K]`` holds each item's statistics,
+    ``scores(summed [K] array) -> {metric: float}`` turns a sum into metrics. Resampling draws N items with
+    replacement (each draw a multinomial count per item, so a resample's sum is ``counts @ sample_stats``) and
+    recomputes every metric. Returns ``{metric: (low, high)}`` (NaN bounds for a metric undefined in over half
+    the resamples; an undefined resample is left out otherwise)."""
+    sample_stats = np.asarray(sample_stats, dtype=np.float64)
+    n = sample_stats.shape[0]
+    if n == 0:
+        return {}
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    draws = [scores(summed) for summed in counts @ sample_stats.reshape(n, -1)]
+    tail = 100 * (1 - confidence) / 2
+    out = {}
+    for metric in draws[0]:
+        values = np.array([d[metric] for d in draws], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        out[metric] = ((math.nan, math.nan) if values.size * 2 < resamples else
+                       (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))))
+    return out
+
+
 def paired_difference(a, b, confidence=CONFIDENCE, resamples=RESAMPLES, seed=0):
     """Compare two measurements of the same items (e.g. per-image relative vulnerabilities of two models):
     ``{"mean_a", "mean_b", "difference" (mean of a - b), "low", "high" (its bootstrap interval), "p" (two-sided

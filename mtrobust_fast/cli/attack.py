@@ -142,7 +142,7 @@ def format_report(config, summary):
         lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_with_ci(entry, 'joint_adv_vuln')}"
                      + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
         lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-        scored = [f"{metrics.set_label([t])} {m} {_fmt(summary['clean'][t][m])} -> {_fmt(v['adv_' + m])}"
+        scored = [f"{metrics.set_label([t])} {m} {_with_ci(summary['clean'][t], m)} -> {_with_ci(v, 'adv_' + m)}"
                   for t, v in entry["tasks"].items() for m in HEADLINE_METRICS if "adv_" + m in v]
         if scored:
             lines.append("  clean -> adversarial: " + ", ".join(scored))

@@ -205,24 +205,41 @@ def input_gradients(model, x, targets, masks, tasks):
 @dataclass
 class Evaluation:
     """One batch at one input (clean or adversarial): per-sample ``losses`` and ``errors`` ``{task: [B]}``, and
-    optionally the tasks' summable metric statistics ``{task: tensor}`` (``Task.metric_stats``)."""
+    optionally the tasks' summable metric statistics ``{task: tensor}`` (``Task.metric_stats``) and each
+    sample's own ``sample_stats`` ``{task: [B, K]}`` (for bootstrap intervals of the metrics)."""
 
     losses: Dict[str, torch.Tensor]
     errors: Dict[str, torch.Tensor]
     stats: Optional[Dict[str, torch.Tensor]] = None
+    sample_stats: Optional[Dict[str, torch.Tensor]] = None
+
+
+# Each sample's metric statistics are kept when they are at most this many numbers (a segmentation confusion
+# matrix, counts); larger ones (the multi-label heads' score histograms) get no interval for their metrics.
+MAX_SAMPLE_STATS = 4096
+
+
+def _per_sample_stats(task, output, target, mask, summed):
+    if summed.numel() > MAX_SAMPLE_STATS:
+        return None
+    return torch.stack([task.metric_stats(output[i:i + 1], target[i:i + 1], None if mask is None else mask[i:i + 1])
+                        .reshape(-1) for i in range(output.shape[0])])
 
 
 @torch.no_grad()
 def evaluate(outputs, targets, masks, tasks):
     """The :class:`Evaluation` of model outputs ``{task name: output}`` for ``tasks`` (records or registry names)."""
-    losses, errors, stats = {}, {}, {}
+    losses, errors, stats, sample_stats = {}, {}, {}, {}
     for task in map(task_registry.record, tasks):
         name = task.name
         output, target, mask = opmath(outputs[name]), targets[name], masks.get(name)
         losses[name] = task.loss(output, target, mask)
         errors[name] = task.error(output, target, mask)
         stats[name] = task.metric_stats(output, target, mask)
-    return Evaluation(losses, errors, stats)
+        per = _per_sample_stats(task, output, target, mask, stats[name])
+        if per is not None:
+            sample_stats[name] = per
+    return Evaluation(losses, errors, stats, sample_stats)
 
 
 def _cat(chunks):
@@ -249,6 +266,7 @@ class VulnerabilityMeter:
         self._clean = {"losses": {t: [] for t in self.tasks}, "errors": {t: [] for t in self.tasks}}
         self._adv = {}
         self._stats = {}
+        self._sample_stats = {}  # (where, task name) -> [[B, K], ...]: each sample's metric statistics
         self._grads = {"cosine": [], "covariance": [], "dot": []}
         self._grad_norms = {}  # (where, task name or ("joint", attacked set)) -> {"l1"|"l2"|"linf": [[B], ...]}
         self._perturbation = {}  # attacked set -> {"l1"|"l2"|"linf"|"snr_db": [[B], ...]}
@@ -266,6 +284,8 @@ class VulnerabilityMeter:
         for name, value in (evaluation.stats or {}).items():
             key = (where, name)
             self._stats[key] = value.detach() if key not in self._stats else self._stats[key] + value.detach()
+        for name, value in (evaluation.sample_stats or {}).items():
+            self._sample_stats.setdefault((where, name), []).append(value.detach().double().cpu())
 
     def update(self, clean, adversarial, grads=None, perturbations=None, adv_grads=None):
         """Add one batch: ``clean`` (an :class:`Evaluation`), ``adversarial`` ``{attacked set: Evaluation}`` (a set
@@ -357,9 +377,22 @@ class VulnerabilityMeter:
                 "snr_db": float(finite.mean()) if finite.numel() else math.nan,
                 "unperturbed": int((values["l2"] == 0).sum())}
 
-    def _scores(self, where, name):
+    def _scores(self, where, name, intervals=False, confidence=0.95, seed=0):
+        """The task's metrics at ``where``; with ``intervals``, each with its bootstrap interval over samples
+        ``<metric>_ci`` when every batch kept its samples' statistics."""
         stats = self._stats.get((where, name))
-        return {} if stats is None else self.records[name].metric_scores(stats.cpu())
+        if stats is None:
+            return {}
+        record = self.records[name]
+        scores = record.metric_scores(stats.cpu())
+        chunks = self._sample_stats.get((where, name), [])
+        if intervals and sum(len(c) for c in chunks) == self.samples:
+            shape = stats.shape
+            bounds = statistics.statistic_interval(
+                torch.cat(chunks).numpy(), lambda summed: record.metric_scores(torch.from_numpy(summed).view(shape)),
+                confidence, seed=seed)
+            scores.update({f"{metric}_ci": list(bounds[metric]) for metric in list(scores) if metric in bounds})
+        return scores
 
     def compute(self, intervals=False, per_sample=False, confidence=0.95, seed=0):
         """The summary: a JSON-ready dict (see the module docstring for the definitions).
@@ -385,7 +418,7 @@ class VulnerabilityMeter:
         summary = {
             "tasks": list(self.tasks), "samples": self.samples, "eps": self.eps, "dual_norm": self.q,
             "clean": {t: {**with_ci("loss", clean["losses"][t]), **with_ci("error", clean["errors"][t]),
-                          **self._scores("clean", t)} for t in self.tasks},
+                          **self._scores("clean", t, intervals, confidence, seed)} for t in self.tasks},
             "attacks": {},
         }
         if per_sample:
@@ -406,7 +439,7 @@ class VulnerabilityMeter:
                     "rel_vuln_undefined": int(change.isnan().sum()),
                     "rel_vuln_ratio_of_means": relative_vulnerability_of_means(clean["errors"][t], adv["errors"][t]),
                     **with_ci("adv_vuln", adversarial_vulnerability(clean["losses"][t], adv["losses"][t])),
-                    **{f"adv_{k}": v for k, v in self._scores(attacked, t).items()},
+                    **{f"adv_{k}": v for k, v in self._scores(attacked, t, intervals, confidence, seed).items()},
                 }
             joint = adversarial_vulnerability(joint_loss(clean["losses"], attacked, self.weights),
                                               joint_loss(adv["losses"], attacked, self.weights))
