@@ -70,6 +70,8 @@ Table columns (one row per model × attacked set × evaluated task × attack con
   whose relative change is undefined are left out of rel_vuln's).
 - ``clean_<metric>`` / ``adv_<metric>``: the task's own performance metrics (e.g. ``clean_miou``,
   ``clean_pixel_acc`` for s; ``clean_l1``/``clean_mse`` for regression tasks); null for tasks without them.
+  ``clean_<metric>_low``/``_high`` and ``adv_<metric>_low``/``_high``: their 95 % bootstrap intervals over the
+  cell's images (images resampled, the metric recomputed from the resampled sums).
 - ``marginal_vuln``: Δ = joint vulnerability of ``attacked`` minus that of ``attacked`` without ``task`` (null
   unless ``task`` is attacked and the smaller set is in the cell); ``theorem4_bound``: its first-order bound.
 - With gradients: ``first_order`` = eps·E‖∇ₓL_task‖_q (q the dual norm); ``first_order_joint``: the same for the
