@@ -371,3 +371,26 @@ def test_grid_settings_reach_grid_cells_only(setup, tmp_path):
     assert cli_main(argv) == 0
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert set(table["grid_weights"]) == {"0,1"} and set(table["grid_task"]) == {"d"}
+
+
+def test_per_sample_cells_keep_each_images_values_and_finished_cells_gain_them(setup, reference, tmp_path, capsys):
+    """per_sample keeps each image's values per cell (their means are the cell's rows), leaves the cell ids and
+    rows as they were, and a finished cell without them runs again to get them."""
+    out = tmp_path / "sweep"
+    argv = _argv(setup, out)
+    assert cli_main(argv) == 0 and not (out / "per_sample").exists()
+    ids = set(Store(out).done())
+    assert cli_main(argv + ["--per-sample"]) == 0
+    assert "8 cells, 0 already finished, 8 to run" in capsys.readouterr().out
+    assert set(Store(out).done()) == ids
+    _same(pd.read_parquet(out / "results.parquet"), reference)
+    table = pd.read_parquet(out / "results.parquet")
+    for cell_id in ids:
+        images = pd.read_parquet(out / "per_sample" / f"{cell_id}.parquet")
+        rows = table[table.cell_id == cell_id]
+        means = images.groupby(["attacked", "task"])["adv_error"].mean()
+        for _, row in rows.iterrows():
+            assert means[(row["attacked"], row["task"])] == pytest.approx(row["adv_error"])
+        assert set(images["image"]) == {0, 1}
+    assert cli_main(argv + ["--per-sample"]) == 0
+    assert "8 already finished, 0 to run" in capsys.readouterr().out

@@ -49,6 +49,9 @@ def add_arguments(parser):
     add_sweep_flags(parser, ATTACKS)  # alpha, steps and every other sweep key an attack declares
     add("--no-gradients", action="store_true", help="skip the clean input-gradient statistics")
     add("--deterministic", action="store_true", help="random starts that depend only on (seed, image index)")
+    add("--per-sample", action="store_true",
+        help="also keep each image's values per cell in OUT/per_sample/CELL_ID.parquet, for paired tests "
+             "(finished cells without them run again)")
     add("--executor", choices=tuple(EXECUTORS), default="local", help="local (default) or ray")
     add("--address", default=None, help="ray: cluster address ('auto', host:port); default: start a local one")
     add("--ray-cpus", type=int, default=None, help="ray: CPUs of the local cluster it starts (default: all)")
@@ -87,6 +90,8 @@ def settings_from(args):
         settings["gradients"] = False
     if args.deterministic:
         settings["deterministic"] = True
+    if args.per_sample:
+        settings["per_sample"] = True
     return settings
 
 
@@ -139,7 +144,9 @@ def run(args):
         return 2
     store = Store(args.out)
     done = store.done()
-    pending = [cell for cell in cells if cell.cell_id not in done]
+    # a finished cell runs again when per-image values are asked for and it has none
+    pending = [cell for cell in cells if cell.cell_id not in done
+               or (cell.per_sample and not store.per_sample_path(cell.cell_id).is_file())]
     if args.dry_run:
         for cell in cells:
             state = "pending" if cell in pending else "done"
@@ -159,14 +166,15 @@ def run(args):
         if track is not None:  # first: a cell whose logging failed is not marked finished
             track(cell, result)
         # a model name or path that holds the tracker's API key must not carry it into the table
-        store.write(cell.cell_id, [{k: redact(v) for k, v in row.items()} for row in result["rows"]])
+        store.write(cell.cell_id, [{k: redact(v) for k, v in row.items()} for row in result["rows"]],
+                    result["per_sample"])
 
     try:
         _train_models(pending)
         options = dict(device=args.device, record_steps=track is not None, progress=not args.no_progress)
         if args.executor == "ray":
             options.update(address=args.address, num_cpus=args.ray_cpus)
-        ran = EXECUTORS[args.executor](pending, on_done, lambda cell: store.claim(cell.cell_id), **options)
+        ran = EXECUTORS[args.executor](pending, on_done, lambda cell: store.claim(cell.cell_id, again=cell.cell_id in done), **options)
     except SettingError as error:  # named as the sweep's keys are (sets, models, ...) or by the flag
         print(f"mtrobust-fast sweep: error: {flagged(error, {'models': 'models', 'sets': 'sets'})}", file=sys.stderr)
         return 2

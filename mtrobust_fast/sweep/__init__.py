@@ -28,12 +28,13 @@ Settings (a YAML/TOML file, or the flags of the same names; list keys also take 
     batch_size: 16
     gradients: true                   # the clean input-gradient statistics (first-order terms, Theorem 2)
     deterministic: false
+    per_sample: false                 # also keep each image's values: OUT/per_sample/<cell_id>.parquet
     dense_loss: [task, js]            # objective of dense heads (attacks that take it; null: the attack's own)
     normalize_task_grads: [false, true]  # wgd: L2-normalise each task's input gradient
     grid_weights: [0, 1, 10]          # the grid attack's weights per task (only grid cells use and hash them)
     grid_task: d                      # the grid attack's chosen task (default: each set's first task)
 
-The keys after ``deterministic`` are the sweep keys the attacks declare (``Setting(..., sweep="grid")`` takes a
+The keys after ``per_sample`` are the sweep keys the attacks declare (``Setting(..., sweep="grid")`` takes a
 list and forms a grid axis, ``sweep="value"`` one value); a key reaches only the cells of the attacks that
 declare it, and a new attack's declared keys are sweep keys with no change here.
 

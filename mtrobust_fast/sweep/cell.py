@@ -3,6 +3,7 @@ import math
 import time
 
 import mtrobust_fast
+from mtrobust_fast.analysis import per_sample
 from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.evaluation import SettingError, evaluate_checkpoint, format_value
@@ -59,7 +60,9 @@ def rows(cell, config, summary, seconds):
 
 def run_cell(settings, device="auto", record_steps=False):
     """Attack one cell (given as :meth:`Cell.settings`, so a Ray task can take it) and return ``{"rows",
-    "curves"}``; curves are the per-step mean losses ``{set: {task: [...]}}`` when ``record_steps``."""
+    "curves", "per_sample"}``; curves are the per-step mean losses ``{set: {task: [...]}}`` when
+    ``record_steps``; per_sample is each image's values (a DataFrame, :mod:`mtrobust_fast.analysis.per_sample`)
+    when the cell asks for them, else None."""
     cell = cell_from_settings(settings)
     start = time.perf_counter()
     try:
@@ -68,10 +71,13 @@ def run_cell(settings, device="auto", record_steps=False):
             steps=cell.steps, restarts=cell.restarts, sets=list(cell.sets), split=cell.split, size=cell.size,
             batch_size=cell.batch_size, limit=cell.limit, seed=cell.seed, deterministic=cell.deterministic,
             gradients=cell.gradients, device=device, record_steps=record_steps,
-            surrogate=cell.model.surrogate or None, options=cell.options, intervals=True)
+            surrogate=cell.model.surrogate or None, options=cell.options, intervals=True,
+            per_sample=cell.per_sample)
     except SettingError as error:
         raise SettingError(error.setting, f"{error.reason} (cell {cell.cell_id}: model {cell.model.name}, "
                                           f"{cell.attack} {cell.norm} eps={cell.eps:.4g} steps={cell.steps})",
                            error.value) from error
     seconds = round(time.perf_counter() - start, 3)
-    return {"rows": rows(cell, config, summary, seconds), "curves": summary.get("step_losses", {})}
+    images = per_sample.table(summary).assign(cell_id=cell.cell_id) if cell.per_sample else None
+    return {"rows": rows(cell, config, summary, seconds), "curves": summary.get("step_losses", {}),
+            "per_sample": images}

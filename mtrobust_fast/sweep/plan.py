@@ -39,6 +39,7 @@ CORE_KEYS = {
     "batch_size": (16, "int"),
     "gradients": (True, "bool"),
     "deterministic": (False, "bool"),
+    "per_sample": (False, "bool"),
 }
 SET_WORDS = ("main", "all", "subsets")
 MODEL_KEYS = ("checkpoint", "train", "name", "main", "surrogate")
@@ -84,6 +85,8 @@ class Cell:
     deterministic: bool
     # The attack's other declared sweep settings it takes, {name: value} (None: the attack's own).
     options: dict = field(default_factory=dict, hash=False)
+    # Also keep each image's values (OUT/per_sample/<cell_id>.parquet); output only, not part of the id.
+    per_sample: bool = False
 
     def settings(self):
         """The cell as plain data (the model flattened), e.g. for a tracker or a Ray task."""
@@ -369,7 +372,8 @@ def expand(settings, out):
                           deterministic=settings["deterministic"])
             hashed = {key: value for key, value in taken.items() if declared[key].hashed(value)}
             cell_id = _hash({"model": model.identity, **values, **hashed})[:20]
-            cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values, options=taken))
+            cells.setdefault(cell_id, Cell(cell_id=cell_id, model=model, **values, options=taken,
+                                           per_sample=settings["per_sample"]))
     return list(cells.values())
 
 

@@ -57,13 +57,14 @@ class Store:
                           stacklevel=2)
         return finished
 
-    def claim(self, cell_id):
+    def claim(self, cell_id, again=False):
         """Mark the cell as run by this process (``<id>.claim`` created atomically, holding its pid); False when
-        it is finished or a live process on this machine holds it. A dead holder's claim is taken over, so
-        concurrent sweeps on one folder share the pending cells and a killed one leaves nothing locked."""
+        it is finished (unless ``again``: a finished cell run again for its per-image values) or a live process
+        on this machine holds it. A dead holder's claim is taken over, so concurrent sweeps on one folder share
+        the pending cells and a killed one leaves nothing locked."""
         path = self.cells / f"{cell_id}.claim"
         for _ in range(2):
-            if (self.cells / f"{cell_id}.parquet").exists():
+            if not again and (self.cells / f"{cell_id}.parquet").exists():
                 return False
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -84,7 +85,17 @@ class Store:
     def release(self, cell_id):
         (self.cells / f"{cell_id}.claim").unlink(missing_ok=True)
 
-    def write(self, cell_id, rows):
+    def per_sample_path(self, cell_id):
+        """``OUT/per_sample/<cell_id>.parquet``: each image's values of the cell, when it kept them."""
+        return self.out / "per_sample" / f"{cell_id}.parquet"
+
+    def write(self, cell_id, rows, images=None):
+        """The cell's part; ``images`` (each image's values, a DataFrame) first, so a finished cell that kept
+        them always has them."""
+        if images is not None:
+            path = self.per_sample_path(cell_id)
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, lambda tmp: images.to_parquet(tmp, index=False))
         frame = pd.DataFrame(rows)
         atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
         self.release(cell_id)
