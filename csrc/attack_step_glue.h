@@ -17,6 +17,7 @@ namespace mtr {
 struct PreparedStep {
   at::Tensor x, x0, grads, out;      // grads undefined for a projection (T == 0)
   at::Tensor weights, eps, alpha;    // opmath dtype, contiguous; weights/alpha may be undefined
+  at::Tensor fingerprint;            // int64 [B, 2] or undefined: each output row's fingerprint
   int64_t B = 0, N = 0, T = 0;
   Norm norm = Norm::Linf;
   bool normalize_task_grads = false;
@@ -26,11 +27,13 @@ struct PreparedStep {
 PreparedStep prepare(const at::Tensor& x, const at::Tensor& x0, const c10::optional<at::Tensor>& grads,
                      const c10::optional<at::Tensor>& weights, const at::Tensor& eps,
                      const c10::optional<at::Tensor>& alpha, c10::string_view norm,
-                     bool normalize_task_grads, double lo, double hi, bool inplace);
+                     bool normalize_task_grads, double lo, double hi, bool inplace,
+                     const c10::optional<at::Tensor>& fingerprint = c10::nullopt);
 
-// Fills p.out by running the backend unless there is nothing to compute.
+// Fills p.out (and zeroes, then fills, the fingerprint) by running the backend unless there is nothing to compute.
 template <void (*Run)(PreparedStep&)>
 void run_if_needed(PreparedStep& p) {
+  if (p.fingerprint.defined()) p.fingerprint.zero_();
   if (p.B > 0 && p.N > 0) Run(p);
 }
 
@@ -47,8 +50,8 @@ struct OpsFor {
   static void attack_step_(at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
                                   const c10::optional<at::Tensor>& weights, const at::Tensor& eps,
                                   const at::Tensor& alpha, c10::string_view norm, bool normalize_task_grads,
-                                  double lo, double hi) {
-    auto p = prepare(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi, true);
+                                  double lo, double hi, const c10::optional<at::Tensor>& fingerprint) {
+    auto p = prepare(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi, true, fingerprint);
     run_if_needed<Run>(p);
     if (!p.out.is_same(x)) x.copy_(p.out);
   }

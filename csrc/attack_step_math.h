@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MTR_HD __host__ __device__ __forceinline__
@@ -57,6 +58,7 @@ struct StepProblem {
   Norm norm;
   bool normalize_task_grads;
   acc_t lo, hi;
+  uint64_t* fingerprint;  // [B, 2] zeroed, filled with each output row's fingerprint; nullptr: not computed
 };
 
 // sign() that keeps NaN (a NaN gradient must not silently become "no move") and maps ±0 to ±0.
@@ -109,6 +111,30 @@ MTR_HD acc_t l2_update(acc_t x, acc_t x0, acc_t g, acc_t s, acc_t k, acc_t lo, a
   const acc_t y = x + s * g;
   const acc_t delta = y - x0;
   return clamp_between(x0 + delta * k, lo, hi);
+}
+
+// Fingerprint of a row of the op's output, for attacks that stop a row once its iterate repeats: two 64-bit
+// sums, each adding one mixed word per element computed from the element's position and the bit pattern it is
+// stored with. Wrapping addition is commutative, so the result does not depend on how a kernel splits the row
+// over threads or blocks (CPU and CUDA give the same value); rows with the same stored values always get the
+// same fingerprint, and two different rows the same one with probability about 2^-128.
+MTR_HD uint64_t mix64(uint64_t z) {  // the splitmix64 finaliser: a bijection of 64-bit words
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+MTR_HD uint64_t stored_bits(const T& v) {
+  uint64_t bits = 0;
+  memcpy(&bits, &v, sizeof(T));  // float16/bfloat16/float32/float64: the low 2, 4 or 8 bytes
+  return bits;
+}
+
+MTR_HD void fingerprint_add(uint64_t (&h)[2], int64_t i, uint64_t bits) {
+  const uint64_t position = mix64(static_cast<uint64_t>(i) + 0x9e3779b97f4a7c15ull);
+  h[0] += mix64(position ^ bits);
+  h[1] += mix64(mix64(position + 0x632be59bd9b4e019ull) + bits);
 }
 
 }  // namespace mtr

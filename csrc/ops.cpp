@@ -48,7 +48,8 @@ at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
 PreparedStep prepare(const at::Tensor& x, const at::Tensor& x0, const c10::optional<at::Tensor>& grads,
                      const c10::optional<at::Tensor>& weights, const at::Tensor& eps,
                      const c10::optional<at::Tensor>& alpha, c10::string_view norm,
-                     bool normalize_task_grads, double lo, double hi, bool inplace) {
+                     bool normalize_task_grads, double lo, double hi, bool inplace,
+                     const c10::optional<at::Tensor>& fingerprint) {
   PreparedStep p;
   p.norm = parse_norm(norm);
   p.normalize_task_grads = normalize_task_grads;
@@ -86,6 +87,14 @@ PreparedStep prepare(const at::Tensor& x, const at::Tensor& x0, const c10::optio
     if (weights.has_value()) p.weights = row_parameter(*weights, "weights", {B, p.T}, x);
   }
   p.eps = row_parameter(eps, "eps", {B}, x);
+  if (fingerprint.has_value()) {
+    const auto& f = *fingerprint;
+    TORCH_CHECK_TYPE(f.scalar_type() == at::kLong, "fingerprint must be an int64 tensor, got ", f.scalar_type());
+    TORCH_CHECK_VALUE(f.device() == x.device(), "fingerprint is on ", f.device(), " but x is on ", x.device());
+    TORCH_CHECK_VALUE(f.sizes() == at::IntArrayRef({B, 2}) && f.is_contiguous(),
+                      "fingerprint must be a contiguous [B, 2] tensor, got ", f.sizes());
+    p.fingerprint = f;
+  }
   p.out = inplace && work.is_same(x) ? work : at::empty_like(work);
   return p;
 }
@@ -96,7 +105,7 @@ TORCH_LIBRARY(mtrobust_fast, m) {
   m.def("attack_step(Tensor x, Tensor x0, Tensor grads, Tensor? weights, Tensor eps, Tensor alpha, "
         "str norm, bool normalize_task_grads, float lo, float hi) -> Tensor");
   m.def("attack_step_(Tensor(a!) x, Tensor x0, Tensor grads, Tensor? weights, Tensor eps, Tensor alpha, "
-        "str norm, bool normalize_task_grads, float lo, float hi) -> ()");
+        "str norm, bool normalize_task_grads, float lo, float hi, Tensor(b!)? fingerprint=None) -> ()");
   m.def("project(Tensor x, Tensor x0, Tensor eps, str norm, float lo, float hi) -> Tensor");
   m.def("project_(Tensor(a!) x, Tensor x0, Tensor eps, str norm, float lo, float hi) -> ()");
 }

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtrobust_fast.ops as ops
+from mtrobust_fast.ops import reference
 import ops_cases as C
 
 R = C.R
@@ -239,3 +240,49 @@ def test_non_finite_inputs_follow_the_documented_rules_like_the_oracle(device, n
     assert _same_with_nan(fused, oracle, 1e-5)
     if where in ("x", "x0"):
         assert _same_with_nan(ops.project(x, x0, eps=0.1, norm=norm), R.project(x, x0, eps=0.1, norm=norm), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SMALL
+@given(case=C.step_cases())
+def test_fingerprint_is_the_references_and_leaves_the_step_unchanged(device, case):
+    """attack_step_ with a fingerprint gives the same step as without, and the fingerprint of each updated row
+    equals the NumPy reference; a row equal to another (the batch repeated) gets the same fingerprint."""
+    b = C.build(case, device)
+    plain = ops.attack_step(b.x, b.x0, b.grads, b.weights, **b.step_kwargs())
+    target = C.build(case, device).x
+    fingerprint = torch.full((target.shape[0], 2), -1, dtype=torch.int64, device=device)  # zeroed by the op
+    ops.attack_step_(target, b.x0, b.grads, b.weights, **b.step_kwargs(), fingerprint=fingerprint)
+    assert torch.equal(target.isnan(), plain.isnan()) and torch.equal(target.nan_to_num(), plain.nan_to_num())
+    assert torch.equal(fingerprint.cpu(), reference.fingerprint(target))
+    twice = torch.cat([target, target])
+    prints = reference.fingerprint(twice)
+    assert torch.equal(prints[: target.shape[0]], prints[target.shape[0]:])
+
+
+def test_fingerprint_tells_rows_apart_and_does_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(6, 3 * 60 * 60, generator=gen)
+    grads = torch.randn(2, 6, 3 * 60 * 60, generator=gen)
+    prints = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            x, fingerprint = x0.clone(), torch.zeros(6, 2, dtype=torch.int64)
+            ops.attack_step_(x, x0, grads, eps=0.1, alpha=0.02, fingerprint=fingerprint)
+            prints.append(fingerprint)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(prints[0], prints[1])
+    assert len({tuple(row.tolist()) for row in prints[0]}) == 6  # six different rows, six fingerprints
+    changed = x.clone()
+    changed[2, 1000] = torch.nextafter(changed[2, 1000], torch.tensor(2.0))  # one element one ulp up
+    assert not torch.equal(reference.fingerprint(changed)[2], reference.fingerprint(x)[2])
+
+
+def test_a_bad_fingerprint_tensor_is_refused():
+    x = torch.rand(2, 5)
+    for bad, error in ((torch.zeros(2, 2), TypeError), (torch.zeros(3, 2, dtype=torch.int64), ValueError)):
+        with pytest.raises(error, match="fingerprint"):
+            ops.attack_step_(x, x.clone(), torch.randn(5 * 2).view(2, 5), eps=0.1, alpha=0.1, fingerprint=bad)

@@ -8,7 +8,8 @@
 // Passes over memory: linf 1; linf with normalised task gradients 2 (the first reads only the gradients);
 // l2 2; l2 normalised 3. For L2 the pass that sums the row also keeps the combined gradient in a row
 // buffer, so the final pass reads one gradient instead of T, starting from the end of the row (in cache), and
-// streams a fresh float32 output past the cache.
+// streams a fresh float32 output past the cache. With a fingerprint, the final pass also adds each output
+// element into its row's fingerprint (per chunk, then the chunks' sums: the same value whatever the threading).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -128,8 +129,15 @@ class CpuStep {
 
     const acc_t eps = p_.eps[b];
     const acc_t alpha = p_.alpha ? p_.alpha[b] : acc_t(0);
+    std::vector<uint64_t> fingerprints(p_.fingerprint ? chunks_ * 2 : 0, 0);
     if (p_.norm == Norm::Linf) {
-      for_chunks(parallel, [&](int64_t c) { write_linf(b, c, coef.data(), alpha, eps); });
+      for_chunks(parallel, [&](int64_t c) {
+        if (p_.fingerprint)
+          write_linf<true>(b, c, coef.data(), alpha, eps, &fingerprints[c * 2]);
+        else
+          write_linf<false>(b, c, coef.data(), alpha, eps, nullptr);
+      });
+      add_fingerprint(b, fingerprints);
       return;
     }
     std::vector<double> partial(chunks_ * 3, 0.0);
@@ -142,8 +150,25 @@ class CpuStep {
     }
     const L2RowScalars r = l2_row_scalars(gg, dg, dd, alpha, eps);
     for_chunks(
-        parallel, [&](int64_t c) { write_l2(b, c, g_row, static_cast<acc_t>(r.s), static_cast<acc_t>(r.k)); },
+        parallel,
+        [&](int64_t c) {
+          write_l2(b, c, g_row, static_cast<acc_t>(r.s), static_cast<acc_t>(r.k),
+                   p_.fingerprint ? &fingerprints[c * 2] : nullptr);
+        },
         true);
+    add_fingerprint(b, fingerprints);
+  }
+
+  // Row b's fingerprint: the wrapping sum of its chunks' (commutative, so independent of the chunk order).
+  void add_fingerprint(int64_t b, const std::vector<uint64_t>& chunks) const {
+    if (!p_.fingerprint) return;
+    uint64_t h[2] = {0, 0};
+    for (int64_t c = 0; c < chunks_; ++c) {
+      h[0] += chunks[c * 2];
+      h[1] += chunks[c * 2 + 1];
+    }
+    p_.fingerprint[b * 2] = h[0];
+    p_.fingerprint[b * 2 + 1] = h[1];
   }
 
   // g[i] = Σ_t coef[t]·grads[t, b, begin + i] for one tile.
@@ -176,15 +201,26 @@ class CpuStep {
     }
   }
 
-  void write_linf(int64_t b, int64_t c, const acc_t* coef, acc_t alpha, acc_t eps) const {
+  template <bool kFingerprint>
+  void write_linf(int64_t b, int64_t c, const acc_t* coef, acc_t alpha, acc_t eps, uint64_t* fingerprint) const {
     const acc_t lo = p_.lo, hi = p_.hi;
+    uint64_t h[2] = {0, 0};
+    const scalar_t* row_out = p_.out + b * p_.N;
     for_tiles(b, c, coef, nullptr, [&](const scalar_t* x, const scalar_t* x0, const acc_t* g, scalar_t* out,
                                        int64_t len) {
       for (int64_t i = 0; i < len; ++i) {
         out[i] = static_cast<scalar_t>(linf_update(static_cast<acc_t>(x[i]), static_cast<acc_t>(x0[i]), g[i],
                                                    alpha, eps, lo, hi));
       }
+      if constexpr (kFingerprint) {
+        const int64_t first = out - row_out;
+        for (int64_t i = 0; i < len; ++i) fingerprint_add(h, first + i, stored_bits(out[i]));
+      }
     });
+    if constexpr (kFingerprint) {
+      fingerprint[0] = h[0];
+      fingerprint[1] = h[1];
+    }
   }
 
   void l2_sums(int64_t b, int64_t c, const acc_t* coef, acc_t* g_row, double* sums) const {
@@ -206,7 +242,7 @@ class CpuStep {
 
   // The final L2 pass: reads the combined gradient back from the row buffer instead of re-combining tasks.
   // Results go through a tile buffer to store_tile, which streams float32 tiles past the cache.
-  void write_l2(int64_t b, int64_t c, const acc_t* g_row, acc_t s, acc_t k) const {
+  void write_l2(int64_t b, int64_t c, const acc_t* g_row, acc_t s, acc_t k, uint64_t* fingerprint) const {
     const int64_t row = b * p_.N, end = std::min(p_.N, (c + 1) * kChunk);
     const scalar_t* x = p_.x + row;
     const scalar_t* x0 = p_.x0 + row;
@@ -218,6 +254,12 @@ class CpuStep {
         const int64_t j = begin + i;
         tile[i] = static_cast<scalar_t>(
             l2_update(static_cast<acc_t>(x[j]), static_cast<acc_t>(x0[j]), g_row[j], s, k, lo, hi));
+      }
+      if (fingerprint) {
+        uint64_t h[2] = {0, 0};
+        for (int64_t i = 0; i < len; ++i) fingerprint_add(h, begin + i, stored_bits(tile[i]));
+        fingerprint[0] += h[0];
+        fingerprint[1] += h[1];
       }
       store_tile(tile, p_.out + row + begin, len);
     }
@@ -256,7 +298,8 @@ void run_cpu(PreparedStep& p) {
         p.weights.defined() ? p.weights.const_data_ptr<acc_t>() : nullptr,
         p.eps.const_data_ptr<acc_t>(),
         p.alpha.defined() ? p.alpha.const_data_ptr<acc_t>() : nullptr,
-        p.B, p.N, p.T, p.norm, p.normalize_task_grads, static_cast<acc_t>(p.lo), static_cast<acc_t>(p.hi)};
+        p.B, p.N, p.T, p.norm, p.normalize_task_grads, static_cast<acc_t>(p.lo), static_cast<acc_t>(p.hi),
+        p.fingerprint.defined() ? reinterpret_cast<uint64_t*>(p.fingerprint.mutable_data_ptr<int64_t>()) : nullptr};
     CpuStep<scalar_t, acc_t>(prob).run();
   });
 }

@@ -31,7 +31,10 @@ void run_cuda(PreparedStep& p) {
   const c10::cuda::CUDAGuard guard(p.x.device());
   const cuda::Launch launch{p.x.const_data_ptr(),  p.x0.const_data_ptr(), data_or_null(p.grads),
                             p.out.mutable_data_ptr(), data_or_null(p.weights), p.eps.const_data_ptr(),
-                            data_or_null(p.alpha),  p.B, p.N, p.T, p.norm, p.normalize_task_grads, p.lo, p.hi};
+                            data_or_null(p.alpha),  p.B, p.N, p.T, p.norm, p.normalize_task_grads, p.lo, p.hi,
+                            p.fingerprint.defined()
+                                ? reinterpret_cast<uint64_t*>(p.fingerprint.mutable_data_ptr<int64_t>())
+                                : nullptr};
   const cuda::DType dtype = kernel_dtype(p.x.scalar_type());
   const size_t bytes = cuda::workspace_bytes(launch, dtype);
   at::Tensor workspace;

@@ -2,8 +2,9 @@
 //
 // Each row of N elements is cut into fixed chunks of kThreads·kItems·V elements (V = elements per 16-byte
 // vector when rows and pointers allow it, else 1); one block handles one chunk of one row. Per-row sums
-// are written per chunk and added in a fixed order by the next kernel's prologue: no atomics, no host
-// synchronisation, deterministic results. Kernels per call:
+// are written per chunk and added in a fixed order by the next kernel's prologue: no host synchronisation,
+// deterministic results. The only atomics add a block's part of a row's fingerprint (wrapping integer sums,
+// the same whatever the order). Kernels per call:
 //   linf:               update                                   (one pass over memory)
 //   linf, normalised:   task_sumsq → update
 //   l2:                 l2_sums → update
@@ -74,6 +75,30 @@ __device__ __forceinline__ void block_sum(double (&v)[K]) {
       for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w][k];
       v[k] = total;
     }
+  }
+}
+
+// Wrapping sums of each thread's two fingerprint words over the block, added to the row's (one atomic each).
+__device__ __forceinline__ void add_block_fingerprint(uint64_t (&h)[2], uint64_t* row) {
+  __shared__ unsigned long long warp_sums[kThreads / 32][2];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned long long v[2] = {h[0], h[1]};
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    for (int offset = 16; offset > 0; offset /= 2) v[k] += __shfl_down_sync(0xffffffffu, v[k], offset);
+  if (lane == 0) {
+    warp_sums[warp][0] = v[0];
+    warp_sums[warp][1] = v[1];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total[2] = {0, 0};
+    for (int w = 0; w < kThreads / 32; ++w) {
+      total[0] += warp_sums[w][0];
+      total[1] += warp_sums[w][1];
+    }
+    atomicAdd(reinterpret_cast<unsigned long long*>(row), total[0]);
+    atomicAdd(reinterpret_cast<unsigned long long*>(row) + 1, total[1]);
   }
 }
 
@@ -203,6 +228,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   row_coefficients(p, b, geo.nchunks, task_partial, coef);  // ends with __syncthreads()
   const acc_t s = p.norm == Norm::L2 ? row_s : acc_t(0), k = p.norm == Norm::L2 ? row_k : acc_t(0);
+  uint64_t h[2] = {0, 0};
   for_vectors<scalar_t, acc_t, V>(
       p, geo, b, c, coef, [&](int64_t i, const acc_t(&g)[V], const Vec<scalar_t, V>& x, const Vec<scalar_t, V>& x0) {
         Vec<scalar_t, V> out;
@@ -212,9 +238,11 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t r = p.norm == Norm::Linf ? linf_update(xj, x0j, g[j], alpha, eps, p.lo, p.hi)
                                                : l2_update(xj, x0j, g[j], s, k, p.lo, p.hi);
           out.v[j] = from_acc<scalar_t>(r);
+          if (p.fingerprint) fingerprint_add(h, i + j, stored_bits(out.v[j]));
         }
         *reinterpret_cast<Vec<scalar_t, V>*>(p.out + b * p.N + i) = out;
       });
+  if (p.fingerprint) add_block_fingerprint(h, p.fingerprint + b * 2);  // the branch is uniform over the block
 }
 
 template <typename scalar_t>
@@ -226,7 +254,8 @@ StepProblem<scalar_t, typename Opmath<scalar_t>::type> problem(const Launch& l) 
           static_cast<const acc_t*>(l.alpha),      l.B,
           l.N,                                     l.T,
           l.norm,                                  l.normalize_task_grads,
-          static_cast<acc_t>(l.lo),                static_cast<acc_t>(l.hi)};
+          static_cast<acc_t>(l.lo),                static_cast<acc_t>(l.hi),
+          l.fingerprint};
 }
 
 template <typename scalar_t, int V>

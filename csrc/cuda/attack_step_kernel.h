@@ -28,6 +28,7 @@ struct Launch {
   Norm norm;
   bool normalize_task_grads;
   double lo, hi;
+  uint64_t* fingerprint;  // [B, 2], zeroed by the caller; nullptr: not computed
 };
 
 // Bytes of device scratch memory the launch needs (per-chunk partial sums); may be 0.

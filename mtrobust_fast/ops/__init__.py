@@ -157,9 +157,21 @@ def attack_step(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normaliz
 
 
 def attack_step_(x, x0, grads, weights=None, *, eps, alpha, norm="linf", normalize_task_grads=False,
-                 lo=0.0, hi=1.0):
-    """In-place form of :func:`attack_step`: updates and returns ``x``."""
-    _ops.attack_step_(*_step_args(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi))
+                 lo=0.0, hi=1.0, fingerprint=None):
+    """In-place form of :func:`attack_step`: updates and returns ``x``.
+
+    ``fingerprint``: None, or an int64 ``[B, 2]`` tensor on x's device that receives each updated row's
+    fingerprint, computed in the same pass: two 64-bit wrapping sums of a mixed word per element made from its
+    position and stored bit pattern (``mtrobust_fast.ops.reference.fingerprint`` computes the same). Rows with
+    equal stored values get equal fingerprints; two different rows collide with probability about 2^-128. It
+    lets an attack recognise an iterate it has seen before (see :mod:`mtrobust_fast.attacks.early_exit`)."""
+    if fingerprint is not None:
+        if not isinstance(fingerprint, torch.Tensor) or fingerprint.dtype != torch.int64:
+            raise TypeError("fingerprint must be an int64 tensor")
+        if fingerprint.shape != (x.shape[0], 2) or not fingerprint.is_contiguous() or fingerprint.device != x.device:
+            raise ValueError(f"fingerprint must be a contiguous [{x.shape[0]}, 2] tensor on {x.device}, got "
+                             f"{tuple(fingerprint.shape)} on {fingerprint.device}")
+    _ops.attack_step_(*_step_args(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi), fingerprint)
     return x
 
 
@@ -181,11 +193,12 @@ def project_(x, x0, *, eps, norm="linf", lo=0.0, hi=1.0):
     return x
 
 
-def attack_step_prepared_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi):
+def attack_step_prepared_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi, fingerprint=None):
     """:func:`attack_step_` on arguments already in the operator's form (``grads`` ``[T, B, *S]``, ``eps`` and
     ``alpha`` from :func:`row_values`, ``norm`` from :func:`check_norm`, bounds from :func:`check_bounds`),
-    without checking them again: the hot loop of an attack that checked them when it started."""
-    _ops.attack_step_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi)
+    without checking them again: the hot loop of an attack that checked them when it started.
+    ``fingerprint``: an int64 ``[B, 2]`` tensor (see :func:`attack_step_`)."""
+    _ops.attack_step_(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi, fingerprint)
     return x
 
 
@@ -208,7 +221,8 @@ def _attack_step_fake(x, x0, grads, weights, eps, alpha, norm, normalize_task_gr
 
 
 @torch.library.register_fake("mtrobust_fast::attack_step_")
-def _attack_step_inplace_fake(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi):
+def _attack_step_inplace_fake(x, x0, grads, weights, eps, alpha, norm, normalize_task_grads, lo, hi,
+                              fingerprint=None):
     return None
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-__all__ = ["TINY", "opmath_dtype", "attack_step", "project"]
+__all__ = ["TINY", "opmath_dtype", "attack_step", "project", "fingerprint"]
 
 TINY = 1e-12
 
@@ -121,3 +122,33 @@ def attack_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, weights:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     out = _project_opmath(y, x0f, eps_r, norm, lo, hi)
     return (_nan_rows(out, xf, x0f, combined) if norm == "l2" else out).to(x.dtype)
+
+
+_MASK = (1 << 64) - 1
+_UINT = {2: "uint16", 4: "uint32", 8: "uint64"}
+
+
+def _mix64(z):
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def fingerprint(x):
+    """The [B, 2] int64 fingerprint ``attack_step_`` writes for output rows ``x``: per row, the wrapping sums over
+    its elements i of mix(mix(i + c) ^ bits) and mix(mix(mix(i + c) + d) + bits), bits being the element's stored
+    bit pattern and i its position in the row as the op walks it: memory order for channels_last tensors,
+    row-major order otherwise. Plain NumPy uint64 arithmetic, written for clarity."""
+    x = x.detach().cpu()
+    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dims and not x.is_contiguous() and x.is_contiguous(memory_format=layout):
+            x = x.permute(0, *range(2, dims), 1)  # the memory order of a channels_last row
+    rows = x.contiguous().reshape(x.shape[0], -1)
+    bits = rows.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]).numpy()
+    bits = bits.view(_UINT[rows.element_size()]).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        position = _mix64(np.arange(bits.shape[1], dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        first = _mix64(position[None] ^ bits).sum(axis=1, dtype=np.uint64)
+        second = _mix64(_mix64(position + np.uint64(0x632BE59BD9B4E019))[None] + bits).sum(axis=1, dtype=np.uint64)
+    return torch.from_numpy(np.stack([first, second], axis=1).view(np.int64).copy())
