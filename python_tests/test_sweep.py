@@ -260,7 +260,7 @@ def test_a_cell_tracked_then_killed_before_its_part_is_tracked_once(setup, tmp_p
     argv = ["sweep", "--out", str(out), "--data", str(data), "--checkpoint", str(sdn), "--steps", "1",
             "--limit", "1", "--sets", "s", "--no-gradients", "--no-progress", "--tracker", "local"]
 
-    def killed(self, cell_id, rows):
+    def killed(self, cell_id, rows, per_sample=None):
         raise KeyboardInterrupt  # the kill lands after tracking, before the part is written
 
     monkeypatch.setattr(Store, "write", killed)
