@@ -47,7 +47,7 @@ def test_every_declared_attack_setting_is_a_flag_of_attack_and_every_sweep_key_o
 
 # A value away from the default of every sweep key the attacks declare; a new sweep key must add one here.
 SAMPLES = {"alpha": "1/255", "steps": 1, "dense_loss": "js", "normalize_task_grads": True, "grid_weights": "0,1",
-           "grid_task": "d"}
+           "grid_task": "d", "early_exit": False}
 
 
 def test_every_sweep_key_is_accepted_by_the_sweep_and_lands_in_the_table(setup, tmp_path):
@@ -66,7 +66,8 @@ def test_every_sweep_key_is_accepted_by_the_sweep_and_lands_in_the_table(setup, 
     argv = ["sweep", "--out", str(tmp_path / "out"), "--data", str(data), "--checkpoint", str(checkpoint),
             "--attack", ",".join(attacks), "--sets", "sd", "--limit", "1", "--batch-size", "1", "--no-gradients",
             "--no-progress", *(item for name, value in SAMPLES.items() for item in
-                               ((flag(keys[name]), str(value).lower()) if isinstance(value, bool)
+                               ((flag(keys[name]),) if value is False and keys[name].default is True  # a --no- switch
+                                else (flag(keys[name]), str(value).lower()) if isinstance(value, bool)
                                 else (flag(keys[name]), str(value))))]
     assert cli_main(argv) == 0
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
@@ -75,7 +76,8 @@ def test_every_sweep_key_is_accepted_by_the_sweep_and_lands_in_the_table(setup, 
     grid = table[table["attack"] == "grid"]
     assert set(grid["grid_weights"]) == {"0,1"} and set(grid["grid_task"]) == {"d"}
     assert set(table["steps"]) == {1}
-    assert set(wgd["attack_options"]) == {"normalize_task_grads=true dense_loss=js"}
+    assert set(wgd["attack_options"]) == {"normalize_task_grads=true dense_loss=js early_exit=false"}
+    assert set(wgd["early_exit"]) == {"false"}
     for name in keys:
         assert name in table.columns, name
 

@@ -25,13 +25,16 @@ class SettingRefused(SettingValueError):
 
 def build_attack(name, model, tasks=None, **settings):
     """The attack ``name`` (registered in ``ATTACKS``) on ``model``. Settings that are None mean "the attack's own
-    default" and are left out, as is False for a flag-like optional setting; an optional setting (one some
-    registered attack declares) that this attack does not declare raises :class:`SettingRefused`."""
+    default" and are left out, as is False for an optional setting that is off by default (a switch not
+    turned on); an optional setting (one some registered attack declares) that this attack does not declare raises
+    :class:`SettingRefused`."""
     cls = ATTACKS.get(name)
-    optional = set(ATTACKS.settings()) | {key for c in ATTACKS.values() for key in c.refused}
+    declared = ATTACKS.settings()
+    optional = set(declared) | {key for c in ATTACKS.values() for key in c.refused}
     chosen = {}
     for key, value in settings.items():
-        if value is None or (key in optional and value is False):
+        switch_off = value is False and key in optional and (key not in declared or declared[key].default is not True)
+        if value is None or switch_off:
             continue
         if key in optional and not cls.takes(key):
             raise SettingRefused(key, cls.refused.get(key, f"{name} does not take it"))

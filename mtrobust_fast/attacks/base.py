@@ -17,9 +17,10 @@ import torch
 
 from mtrobust_fast import budgets, ops, task_names
 from mtrobust_fast.attacks import dense
+from mtrobust_fast.attacks.cost import Cost
 from mtrobust_fast.attacks.specs import resolve_specs
 from mtrobust_fast.models.multitask import MultiTaskModel
-from mtrobust_fast.registry import Registry, Setting, integer, number, text
+from mtrobust_fast.registry import Registry, Setting, boolean, integer, number, text
 from mtrobust_fast.tasks import opmath
 
 ATTACKS = Registry("attack")  # every attack registers itself here (``@ATTACKS.register("pgd")``)
@@ -28,6 +29,9 @@ ATTACKS = Registry("attack")  # every attack registers itself here (``@ATTACKS.r
 ALPHA = Setting("alpha", number, None, low=0, sweep="grid",
                 help="step size in [0,1] pixels, e.g. 2/255 (default: the attack's own, 2.5*eps/steps for PGD)")
 STEPS = Setting("steps", integer, None, low=1, sweep="grid", help="iterations (default: the attack's own, 25 for PGD)")
+EARLY_EXIT = Setting("early_exit", boolean, True, sweep="value", cell_id=False,
+                     help="stop a row once its iterate repeats an earlier one, with exactly the full run's result "
+                          "(L-inf, eval mode, a deterministic model; see mtrobust_fast.attacks.early_exit)")
 DENSE_LOSS = Setting("dense_loss", text, None, choices=dense.LOSSES, sweep="grid",
                      help="objective for segmentation and regression heads: task (their training loss), segpgd, "
                           "cospgd, masked_ce, balanced_masked_ce, js (default: the attack's own: segpgd for segpgd, "
@@ -86,6 +90,21 @@ class Rows:
     ids: torch.Tensor
     task_rows: dict
 
+    def select(self, index):
+        """The rows ``index`` (a device tensor of row positions) as a :class:`Rows` of their own."""
+        total = self.x0.shape[0]
+        task_rows = {}
+        for name, chosen in self.task_rows.items():
+            if chosen is None:
+                task_rows[name] = None
+                continue
+            member = torch.zeros(total, dtype=torch.bool, device=index.device)
+            member[chosen] = True
+            task_rows[name] = member[index].nonzero().flatten()
+        return Rows(self.x0[index], {k: v[index] for k, v in self.targets.items()},
+                    {k: v[index] for k, v in self.masks.items()}, self.active, self.weights[index], self.eps[index],
+                    self.alpha[index], self.ids[index.cpu()], task_rows)
+
 
 MODEL_MODES = ("eval", "train")
 
@@ -110,6 +129,9 @@ class Attack(abc.ABC):
 
     default_random_start = True
     classifier_only = False
+    # Whether the next iterate is a function of the current one alone (fixed step, no step-dependent weights), so
+    # that an iterate repeating an earlier one can end its row exactly (``early_exit``).
+    cycles_exactly = False
     settings = (ALPHA, STEPS, DENSE_LOSS)
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
     summary_key = None
@@ -145,7 +167,8 @@ class Attack(abc.ABC):
 
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
-                 channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval", dense_loss="task"):
+                 channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval", dense_loss="task",
+                 early_exit=True):
         model = unwrap(model)
         self.model = model
         self.specs = resolve_specs(model, tasks)
@@ -170,6 +193,13 @@ class Attack(abc.ABC):
         if dense_loss not in dense.LOSSES:
             raise ValueError(f"dense_loss must be one of {dense.LOSSES}, got {dense_loss!r}")
         self.dense_loss = dense_loss
+        self.early_exit = bool(early_exit)
+        self._fingerprint = None  # set by early_exit.iterate for the step it runs
+        self._stopped = None  # set by a step: its rows that stop on success (early_exit.iterate reads it)
+        self._keep_step_errors = False  # loss evaluations also keep the heads' errors (success stops read them)
+        self._step_errors = None  # [R, T] those errors, of the last loss evaluation
+        self._deterministic_model = None  # whether this call's rows passed _check_determinism
+        self.cost = Cost()  # what every call so far spent
         self._evaluations = 0  # gradient evaluations of the current restart: the dense losses' progress
         self.step_losses = None
         self.on_gradient = None  # optional callable(), told of every gradient evaluation (progress bars)
@@ -256,23 +286,92 @@ class Attack(abc.ABC):
         entries are 0. Heads no row attacks are neither run forward nor back-propagated, so a single-task
         attack costs encoder + one head, and ``run_subsets`` does no more head work than separate runs."""
         by_name = {s.name: s for s in self._step_specs()}
+        keep = self._keep_step_errors
+        errors = []
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if task_rows is None or not self._splits_heads(names):
                 outputs = self.model(x)
-                return [by_name[n].loss(opmath(by_name[n].output(outputs)), targets[n], masks.get(n)) for n in names]
+                columns = []
+                for n in names:
+                    output = opmath(by_name[n].output(outputs))
+                    columns.append(by_name[n].loss(output, targets[n], masks.get(n)))
+                    if keep:
+                        errors.append(self._error(by_name[n], output, targets[n], masks.get(n)))
+                if keep:
+                    self._step_errors = torch.stack(errors, dim=1)
+                return columns
             representation = self.model.encode(x)
             columns = []
             for n in names:
                 index = task_rows.get(n)
-                if index is None:
-                    columns.append(by_name[n].loss(opmath(self.model.decoders[n](representation)),
-                                                   targets[n], masks.get(n)))
+                if index is not None and index.numel() == 0:  # no row of this batch attacks the task (rows left)
+                    columns.append(torch.zeros(x.shape[0], dtype=opmath(x).dtype, device=x.device))
+                    errors.append(columns[-1].detach())
                     continue
-                output = opmath(self.model.decoders[n](representation[index]))
-                mask = masks.get(n)
-                loss = by_name[n].loss(output, targets[n][index], None if mask is None else mask[index])
-                columns.append(loss.new_zeros(x.shape[0]).index_copy(0, index, loss))
+                mask, target = masks.get(n), targets[n]
+                if index is not None:
+                    mask, target = None if mask is None else mask[index], target[index]
+                output = opmath(self.model.decoders[n](representation if index is None else representation[index]))
+                loss = by_name[n].loss(output, target, mask)
+                error = self._error(by_name[n], output, target, mask) if keep else None
+                if index is not None:
+                    loss = loss.new_zeros(x.shape[0]).index_copy(0, index, loss)
+                    error = None if error is None else error.new_zeros(x.shape[0]).index_copy(0, index, error)
+                columns.append(loss)
+                errors.append(error)
+            if keep:
+                self._step_errors = torch.stack(errors, dim=1)
             return columns
+
+    @staticmethod
+    def _error(spec, output, target, mask):
+        with torch.no_grad():
+            return spec.error(output.detach(), target, mask).to(output.dtype)
+
+    def _succeeded(self, x, rows, errors=None):
+        """[R] whether every task a row attacks is wrong at ``x`` (its 0/1 error is 1); ``errors`` [R, T] if
+        already known."""
+        if errors is None:
+            self._keep_step_errors = True
+            try:
+                with torch.no_grad():
+                    self._row_losses(x, rows)
+            finally:
+                self._keep_step_errors = False
+            errors = self._step_errors
+        return ((errors >= 1) | (rows.weights == 0)).all(dim=1)
+
+    def _may_exit_early(self):
+        """Whether this attack's rows may stop once their iterate repeats, as far as its settings tell:
+        ``early_exit`` on, an attack whose next iterate depends on the current one alone, L∞ sign steps, eval
+        mode, no step-dependent objective, no recorded loss curves (they keep one value per row and step)."""
+        return (self.early_exit and self.cycles_exactly and self.norm == "linf" and self.model_mode == "eval"
+                and self.dense_loss not in dense.STEP_DEPENDENT and not self.record_steps)
+
+    @property
+    def exits_early(self):
+        """Whether the current call's rows stop once their iterate repeats: :meth:`_may_exit_early`, and the
+        model passed :meth:`_check_determinism` on this call's rows."""
+        return self._may_exit_early() and bool(self._deterministic_model)
+
+    def _check_determinism(self, rows):
+        """A probe of what an exact early exit needs of the model: each row's losses must depend neither on chance
+        nor on which other rows share its batch. The rows' losses at their clean inputs are computed as one batch,
+        then again for the first two rows and for the last half as batches of their own; a single bit of
+        difference (dropout left on, noise, batch-size-dependent arithmetic) turns early exit off for this call.
+        A probe, not a proof: a backend that changes its arithmetic only at batch sizes the probe did not try
+        would pass it. Costs about two forward passes, and none when early exit is off anyway."""
+        self._deterministic_model = False
+        total = rows.x0.shape[0]
+        if not self._may_exit_early() or total == 0:
+            return
+        with torch.no_grad():
+            full = self._row_losses(rows.x0, rows)
+            for probe in (torch.arange(min(2, total)), torch.arange(total // 2, total)):
+                sub = rows.select(probe.to(rows.x0.device))
+                if not torch.equal(full[probe.to(full.device)], self._row_losses(sub.x0, sub)):
+                    return
+        self._deterministic_model = True
 
     def _step_specs(self):
         """The specs with the losses of this step: the tasks' own, or the ``dense_loss`` objective at the
@@ -343,7 +442,7 @@ class Attack(abc.ABC):
         the arguments were brought to the op's form when the attack started, so the prepared path is taken."""
         return ops.attack_step_prepared_(x, rows.x0, grads, task_weights, rows.eps,
                                          rows.alpha if alpha is None else alpha, self.norm, normalize_task_grads,
-                                         self.lo, self.hi)
+                                         self.lo, self.hi, self._fingerprint)
 
     def _project(self, x, rows):
         """In place: x projected onto the rows' balls and the input box (the prepared path, as :meth:`_step`)."""
@@ -463,7 +562,9 @@ class Attack(abc.ABC):
         rows = Rows(x0, targets, masks, active, table.repeat_interleave(block, dim=0).to(x0.device),
                     _row_budget("eps", self.eps, block, repeats, x0),
                     _row_budget("alpha", self.alpha, block, repeats, x0), ids, task_rows)
-        with self._model_mode(), torch.enable_grad():  # input gradients even when called under no_grad
+        # input gradients even when called under no_grad
+        with self._model_mode(), torch.enable_grad(), self.cost.counting(self.model, count):
+            self._check_determinism(rows)
             best_x, best_loss = None, None
             for restart in range(self.restarts):
                 self._steps, self._evaluations = [], 0
@@ -474,6 +575,8 @@ class Attack(abc.ABC):
                 if self.restarts == 1:
                     return x_adv.detach()
                 loss = self._score(x_adv, rows, self._objective(x_adv, rows))
+                if getattr(self, "stop_on_success", False):  # a point every attacked head gets wrong wins
+                    loss = torch.where(self._succeeded(x_adv, rows), torch.inf, loss)
                 if best_x is None:
                     best_x, best_loss = x_adv.detach(), loss
                 else:

@@ -2,8 +2,9 @@
 attacked tasks' losses, attack one task at a time, in turn, either per step or per batch."""
 import torch
 
+from mtrobust_fast.attacks import early_exit
 from mtrobust_fast.attacks.base import ATTACKS
-from mtrobust_fast.attacks.pgd import PGD
+from mtrobust_fast.attacks.pgd import PGD, STOP_ON_SUCCESS
 
 
 @ATTACKS.register("cyclic_step")
@@ -13,21 +14,25 @@ class CyclicStep(PGD):
     first attacked (1 when that value is 0), as the source study normalised it; with one task per step the scale
     changes no step (L∞ steps take the sign, L2 steps the unit direction), so the walk is the cycle itself. One
     forward and one backward per step, every row of every attacked set together. Arguments are PGD's; restarts
-    keep the point with the highest summed loss of the attacked tasks."""
+    keep the point with the highest summed loss of the attacked tasks. Early exit (L∞) compares a row's iterates
+    only at the same position in its cycle of n tasks, once every task has had its turn."""
+
+    settings = tuple(s for s in PGD.settings if s is not STOP_ON_SUCCESS)
+    refused = {**PGD.refused, "stop_on_success": "cyclic_step attacks several tasks in turn; use pgd"}
 
     def _optimize(self, x, rows):
         attacked = rows.weights != 0
-        order = attacked.cumsum(dim=1) - 1  # the position of each attacked task within its row's set
         count = attacked.sum(dim=1).clamp_min(1)
-        first = torch.ones_like(rows.weights)
-        seen = torch.zeros_like(attacked)
-        for step in range(self.steps):
-            turn = attacked & (order == (step % count)[:, None])
-            seen, first = self._cyclic_step(x, rows, turn, seen, first)
-        return x
+        state = (torch.zeros_like(attacked), torch.ones_like(rows.weights))
+        return early_exit.iterate(self, x, rows, self._cyclic_step, state=state, periods=count)
 
-    def _cyclic_step(self, x, rows, turn, seen, first):
-        """One in-place step on the tasks of ``turn`` [R, T]; returns the updated (seen, first-inclusion losses)."""
+    def _cyclic_step(self, x, rows, state, number):
+        """One in-place step on the task whose turn it is at step ``number``; ``state``: (the tasks [R, T] seen so
+        far, their losses when first attacked); returns it updated."""
+        seen, first = state
+        attacked = rows.weights != 0
+        order = attacked.cumsum(dim=1) - 1  # the position of each attacked task within its row's set
+        turn = attacked & (order == (number % attacked.sum(dim=1).clamp_min(1))[:, None])
         xg = x.detach().requires_grad_(True)
         columns = self._task_loss_columns(xg, rows.targets, rows.masks, rows.active, rows.task_rows)
         losses = torch.stack(columns, dim=1)

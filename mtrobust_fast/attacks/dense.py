@@ -27,6 +27,7 @@ from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.tasks import SEGMENT_IGNORE, opmath
 
 LOSSES = ("task", "segpgd", "cospgd", "masked_ce", "balanced_masked_ce", "js")
+STEP_DEPENDENT = ("segpgd",)  # objectives that change with the step count (no exact early exit)
 
 
 def _pixels(output, target, mask):

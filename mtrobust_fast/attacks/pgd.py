@@ -1,5 +1,12 @@
 """Projected gradient descent (Madry et al.) on the sum of the attacked tasks' per-sample losses, and FGSM."""
-from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, Attack
+from mtrobust_fast.attacks import early_exit
+from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, EARLY_EXIT, STEPS, Attack
+from mtrobust_fast.registry import Setting, boolean
+
+STOP_ON_SUCCESS = Setting(
+    "stop_on_success", boolean, False,
+    help="classification heads: stop a row at its first iterate that every attacked head gets wrong (a robust "
+         "accuracy lower than or equal to the full run's, not identical to it)")
 
 
 @ATTACKS.register("pgd")
@@ -38,11 +45,30 @@ class PGD(Attack):
     sets at once.
     """
 
+    cycles_exactly = True
+    settings = (ALPHA, STEPS, DENSE_LOSS, EARLY_EXIT, STOP_ON_SUCCESS)
+
+    def __init__(self, model, tasks=None, *, stop_on_success=False, **kwargs):
+        super().__init__(model, tasks, **kwargs)
+        self.stop_on_success = bool(stop_on_success)
+        wrong = [s.name for s in self.specs if s.name in self.target_tasks and not s.top1]
+        if self.stop_on_success and wrong:
+            raise ValueError(f"stop_on_success needs classification heads (a 0/1 top-1 error); {wrong} are not")
+
     def _optimize(self, x, rows):
-        for _ in range(self.steps):
+        return early_exit.iterate(self, x, rows, self._pgd_step)
+
+    def _pgd_step(self, x, rows, state, number):
+        self._keep_step_errors = self.stop_on_success
+        try:
             _, _, grad = self._objective_and_grad(x, rows)
-            self._step(x, rows, grad.unsqueeze(0))
-        return x
+        finally:
+            self._keep_step_errors = False
+        if self.stop_on_success:  # a row already wrong everywhere stays where it is and leaves
+            self._stopped = self._succeeded(x, rows, self._step_errors)
+            grad[self._stopped] = 0
+        self._step(x, rows, grad.unsqueeze(0))
+        return state
 
 
 @ATTACKS.register("fgsm")
@@ -51,8 +77,10 @@ class FGSM(PGD):
     With ``random_start=True`` and a smaller ``alpha`` it is the FGSM-RS step of fast adversarial training."""
 
     default_random_start = False
+    cycles_exactly = False  # one step: nothing to save
     settings = (ALPHA, DENSE_LOSS)
-    refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd"}
+    refused = {**PGD.refused, "steps": "fgsm takes exactly one step; leave steps out or use pgd",
+               "stop_on_success": "fgsm takes one step: there is nothing to stop"}
 
     @staticmethod
     def default_alpha(eps, steps):

@@ -18,12 +18,14 @@ from mtrobust_fast.tasks.protocol import TaskRecord
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One attackable task. ``key``: dict key or tuple index of its output (None: the output is a tensor)."""
+    """One attackable task. ``key``: dict key or tuple index of its output (None: the output is a tensor).
+    ``top1``: its error is a classifier's 0/1 top-1 error (what a success stop reads)."""
 
     name: str
     loss: Callable[..., torch.Tensor]
     key: Optional[Union[str, int]] = None
     error: Optional[Callable[..., torch.Tensor]] = None
+    top1: bool = False
 
     def damage(self, output, target, mask=None):
         """Per-sample error, or the loss for a spec without an error: what composite attacks (the ensemble, the
@@ -45,7 +47,8 @@ class TaskSpec:
 def from_task(task):
     """The spec of a task record (a registry task, a :class:`~mtrobust_fast.tasks.classification.ClassificationTask`, ...)
     on a model whose output dict is keyed by the task's name."""
-    return TaskSpec(task.name, task.loss, key=task.name, error=task.error)
+    return TaskSpec(task.name, task.loss, key=task.name, error=task.error,
+                    top1=isinstance(task, heads.ClassificationTask))
 
 
 def classification(name="label", key=None, loss="ce"):
@@ -53,7 +56,7 @@ def classification(name="label", key=None, loss="ce"):
     on one-hot labels)."""
     if loss not in heads.LOSSES:
         raise ValueError(f"loss must be one of {heads.LOSSES}, got {loss!r}")
-    return TaskSpec(name, heads.LOSS_FUNCTIONS[loss], key=key, error=heads.top1_error)
+    return TaskSpec(name, heads.LOSS_FUNCTIONS[loss], key=key, error=heads.top1_error, top1=True)
 
 
 def resolve_specs(model, tasks):

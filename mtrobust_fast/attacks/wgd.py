@@ -2,7 +2,8 @@
 per sample by each task's relative inverse attack rate."""
 import torch
 
-from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, STEPS, Attack
+from mtrobust_fast.attacks import early_exit
+from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, EARLY_EXIT, STEPS, Attack
 from mtrobust_fast.registry import Setting, boolean
 
 # A start loss at or below this counts as zero (see WGD's docstring).
@@ -58,8 +59,9 @@ class WGD(Attack):
     normalisation.
     """
 
-    settings = (ALPHA, STEPS, NORMALIZE_TASK_GRADS, DENSE_LOSS)
+    settings = (ALPHA, STEPS, NORMALIZE_TASK_GRADS, DENSE_LOSS, EARLY_EXIT)
     refused = {}
+    cycles_exactly = True  # r depends on the current losses and the fixed start losses only
 
     def __init__(self, model, tasks=None, *, normalize_task_grads=False, batched_vjp=False, **kwargs):
         super().__init__(model, tasks, **kwargs)
@@ -67,14 +69,12 @@ class WGD(Attack):
         self._batched_vjp = bool(batched_vjp)
 
     def _optimize(self, x, rows):
-        start = None
-        for _ in range(self.steps):
-            start = self._weighted_step(x, rows, start)
-        return x
+        return early_exit.iterate(self, x, rows, self._weighted_step, state=(None,))
 
-    def _weighted_step(self, x, rows, start):
-        """One in-place WGD step of x; ``start`` holds L(0) [R, T] (None at step 0: measured here). Returns
-        L(0). A method of its own so the step's graph is freed before the next forward."""
+    def _weighted_step(self, x, rows, state, number):
+        """One in-place WGD step of x; ``state`` is ``(L(0),)``, L(0) [R, T] (None at step 0: measured here).
+        Returns ``(L(0),)``. A method of its own so the step's graph is freed before the next forward."""
+        (start,) = state
         xg = x.detach().requires_grad_(True)
         columns = self._task_loss_columns(xg, rows.targets, rows.masks, rows.active, rows.task_rows)
         losses = torch.stack(columns, dim=1)
@@ -87,7 +87,7 @@ class WGD(Attack):
         else:
             (grad,) = torch.autograd.grad((task_weights * losses).sum(), xg)
             self._step(x, rows, grad.unsqueeze(0))
-        return start
+        return (start,)
 
     def _task_grads(self, columns, xg):
         """Input gradients of every task's per-row loss column, [T, R, ...]: ∇ of Σ_r columns[t][r] for each t."""

@@ -159,6 +159,8 @@ def format_report(config, summary):
         if undefined:
             lines.append("  samples left out of rel vuln (clean error 0): "
                          + ", ".join(f"{metrics.set_label([t])} {n}" for t, n in undefined.items()))
+    if "cost" in summary:
+        lines.append(format_cost(summary["cost"]))
     if "members" in summary:
         lines.append("cascade (robust accuracy after each member, seconds): " + ", ".join(
             f"{name} {_fmt(v['robust_accuracy'])} ({v['seconds']:.1f} s)" for name, v in summary["members"].items()))
@@ -176,6 +178,17 @@ def format_report(config, summary):
         lines.append(f"first order eps*E||grad L||_{summary['dual_norm'][1:]}: "
                      + ", ".join(f"{metrics.set_label([t])} {_fmt(v)}" for t, v in first.items()))
     return "\n".join(lines)
+
+
+def format_cost(cost):
+    """One line: what the attack spent per attacked row (an image once per attacked set) and in all."""
+    if not cost["rows"]:
+        return "cost: no row attacked"
+    saved = (f", early exit: {cost['rows_exited']} of {cost['rows']} rows left early, {cost['steps_saved']} steps "
+             f"saved" if cost["rows_exited"] else "")
+    return (f"cost: {cost['forward_per_row']:.1f} forward and {cost['backward_per_row']:.1f} backward passes per "
+            f"attacked row ({cost['forward_rows']} / {cost['backward_rows']} rows in all){saved}; "
+            f"{cost['seconds']:.1f} s attacking")
 
 
 def output_paths(out):

@@ -6,8 +6,14 @@ from mtrobust_fast.registry import SettingValueError, boolean
 
 
 def flag(setting):
-    """The flag of a declared setting: ``--name-with-dashes`` (or its declared ``flag``)."""
-    return "--" + (setting.flag or setting.name).replace("_", "-")
+    """The flag of a declared setting: ``--name-with-dashes`` (or its declared ``flag``); ``--no-name`` for a
+    boolean that is on by default (a switch that turns it off)."""
+    name = "--" + (setting.flag or setting.name).replace("_", "-")
+    return "--no-" + name[2:] if _off_switch(setting) else name
+
+
+def _off_switch(setting):
+    return setting.convert is boolean and setting.default is True
 
 
 def _converter(setting):
@@ -27,13 +33,17 @@ def _scope(registry, setting):
 
 def add_setting_flags(parser, registry, skip=()):
     """One flag per setting declared by any component of ``registry`` (``skip``: names a command spells itself).
-    Flags default to None ("the component's own"); a boolean setting whose default is False is a switch."""
+    Flags default to None ("the component's own"); a boolean setting whose default is False is a switch that
+    turns it on, one whose default is True a ``--no-...`` switch that turns it off."""
     for setting in registry.settings().values():
         if setting.name in skip:
             continue
         if setting.convert is boolean and setting.default is False:
             parser.add_argument(flag(setting), dest=setting.name, action="store_true",
                                 help=setting.help + _scope(registry, setting))
+        elif _off_switch(setting):
+            parser.add_argument(flag(setting), dest=setting.name, action="store_const", const=False,
+                                default=None, help="do not " + setting.help + _scope(registry, setting))
         else:
             shown = ",".join(f"{v:g}" for v in setting.default) if isinstance(setting.default, tuple) \
                 else setting.default
@@ -45,9 +55,14 @@ def add_setting_flags(parser, registry, skip=()):
 
 def add_sweep_flags(parser, registry):
     """One flag per sweep key declared by a component of ``registry``; a grid key takes comma-separated values
-    (each forms its own cells), a value key the setting's own text."""
+    (each forms its own cells), a value key the setting's own text (a boolean that is on by default: a
+    ``--no-...`` switch)."""
     for setting in registry.settings().values():
         if not setting.sweep:
+            continue
+        if _off_switch(setting) and setting.sweep == "value":
+            parser.add_argument(flag(setting), dest=setting.name, action="store_const", const="false", default=None,
+                                help="do not " + setting.help + _scope(registry, setting))
             continue
         many = setting.sweep == "grid"
         parser.add_argument(flag(setting), dest=setting.name, default=None,

@@ -494,9 +494,15 @@ def _bounds(values):
     return out
 
 
+# What the attack spent, on every row (all attacked sets of a run share one batch, so one cost): passes through
+# the model per attacked row, steps saved by early exit, rows that left early, seconds.
+COST_COLUMNS = ("forward_per_row", "backward_per_row", "steps_saved", "rows_exited", "seconds")
+
+
 def summary_rows(summary):
     """A tidy table of a :meth:`VulnerabilityMeter.compute` summary: one dict per (attacked set, evaluated task);
-    an interval ``x_ci`` becomes the columns ``x_low`` and ``x_high``."""
+    an interval ``x_ci`` becomes the columns ``x_low`` and ``x_high``; what the attack spent becomes the
+    ``cost_*`` columns."""
     table = []
     for label, entry in summary["attacks"].items():
         for t, values in entry["tasks"].items():
@@ -515,5 +521,6 @@ def summary_rows(summary):
                 row.update({f"adv_joint_grad_{n}": v for n, v in entry["adv_joint_grad_norms"].items()})
             if "perturbation" in entry:
                 row.update({f"pert_{n}": v for n, v in entry["perturbation"].items()})
+            row.update({f"cost_{n}": summary["cost"][n] for n in COST_COLUMNS if "cost" in summary})
             table.append(row)
     return table

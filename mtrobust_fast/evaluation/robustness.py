@@ -7,6 +7,7 @@ attacked set (all sets attacked in one batch of rows, ``Attack.run_subsets``), a
 checkpoint file and a data folder; ``mtrobust-fast attack``, the sweep, the quickstart and training-time
 robust validation all measure through these two functions.
 """
+import copy
 import time
 import warnings
 from pathlib import Path
@@ -90,7 +91,8 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     adversarial inputs ``[len(sets), B, ...]`` (e.g. :class:`mtrobust_fast.analysis.panels.PanelCollector`). ``record_steps``: add ``step_losses`` ``{set: {task: [mean loss per
     step]}}`` (the attack must have been built with ``record_steps=True``). Sample ids (for deterministic
     attacks) count from ``first_id`` in loader order. The model is scored in eval mode; the attack runs in its
-    own ``model_mode``; the model's mode is restored afterwards. ``intervals``, ``per_sample``: 95 % bootstrap
+    own ``model_mode``; the model's mode is restored afterwards. The summary's ``cost`` is what the attack spent
+    (:class:`~mtrobust_fast.attacks.cost.Cost`: passes per attacked row, steps saved by early exit, seconds). ``intervals``, ``per_sample``: 95 % bootstrap
     intervals over samples next to every per-sample mean, and the per-sample errors and losses (see
     :meth:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter.compute`).
     """
@@ -105,6 +107,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     # Per-step progress inside a batch, shown only once a batch has run for a few seconds.
     steps = tqdm(desc="  attack steps", unit="grad", leave=False, delay=3, disable=not progress)
     attack.on_gradient = steps.update if progress else None
+    spent = copy.copy(attack.cost)
     try:
         for batch in tqdm(loader, desc=f"attack {type(attack).__name__}", unit="batch", disable=not progress):
             steps.reset()
@@ -135,6 +138,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     if meter.samples == 0:
         raise SettingError("data", "the loader yielded no batch to evaluate")
     summary = meter.compute(intervals=intervals, per_sample=per_sample)
+    summary["cost"] = attack.cost.since(spent).as_dict()
     if attack.summary_key is not None:  # a cascade or an ensemble: what each member achieved
         summary[attack.summary_key] = attack.summary()
     if record_steps:
