@@ -141,26 +141,65 @@ class APGD(Attack):
         return best_x
 
 
+RANKINGS = ("logits", "malt")
+
+
+def malt_scores(logits_of, x, labels, norm):
+    """MALT's target ranking (Melamed, Yehudai and Shamir, NeurIPS 2024): how far, to first order, each sample
+    is from the boundary between its true class ``y`` and each class ``k``. Near a point a network behaves
+    almost linearly, so the margin ``z_y - z_k`` divided by the dual norm of its input gradient (L1 for L∞
+    budgets, L2 for L2) estimates the perturbation size that reaches that boundary; the smaller it is, the
+    more promising the target. Returns [B, K], +inf at the true class. One backward per class."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = logits_of(xg)
+        margins = logits.gather(1, labels[:, None]) - logits  # [B, K]
+        scores = torch.empty_like(margins, dtype=torch.float64)
+        for k in range(logits.shape[1]):
+            (grad,) = torch.autograd.grad(margins[:, k].sum(), xg, retain_graph=k + 1 < logits.shape[1])
+            dual = grad.flatten(1).abs().sum(1) if norm == "linf" else grad.flatten(1).norm(dim=1)
+            scores[:, k] = margins[:, k].detach().double() / dual.double().clamp_min(1e-30)
+    scores.scatter_(1, labels[:, None], float("inf"))
+    return scores
+
+
 @ATTACKS.register("apgdt")
 class APGDT(APGD):
     """Targeted APGD on the targeted DLR loss (Croce & Hein 2020), AutoAttack's second member: for each of the
-    ``target_classes`` most likely wrong classes at the clean input (the 2nd, 3rd, ... largest logit), APGD
-    pushes the logit of that class above the true one, run only on the samples still classified correctly;
-    a sample's adversarial point is the first one found that is misclassified (else the clean input's last
-    attempt). Needs a model with exactly one attacked classification head (``target_tasks``) of at least 4
-    classes whose labels are class indices. ``restarts`` count per target class."""
+    ``target_classes`` most promising wrong classes at the clean input, APGD pushes the logit of that class
+    above the true one, run only on the samples still classified correctly; a sample's adversarial point is the
+    first one found that is misclassified (else the clean input's last attempt). ``ranking``: which classes are
+    most promising: "logits" (AutoAttack's: the 2nd, 3rd, ... largest logit) or "malt" (:func:`malt_scores`:
+    the nearest boundaries by a local linear estimate, which finds the class that breaks with fewer targets).
+    Needs a model with exactly one attacked classification head (``target_tasks``) of at least 4 classes whose
+    labels are class indices. ``restarts`` count per target class."""
 
     classifier_only = True
 
-    def __init__(self, model, tasks=None, *, target_classes=9, **kwargs):
+    def __init__(self, model, tasks=None, *, target_classes=9, ranking="logits", **kwargs):
         super().__init__(model, tasks, **kwargs)
         if isinstance(target_classes, bool) or not isinstance(target_classes, int) or target_classes < 1:
             raise ValueError(f"target_classes must be an integer >= 1, got {target_classes!r}")
         if len(self.target_tasks) != 1:
             raise ValueError(f"apgdt attacks one classification head; got target_tasks {self.target_tasks}")
-        self.target_classes = target_classes
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+        self.target_classes, self.ranking = target_classes, ranking
+
+    def _ranked_targets(self, x, labels, logits, spec):
+        """[B, K - 1] the wrong classes of each sample, most promising first."""
+        if self.ranking == "logits":  # on the samples still attacked the largest logit is the label
+            order = logits.argsort(dim=1, descending=True)
+            return torch.where(order[:, :1] == labels[:, None], order[:, 1:], order[:, :-1])
+        with self._model_mode():
+            scores = malt_scores(lambda xg: spec.output(self.model(xg)).float(), x, labels, self.norm)
+        return scores.argsort(dim=1)[:, :-1]
 
     def __call__(self, x, targets, masks=None, sample_ids=None):
+        with self.cost.counting(self.model, x.shape[0]):
+            return self._targeted_runs(x, targets, masks, sample_ids)
+
+    def _targeted_runs(self, x, targets, masks, sample_ids):
         x, targets, masks, ids = self._check_batch(x, targets, masks, sample_ids)
         (name,) = self.target_tasks
         spec = next(s for s in self.specs if s.name == name)
@@ -169,7 +208,7 @@ class APGDT(APGD):
         if logits.dim() != 2 or labels.shape != logits.shape[:1] or labels.is_floating_point():
             raise ValueError(f"apgdt needs a classification head (logits [B, K], class labels [B]); {name!r} gives "
                              f"{tuple(logits.shape)} outputs and labels {tuple(labels.shape)}")
-        ranked = logits.argsort(dim=1, descending=True)
+        ranked = self._ranked_targets(x, labels, logits, spec)
         adv = x.clone()
         robust = logits.argmax(1) == labels
         original, budgets = self.specs, (self.eps, self.alpha)
@@ -178,7 +217,7 @@ class APGDT(APGD):
             return value if isinstance(value, float) else value[index.cpu()]
 
         try:
-            for rank in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
+            for rank in range(min(self.target_classes, logits.shape[1] - 1)):
                 index = robust.nonzero().flatten()
                 if index.numel() == 0:
                     break

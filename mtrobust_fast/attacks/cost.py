@@ -30,6 +30,9 @@ class Cost:
     rows_exited: int = 0
     seconds: float = 0.0
 
+    def __post_init__(self):
+        self._depth = 0  # counting() blocks open: only the outermost counts (an attack that calls itself)
+
     def since(self, earlier):
         """What was spent after the snapshot ``earlier`` (a copy of this cost taken before)."""
         return Cost(**{k: getattr(self, k) - getattr(earlier, k) for k in asdict(self)})
@@ -48,7 +51,15 @@ class Cost:
 
     @contextmanager
     def counting(self, model, rows):
-        """Count the passes through ``model`` and the wall time while the block runs, for ``rows`` attacked rows."""
+        """Count the passes through ``model`` and the wall time while the block runs, for ``rows`` attacked rows.
+        A block inside another of the same cost adds nothing of its own."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         entry = model.encoder if isinstance(model, MultiTaskModel) else model
         mark = f"_cost_{id(self)}"
 
@@ -66,9 +77,11 @@ class Cost:
 
         handle = entry.register_forward_pre_hook(on_forward)
         start = time.perf_counter()
+        self._depth = 1
         try:
             yield
         finally:
+            self._depth = 0
             handle.remove()
             self.rows += rows
             self.seconds += time.perf_counter() - start
