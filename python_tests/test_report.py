@@ -176,3 +176,27 @@ def test_table_cells_carry_the_interval_of_one_row_or_the_spread_of_several(tmp_
     report.build(path, tmp_path / "two")
     assert "| d | 10.5 (10–11, 2 rows) |" in (tmp_path / "two" / "summary.md").read_text()
     assert any(p.name.startswith("vuln_vs_tasks_") for p in (tmp_path / "two").iterdir())
+
+
+def test_the_report_says_what_each_configuration_spent(tmp_path):
+    table = results()
+    table["cell_id"] = table["model"] + table["attack"] + table["task_weights"]
+    table["cost_forward_per_row"] = np.where(table["attack"] == "pgd", 26.0, 27.0)
+    table["cost_backward_per_row"] = np.where(table["attack"] == "pgd", 10.0, 25.0)
+    table["cost_rows_exited"] = np.where(table["attack"] == "pgd", 3, 0)
+    table["cost_steps_saved"] = np.where(table["attack"] == "pgd", 40, 0)
+    table["cost_seconds"] = 1.5
+    path = tmp_path / "results.parquet"
+    table.to_parquet(path)
+    report.build(path, tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## What the attacks spent" in summary
+    runs = table.drop_duplicates("cell_id")
+    for weights in ("uniform", "zamir"):  # configurations: the settings that vary (weights, attack)
+        for attack, forward, backward, exited, saved in (("pgd", 26.0, 10.0, 3, 40), ("wgd", 27.0, 25.0, 0, 0)):
+            count = int(((runs["attack"] == attack) & (runs["task_weights"] == weights)).sum())
+            assert f"| task_weights={weights} attack={attack} | {count} | {forward:.1f} | {backward:.1f} | " \
+                   f"{exited * count} | {saved * count} | {1.5 * count:.1f} |" in summary, (weights, attack)
+    results().to_parquet(path)  # a table from before the cost columns: no section
+    report.build(path, tmp_path / "old")
+    assert "What the attacks spent" not in (tmp_path / "old" / "summary.md").read_text()

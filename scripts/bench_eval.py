@@ -9,7 +9,13 @@
 2. A Taskonomy model for s and d (ResNet-18, 64 px) trained briefly on synthetic Taskonomy (or
    ``--taskonomy CHECKPOINT``): per task, the per-image error and relative vulnerability under PGD and under the
    dense ensemble (APGD, SegPGD, CosPGD, WGD, relative), attacking {s, d} at the same budget.
-3. Early exit: PGD-50 and PGD-200 (L-inf, the classifier's budget, step sizes 2.5 eps/steps and eps/4) on the
+3. The fast screen (``--parts fast``): our ``AutoAttack(version="fast")`` (APGD-CE, then targeted APGD on 3
+   MALT-ranked classes) against our standard cascade and the official AutoAttack's standard version
+   (fra31/auto-attack, from a local copy: ``--official PATH``; its row is skipped without one), all at the
+   official budgets (100 iterations, 9 targets, 5000 Square queries), on the classifier of part 1: robust
+   accuracy with its 95 % interval over images, wall time, forward and backward passes per image (ours).
+   Target: fast >= 3x faster than the official standard at robust accuracy <= standard + 0.5 points.
+4. Early exit: PGD-50 and PGD-200 (L-inf, the classifier's budget, step sizes 2.5 eps/steps and eps/4) on the
    classifier of part 1 and on an s+d model trained with Madry PGD-2 (resnet18_cpu, 64 px): backward passes per
    image and wall time with and without early exit, and whether the adversarial batches are bit for bit equal.
    Target: >= 3x fewer backward passes at 50 steps on the classifier.
@@ -19,15 +25,18 @@ next to a CPU torch). Everything is written under ``--work`` and reused on a sec
 
     python scripts/bench_eval.py                  # CPU, a few minutes
     python scripts/bench_eval.py --parts early-exit
+    python scripts/bench_eval.py --parts fast --official /path/to/auto-attack   # a checkout of fra31/auto-attack
     python scripts/bench_eval.py --device cuda --images 256
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from mtrobust_fast.analysis.statistics import format_interval, mean_interval
 from mtrobust_fast.evaluation import metrics
 from mtrobust_fast.attacks import AutoAttack, build_attack
 from mtrobust_fast.data.synth import taskonomy
@@ -118,6 +127,53 @@ def classifier_rows(args, device):
     print(f"speed-up {speed:.2f}x, robust accuracy ours - theirs {ours_acc - their_acc:+.3f} "
           f"(target >= 1.5x at equal or lower accuracy: {verdict})")
     square_floor(model, adv, labels, args.queries, their_time)
+
+
+def fast_screen_rows(args, device):
+    model, x, labels = classifier(args, device)
+    eps = args.eps_255 / 255
+    clean = accuracy(model, x, labels)
+    print(f"\nfast screen vs standard at the official budgets: {x.shape[0]} test images, clean accuracy "
+          f"{clean:.3f}, Linf eps {args.eps_255:g}/255")
+    print(f"{'attack':<44} {'robust acc [95% CI]':>24} {'seconds':>8} {'fwd/img':>8} {'bwd/img':>8}")
+    rows = {}
+    for version in ("fast", "standard"):
+        atk = AutoAttack(model, ["class"], eps=eps, version=version, steps=100, queries=5000, seed=0,
+                         target_tasks="class")
+        start = time.perf_counter()
+        adv = atk(x, {"class": labels})
+        rows[version] = (robust(model, adv, labels), time.perf_counter() - start)
+        cost = atk.cost.as_dict()
+        print(f"{'mtrobust-fast AutoAttack ' + version:<44} {_acc(rows[version][0]):>24} {rows[version][1]:>8.1f} "
+              f"{cost['forward_per_row']:>8.0f} {cost['backward_per_row']:>8.0f}")
+    if args.official:
+        sys.path.insert(0, str(Path(args.official).resolve()))
+        from autoattack import AutoAttack as Official
+
+        official = Official(Head(model).eval(), norm="Linf", eps=eps, version="standard", seed=0, verbose=False,
+                            device=str(device))
+        start = time.perf_counter()
+        adv = official.run_standard_evaluation(x, labels, bs=x.shape[0])
+        rows["official"] = (robust(model, adv, labels), time.perf_counter() - start)
+        print(f"{'official AutoAttack standard (fra31)':<44} {_acc(rows['official'][0]):>24} "
+              f"{rows['official'][1]:>8.1f} {'-':>8} {'-':>8}")
+    else:
+        print("official AutoAttack: no --official PATH (a checkout of fra31/auto-attack): row skipped")
+    reference = rows.get("official", rows["standard"])
+    speed = reference[1] / rows["fast"][1]
+    gap = 100 * (rows["fast"][0].float().mean() - rows["standard"][0].float().mean()).item()
+    print(f"fast vs {'official' if 'official' in rows else 'our'} standard: {speed:.2f}x faster; robust accuracy "
+          f"fast - our standard {gap:+.1f} points (target >= 3x at <= +0.5: "
+          f"{'yes' if speed >= 3 and gap <= 0.5 else 'NO'})")
+
+
+def robust(model, adv, labels):
+    with torch.no_grad():
+        return model(adv)["class"].argmax(1) == labels
+
+
+def _acc(correct):
+    return format_interval(*mean_interval(correct.double().cpu().numpy()))
 
 
 def square_floor(model, adv, labels, queries, their_time):
@@ -219,6 +275,15 @@ def early_exit_rows(args, device):
                 print(f"{name:<11} {steps:>5} {shown:>11} {off_b:>11.1f} {on_b:>7.1f} {off_b / on_b:>6.2f} "
                       f"{off_s:>7.2f} {on_s:>7.2f} {off_s / on_s:>6.2f} {on.rows_exited:>4}/{on.rows:<4} "
                       f"{'yes' if torch.equal(off_adv, on_adv) else 'NO'}")
+    print("success stops (classifier, PGD-50, step eps/4): robust accuracy [95% CI] and backward passes per image")
+    for stop in (False, True):
+        atk = build_attack("pgd", model, ["class"], target_tasks="class", eps=eps, alpha=eps / 4, steps=50, seed=0,
+                           stop_on_success=stop)
+        start = time.perf_counter()
+        adv = atk(x, {"class": labels})
+        seconds = time.perf_counter() - start
+        print(f"  stop_on_success={stop!s:<5} robust acc {_acc(robust(model, adv, labels))}  "
+              f"{atk.cost.backward_rows / atk.cost.rows:6.1f} bwd/img  {seconds:6.2f} s")
 
 
 def main():
@@ -240,11 +305,14 @@ def main():
     parser.add_argument("--classifier-data", default=None)
     parser.add_argument("--taskonomy", default=None, help="a trained Taskonomy checkpoint (tasks incl. s, d)")
     parser.add_argument("--taskonomy-data", default=None)
-    parser.add_argument("--parts", default="autoattack,dense,early-exit",
-                        help="comma-separated parts to run: autoattack, dense, early-exit (default all)")
+    parser.add_argument("--parts", default="autoattack,dense,fast,early-exit",
+                        help="comma-separated parts to run: autoattack, dense, fast, early-exit (default all)")
+    parser.add_argument("--official", default=None,
+                        help="a local checkout of the official AutoAttack (github fra31/auto-attack) for part 3")
     args = parser.parse_args()
     device = torch.device(args.device)
-    parts = {"autoattack": classifier_rows, "dense": dense_rows, "early-exit": early_exit_rows}
+    parts = {"autoattack": classifier_rows, "dense": dense_rows, "fast": fast_screen_rows,
+             "early-exit": early_exit_rows}
     chosen = [p.strip() for p in args.parts.split(",")]
     unknown = [p for p in chosen if p not in parts]
     if unknown:

@@ -3,7 +3,8 @@
 #   1. build the extension with its CUDA kernels (for this GPU's architecture only, to save time);
 #   2. run the CUDA tests: fused-op properties and errors against the oracle on the GPU, every attack run on CPU
 #      and on CUDA side by side (test_attacks_cuda.py), and the CPU attack tests next to them;
-#   3. run bench_ops.py, bench_attack.py, bench_train.py and bench_eval.py on the GPU;
+#   3. run bench_ops.py, bench_attack.py, bench_train.py and bench_eval.py on the GPU (bench_eval's early-exit and
+#      fast-screen parts as a step of their own);
 # then print one summary: each step's status and its key lines. Logs go to $OUT (or ./gpu_check_logs).
 # The whole run keeps to BUDGET seconds (default 540, under the device tool's 600-s call limit): each step's own
 # limit is cut to what is left, and a step that would start with under 20 s left is skipped, so the summary is
@@ -69,11 +70,14 @@ step build 300 env MTROBUST_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" "$PY" setup
 
 step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_ops_properties.py \
   python_tests/test_ops_errors.py python_tests/test_ops_reference.py python_tests/test_attacks.py \
-  python_tests/test_attacks_wgd_apgd.py python_tests/test_attacks_cuda.py
+  python_tests/test_attacks_wgd_apgd.py python_tests/test_attacks_cuda.py python_tests/test_early_exit.py
 step bench_ops 120 "$PY" scripts/bench_ops.py --device cuda --repeats 20
 step bench_attack 150 "$PY" scripts/bench_attack.py --device cuda --size 256 --batch 64 --autocast bf16 --repeats 5 --steps 4
 step bench_train 150 "$PY" scripts/bench_train.py --device cuda --batch 256 --autocast bf16 --channels-last --repeats 5
-step bench_eval 100 "$PY" scripts/bench_eval.py --device cuda --work "$WORK/bench_eval" --images 128 --classifier-epochs 4
+step bench_eval 100 "$PY" scripts/bench_eval.py --device cuda --work "$WORK/bench_eval" --images 128 --classifier-epochs 4 \
+  --parts autoattack,dense
+step bench_exit 90 "$PY" scripts/bench_eval.py --device cuda --work "$WORK/bench_eval" --images 128 --classifier-epochs 4 \
+  --parts early-exit,fast
 
 echo
 echo "================ GPU check summary ================"
@@ -84,3 +88,4 @@ echo "-- bench_ops:"; tail -n 14 "$LOGS/bench_ops.log"
 echo "-- bench_attack:"; tail -n 14 "$LOGS/bench_attack.log"
 echo "-- bench_train:"; tail -n 10 "$LOGS/bench_train.log"
 echo "-- bench_eval:"; tail -n 16 "$LOGS/bench_eval.log"
+echo "-- bench_exit:"; tail -n 22 "$LOGS/bench_exit.log"

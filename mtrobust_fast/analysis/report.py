@@ -258,6 +258,26 @@ def surrogate_scatter(pairs, out, dpi):
     return lines + ["", f"![surrogate vs full cost]({path.name})", ""], [path]
 
 
+def cost_table(table):
+    """Markdown lines: per attack configuration, what its runs spent (the ``cost_*`` columns every row of a run
+    carries): forward and backward passes per attacked row (mean over runs), rows that left early and steps saved
+    by early exit, and the seconds spent attacking (summed over runs). One run = one sweep cell (``cell_id``), or
+    the whole table when it has no cells. Empty when the table has no cost columns (results from before they
+    existed)."""
+    if "cost_backward_per_row" not in table.columns:
+        return []
+    keys = results_table.config_columns(table)
+    runs = table.drop_duplicates("cell_id") if "cell_id" in table.columns else table.iloc[:1]
+    lines = ["| configuration | runs | forward / row | backward / row | rows left early | steps saved | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, group in _groups(runs, keys):
+        lines.append(f"| {name} | {len(group)} | "
+                     f"{group['cost_forward_per_row'].mean():.1f} | {group['cost_backward_per_row'].mean():.1f} | "
+                     f"{int(group['cost_rows_exited'].sum())} | {int(group['cost_steps_saved'].sum())} | "
+                     f"{group['cost_seconds'].sum():.1f} |")
+    return lines + [""]
+
+
 def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     """Write the figures and ``summary.md`` into ``out``; returns the paths written (summary last)."""
     table = results_table.read(results, REQUIRED)
@@ -287,6 +307,11 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     section, paths = paired_analysis.analyses(table, metric, out, dpi)
     lines += section + [""]
     written += paths
+    section = cost_table(table)
+    if section:
+        lines += ["## What the attacks spent", "", "Passes through the model per attacked row (an image once per "
+                  "attacked set); rows that left early and the steps they saved (exact early exit, success "
+                  "stops); wall time spent attacking.", ""] + section
     lines += ["## Surrogates vs full cost (Table 3)", ""]
     if pairs is None:
         lines += ["_Skipped: no `--selection` results given (see `mtrobust-fast select`)._", ""]

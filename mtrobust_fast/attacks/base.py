@@ -202,7 +202,7 @@ class Attack(abc.ABC):
         self.cost = Cost()  # what every call so far spent
         self._evaluations = 0  # gradient evaluations of the current restart: the dense losses' progress
         self.step_losses = None
-        self.on_gradient = None  # optional callable(), told of every gradient evaluation (progress bars)
+        self.on_gradient = None  # optional callable(rows), told of every gradient evaluation and its rows (progress)
         self._generator = None
 
     # ---- public API ----
@@ -417,7 +417,7 @@ class Attack(abc.ABC):
         if self.record_steps:
             self._steps.append(losses.detach())
         if self.on_gradient is not None:
-            self.on_gradient()
+            self.on_gradient(losses.shape[0])
 
     def _objective(self, x, rows):
         with torch.no_grad():

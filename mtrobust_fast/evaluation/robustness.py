@@ -104,8 +104,9 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     seen = first_id
     was_training = model.training
     model.eval()
-    # Per-step progress inside a batch, shown only once a batch has run for a few seconds.
-    steps = tqdm(desc="  attack steps", unit="grad", leave=False, delay=3, disable=not progress)
+    # Work done inside a batch: rows whose input gradient was evaluated (rows that left early cost nothing more),
+    # shown only once a batch has run for a few seconds.
+    steps = tqdm(desc="  attack gradients", unit="row", leave=False, delay=3, disable=not progress)
     attack.on_gradient = steps.update if progress else None
     spent = copy.copy(attack.cost)
     try:
