@@ -14,6 +14,7 @@
    (fra31/auto-attack, from a local copy: ``--official PATH``; its row is skipped without one), all at the
    official budgets (100 iterations, 9 targets, 5000 Square queries), on the classifier of part 1: robust
    accuracy with its 95 % interval over images, wall time, forward and backward passes per image (ours).
+   torchattacks' standard AutoAttack (its own budgets: 10 APGD iterations) is shown too when installed.
    Target: fast >= 3x faster than the official standard at robust accuracy <= standard + 0.5 points.
 4. Early exit: PGD-50 and PGD-200 (L-inf, the classifier's budget, step sizes 2.5 eps/steps and eps/4) on the
    classifier of part 1 and on an s+d model trained with Madry PGD-2 (resnet18_cpu, 64 px): backward passes per
@@ -159,6 +160,18 @@ def fast_screen_rows(args, device):
               f"{rows['official'][1]:>8.1f} {'-':>8} {'-':>8}")
     else:
         print("official AutoAttack: no --official PATH (a checkout of fra31/auto-attack): row skipped")
+    try:
+        import torchattacks
+    except ImportError:
+        print("torchattacks not installed (pip install --no-deps torchattacks==3.5.1): row skipped")
+    else:
+        theirs = torchattacks.AutoAttack(Head(model).eval(), norm="Linf", eps=eps, version="standard",
+                                         n_classes=model.task_records["class"].classes, seed=0)
+        start = time.perf_counter()
+        adv = theirs(x, labels)
+        seconds = time.perf_counter() - start
+        print(f"{'torchattacks AutoAttack standard (its budgets)':<44} {_acc(robust(model, adv, labels)):>24} "
+              f"{seconds:>8.1f} {'-':>8} {'-':>8}")
     reference = rows.get("official", rows["standard"])
     speed = reference[1] / rows["fast"][1]
     gap = 100 * (rows["fast"][0].float().mean() - rows["standard"][0].float().mean()).item()
