@@ -69,6 +69,15 @@ def _check_count(name, value):
     return value
 
 
+def _per_sample(name, loss, rows):
+    """``loss`` if it holds one value per row ([rows]); a loss of another shape (e.g. [B, 1], which would broadcast
+    in the weighted sum) is an error naming its task."""
+    if loss.shape != (rows,):
+        raise ValueError(f"task {name!r}: its loss must return one value per sample, shape [{rows}], got "
+                         f"{list(loss.shape)}")
+    return loss
+
+
 def _rows(t, repeats):
     """t [B, ...] repeated `repeats` times along the batch: row s·B + b is t[b]."""
     return t.repeat(repeats, *([1] * (t.dim() - 1)))
@@ -179,13 +188,17 @@ class Attack(abc.ABC):
         self.norm = ops.check_norm(norm)
         self.random_start = self.default_random_start if random_start is None else bool(random_start)
         self.target_tasks = self.task_names(target_tasks) if target_tasks is not None else [s.name for s in self.specs]
-        self.seed = int(seed)
+        self.seed = budgets.seed(seed)
         self.deterministic = bool(deterministic)
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.autocast = autocast
         self.channels_last = bool(channels_last)
         self.lo, self.hi = ops.check_bounds(lo, hi)
+        largest = float(self.eps if isinstance(self.eps, float) else self.eps.max())
+        if self.norm == "linf" and largest > self.hi - self.lo:
+            raise ValueError(f"eps: {largest:g} is wider than the input box [{self.lo:g}, {self.hi:g}] itself, so it "
+                             f"constrains nothing (images in [0, 1] take budgets like 8/255)")
         self.record_steps = bool(record_steps)
         if model_mode not in MODEL_MODES:
             raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
@@ -244,6 +257,9 @@ class Attack(abc.ABC):
 
     def _subset_names(self, subsets):
         """Attacked sets as lists of task names; None means every non-empty subset of ``target_tasks``."""
+        if isinstance(subsets, str):
+            raise ValueError(f"subsets must be a list of attacked sets, e.g. [{subsets!r}] for one set or "
+                             f"{list(subsets)!r} for one set per task; got the string {subsets!r}")
         if subsets is None:
             subsets = [list(c) for k in range(1, len(self.target_tasks) + 1)
                        for c in combinations(self.target_tasks, k)]
@@ -294,7 +310,7 @@ class Attack(abc.ABC):
                 columns = []
                 for n in names:
                     output = opmath(by_name[n].output(outputs))
-                    columns.append(by_name[n].loss(output, targets[n], masks.get(n)))
+                    columns.append(_per_sample(n, by_name[n].loss(output, targets[n], masks.get(n)), x.shape[0]))
                     if keep:
                         errors.append(self._error(by_name[n], output, targets[n], masks.get(n)))
                 if keep:
@@ -312,7 +328,7 @@ class Attack(abc.ABC):
                 if index is not None:
                     mask, target = None if mask is None else mask[index], target[index]
                 output = opmath(self.model.decoders[n](representation if index is None else representation[index]))
-                loss = by_name[n].loss(output, target, mask)
+                loss = _per_sample(n, by_name[n].loss(output, target, mask), target.shape[0])
                 error = self._error(by_name[n], output, target, mask) if keep else None
                 if index is not None:
                     loss = loss.new_zeros(x.shape[0]).index_copy(0, index, loss)
@@ -414,6 +430,9 @@ class Attack(abc.ABC):
         """Called once per step: keeps the step's per-row, per-task losses (on the device, no sync) when
         ``record_steps`` is on, and tells ``on_gradient``."""
         self._evaluations += 1
+        if self._evaluations == 1 and not bool(torch.isfinite(losses).all()):  # one check per restart, not per step
+            raise ValueError("model: its outputs give non-finite losses (NaN or infinite outputs, or a loss that "
+                             "overflows) at the attack's start point")
         if self.record_steps:
             self._steps.append(losses.detach())
         if self.on_gradient is not None:
@@ -453,6 +472,7 @@ class Attack(abc.ABC):
     def _check_batch(self, x, targets, masks, sample_ids):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
             raise ValueError("x must be a floating-point tensor [B, ...] of inputs in [lo, hi]")
+        self._check_inputs(x)
         names = [s.name for s in self.specs]
         if isinstance(targets, torch.Tensor):
             if len(self.specs) != 1:
@@ -481,6 +501,26 @@ class Attack(abc.ABC):
         masks = {n: masks[n] for n in names if n in masks}
         return x, targets, masks, ids
 
+
+    def _check_inputs(self, x):
+        """x must be finite, inside the box [lo, hi] (an attack clamps its points to the box, so inputs outside it,
+        e.g. 0-255 images or images normalised to [-1, 1], would come back far from where they started), and of
+        the model's dtype and device."""
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values")
+        if x.numel():
+            low, high = float(x.min()), float(x.max())
+            if low < self.lo or high > self.hi:
+                raise ValueError(f"x has values in [{low:g}, {high:g}], outside the attack's input box [lo, hi] = "
+                                 f"[{self.lo:g}, {self.hi:g}]: give images in [0, 1] (divide 0-255 images by 255; "
+                                 f"put normalisation inside the model) or set lo and hi")
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None and parameter.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model is on {parameter.device}: move one to the other")
+        if parameter is not None and parameter.is_floating_point() and parameter.dtype != x.dtype \
+                and self.autocast is None:
+            raise ValueError(f"x is {x.dtype} but the model's parameters are {parameter.dtype}: convert one "
+                             f"(x.to(dtype) or model.to(dtype))")
 
     def _prepare(self, x):
         x = x.detach()
