@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from mtrobust_fast.tasks.classification import MultiLabelTask, RegressionTask, binned_auc
+from mtrobust_fast.tasks.classification import MultiLabelTask, RegressionTask, auc_bins, binned_auc
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.chest import AGE_SCALE, CHEXPERT_FINDINGS, ChestXrayDataset, chest_format
 from mtrobust_fast.data.classification import is_classification_data, open_classification
@@ -124,7 +124,7 @@ def test_binned_auc_equals_the_exact_rank_auc_up_to_shared_bins(seed, batch):
               task.metric_stats(logits[batch // 2:], labels[batch // 2:], known[batch // 2:])]
     scores = task.metric_scores(halves[0] + halves[1])  # pooled over batches
     probs = torch.sigmoid(logits).numpy()
-    binned = np.floor(probs * 4096)
+    binned = auc_bins(logits).numpy()
     for k in range(3):
         keep = known[:, k].numpy()
         expected = exact_auc(binned[keep, k], labels[keep, k].numpy())  # ties exactly where bins are shared
@@ -134,6 +134,18 @@ def test_binned_auc_equals_the_exact_rank_auc_up_to_shared_bins(seed, batch):
     correct = (((logits > 0) == (labels > 0.5)) & known).sum().item()
     assert scores["accuracy"] == pytest.approx(correct / known.sum().item())
     assert torch.isnan(binned_auc(torch.ones(4), torch.zeros(4)))
+
+
+@pytest.mark.parametrize("scale", [1, 8, 16, 1000])
+def test_the_auc_of_a_confident_model_is_its_rank_auc(scale):
+    # A good model made more confident: scaling its logits changes no ranking, so the exact AUC stays put.
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 2, (400, 1)).astype(np.float64))
+    logits = (torch.from_numpy(rng.normal(0, 1, (400, 1))) + 3 * (labels - 0.5)) * scale
+    expected = exact_auc(logits[:, 0].numpy(), labels[:, 0].numpy())
+    task = MultiLabelTask("class", 1)
+    assert expected > 0.95
+    assert task.metric_scores(task.metric_stats(logits, labels))["auc"] == pytest.approx(expected, abs=1e-3)
 
 
 def test_multilabel_loss_and_error_ignore_masked_labels_and_regression_masks_unknown_values():

@@ -10,6 +10,7 @@ penalises it). The 11 Taskonomy tasks (:mod:`mtrobust_fast.tasks`) are one provi
 Losses keep float32 and float64 logits as they are and compute half-precision ones in float32, so a float64
 model is attacked and trained on float64 losses.
 """
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -146,7 +147,18 @@ class ClassificationTask:
         return cls(name, int(config["classes"]), config.get("loss", "ce"))
 
 
-AUC_BINS = 4096  # score bins of the summable AUC statistics: pairs within one bin count as ties
+# The summable AUC statistics are histograms of asinh(logit) over [-AUC_RANGE, AUC_RANGE] in AUC_BINS bins; pairs
+# within one bin count as ties. The logit's asinh does not saturate as the sigmoid score does (a confident model's
+# scores all fell into the last of 4096 sigmoid bins): bins are 0.0035 wide in the logit near 0 and 0.35 % of
+# the logit for large ones, up to |logit| = 10^6.
+AUC_BINS = 8192
+AUC_RANGE = math.asinh(1e6)
+
+
+def auc_bins(logits):
+    """The AUC histogram bin of each logit (long, same shape)."""
+    scaled = (torch.asinh(logits.double()) + AUC_RANGE) * (AUC_BINS / (2 * AUC_RANGE))
+    return scaled.floor().long().clamp_(0, AUC_BINS - 1)
 
 
 def _check_multilabel(logits, labels, mask):
@@ -177,8 +189,8 @@ class MultiLabelTask:
     Labels are 0/1 floats with a mask of the known ones (uncertain and blank labels are masked out of loss,
     error and metrics). Error: the fraction of a sample's known labels predicted wrongly (logit > 0 means
     positive). Metrics: the AUC of each label (``auc_<name>``), their mean over labels with both classes present
-    (``auc``) and the accuracy over known labels; AUCs come from 4096-bin histograms of sigmoid scores, exact up
-    to pairs that share a bin."""
+    (``auc``) and the accuracy over known labels; AUCs come from histograms of the logits (:func:`auc_bins`: 8192
+    bins of asinh(logit), which do not saturate for confident models), exact up to pairs that share a bin."""
 
     name: str = "class"
     labels: int = 1
@@ -221,11 +233,11 @@ class MultiLabelTask:
         return kl.mean(1)
 
     def metric_stats(self, logits, labels, mask=None):
-        """Per label: histograms of the sigmoid scores of its known positives and negatives, then (correct known
+        """Per label: histograms (:func:`auc_bins`) of the logits of its known positives and negatives, then (correct known
         predictions, known labels); float64, flattened, summable over batches and processes."""
         known = _check_multilabel(logits, labels, mask)
         logits = logits.detach()
-        bins = (torch.sigmoid(logits.double()) * AUC_BINS).long().clamp_(0, AUC_BINS - 1)
+        bins = auc_bins(logits)
         positive = (labels > 0.5) & known
         negative = (labels <= 0.5) & known
         column = torch.arange(self.labels, device=logits.device).expand_as(bins)
