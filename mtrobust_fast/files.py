@@ -58,3 +58,57 @@ def remove_stale_temporaries(folder):
             candidate.unlink(missing_ok=True)
             removed.append(candidate.name)
     return removed
+
+
+def writable_folder(folder, name="out"):
+    """``folder`` (a Path) created if needed and checked writable before any work is spent on what goes into it:
+    a blank name (which would write into the current folder), an existing file, or a folder that cannot be
+    created or written (read-only, full, under a file) is a ValueError naming ``name``."""
+    if not str(folder).strip():
+        raise ValueError(f"{name}: an empty path would write into the current folder; name a folder")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: {folder} is a file; {name} names a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_path(folder / "write-check")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{name}: cannot write into {folder}: {error.strerror or error}") from None
+    return folder
+
+
+class FolderLock:
+    """Held while one process writes a run folder: ``.lock`` created atomically, holding the pid. A second
+    process is refused while the holder lives (a ValueError naming ``name``); a dead holder's lock is taken over,
+    so a killed run leaves nothing locked."""
+
+    def __init__(self, folder, name="out"):
+        self.path, self.name = Path(folder) / ".lock", name
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and holder != os.getpid() and process_alive(holder):
+                    raise ValueError(f"{self.name}: {self.path.parent} is being written by another process (pid "
+                                     f"{holder}); wait for it to finish or choose another folder") from None
+                self.path.unlink(missing_ok=True)  # a dead (or unreadable) holder: take the folder over
+                continue
+            with os.fdopen(descriptor, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ValueError(f"{self.name}: could not lock {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        return False

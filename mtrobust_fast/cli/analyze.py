@@ -7,7 +7,8 @@ import csv
 import json
 from pathlib import Path
 
-from mtrobust_fast.cli.args import budget, positive_int, run_reporting, seed
+from mtrobust_fast.cli.args import budget, folder, positive_int, run_reporting, seed
+from mtrobust_fast.files import writable_folder
 from mtrobust_fast.data.taskonomy import SPLITS
 
 
@@ -24,17 +25,14 @@ def _common(parser):
     add("--split", choices=SPLITS, default="val", help="data split (default %(default)s)")
     add("--size", type=positive_int, default=None, help="image side in px (default: the first model's input size)")
     add("--batch-size", type=positive_int, default=16, help="images per batch (default %(default)s)")
-    add("--out", required=True, type=Path, help="a folder for the results and the figure")
+    add("--out", required=True, type=folder, help="a folder for the results and the figure")
     add("--dpi", type=positive_int, default=120, help="PNG resolution (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
     add("--no-progress", action="store_true", help="no progress bars")
 
 
 def _out(path):
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: {path} is a file; --out names a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return writable_folder(path, "--out")
 
 
 def _load(path, device):

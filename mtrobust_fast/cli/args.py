@@ -1,6 +1,7 @@
 """Command-line value parsers shared by the sub-commands (no torch import, so light commands stay light)."""
 import argparse
 import sys
+from pathlib import Path
 
 from mtrobust_fast import budgets
 from mtrobust_fast.budgets import MAX_SEED
@@ -38,6 +39,13 @@ def workers(text):
 
 def positive_int(text):
     return _integer(text, 1, None, "an integer >= 1")
+
+
+def folder(text):
+    """A folder to write into: any non-blank path (a blank one would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path would write into the current folder; name a folder")
+    return Path(text)
 
 
 def add_budget_units(parser):

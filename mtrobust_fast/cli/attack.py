@@ -16,9 +16,11 @@ from mtrobust_fast import evaluation
 from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, positive_int, run_reporting, seed, workers
+from mtrobust_fast.cli.args import (add_budget_units, budget, folder, pixel_budgets, positive_int, run_reporting, seed,
+                                   workers)
 from mtrobust_fast.cli.settings import add_setting_flags, flag_names, given_settings
 from mtrobust_fast.data.taskonomy import SPLITS
+from mtrobust_fast.files import writable_folder
 from mtrobust_fast.models import load_checkpoint, read_checkpoint
 from mtrobust_fast.analysis import per_sample
 from mtrobust_fast.analysis.panels import PanelCollector
@@ -85,7 +87,7 @@ def add_arguments(parser):
     add("--adv-gradients", action="store_true",
         help="also measure the input-gradient norms (L1, L2, Linf) per task and of the joint loss at each attacked "
              "set's adversarial input (one more backward per task and set and batch)")
-    add("--out", type=Path, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
+    add("--out", type=folder, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
     add("--per-sample", action="store_true",
         help="also write OUT/per_sample.csv: each image's clean and adversarial error and loss per attacked set "
              "and task, for paired tests between runs on the same images (`mtrobust-fast analyze paired`); "
@@ -251,8 +253,9 @@ def run(args):
         for option in ("panels", "tracker", "per_sample"):
             if getattr(args, option) not in (None, False) and args.out is None:
                 raise ValueError(f"--{option.replace('_', '-')} needs --out (a folder to write into)")
-        if args.out is not None:
-            output_paths(args.out)  # a bad --out is refused before the work
+        if args.out is not None:  # a bad --out is refused before the work
+            output_paths(args.out)
+            writable_folder(args.out, "--out")
         collector = PanelCollector(args.panels) if args.panels else None
         config, summary = attack_dataset(args, on_batch=collector)
         print(format_report(config, summary))

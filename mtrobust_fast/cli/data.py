@@ -1,14 +1,13 @@
 """``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
 (:mod:`mtrobust_fast.data.synth.taskonomy`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.synth.objects`)."""
-from pathlib import Path
-
+from mtrobust_fast.cli.args import folder
 from mtrobust_fast.data.synth import objects
 from mtrobust_fast.data.synth import rooms
 from mtrobust_fast.data.synth import taskonomy
 
 
 def add_synth_arguments(parser):
-    parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
+    parser.add_argument("--out", required=True, type=folder, help="dataset root to create")
     parser.add_argument("--images", required=True, type=int, help="number of images")
     parser.add_argument("--size", type=int, default=256, help=f"image side in px, a multiple of {taskonomy.SIZE_MULTIPLE} (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -39,7 +38,7 @@ def run_synth(args):
 
 
 def add_synth_objects_arguments(parser):
-    parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    parser.add_argument("--out", required=True, type=folder, help="dataset folder to create")
     parser.add_argument("--images", required=True, type=int, help="number of images")
     parser.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

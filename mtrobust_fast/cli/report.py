@@ -3,13 +3,13 @@
 import sys
 from pathlib import Path
 
-from mtrobust_fast.cli.args import positive_int
+from mtrobust_fast.cli.args import folder, positive_int
 
 
 def add_arguments(parser):
     add = parser.add_argument
     add("results", type=Path, help="results table written by the sweep (Parquet or CSV)")
-    add("--out", type=Path, required=True, help="folder for the PNGs and summary.md")
+    add("--out", type=folder, required=True, help="folder for the PNGs and summary.md")
     add("--metric", default="rel_vuln",
         help="heatmap metric, e.g. rel_vuln or rel_vuln_ratio_of_means (default %(default)s)")
     add("--selection", type=Path, default=None,

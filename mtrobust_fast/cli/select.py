@@ -9,7 +9,7 @@ import pandas as pd
 
 from mtrobust_fast import task_names
 from mtrobust_fast.analysis import results_table, selection
-from mtrobust_fast.cli.args import budget
+from mtrobust_fast.cli.args import budget, folder
 
 
 def _task_letters(text):
@@ -48,7 +48,7 @@ def add_arguments(parser):
     add("--task-weights", dest="task_weights", default=None, help="keep rows of these task weights")
     add("--where", type=_assignment, action="append", default=[], metavar="COLUMN=VALUE",
         help="keep rows of every table whose COLUMN equals VALUE, e.g. limit=256 (repeatable)")
-    add("--out", type=Path, default=None, help="write OUT/pairs.csv, OUT/correlations.csv, OUT/selection.json")
+    add("--out", type=folder, default=None, help="write OUT/pairs.csv, OUT/correlations.csv, OUT/selection.json")
 
 
 def _fmt(value):

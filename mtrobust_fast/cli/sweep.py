@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from mtrobust_fast.attacks import ATTACKS
-from mtrobust_fast.cli.args import flagged
+from mtrobust_fast.cli.args import flagged, folder
+from mtrobust_fast.files import writable_folder
 from mtrobust_fast.cli.settings import add_sweep_flags
 from mtrobust_fast.evaluation import SettingError, format_value
 from mtrobust_fast.sweep import plan as planning
@@ -28,7 +29,7 @@ def _list(text):
 def add_arguments(parser):
     add = parser.add_argument
     add("--config", type=Path, default=None, help="settings file (.yaml/.yml/.toml); see mtrobust_fast.sweep")
-    add("--out", type=Path, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
+    add("--out", type=folder, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
     add("--data", default=None, help="Taskonomy root the models are evaluated on")
     add("--checkpoint", type=_list, default=None, help="checkpoints, comma-separated (replaces the file's models)")
     add("--attack", type=_list, default=None,
@@ -142,6 +143,12 @@ def run(args):
     except planning.PlanError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        try:  # before any model is trained or cell run
+            writable_folder(args.out, "--out")
+        except ValueError as error:
+            print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+            return 2
     store = Store(args.out)
     done = store.done()
     # a finished cell runs again when per-image values are asked for and it has none

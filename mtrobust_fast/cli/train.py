@@ -9,7 +9,7 @@ import sys
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import MODEL_MODES
 from mtrobust_fast.tasks.auxiliary import AUXILIARY
-from mtrobust_fast.cli.args import add_budget_units, budget, pixel_budgets, run_reporting, seed, workers
+from mtrobust_fast.cli.args import add_budget_units, budget, folder, pixel_budgets, run_reporting, seed, workers
 from mtrobust_fast.cli.settings import add_setting_flags
 from mtrobust_fast.models import list_encoders
 from mtrobust_fast.training.config import (
@@ -45,7 +45,7 @@ def add_arguments(parser):
     add("--data", required=True,
         help="Taskonomy root (real or `mtrobust-fast data synth`), or classification data: an object set "
              "(`mtrobust-fast data synth-objects`) or a CIFAR-10/100 binary folder")
-    add("--out", required=True, help="run directory: checkpoints, metrics.jsonl, config.json")
+    add("--out", required=True, type=lambda text: str(folder(text)), help="run directory: checkpoints, metrics.jsonl, config.json")
     add("--size", type=int, default=None,
         help="image side in px (default: the images' own; Taskonomy models need a multiple of 32)")
     add("--epochs", type=int, default=_default("epochs"), help="total epochs (default %(default)s)")

@@ -11,6 +11,7 @@ that rebuild the model (no DataParallel ``module.`` keys, no pickled modules).
 """
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from mtrobust_fast.tasks import auxiliary
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.data import readers
 from mtrobust_fast.evaluation import baselines
-from mtrobust_fast.files import atomic_write
+from mtrobust_fast.files import FolderLock, atomic_write, writable_folder
 from mtrobust_fast.data.classification import is_classification_data, open_classification
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
@@ -217,13 +218,24 @@ def train(config):
 
 
 def _train(config, ctx):
+    """Checks the run folder before any work (writable, not another run's unless resuming) and holds it locked
+    while training, so two runs on one folder cannot interleave their logs and checkpoints."""
+    if not str(config.out).strip():
+        raise ValueError("out: an empty path would write into the current folder; name the run folder")
     run_dir = Path(config.out)
-    last = run_dir / LAST
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"out: {run_dir} is a file; --out names the run folder (checkpoints and logs go inside)")
-    if last.exists() and not config.resume:
+    if (run_dir / LAST).exists() and not config.resume:
         raise FileExistsError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
                               f"or choose another --out")
+    if ctx.is_main:
+        writable_folder(run_dir, "out")
+    with FolderLock(run_dir, "out") if ctx.is_main else nullcontext():
+        return _run(config, ctx, run_dir)
+
+
+def _run(config, ctx, run_dir):
+    last = run_dir / LAST
     seed_everything(config.seed)
     train_set, val_set, model = make_datasets(config)
     records = {name: task_registry.training_record(name, config.segment_loss) if name in task_registry.BY_NAME

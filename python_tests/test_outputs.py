@@ -1,0 +1,63 @@
+"""Outputs are checked before work: a blank --out, a folder that cannot be written, and a run folder another live
+process is writing are refused at once with one line; a killed run's lock does not block the next."""
+import subprocess
+import sys
+
+import pytest
+
+from mtrobust_fast.cli import main as cli_main
+from mtrobust_fast.files import FolderLock, writable_folder
+from mtrobust_fast.training import TrainConfig, train
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "d"], ["attack", "--checkpoint", "c.pt", "--data", "d"],
+                                     ["sweep"], ["report", "--results", "r.parquet"],
+                                     ["data", "synth", "--images", "1"]])
+def test_a_blank_out_is_refused_at_parsing(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*command, "--out", ""])
+    assert exit_info.value.code == 2
+    assert "argument --out: an empty path would write into the current folder" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_the_attack_runs(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    code = cli_main(["attack", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--out",
+                     str(tmp_path / "file.txt" / "sub")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--out: cannot write into" in err and "missing.pt" not in err  # before the checkpoint
+
+
+def test_writable_folder_names_the_problem(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="out: .* is a file"):
+        writable_folder(tmp_path / "file.txt")
+    with pytest.raises(ValueError, match="out: an empty path"):
+        writable_folder("")
+    assert writable_folder(tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the write probe is gone
+
+
+def test_a_run_folder_held_by_a_live_process_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(str(holder.pid))
+        config = TrainConfig(data=str(tmp_path / "no-data"), out=str(run), epochs=1, workers=0, progress=False)
+        with pytest.raises(ValueError, match=rf"out: .*run is being written by another process \(pid {holder.pid}\)"):
+            train(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is taken over, and released when the run ends (here: on missing data)
+    with pytest.raises((FileNotFoundError, ValueError)) as error:
+        train(config)
+    assert "being written by another process" not in str(error.value)
+    assert not (run / ".lock").exists()
+
+
+def test_the_lock_is_exclusive_within_its_holder_and_released(tmp_path):
+    with FolderLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().strip().isdigit()
+    assert not (tmp_path / ".lock").exists()
