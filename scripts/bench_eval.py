@@ -170,7 +170,7 @@ def fast_screen_rows(args, device):
         start = time.perf_counter()
         adv = theirs(x, labels)
         seconds = time.perf_counter() - start
-        print(f"{'torchattacks AutoAttack standard (its budgets)':<44} {_acc(robust(model, adv, labels)):>24} "
+        print(f"{'torchattacks standard (its own budgets)':<44} {_acc(robust(model, adv, labels)):>24} "
               f"{seconds:>8.1f} {'-':>8} {'-':>8}")
     reference = rows.get("official", rows["standard"])
     speed = reference[1] / rows["fast"][1]

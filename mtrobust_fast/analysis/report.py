@@ -281,6 +281,10 @@ def cost_table(table):
 def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     """Write the figures and ``summary.md`` into ``out``; returns the paths written (summary last)."""
     table = results_table.read(results, REQUIRED)
+    if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
+        numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and "vuln" in c]
+        raise results_table.TableError(f"metric: {metric!r} is not a numeric column of {results}; vulnerability "
+                                       f"columns there: {', '.join(numeric) or 'none'}")
     pairs = _selection_pairs(selection_path) if selection_path is not None else None
     out.mkdir(parents=True, exist_ok=True)
     configs = results_table.config_columns(table)

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+from mtrobust_fast import budgets
 from mtrobust_fast.cli.args import budget, folder, positive_int, run_reporting, seed
 from mtrobust_fast.files import writable_folder
 from mtrobust_fast.data.taskonomy import SPLITS
@@ -121,6 +122,7 @@ def run_landscape(args):
         from mtrobust_fast.device import resolve_device, to_device
         from mtrobust_fast.evaluation import make_loader, resolve_sets
 
+        radius = budgets.to_pixels(args.radius, 1, "--radius", "give it as a fraction of the range, like 16/255")
         out = _out(args.out)
         device = resolve_device(args.device)
         model = _load(args.checkpoint, device)
@@ -129,7 +131,7 @@ def run_landscape(args):
         loader = make_loader(args.data, model, args.split, args.size, args.limit, args.limit)
         x, targets, masks = to_device(next(iter(loader)), device)
         records = [model.task_records[n] for n in names]
-        result = landscape.landscape(model, x, targets, masks, records, attacked, args.radius, args.points,
+        result = landscape.landscape(model, x, targets, masks, records, attacked, radius, args.points,
                                      args.seed, two_d=not args.no_2d, progress=not args.no_progress)
         result.update(checkpoint=str(args.checkpoint), images=int(x.shape[0]), attacked=attacked)
         (out / "landscape.json").write_text(json.dumps(result) + "\n")

@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
 from mtrobust_fast import budgets
 from mtrobust_fast.evaluation import metrics
 from mtrobust_fast import tasks as task_registry
@@ -95,6 +97,21 @@ class Cell:
         return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (the plain loader keeps the last value
+    silently, so a sweep would run settings other than the ones the file seems to say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_file(path):
     """The settings dict of a ``.yaml``/``.yml`` or ``.toml`` file."""
     path = Path(path)
@@ -102,13 +119,15 @@ def load_file(path):
         raise PlanError(f"--config: file not found: {path}")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise PlanError(f"--config: {path} must end in .yaml, .yml or .toml")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PlanError(f"--config: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     try:
         if path.suffix == ".toml":
-            settings = tomllib.loads(text)
+            settings = tomllib.loads(text)  # TOML refuses a key given twice
         else:
-            import yaml
-            settings = yaml.safe_load(text) or {}
+            settings = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except Exception as error:  # tomllib.TOMLDecodeError or yaml.YAMLError
         raise PlanError(f"--config: cannot parse {path}: {error}") from None
     if not isinstance(settings, dict):
@@ -135,8 +154,10 @@ def _value(key, kind, value):
             return value
         if kind == "budget" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
             return budgets.budget(value, key)
-        if kind in ("int", "seed") and isinstance(value, int) and not isinstance(value, bool):
-            if kind == "int" and value < 1:
+        if kind == "seed":
+            return budgets.seed(value, key)
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
                 raise ValueError(f"must be >= 1, got {value}")
             return value
         if kind == "bool" and isinstance(value, bool):

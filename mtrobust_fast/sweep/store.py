@@ -30,6 +30,15 @@ def _part_problem(path):
     return None
 
 
+def _claim_alive(path):
+    """Whether the process that wrote the claim ``path`` (its pid) still runs, other than this one."""
+    try:
+        holder = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return bool(holder) and holder != os.getpid() and process_alive(holder)
+
+
 class Store:
     """``OUT/cells/<cell_id>.parquet`` parts, and ``OUT/results.parquet``/``.csv`` rebuilt from them."""
 
@@ -39,6 +48,9 @@ class Store:
         self.cells.mkdir(parents=True, exist_ok=True)
         for folder in (self.cells, self.out):  # parts and exports whose writer was killed before its rename
             remove_stale_temporaries(folder)
+        for claim in self.cells.glob("*.claim"):  # claims of killed sweeps: their cells are free again
+            if not _claim_alive(claim):
+                claim.unlink(missing_ok=True)
 
     def done(self):
         """The ids of the cells whose part is whole. A part that cannot be read, or whose rows belong to another
@@ -69,11 +81,7 @@ class Store:
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    holder = int(path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    holder = 0
-                if holder and holder != os.getpid() and process_alive(holder):
+                if _claim_alive(path):
                     return False
                 path.unlink(missing_ok=True)  # a dead (or unreadable) holder: take the cell over
                 continue
