@@ -230,6 +230,30 @@ def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_pat
         load_checkpoint(truncated)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("int64", r"tensor decoders\.depth_zbuffer\.0\.weight is stored as torch\.int64 .* truncate its values"),
+    ("negative_var", r"BatchNorm variance .*running_var has negative entries"),
+    ("epoch_text", r"its meta 'epoch' must be an integer >= 0, got '3'"),
+])
+def test_damaged_checkpoints_are_refused_not_loaded_wrong(tmp_path, damage, message):
+    from mtrobust_fast.models.checkpoint import load_plain
+    model = build_model("d", "resnet18", input_size=32)
+    path = save_checkpoint(tmp_path / "ok.pt", model, epoch=3)
+    payload = load_plain(path)
+    state = payload["state_dict"]
+    if damage == "int64":
+        state["decoders.depth_zbuffer.0.weight"] = (state["decoders.depth_zbuffer.0.weight"] * 100).long()
+    elif damage == "negative_var":
+        name = next(k for k in state if k.endswith("running_var"))
+        state[name] = state[name] - 2
+    else:
+        payload["meta"]["epoch"] = "3"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "bad.pt")
+    assert load_checkpoint(path)[1]["epoch"] == 3
+
+
 def test_cpu_encoder_decodes_from_stride_16_and_a_trained_tiny_model_beats_its_trivial_predictor():
     from mtrobust_fast import tasks
     from mtrobust_fast.evaluation import baselines

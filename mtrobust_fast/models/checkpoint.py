@@ -101,6 +101,28 @@ def _state_dict_mismatch(expected, found):
     return "; ".join(parts)
 
 
+def _check_values(path, expected, found):
+    """Every tensor of ``found`` has the dtype kind of the model's (``load_state_dict`` would silently truncate
+    float weights stored as integers), is finite, and BatchNorm running variances are >= 0 (a negative one
+    gives NaN outputs)."""
+    for name, value in found.items():
+        want = expected[name]
+        if want.is_floating_point() != value.is_floating_point():
+            raise ValueError(f"{path}: tensor {name} is stored as {value.dtype} but the model's is {want.dtype}; "
+                             f"loading would {'truncate its values' if want.is_floating_point() else 'change it'} "
+                             f"(a damaged or hand-edited checkpoint)")
+    broken = [name for name, value in found.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise ValueError(f"{path}: tensor {broken[0]}{more} holds NaN or Inf values; the model cannot be used "
+                         f"(a diverged training?)")
+    negative = [name for name, value in found.items() if name.endswith("running_var") and bool((value < 0).any())]
+    if negative:
+        raise ValueError(f"{path}: BatchNorm variance {negative[0]} has negative entries; the model would output NaN "
+                         f"(a damaged checkpoint)")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Rebuild the model described by the checkpoint's config, load its weights, and return ``(model, meta)``.
 
@@ -116,12 +138,10 @@ def load_checkpoint(path, map_location="cpu"):
     mismatch = _state_dict_mismatch(model.state_dict(), state_dict)
     if mismatch:
         raise ValueError(f"{path}: state_dict does not match its config {config!r}: {mismatch}")
-    broken = [name for name, value in state_dict.items()
-              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
-    if broken:
-        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-        raise ValueError(f"{path}: tensor {broken[0]}{more} holds NaN or Inf values; the model cannot be used "
-                         f"(a diverged training?)")
+    _check_values(path, model.state_dict(), state_dict)
+    epoch = payload["meta"].get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ValueError(f"{path}: its meta 'epoch' must be an integer >= 0, got {epoch!r} (a damaged checkpoint)")
     model.load_state_dict(state_dict)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
