@@ -112,3 +112,14 @@ class FolderLock:
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
         return False
+
+
+def contained(relative, where):
+    """``relative`` (a path read from a dataset's own files) as a Path, if it stays inside the folder it is read
+    against: an absolute path or one with a ``..`` part could reach any file on the machine, so it is a ValueError
+    naming ``where`` (the file that gave it)."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{where}: the path {str(relative)!r} leaves the dataset's folder; paths there must be "
+                         f"relative and without '..'")
+    return path

@@ -84,6 +84,15 @@ def test_bad_chexpert_values_and_missing_images_are_named(chexpert):
         test[0]
 
 
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "CheXpert-v1.0-small/../../secret.jpg"])
+def test_csv_paths_that_leave_the_dataset_are_refused(chexpert, path):
+    text = (chexpert / "train.csv").read_text().splitlines()
+    text[1] = path + "," + text[1].split(",", 1)[1]
+    (chexpert / "train.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match=r"train.csv:2: the path .* leaves the dataset's folder"):
+        ChestXrayDataset(chexpert, "train", size=16)
+
+
 def test_nih_reads_pipe_separated_findings_and_the_official_test_list(tmp_path):
     rows = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"]
     for i in range(40):

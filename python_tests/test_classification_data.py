@@ -220,3 +220,16 @@ def test_image_folder_reader(tmp_path):
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(ValueError, match="bird"):
         ImageFolderDataset(tmp_path, "val", 16)
+
+
+def test_object_labels_whose_paths_leave_the_set_are_refused(tmp_path):
+    root = synthesize_objects(tmp_path / "set", 20, size=16, seed=0, workers=1, progress=False)
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["file"] = "../../../etc/hostname"
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"labels.csv: the path '../../../etc/hostname' leaves the dataset's folder"):
+        ObjectDataset(root, rows[0]["split"])

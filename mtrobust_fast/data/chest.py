@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from mtrobust_fast.tasks.classification import MultiLabelTask, RegressionTask
 from mtrobust_fast.data.images import read_resized
 from mtrobust_fast.data.readers import DOMAIN, FINDINGS, READERS
+from mtrobust_fast.files import contained
 
 SPLITS = ("train", "val", "test")
 CHEXPERT_FINDINGS = (
@@ -153,7 +154,7 @@ class ChestXrayDataset(Dataset):
         records = []
         for line, row in enumerate(rows, start=2):
             where = f"{csv_path}:{line}"
-            parts = Path(row["Path"]).parts
+            parts = contained(row["Path"], where).parts
             patient = next((p for p in parts if p.startswith("patient")), row["Path"])
             if split != "test" and _in_val(patient) != (split == "val"):
                 continue
@@ -201,7 +202,7 @@ class ChestXrayDataset(Dataset):
             if stray:
                 raise ValueError(f"{where}: unknown finding(s) {sorted(stray)}")
             labels = [float(f in named) for f in self.findings]
-            records.append((images / row["Image Index"], labels, [True] * len(labels),
+            records.append((images / contained(row["Image Index"], csv_path), labels, [True] * len(labels),
                             _sex(row.get("Patient Gender")), _age(row.get("Patient Age"), where)))
         return records
 

@@ -29,6 +29,7 @@ from mtrobust_fast.data import readers
 from mtrobust_fast.data.synth import objects
 from mtrobust_fast.data.readers import READERS
 from mtrobust_fast.data.images import read_resized
+from mtrobust_fast.files import contained
 from mtrobust_fast.tasks import get_task
 
 DEPTH = get_task("depth_zbuffer")  # the object set's depth files use Taskonomy's 16-bit z-depth encoding
@@ -205,7 +206,7 @@ class ObjectDataset(Dataset):
             raise FileNotFoundError(f"{labels_path} not found") from None
         except KeyError as error:
             raise ValueError(f"{labels_path} has no column {error}") from None
-        self.files = [r["file"] for r in rows]
+        self.files = [str(contained(r["file"], labels_path)) for r in rows]
         self.labels = [int(r["label"]) for r in rows]
         bad = [lab for lab in self.labels if not 0 <= lab < self.classes]
         if bad:
