@@ -270,3 +270,10 @@ def test_balanced_segment_loss_is_what_is_trained_and_validated(data, tmp_path, 
         TrainConfig(data="d", out="o", segment_loss="focal")
     assert _train_cli(data, tmp_path / "d", "--tasks", "d", "--segment-loss", "balanced", size=32) == 2
     assert "has no segmentation" in capsys.readouterr().err
+
+
+def test_a_classification_loss_on_taskonomy_data_is_refused_not_ignored(data, tmp_path, capsys):
+    code = _train_cli(data, tmp_path / "run", "--tasks", "s", "--epochs", "1", "--class-loss", "bce")
+    err = capsys.readouterr().err
+    assert code == 2 and "class_loss: " in err and "has no classification head" in err
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -97,6 +97,9 @@ def make_datasets(config):
             raise ValueError("domain_labels: domain heads are for classification data")
         if config.findings:
             raise ValueError(f"findings: {config.data} is not a chest X-ray set")
+        if config.class_loss != "ce":
+            raise ValueError(f"class_loss: {config.data} is Taskonomy data, whose model has no classification head "
+                             f"(the loss of its segmentation task is segment_loss)")
         tasks = config.tasks or DEFAULT_TASKS
 
         def split(name, size):
