@@ -353,3 +353,14 @@ def test_directories_link_loops_and_non_utf8_csvs_get_one_clear_error(tmp_path):
     (tmp_path / "split.csv").write_bytes(b"id,train,val,test\n\xff\xfe,1,0,0\n")
     with pytest.raises(TaskonomyFileError, match="split.csv: not a UTF-8 text file"):
         read_split_csv(tmp_path / "split.csv")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("a,1,1,0\n", "line 2: building 'a' is in more than one split"),
+    ("a,1,0,0\nb,0,0,1\na,0,1,0\n", r"line 4: building 'a' is listed again \(first on line 2\)"),
+])
+def test_a_split_csv_that_leaks_a_building_into_evaluation_is_refused(tmp_path, rows, message):
+    path = tmp_path / "train_val_test_leak.csv"
+    path.write_text("id,train,val,test\n" + rows)
+    with pytest.raises(TaskonomyFileError, match=message):
+        read_split_csv(path)

@@ -88,7 +88,8 @@ def read_png(path, formats):
 
 
 def read_split_csv(path):
-    """Official split CSV -> {"train": [...], "val": [...], "test": [...]} building names.
+    """Official split CSV -> {"train": [...], "val": [...], "test": [...]} building names. A building in more than
+    one split (a leak of training images into evaluation) or listed twice is refused.
 
     Accepts LF, CRLF and bare CR line endings (omnidata's copy uses CR) and a UTF-8 byte-order mark.
     """
@@ -102,10 +103,17 @@ def read_split_csv(path):
     if not lines or [cell.strip().lower() for cell in lines[0][1].split(",")] != ["id", "train", "val", "test"]:
         raise TaskonomyFileError(path, "split CSV must start with the header 'id,train,val,test'")
     splits = {"train": [], "val": [], "test": []}
+    seen = {}  # building -> the line that listed it
     for number, line in lines[1:]:
         cells = [cell.strip() for cell in line.split(",")]
         if len(cells) != 4 or not cells[0] or any(flag not in ("0", "1") for flag in cells[1:]):
             raise TaskonomyFileError(path, f"line {number}: expected 'building,0|1,0|1,0|1', got {line!r}")
+        if cells[1:].count("1") > 1:  # a building in two splits leaks its images from training into evaluation
+            raise TaskonomyFileError(path, f"line {number}: building {cells[0]!r} is in more than one split")
+        if cells[0] in seen:
+            raise TaskonomyFileError(path, f"line {number}: building {cells[0]!r} is listed again (first on line "
+                                           f"{seen[cells[0]]})")
+        seen[cells[0]] = number
         for split, flag in zip(splits, cells[1:]):
             if flag == "1":
                 splits[split].append(cells[0])
