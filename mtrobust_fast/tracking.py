@@ -137,17 +137,25 @@ def _import_comet():
     return comet_ml
 
 
-def make_tracker(kind: str, run_dir, project: str | None = None, experiment_name: str | None = None) -> Tracker:
-    """Build the tracker for ``--tracker KIND``; see the module docstring for what each kind writes."""
+def check_tracker(kind: str) -> None:
+    """Raise what :func:`make_tracker` would raise for ``kind`` (an unknown kind, no comet_ml, no API key) without
+    creating anything or touching the network: for front-ends that must refuse before long work."""
     if kind not in KINDS:
         raise ValueError(f"unknown tracker {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "comet" and not os.environ.get(KEY_VAR):
+        raise RuntimeError(f"--tracker comet needs the API key in the {KEY_VAR} environment variable "
+                           f"(or use --tracker comet-offline)")
+    if kind != "local":
+        _import_comet()
+
+
+def make_tracker(kind: str, run_dir, project: str | None = None, experiment_name: str | None = None) -> Tracker:
+    """Build the tracker for ``--tracker KIND``; see the module docstring for what each kind writes."""
+    check_tracker(kind)
     if kind == "local":
         return Tracker(run_dir)
     if kind == "comet":
         key = os.environ.get(KEY_VAR)
-        if not key:
-            raise RuntimeError(f"--tracker comet needs the API key in the {KEY_VAR} environment variable "
-                               f"(or use --tracker comet-offline)")
         experiment = _import_comet().Experiment(api_key=key, project_name=project, **_COMET_QUIET)
     else:
         offline_dir = Path(run_dir) / "comet"

@@ -394,3 +394,16 @@ def test_per_sample_cells_keep_each_images_values_and_finished_cells_gain_them(s
         assert set(images["image"]) == {0, 1}
     assert cli_main(argv + ["--per-sample"]) == 0
     assert "8 already finished, 0 to run" in capsys.readouterr().out
+
+
+def test_a_comet_tracker_without_its_key_is_refused_before_any_model_is_trained(setup, tmp_path, monkeypatch, capsys):
+    root, data, sdn, sd = setup
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    (tmp_path / "s.yaml").write_text(
+        f"data: {data}\nmodels:\n  - train: {{tasks: sd, size: 32, epochs: 1, batch_size: 2, lr: 0.001,"
+        " limit_train: 2, limit_val: 1, save_every: 0}\n    name: tiny\nsteps: 1\nlimit: 2\n")
+    argv = ["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--tracker", "comet", "--no-gradients"]
+    assert cli_main(argv) == 2
+    assert "needs the API key in the COMET_API_KEY environment variable" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "models").exists() and not list((tmp_path / "out").glob("cells/*.parquet"))

@@ -143,12 +143,15 @@ def run(args):
     except planning.PlanError as error:
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        try:  # before any model is trained or cell run
+    try:  # before any model is trained or cell run (and in a dry run, which promises the run would start)
+        if args.tracker is not None:
+            from mtrobust_fast.tracking import check_tracker
+            check_tracker(args.tracker)
+        if not args.dry_run:
             writable_folder(args.out, "--out")
-        except ValueError as error:
-            print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
-            return 2
+    except (ValueError, ImportError, RuntimeError) as error:
+        print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
+        return 2
     store = Store(args.out)
     done = store.done()
     # a finished cell runs again when per-image values are asked for and it has none
