@@ -149,9 +149,10 @@ class ClassificationTask:
 
 # The summable AUC statistics are histograms of asinh(logit) over [-AUC_RANGE, AUC_RANGE] in AUC_BINS bins; pairs
 # within one bin count as ties. The logit's asinh does not saturate as the sigmoid score does (a confident model's
-# scores all fell into the last of 4096 sigmoid bins): bins are 0.0035 wide in the logit near 0 and 0.35 % of
-# the logit for large ones, up to |logit| = 10^6.
-AUC_BINS = 8192
+# scores all fell into the last of 4096 sigmoid bins): bins are 0.00044 wide in the logit near 0, 0.0008 at a
+# logit of 1.5 (the sigmoid bins: 0.001 and 0.0016) and 0.044 % of the logit for large ones, up to |logit| = 10^6.
+# 2 x 65536 doubles per label (1 MiB) per batch's statistics.
+AUC_BINS = 65536
 AUC_RANGE = math.asinh(1e6)
 
 
@@ -189,7 +190,7 @@ class MultiLabelTask:
     Labels are 0/1 floats with a mask of the known ones (uncertain and blank labels are masked out of loss,
     error and metrics). Error: the fraction of a sample's known labels predicted wrongly (logit > 0 means
     positive). Metrics: the AUC of each label (``auc_<name>``), their mean over labels with both classes present
-    (``auc``) and the accuracy over known labels; AUCs come from histograms of the logits (:func:`auc_bins`: 8192
+    (``auc``) and the accuracy over known labels; AUCs come from histograms of the logits (:func:`auc_bins`: 65536
     bins of asinh(logit), which do not saturate for confident models), exact up to pairs that share a bin."""
 
     name: str = "class"
