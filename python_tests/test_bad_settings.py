@@ -63,3 +63,10 @@ def test_a_report_metric_the_table_lacks_is_refused(tmp_path):
     table.to_parquet(path)
     with pytest.raises(results_table.TableError, match="metric: 'bogus' is not a numeric column .* rel_vuln"):
         report.build(path, tmp_path / "out", metric="bogus")
+
+
+def test_a_huge_grid_is_refused_before_it_is_built(tmp_path):
+    settings = {"data": str(tmp_path), "models": [str(tmp_path / "m.pt")], "eps": [k / 255 for k in range(1, 101)],
+                "seeds": list(range(100)), "steps": list(range(1, 101))}  # 10^6 cells
+    with pytest.raises(plan.PlanError, match=r"max_cells: the grid has up to 1000000 cells .* max_cells = 10000"):
+        plan.expand(settings, tmp_path)

@@ -19,7 +19,7 @@ from mtrobust_fast.tracking import redact
 LIST_FLAGS = {"attack": "attacks", "norm": "norms", "eps": "eps", "restarts": "restarts", "seed": "seeds",
               "checkpoint": "models"}
 SCALAR_FLAGS = {"data": "data", "main": "main", "split": "split", "limit": "limit", "size": "size",
-                "batch_size": "batch_size", "eps_units": "eps_units"}
+                "batch_size": "batch_size", "eps_units": "eps_units", "max_cells": "max_cells"}
 
 
 def _list(text):
@@ -45,6 +45,8 @@ def add_arguments(parser):
     add("--main", default=None, help="main task letter for the set 'main' (default: the model's, else its first)")
     add("--split", default=None, help="evaluation split (default val)")
     add("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    add("--max-cells", type=int, default=None,
+        help="refuse a grid of more cells than this before building it (default 10000)")
     add("--size", type=int, default=None, help="image side in px (default: each model's input size)")
     add("--batch-size", type=int, default=None, help="images per batch (default 16)")
     add_sweep_flags(parser, ATTACKS)  # alpha, steps and every other sweep key an attack declares

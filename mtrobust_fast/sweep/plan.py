@@ -42,6 +42,7 @@ CORE_KEYS = {
     "gradients": (True, "bool"),
     "deterministic": (False, "bool"),
     "per_sample": (False, "bool"),
+    "max_cells": (10000, "int"),
 }
 SET_WORDS = ("main", "all", "subsets")
 MODEL_KEYS = ("checkpoint", "train", "name", "main", "surrogate")
@@ -363,6 +364,20 @@ def attacked_sets(words, model):
     return tuple(dict.fromkeys(labels))
 
 
+def _check_size(settings, axes):
+    """Refuse a grid of more than ``max_cells`` cells before building it (its size is the product of the axes'
+    lengths times the models: an upper bound, as attacks drop axes they do not take)."""
+    lengths = [len(settings["models"])] + [len(settings[key]) for key in
+                                           ("attacks", "norms", "eps", "alpha", "steps", "restarts", "seeds", *axes)]
+    count = 1
+    for length in lengths:
+        count *= length
+    if count > settings["max_cells"]:
+        raise PlanError(f"max_cells: the grid has up to {count} cells (models x attacks x norms x eps x alpha x steps "
+                        f"x restarts x seeds{''.join(' x ' + a for a in axes)}), more than max_cells = "
+                        f"{settings['max_cells']}; raise max_cells if you mean it")
+
+
 def expand(settings, out):
     """The cells of the checked ``settings`` (see :func:`check`), in a deterministic order, without repeats.
 
@@ -373,6 +388,7 @@ def expand(settings, out):
     settings = check(settings)
     declared = attack_keys()
     axes = [key for key, s in declared.items() if s.sweep == "grid" and key not in ("alpha", "steps")]
+    _check_size(settings, axes)
     models = [_model(i, entry, settings, out) for i, entry in enumerate(settings["models"])]
     data = str(Path(settings["data"]).resolve())
     cells = {}
