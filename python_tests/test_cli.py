@@ -75,6 +75,7 @@ ATTACK = "attack --checkpoint {r}/m.pt --data {r}/d --limit 1 --no-progress"
     (TRAIN + " --out {r}/r5 --weight-decay inf", "weight_decay must be finite"),
     ("report {r}/none.parquet --dpi -5 --out {r}/rep", "argument --dpi: must be an integer >= 1"),
     ("quickstart --images -1", "argument --images: must be an integer >= 1"),
+    ("quickstart --size 33 --workdir {r}/qs33", "--size: 33 px is not a multiple of 32"),
 ])
 def test_bad_command_lines_get_one_clear_error(workspace, capsys, line, message):
     try:

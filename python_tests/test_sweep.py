@@ -407,3 +407,12 @@ def test_a_comet_tracker_without_its_key_is_refused_before_any_model_is_trained(
     assert cli_main(argv) == 2
     assert "needs the API key in the COMET_API_KEY environment variable" in capsys.readouterr().err
     assert not (tmp_path / "out" / "models").exists() and not list((tmp_path / "out").glob("cells/*.parquet"))
+
+
+def test_the_ray_executor_without_ray_is_one_line_before_anything_runs(setup, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert cli_main(_argv(setup, tmp_path / "out", "--executor", "ray")) == 2
+    assert "--executor ray needs the ray package" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("cells/*.parquet"))

@@ -323,6 +323,9 @@ def run(args):
         sets = model_sets(mains, args.models)
         attack_settings(args)
         canonical_encoder_name(args.encoder)
+        if args.size % taskonomy.SIZE_MULTIPLE:
+            raise ValueError(f"--size: {args.size} px is not a multiple of {taskonomy.SIZE_MULTIPLE} (what the models "
+                             f"accept), e.g. {taskonomy.SIZE_MULTIPLE * max(1, round(args.size / taskonomy.SIZE_MULTIPLE))}")
         data = args.workdir / "data"
         if (data / taskonomy.SPLIT_CSV).exists():
             _check_data(data, args)

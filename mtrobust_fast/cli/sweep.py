@@ -1,5 +1,6 @@
 """``mtrobust-fast sweep`` flags: a settings file (``--config``), flags, or both (a flag given replaces the
 file's key), expanded by :mod:`.plan`, run by an executor, collected by :mod:`.store`."""
+import importlib.util
 import json
 import shutil
 import sys
@@ -149,6 +150,8 @@ def run(args):
         if args.tracker is not None:
             from mtrobust_fast.tracking import check_tracker
             check_tracker(args.tracker)
+        if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ImportError("--executor ray needs the ray package: pip install ray (or use --executor local)")
         if not args.dry_run:
             writable_folder(args.out, "--out")
     except (ValueError, ImportError, RuntimeError) as error:
