@@ -192,22 +192,37 @@ class ObjectDataset(Dataset):
             raise FileNotFoundError(f"{meta_path} not found: {root} is not an object dataset") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{meta_path} is damaged: {error}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path} must hold a JSON object, not a {type(meta).__name__}")
         if meta.get("format") != objects.FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {objects.FORMAT!r}")
+        missing = [key for key in ("classes", "mean", "std") if key not in meta]
+        if missing:
+            raise ValueError(f"{meta_path} lacks {', '.join(repr(k) for k in missing)}")
         self.class_names = list(meta["classes"])
         self.classes = len(self.class_names)
         self.normalization = {"mean": meta["mean"], "std": meta["std"]}
         self.size = size
         labels_path = self.root / objects.LABELS_CSV
         try:
-            with open(labels_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r["split"] == split]
+            with open(labels_path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                missing = [c for c in ("file", "label", "split") if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise ValueError(f"{labels_path} has no column {', '.join(repr(c) for c in missing)}")
+                rows = list(reader)
+            if any(None in r.values() for r in rows):
+                raise ValueError(f"{labels_path}: a row has fewer fields than the header")
+            rows = [r for r in rows if r["split"] == split]
         except FileNotFoundError:
             raise FileNotFoundError(f"{labels_path} not found") from None
-        except KeyError as error:
-            raise ValueError(f"{labels_path} has no column {error}") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{labels_path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         self.files = [str(contained(r["file"], labels_path)) for r in rows]
-        self.labels = [int(r["label"]) for r in rows]
+        try:
+            self.labels = [int(r["label"]) for r in rows]
+        except ValueError:
+            raise ValueError(f"{labels_path}: a label is not an integer") from None
         bad = [lab for lab in self.labels if not 0 <= lab < self.classes]
         if bad:
             raise ValueError(f"{labels_path}: label {bad[0]} is out of range for {self.classes} classes")

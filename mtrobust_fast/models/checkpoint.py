@@ -4,7 +4,6 @@ their model from the file alone (the source pickled whole modules behind DataPar
 File layout: ``{"format": FORMAT, "config": model.config, "state_dict": ..., "meta": {...}}``.
 """
 import os
-import pickle
 
 import torch
 
@@ -60,9 +59,10 @@ def load_plain(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - any file that is not a checkpoint: pickle, zip, key, value errors
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")),
+                      f"{type(err).__name__}: {lines[0]}")
         raise ValueError(f"{path} cannot be read as a checkpoint (torch.load weights_only failed: {detail})") from err
 
 
@@ -81,6 +81,10 @@ def read_checkpoint(path, map_location="cpu"):
     for key in ("config", "state_dict", "meta"):
         if not isinstance(payload.get(key), dict):
             raise ValueError(f"{path} is a damaged checkpoint: its {key!r} entry is missing or not a dict")
+    odd = next((name for name, value in payload["state_dict"].items() if not isinstance(value, torch.Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"{path} is a damaged checkpoint: its state_dict entry {odd!r} is a "
+                         f"{type(payload['state_dict'][odd]).__name__}, not a tensor")
     return payload
 
 
