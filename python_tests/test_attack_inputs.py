@@ -81,3 +81,26 @@ def test_dtype_and_seed_mistakes_are_named(trained):
         PGD(model, [classification("label")], steps=1)(x.double(), labels)
     with pytest.raises(ValueError, match="seed: must be an integer"):
         PGD(model, [classification("label")], seed="abc")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("out_of_range", r"task 'label': its loss cannot use the targets given .*targets \[60\] torch.int64"),
+    ("float_labels", r"task 'label': its loss cannot use the targets given .*torch.float32"),
+])
+def test_targets_a_loss_cannot_use_are_named(trained, damage, message):
+    model, x, labels = trained
+    bad = labels + 100 if damage == "out_of_range" else labels.float() + 0.5
+    with pytest.raises(ValueError, match=message):
+        PGD(model, [classification("label")], steps=1)(x, bad)
+
+
+def test_a_mask_of_another_size_is_named():
+    from mtrobust_fast import tasks
+    from mtrobust_fast.models import build_model
+    torch.manual_seed(0)
+    model = build_model("s", "resnet18", input_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 32, 32))
+    name = tasks.BY_LETTER["s"].name
+    with pytest.raises(ValueError, match=rf"task '{name}': its loss cannot use the targets given .*mask \[2, 1, 16, 16\]"):
+        PGD(model, steps=1)(x, {name: labels}, {name: torch.ones(2, 1, 16, 16, dtype=torch.bool)})

@@ -69,6 +69,18 @@ def _check_count(name, value):
     return value
 
 
+def _loss(spec, output, target, mask):
+    """``spec``'s loss; an error torch raises inside it (labels out of range, float labels where class indices go,
+    a mask of another size) becomes one ValueError naming the task and what it was given."""
+    try:
+        return spec.loss(output, target, mask)
+    except (RuntimeError, IndexError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"task {spec.name!r}: its loss cannot use the targets given (outputs "
+                         f"{list(output.shape)}, targets {list(target.shape)} {target.dtype}"
+                         f"{'' if mask is None else f', mask {list(mask.shape)}'}): {first}") from error
+
+
 def _per_sample(name, loss, rows):
     """``loss`` if it holds one value per row ([rows]); a loss of another shape (e.g. [B, 1], which would broadcast
     in the weighted sum) is an error naming its task."""
@@ -310,7 +322,7 @@ class Attack(abc.ABC):
                 columns = []
                 for n in names:
                     output = opmath(by_name[n].output(outputs))
-                    columns.append(_per_sample(n, by_name[n].loss(output, targets[n], masks.get(n)), x.shape[0]))
+                    columns.append(_per_sample(n, _loss(by_name[n], output, targets[n], masks.get(n)), x.shape[0]))
                     if keep:
                         errors.append(self._error(by_name[n], output, targets[n], masks.get(n)))
                 if keep:
@@ -328,7 +340,7 @@ class Attack(abc.ABC):
                 if index is not None:
                     mask, target = None if mask is None else mask[index], target[index]
                 output = opmath(self.model.decoders[n](representation if index is None else representation[index]))
-                loss = _per_sample(n, by_name[n].loss(output, target, mask), target.shape[0])
+                loss = _per_sample(n, _loss(by_name[n], output, target, mask), target.shape[0])
                 error = self._error(by_name[n], output, target, mask) if keep else None
                 if index is not None:
                     loss = loss.new_zeros(x.shape[0]).index_copy(0, index, loss)
