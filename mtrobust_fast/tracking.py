@@ -156,11 +156,11 @@ def make_tracker(kind: str, run_dir, project: str | None = None, experiment_name
         return Tracker(run_dir)
     if kind == "comet":
         key = os.environ.get(KEY_VAR)
-        experiment = _import_comet().Experiment(api_key=key, project_name=project, **_COMET_QUIET)
+        experiment = _import_comet().Experiment(api_key=key, project_name=redact(project), **_COMET_QUIET)
     else:
         offline_dir = Path(run_dir) / "comet"
         offline_dir.mkdir(parents=True, exist_ok=True)
-        experiment = _import_comet().OfflineExperiment(offline_directory=str(offline_dir), project_name=project,
+        experiment = _import_comet().OfflineExperiment(offline_directory=str(offline_dir), project_name=redact(project),
                                                        **_COMET_QUIET)
     if experiment_name:
         experiment.set_name(redact(experiment_name))

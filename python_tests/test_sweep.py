@@ -416,3 +416,13 @@ def test_the_ray_executor_without_ray_is_one_line_before_anything_runs(setup, tm
     assert cli_main(_argv(setup, tmp_path / "out", "--executor", "ray")) == 2
     assert "--executor ray needs the ray package" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("cells/*.parquet"))
+
+
+def test_a_model_name_holding_the_api_key_is_redacted_on_stdout(setup, tmp_path, monkeypatch, capsys):
+    root, data, sdn, sd = setup
+    key = "k" * 24
+    monkeypatch.setenv("COMET_API_KEY", key)
+    (tmp_path / "s.yaml").write_text(f"data: {data}\nmodels:\n  - {{checkpoint: {sdn}, name: model-{key}}}\n")
+    assert cli_main(["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert key not in out and "model-<redacted>" in out

@@ -61,7 +61,7 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     import sys
     from mtrobust_fast.tracking import make_tracker
     run_dir = sys.argv[1]
-    with make_tracker("comet-offline", run_dir, project="mtrobust-test", experiment_name="probe") as tr:
+    with make_tracker("comet-offline", run_dir, project=sys.argv[3], experiment_name="probe") as tr:
         tr.log_parameters({"model": "resnet18", "comet_api_key": "leak?"})
         tr.log_metrics({"vulnerability": 0.4321}, step=0, prefix="cell0")
         tr.log_curve("cell0/pgd_loss", [0.25, 0.5, 0.75])
@@ -69,7 +69,8 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_comet_offline_archive_has_metrics_not_key(tmp_path):
+@pytest.mark.parametrize("project", ["mtrobust-test", "key"])  # "key": the API key given as the project by mistake
+def test_comet_offline_archive_has_metrics_not_key(tmp_path, project):
     pytest.importorskip("comet_ml", reason="comet_ml is not installed (pip install comet_ml)")
     fig = tmp_path / "heatmap.png"
     fig.write_bytes(b"\x89PNG fake image bytes")
@@ -77,7 +78,8 @@ def test_comet_offline_archive_has_metrics_not_key(tmp_path):
     env = dict(os.environ, COMET_API_KEY=FAKE_KEY, HOME=str(tmp_path))  # HOME: no ~/.comet.config is read
     # A subprocess with a timeout: a Comet version that reaches for the network cannot hang the suite, and its
     # console output can be checked for the key too.
-    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(run_dir), str(fig)], env=env,
+    project = FAKE_KEY if project == "key" else project
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(run_dir), str(fig), project], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert FAKE_KEY not in proc.stdout + proc.stderr

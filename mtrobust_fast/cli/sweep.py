@@ -104,11 +104,11 @@ def _train_models(cells):
     from mtrobust_fast.training import train
 
     for model in {cell.model for cell in cells if cell.model.train}:
-        print(f"sweep: training {model.name} into {Path(model.checkpoint).parent}", flush=True)
+        print(redact(f"sweep: training {model.name} into {Path(model.checkpoint).parent}"), flush=True)
         try:
             train(planning.train_config(json.loads(model.train), cells[0].data, model.checkpoint))
         except (ValueError, FileExistsError) as error:
-            raise SettingError("models", f"training {model.name}: {error}") from error
+            raise SettingError("models", redact(f"training {model.name}: {error}")) from error
 
 
 def _tracker_callback(args):
@@ -165,7 +165,7 @@ def run(args):
     if args.dry_run:
         for cell in cells:
             state = "pending" if cell in pending else "done"
-            print(f"{cell.cell_id} {state:7} {cell.model.name} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
+            print(f"{cell.cell_id} {state:7} {redact(cell.model.name)} {cell.attack} {cell.norm} eps={cell.eps:.5g} "
                   f"{ATTACKS[cell.attack].describe_steps(cell.alpha, cell.eps, cell.steps)} restarts={cell.restarts} "
                   f"seed={cell.seed} sets={','.join(cell.sets)}"
                   + "".join(f" {k}={format_value(v)}" for k, v in cell.options.items() if v is not None))
