@@ -70,3 +70,11 @@ def test_a_huge_grid_is_refused_before_it_is_built(tmp_path):
                 "seeds": list(range(100)), "steps": list(range(1, 101))}  # 10^6 cells
     with pytest.raises(plan.PlanError, match=r"max_cells: the grid has up to 1000000 cells .* max_cells = 10000"):
         plan.expand(settings, tmp_path)
+
+
+@pytest.mark.parametrize("command", ["synth", "synth-objects"])
+def test_a_huge_synthetic_dataset_is_refused_unless_asked_for(tmp_path, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["data", command, "--out", str(tmp_path / "d"), "--images", "1000000000", "--no-progress"])
+    assert "--images 1,000,000,000 is more than --max-images 1,000,000" in str(exit_info.value.code)
+    assert not (tmp_path / "d").exists()

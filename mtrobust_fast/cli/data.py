@@ -1,9 +1,23 @@
 """``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
 (:mod:`mtrobust_fast.data.synth.taskonomy`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.synth.objects`)."""
-from mtrobust_fast.cli.args import folder
+from mtrobust_fast.cli.args import folder, positive_int
 from mtrobust_fast.data.synth import objects
 from mtrobust_fast.data.synth import rooms
 from mtrobust_fast.data.synth import taskonomy
+
+
+MAX_IMAGES = 1_000_000  # a larger set is refused unless --max-images says so (it is planned in memory first)
+
+
+def _add_max_images(parser):
+    parser.add_argument("--max-images", type=positive_int, default=MAX_IMAGES,
+                        help=f"refuse more --images than this (default {MAX_IMAGES:,}): a guard against a typo")
+
+
+def _check_count(args, command):
+    if args.images > args.max_images:
+        raise SystemExit(f"mtrobust-fast {command}: error: --images {args.images:,} is more than --max-images "
+                         f"{args.max_images:,}; raise --max-images if you mean it")
 
 
 def add_synth_arguments(parser):
@@ -23,11 +37,13 @@ def add_synth_arguments(parser):
                              "(table, chair, couch, bed, refrigerator) seen from 1.2-3.2 m, which small CPU models "
                              "learn to segment in minutes (the quickstart's data)")
     parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
+    _add_max_images(parser)
     parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
                         help="no progress bar (as in the other commands; --quiet is the same)")
 
 
 def run_synth(args):
+    _check_count(args, "data synth")
     try:
         out = taskonomy.synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
                                    args.buildings, args.overwrite, preset=args.scene)
@@ -44,11 +60,13 @@ def add_synth_objects_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--overwrite", action="store_true", help="replace an object dataset already in --out")
+    _add_max_images(parser)
     parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
                         help="no progress bar (as in the other commands; --quiet is the same)")
 
 
 def run_synth_objects(args):
+    _check_count(args, "data synth-objects")
     try:
         out = objects.synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
                                  args.overwrite)
