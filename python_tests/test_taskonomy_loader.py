@@ -364,3 +364,19 @@ def test_a_split_csv_that_leaks_a_building_into_evaluation_is_refused(tmp_path, 
     path.write_text("id,train,val,test\n" + rows)
     with pytest.raises(TaskonomyFileError, match=message):
         read_split_csv(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("label_size", r"domain_segmentsemantic.png: is 8x8 px but its image is 16x16"),
+    ("non_square", r"domain_rgb.png: is 16x12 px; Taskonomy images are square"),
+    ("tiny", r"domain_rgb.png: is 1x1 px; Taskonomy images are square, at least 8 px"),
+])
+def test_images_and_labels_of_the_wrong_shape_are_named(flat, damage, message):
+    name = file_name(5, 0, "segment_semantic" if damage == "label_size" else "rgb")
+    folder = flat / ("segment_semantic" if damage == "label_size" else "rgb")
+    shape = {"label_size": (8, 8), "non_square": (12, 16, 3), "tiny": (1, 1, 3)}[damage]
+    Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(folder / name)
+    ds = TaskonomyDataset(flat, "s", split="train", size=None)
+    index = next(i for i, s in enumerate(ds.samples) if s.point == 5)
+    with pytest.raises(TaskonomyFileError, match=message):
+        ds[index]

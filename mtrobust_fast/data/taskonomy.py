@@ -87,6 +87,9 @@ def read_png(path, formats):
             raise TaskonomyFileError(path, f"unreadable PNG ({error})") from error
 
 
+MIN_SIDE = 8  # smaller images are refused: no model here sees anything in them
+
+
 def read_split_csv(path):
     """Official split CSV -> {"train": [...], "val": [...], "test": [...]} building names. A building in more than
     one split (a leak of training images into evaluation) or listed twice is refused.
@@ -290,11 +293,18 @@ class TaskonomyDataset(Dataset):
             return cache[folder]
 
         rgb = pixels("rgb", "rgb", ("rgb8",))
+        height, width = rgb.shape[:2]
+        if height != width or height < MIN_SIDE:  # resizing would distort it, or there is nothing to see
+            raise TaskonomyFileError(self.file_path(sample, "rgb", "rgb"), f"is {width}x{height} px; Taskonomy images "
+                                                                          f"are square, at least {MIN_SIDE} px")
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255)
         valid = self._geometry_validity(pixels) if self.validity_domain else None
         targets, masks = {}, {}
         for task in self.tasks:
             raw = pixels(task.folder, task.tag, task.formats)
+            if raw.shape[:2] != (height, width):  # a label of another image would be resized onto this one
+                raise TaskonomyFileError(self.file_path(sample, task.folder, task.tag),
+                                         f"is {raw.shape[1]}x{raw.shape[0]} px but its image is {width}x{height}")
             try:
                 target, mask = task.decode(raw, valid if task.geometric else None)
             except ValueError as error:
