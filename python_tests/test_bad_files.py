@@ -70,3 +70,15 @@ def test_a_damaged_labels_csv_is_named(objects_set, tmp_path, change, message):
     with pytest.raises(ValueError, match=r"labels.csv.*" + message):
         for split in ("train", "val", "test"):
             ObjectDataset(root, split)
+
+
+def test_an_object_image_of_another_size_is_named_unless_a_size_is_given(objects_set, tmp_path):
+    from PIL import Image
+    root = _copy(objects_set, tmp_path)
+    data = ObjectDataset(root, "train")
+    name = data.files[0]
+    with Image.open(root / "rgb" / name) as png:
+        png.resize((24, 24)).save(root / "rgb" / name)
+    with pytest.raises(ValueError, match=r"rgb/.* is 24x24 px but the set's images are 16 px; give a size"):
+        ObjectDataset(root, "train")[0]
+    assert ObjectDataset(root, "train", size=16)[0][0].shape == (3, 16, 16)

@@ -203,6 +203,7 @@ class ObjectDataset(Dataset):
         self.classes = len(self.class_names)
         self.normalization = {"mean": meta["mean"], "std": meta["std"]}
         self.size = size
+        self.native = meta.get("size")  # every image's side when the set was made; checked when read unresized
         labels_path = self.root / objects.LABELS_CSV
         try:
             with open(labels_path, newline="", encoding="utf-8") as f:
@@ -238,6 +239,9 @@ class ObjectDataset(Dataset):
         except (FileNotFoundError, OSError) as error:
             raise ValueError(f"cannot read {path}: {error}") from None
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
+        if self.size is None and isinstance(self.native, int) and image.shape[-2:] != (self.native, self.native):
+            raise ValueError(f"{path} is {image.shape[-1]}x{image.shape[-2]} px but the set's images are "
+                             f"{self.native} px; give a size (--size) to resize every image to one side")
         targets, masks = {"class": torch.tensor(self.labels[index])}, {}
         if self.with_domain:
             targets["domain"] = torch.tensor(int(self.class_names[self.labels[index]] not in objects.FREE_STANDING))
