@@ -167,8 +167,9 @@ def test_the_tracker_finds_every_period_and_the_step_the_full_run_would_end_on()
     for number in range(1, steps + 1):
         active = np.array([r for r in range(4) if r not in finished])
         prints = np.array([[ord(walks[r][number - 1]), 0] for r in active])
-        for r, done in zip(active, tracker.update(active, prints, number)):
-            if done:
+        tracker.update(active, prints, number)
+        for r in active:
+            if tracker.finish[r] <= number:
                 finished[r] = number
     # Row 0: c at 3 and 5 -> period 2 seen at step 5; (10 - 5) % 2 = 1 more step. Row 2: b at 2 and 3 -> done at 3.
     # Row 3: fingerprints count from step 2 (the schedule's period) at phase number % 2: b at steps 2 and 4, both

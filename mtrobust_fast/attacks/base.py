@@ -5,7 +5,8 @@ Rows: an attack works on R rows, each an image with its own attacked-task weight
 budget (eps, alpha) and sample id. A plain call has one row per image; :meth:`Attack.run_subsets` repeats the
 images once per attacked set, so every attacked set advances in the same forward/backward pass. Subclasses
 implement :meth:`Attack._optimize` (one restart from a start point); every update goes through the fused
-``attack_step`` operator. Nothing in a step loop reads a value back to the host.
+``attack_step`` operator. Nothing in a step loop reads a value back to the host, except early exit's per-row
+fingerprints (:mod:`mtrobust_fast.attacks.early_exit`).
 """
 import abc
 from contextlib import contextmanager
@@ -153,6 +154,7 @@ class Attack(abc.ABC):
     # Whether the next iterate is a function of the current one alone (fixed step, no step-dependent weights), so
     # that an iterate repeating an earlier one can end its row exactly (``early_exit``).
     cycles_exactly = False
+    stop_on_success = False  # PGD sets it from its declared setting (success stops, classification heads)
     settings = (ALPHA, STEPS, DENSE_LOSS)
     refused = {"normalize_task_grads": "only wgd normalises task gradients"}
     summary_key = None
@@ -627,7 +629,7 @@ class Attack(abc.ABC):
                 if self.restarts == 1:
                     return x_adv.detach()
                 loss = self._score(x_adv, rows, self._objective(x_adv, rows))
-                if getattr(self, "stop_on_success", False):  # a point every attacked head gets wrong wins
+                if self.stop_on_success:  # a point every attacked head gets wrong wins
                     loss = torch.where(self._succeeded(x_adv, rows), torch.inf, loss)
                 if best_x is None:
                     best_x, best_loss = x_adv.detach(), loss

@@ -25,7 +25,8 @@ equal.
 What makes the cycle exit exact is the caller's business (:attr:`Attack.exits_early`): a model in eval mode whose row
 losses do not depend on chance or on which other rows share the batch. The batch never shrinks below two rows
 (a finished row is carried as padding and its result discarded), since some kernels compute a batch of one row
-differently from a larger one.
+differently from a larger one. Deciding which rows leave reads each step's fingerprints (16 bytes a row) back to
+the host: the one host read in a step loop, and only while rows can still leave.
 """
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ class CycleTracker:
         self.cycle = np.zeros(len(periods), dtype=np.int64)  # the detected period of the walk (0: none)
 
     def update(self, active, fingerprints, number):
-        """Record the fingerprints ``[A, 2]`` (host) of the ``active`` rows after step ``number`` (1-based); returns
-        a boolean array over ``active``: the rows that are finished after this step."""
+        """Record the fingerprints ``[A, 2]`` (host) of the ``active`` rows after step ``number`` (1-based); a row
+        whose fingerprint repeats gets its period and its last step (``finish``)."""
         for row, print_ in zip(active.tolist(), map(tuple, fingerprints.tolist())):
             period = int(self.periods[row])
             if self.cycle[row] or number < period:
@@ -55,7 +56,6 @@ class CycleTracker:
             else:
                 self.cycle[row] = number - earlier
                 self.finish[row] = number + (self.steps - number) % self.cycle[row]
-        return self.finish[active] <= number
 
     def stop(self, rows, number):
         """The ``rows`` are finished after step ``number`` (a success stop)."""
@@ -78,7 +78,7 @@ def iterate(attack, x, rows, step, state=(), periods=None):
     None or an int64 tensor [R], the period of each row's step schedule (see the module docstring). Returns
     ``x``."""
     total = x.shape[0]
-    cycles, success = attack.exits_early, getattr(attack, "stop_on_success", False)
+    cycles, success = attack.exits_early, attack.stop_on_success
     if not (cycles or success) or total == 0:
         for number in range(attack.steps):
             state = step(x, rows, state, number)
