@@ -11,7 +11,7 @@ from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.models import load_checkpoint
 from mtrobust_fast.training import CleanObjective, ObjectiveOutput, TaskLosses, TrainConfig, Trainer
 from mtrobust_fast.weighting import StaticWeighting
-from mtrobust_fast.training.config import lr_at, parse_schedule
+from mtrobust_fast.training.schedules import lr_at, parse_schedule
 from mtrobust_fast.training.runner import make_datasets, make_loaders
 from mtrobust_fast.training.distributed import DistContext
 

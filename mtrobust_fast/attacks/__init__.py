@@ -11,7 +11,7 @@ from mtrobust_fast.attacks.base import ATTACKS, MODEL_MODES, Attack, unwrap
 from mtrobust_fast.attacks.cyclic import CyclicBatch, CyclicStep
 from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.grid import GridPGD
-from mtrobust_fast.attacks.pgd import FGSM, PGD, CosPGD, SegPGD
+from mtrobust_fast.attacks.pgd import FGSM, NFGSM, PGD, CosPGD, SegPGD
 from mtrobust_fast.attacks.relative import RelativePGD
 from mtrobust_fast.attacks.square import Square
 from mtrobust_fast.attacks.specs import TaskSpec, classification, from_task
@@ -42,6 +42,6 @@ def build_attack(name, model, tasks=None, **settings):
     return cls(model, tasks, **chosen)
 
 
-__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "WGD", "APGD", "APGDT", "FAB", "Square", "AutoAttack",
+__all__ = ["ATTACKS", "MODEL_MODES", "Attack", "PGD", "FGSM", "NFGSM", "WGD", "APGD", "APGDT", "FAB", "Square", "AutoAttack",
            "DenseEnsemble", "SegPGD", "CosPGD", "RelativePGD", "CyclicStep", "CyclicBatch", "GridPGD",
            "SettingRefused", "TaskSpec", "build_attack", "classification", "from_task", "unwrap"]

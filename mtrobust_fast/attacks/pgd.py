@@ -1,7 +1,9 @@
 """Projected gradient descent (Madry et al.) on the sum of the attacked tasks' per-sample losses, and FGSM."""
+import dataclasses
+
 from mtrobust_fast.attacks import early_exit
 from mtrobust_fast.attacks.base import ALPHA, ATTACKS, DENSE_LOSS, EARLY_EXIT, STEPS, Attack
-from mtrobust_fast.registry import Setting, boolean
+from mtrobust_fast.registry import Setting, boolean, number
 
 STOP_ON_SUCCESS = Setting(
     "stop_on_success", boolean, False,
@@ -90,6 +92,37 @@ class FGSM(PGD):
         if "steps" in kwargs:
             raise ValueError("FGSM takes exactly one step; use PGD for more")
         super().__init__(model, tasks, eps=eps, alpha=alpha, steps=1, **kwargs)
+
+
+NFGSM_NOISE = Setting("nfgsm_noise", number, 2.0, low=0,
+                     help="nfgsm: half-width of the uniform noise around the input, in multiples of eps")
+
+
+@ATTACKS.register("nfgsm")
+class NFGSM(FGSM):
+    """N-FGSM (de Jorge et al., NeurIPS'22), the single-step attack of noise-augmented fast adversarial training:
+    start from x + η with η uniform in the ball of radius ``nfgsm_noise``·eps (2·eps by default), take one signed
+    gradient step of ``alpha`` (default eps), and do *not* project back onto the eps-ball: the training point
+    may lie up to (nfgsm_noise·eps + alpha) from x. Only the input box [lo, hi] is enforced. The stronger noise
+    and the missing projection are what keep single-step training from collapsing at larger budgets."""
+
+    default_random_start = True
+    settings = (ALPHA, DENSE_LOSS, NFGSM_NOISE)
+
+    def __init__(self, model, tasks=None, *, nfgsm_noise=2.0, **kwargs):
+        if kwargs.get("random_start") is False:
+            raise ValueError("nfgsm: its noise is part of the method; random_start cannot be False")
+        super().__init__(model, tasks, **kwargs)
+        self.noise = NFGSM_NOISE.parse(nfgsm_noise)
+
+    def _start(self, x0, ids, restart, eps):
+        return super()._start(x0, ids, restart, eps * self.noise)
+
+    def _optimize(self, x, rows):
+        _, _, grad = self._objective_and_grad(x, rows)
+        unprojected = dataclasses.replace(rows, eps=rows.eps * self.noise + rows.alpha)  # a ball the step cannot leave
+        self._step(x, unprojected, grad.unsqueeze(0))
+        return x
 
 
 @ATTACKS.register("segpgd")

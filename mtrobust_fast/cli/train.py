@@ -28,6 +28,7 @@ from mtrobust_fast.training.config import (
 from mtrobust_fast.training.augment import AUGMENTS
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training.adversarial import OBJECTIVES
+from mtrobust_fast.training.recipes import RECIPES
 from mtrobust_fast.training.runner import train
 from mtrobust_fast.weighting import WEIGHTINGS
 
@@ -53,10 +54,13 @@ def add_arguments(parser):
         help="per-process batch size (default %(default)s)")
     add("--val-batch-size", type=int, default=None, help="validation batch size (default: --batch-size)")
     add("--optim", choices=OPTIMIZERS, default=_default("optim"), help="optimiser (default %(default)s)")
-    add("--lr", type=float, default=None, help="constant learning rate (instead of --schedule)")
+    add("--lr", type=float, default=None,
+        help="constant learning rate (instead of --schedule); the peak of --schedule-kind cosine or onecycle")
     add("--schedule", default=None,
         help="step schedule EPOCH:LR,... from 0-based epochs; default adam "
              f"{DEFAULT_SCHEDULES['adam']}, sgd {DEFAULT_SCHEDULES['sgd']}")
+    add_setting_flags(parser.add_argument_group("recipe: schedule, weight averaging, AWP, label smoothing"),
+                      RECIPES)  # each part's declared settings (--schedule-kind, --ema, --awp-gamma, ...)
     add("--momentum", type=float, default=_default("momentum"), help="SGD momentum (default %(default)s)")
     add("--weight-decay", type=float, default=None,
         help=f"default adam {DEFAULT_WEIGHT_DECAY['adam']}, sgd {DEFAULT_WEIGHT_DECAY['sgd']}")
@@ -86,8 +90,10 @@ def add_arguments(parser):
     adv = parser.add_argument_group("adversarial training")
     adv.add_argument("--adversarial", choices=ADVERSARIAL, default=_default("adversarial"),
                      help="objective: madry (loss at PGD x_adv), madry_mix (attacked tasks 0.5 clean + 0.5 adv), "
-                          "trades (clean + beta * divergence), fgsm_rs (one FGSM step from a random start), free "
-                          "(replayed batches; the perturbation reuses each backward) (default %(default)s)")
+                          "trades (clean + beta * divergence), mart (boosted CE at x_adv + beta * KL weighted by "
+                          "the clean misclassification; classification heads), fgsm_rs (one FGSM step from a "
+                          "random start), nfgsm (noise of 2 eps, one step of eps, no projection onto the ball), "
+                          "free (replayed batches; the perturbation reuses each backward) (default %(default)s)")
     adv.add_argument("--attack-tasks", default=_default("attack_tasks"),
                      help="tasks the inner attack raises: all, main, or letters such as s,d (default %(default)s)")
     adv.add_argument("--norm", choices=NORMS, default=_default("norm"), help="threat model (default %(default)s)")
@@ -95,7 +101,7 @@ def add_arguments(parser):
                      help="ball radius in [0,1] pixels, e.g. 8/255 (default 8/255)")
     add_budget_units(adv)
     adv.add_argument("--alpha", type=budget, default=None,
-                     help="step size (default: 2.5*eps/steps for PGD, 1.25*eps for fgsm_rs, eps for free)")
+                     help="step size (default: 2.5*eps/steps for PGD, 1.25*eps for fgsm_rs, eps for nfgsm and free)")
     adv.add_argument("--steps", type=int, default=_default("steps"),
                      help="PGD steps of the inner attack (default %(default)s)")
     add_setting_flags(adv, OBJECTIVES)  # each objective's declared settings (trades: --beta, free: --replays)

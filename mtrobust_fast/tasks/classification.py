@@ -34,10 +34,10 @@ def _check(logits, labels):
                          f"{tuple(labels.shape)}")
 
 
-def cross_entropy(logits, labels, mask=None):
-    """Per-sample softmax cross-entropy."""
+def cross_entropy(logits, labels, mask=None, label_smoothing=0.0):
+    """Per-sample softmax cross-entropy; ``label_smoothing`` s trains against (1 − s)·one-hot + s/K."""
     _check(logits, labels)
-    return F.cross_entropy(opmath(logits), labels, reduction="none")
+    return F.cross_entropy(opmath(logits), labels, reduction="none", label_smoothing=label_smoothing)
 
 
 def dlr(logits, labels, mask=None):

@@ -14,20 +14,29 @@ Objectives (``attacked``: the tasks whose loss the inner attack raises; the othe
 - ``trades`` (Zhang et al. 2019): L_t(x) + β·D_t(f(x_adv), f(x)) for attacked tasks, D = KL(softmax f(x) ‖
   softmax f(x_adv)) for classification and segmentation, L1 between outputs for regression tasks; the inner
   attack maximises D from a uniform random start (the paper started at x + 0.001·N(0, 1)).
+- ``mart`` (Wang et al. 2020): for attacked softmax classification heads, a boosted cross-entropy at x_adv plus
+  β·KL(clean ‖ adversarial) weighted by how wrong the clean prediction is (:func:`mart_loss`).
 - ``fgsm_rs`` (Wong et al. 2020): ``madry`` with a single FGSM step from a uniform random start, α = 1.25·ε
   by default.
+- ``nfgsm`` (de Jorge et al. 2022): ``madry`` at one FGSM step of α = ε from noise uniform in 2ε, left
+  unprojected onto the ε-ball.
 - ``free`` (Shafahi et al. 2019): each batch is replayed m times; one backward gives the parameter gradient
   (the optimiser steps) and the input gradient, with which the perturbation δ takes a step of α (default ε) and
   is projected. δ is carried across replays and batches and restarts at 0 every epoch. Because the perturbation
   ascends the same weighted loss the parameters descend, ``free`` attacks every trained task.
 """
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from mtrobust_fast import ops
-from mtrobust_fast.attacks import ATTACKS, FGSM, PGD, TaskSpec, build_attack
+from mtrobust_fast.attacks import ATTACKS, FGSM, NFGSM, PGD, TaskSpec, build_attack
+from mtrobust_fast.attacks.pgd import NFGSM_NOISE
+from mtrobust_fast.tasks import opmath
+from mtrobust_fast.tasks.classification import ClassificationTask
 from mtrobust_fast.registry import Registry, Setting, integer, number
 from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
 
@@ -59,6 +68,7 @@ class AttackSettings:
     steps: int = 10
     model_mode: str = "eval"
     autocast: Optional[torch.dtype] = None
+    options: tuple = ()  # (setting, value) pairs of the attack's own declared settings (nfgsm_noise)
 
     @property
     def step_size(self):
@@ -69,15 +79,21 @@ class AttackSettings:
         return build_attack(self.attack, model, tasks, eps=self.eps, norm=self.norm, alpha=self.step_size,
                             steps=self.steps if ATTACKS[self.attack].takes("steps") else None,
                             random_start=True, target_tasks=list(attacked), seed=seed,
-                            deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast)
+                            deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast,
+                            **dict(self.options))
 
     def describe(self):
         label = "Free" if self.attack == FREE else f"{self.attack.upper()}-{self.steps}" \
             if ATTACKS[self.attack].takes("steps") else f"{self.attack.upper()}-RS"
         return f"{label} {self.norm} eps={self.eps:.4g} alpha={self.step_size:.4g}"
 
+    def scaled(self, factor):
+        """These settings with the budget (and an explicit step size) times ``factor``: the ε warm-up."""
+        return replace(self, eps=self.eps * factor, alpha=None if self.alpha is None else self.alpha * factor)
+
     def to_dict(self):
-        return {k: v for k, v in asdict(self).items() if k != "autocast"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("autocast", "options")}
+        return {**out, **dict(self.options)}
 
 
 class AdversarialObjective(Objective):
@@ -91,15 +107,38 @@ class AdversarialObjective(Objective):
     settings = ()
 
     def __init__(self, losses, attack, attacked):
-        self.losses, self.attack = losses, attack
+        self.losses, self.attack, self.full_attack = losses, attack, attack
         unknown = [n for n in attacked if n not in losses.names]
         if unknown or not attacked:
             raise ValueError(f"attack_tasks must be a non-empty subset of the trained tasks {losses.names}, "
                              f"got {list(attacked)}")
         self.attacked = [n for n in losses.names if n in attacked]
+        self._holding, self._held = False, None
+
+    def scale_budget(self, factor):
+        self.attack = self.full_attack if factor == 1 else self.full_attack.scaled(factor)
+
+    @contextmanager
+    def holding(self):
+        """Within this block the first adversarial batch is kept and returned again by later calls (AWP
+        evaluates the objective twice on the same adversarial points)."""
+        self._holding, self._held = True, None
+        try:
+            yield
+        finally:
+            self._holding, self._held = False, None
 
     def adversarial(self, model, images, targets, masks):
-        """x_adv: the inner attack on the attacked tasks' losses."""
+        """x_adv: the inner attack on the attacked tasks' losses (the held batch inside :meth:`holding`)."""
+        if self._held is not None:
+            return self._held
+        x_adv = self.attack_points(model, images, targets, masks)
+        if self._holding:
+            self._held = x_adv
+        return x_adv
+
+    def attack_points(self, model, images, targets, masks):
+        """The inner attack's points for this batch (subclasses attack another objective)."""
         attack = self.attack.build(model, self.losses.tasks, self.attacked, draw_seed())
         return attack(images, targets, masks)
 
@@ -127,6 +166,20 @@ class FgsmRS(Madry):
     inner_attack = FGSM.registered_name
 
 
+@OBJECTIVES.register("nfgsm")
+class NFgsm(Madry):
+    """``madry`` at N-FGSM's point (noise of ``nfgsm_noise``·ε, one step of α = ε by default, no projection onto
+    the ε-ball; see :class:`~mtrobust_fast.attacks.NFGSM`)."""
+
+    name = "nfgsm"
+    inner_attack = NFGSM.registered_name
+    settings = (NFGSM_NOISE,)
+
+    def __init__(self, losses, attack, attacked, nfgsm_noise=2.0):
+        noise = NFGSM_NOISE.parse(nfgsm_noise)
+        super().__init__(losses, replace(attack, options=(("nfgsm_noise", noise),)), attacked)
+
+
 @OBJECTIVES.register("madry_mix")
 class MadryMix(AdversarialObjective):
     """Attacked tasks: half clean, half adversarial loss; other tasks: clean loss."""
@@ -148,7 +201,7 @@ def _divergence_spec(task):
     return TaskSpec(task.name, task.divergence, key=task.name)
 
 
-BETA = Setting("beta", number, 6.0, low=0, help="trades: weight of the divergence term")
+BETA = Setting("beta", number, 6.0, low=0, help="trades, mart: weight of the divergence term")
 REPLAYS = Setting("replays", integer, 4, low=1, help="free: replays of each batch")
 
 
@@ -166,11 +219,15 @@ class Trades(AdversarialObjective):
         self.beta = float(beta)
         self.specs = [_divergence_spec(t) for t in losses.tasks if t.name in self.attacked]
 
-    def __call__(self, model, images, targets, masks):
+    def attack_points(self, model, images, targets, masks):
+        """The point that most moves the attacked outputs away from the clean ones."""
         attack = self.attack.build(model, self.specs, self.attacked, draw_seed())
         clean_in_attack_mode = attack.outputs(images)
         reference = {n: clean_in_attack_mode[n] for n in self.attacked}
-        x_adv = attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
+        return attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
+
+    def __call__(self, model, images, targets, masks):
+        x_adv = self.adversarial(model, images, targets, masks)
         features = []
         clean_outputs = forward(model, images, features)
         adv_outputs = forward(model, x_adv, features)
@@ -180,6 +237,54 @@ class Trades(AdversarialObjective):
                 divergence = task.divergence(adv_outputs[task.name], clean_outputs[task.name], masks.get(task.name))
                 losses[task.name] = losses[task.name] + self.beta * divergence.mean()
         return ObjectiveOutput(losses, features or None, clean_outputs=clean_outputs)
+
+    def describe(self):
+        return {**super().describe(), "beta": self.beta}
+
+
+def mart_loss(clean_logits, adv_logits, labels, beta):
+    """Per-sample MART loss (Wang et al., ICLR'20) of a softmax head: a boosted cross-entropy at the adversarial
+    point, CE(x') − log(1 − max_{k≠y} p_k(x')), which also pushes down the strongest wrong class, plus β times
+    KL(p(x) ‖ p(x')) weighted by 1 − p_y(x), so that the samples the model gets least right on clean inputs
+    count most in the robustness term."""
+    clean_logits, adv_logits = opmath(clean_logits), opmath(adv_logits)
+    clean_log, adv_log = F.log_softmax(clean_logits, 1), F.log_softmax(adv_logits, 1)
+    clean_probs, adv_probs = clean_log.exp(), adv_log.exp()
+    strongest_other = adv_probs.scatter(1, labels[:, None], 0.0).max(1).values
+    boosted = F.nll_loss(adv_log, labels, reduction="none") - torch.log((1 - strongest_other).clamp_min(1e-12))
+    divergence = (clean_probs * (clean_log - adv_log)).sum(1)
+    return boosted + beta * divergence * (1 - clean_probs.gather(1, labels[:, None])[:, 0])
+
+
+@OBJECTIVES.register("mart")
+class Mart(AdversarialObjective):
+    """MART on the attacked tasks, which must be softmax classification heads (it is not defined for dense or
+    regression outputs); the other tasks keep their clean loss. The inner attack is PGD on cross-entropy."""
+
+    name = "mart"
+    settings = (BETA,)
+
+    def __init__(self, losses, attack, attacked, beta=6.0):
+        super().__init__(losses, attack, attacked)
+        self.beta = BETA.parse(beta)
+        by_name = {t.name: t for t in losses.tasks}
+        wrong = [n for n in self.attacked if not (isinstance(by_name[n], ClassificationTask)
+                                                  and by_name[n].loss_name == "ce")]
+        if wrong:
+            raise ValueError(f"adversarial mart: is defined for softmax classification heads; attacked task(s) "
+                             f"{wrong} are not (use madry or trades, or attack_tasks main)")
+
+    def __call__(self, model, images, targets, masks):
+        x_adv = self.adversarial(model, images, targets, masks)
+        features = []
+        clean_outputs = forward(model, images, features)
+        adv_outputs = forward(model, x_adv, features)
+        losses = self.losses.means(clean_outputs, targets, masks,
+                                   tasks=[n for n in self.losses.names if n not in self.attacked])
+        for name in self.attacked:
+            losses[name] = mart_loss(clean_outputs[name], adv_outputs[name], targets[name], self.beta).mean()
+        return ObjectiveOutput({n: losses[n] for n in self.losses.names}, features or None,
+                               clean_outputs=clean_outputs)
 
     def describe(self):
         return {**super().describe(), "beta": self.beta}

@@ -1,4 +1,4 @@
-"""What a training run is: one plain dataclass (recorded in every checkpoint) and the step LR schedule."""
+"""What a training run is: one plain dataclass, recorded in every checkpoint."""
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
@@ -13,7 +13,10 @@ from mtrobust_fast.tasks.auxiliary import AUXILIARY
 from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS
+from mtrobust_fast.training import averaging, awp  # noqa: F401 - they register their recipe parts
+from mtrobust_fast.training.recipes import RECIPES
 from mtrobust_fast.training.regularisers import KINDS as CURVATURE_KINDS
+from mtrobust_fast.training.schedules import parse_schedule
 from mtrobust_fast.weighting import WEIGHTINGS
 from mtrobust_fast.weighting import parse_weights
 
@@ -30,31 +33,6 @@ CLASS_LOSSES = ("ce", "bce")
 CURVATURE = ("none",) + CURVATURE_KINDS
 SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
 DEFAULT_ROBUST_VAL = 64  # validation images attacked every epoch when training adversarially
-
-
-def parse_schedule(text):
-    """"0:1e-3,120:1e-4" → [(0, 1e-3), (120, 1e-4)]: from epoch index 0 use 1e-3, from index 120 use 1e-4."""
-    steps = []
-    for part in str(text).split(","):
-        epoch, sep, lr = part.strip().partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            steps.append((int(epoch), float(lr)))
-        except ValueError:
-            raise ValueError(f"schedule entries must look like EPOCH:LR, got {part.strip()!r} in {text!r}") from None
-    if steps[0][0] != 0:
-        raise ValueError(f"schedule must start at epoch 0, got {text!r}")
-    if any(b[0] <= a[0] for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"schedule epochs must increase, got {text!r}")
-    if any(not 0 < lr < math.inf for _, lr in steps):
-        raise ValueError(f"schedule learning rates must be positive and finite, got {text!r}")
-    return steps
-
-
-def lr_at(schedule, epoch):
-    """The learning rate of a parsed schedule at 0-based ``epoch``."""
-    return [lr for start, lr in schedule if start <= epoch][-1]
 
 
 @dataclass
@@ -160,7 +138,15 @@ class _TrainConfig:
             raise ValueError(f"save_every and workers must be >= 0, got {self.save_every}, {self.workers}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        parse_schedule(self.lr_schedule)
+        steps = parse_schedule(self.lr_schedule)
+        if self.schedule_kind != "step" and len(steps) != 1:
+            raise ValueError(f"schedule_kind {self.schedule_kind}: give the peak learning rate as lr, not a step "
+                             f"schedule ({self.lr_schedule})")
+        if self.schedule_kind == "step" and self.warmup_epochs:
+            raise ValueError("warmup_epochs: the step schedule has no warm-up; use schedule_kind cosine or onecycle")
+        if self.awp_gamma and self.adversarial == "free":
+            raise ValueError("awp_gamma: free replays each batch with a carried perturbation; AWP wraps the other "
+                             "objectives")
         if self.tasks is not None:
             self.task_weights()
 
@@ -256,8 +242,8 @@ class _TrainConfig:
         return asdict(self)
 
 
-# The settings the training components declare (objectives, auxiliary tasks), by name.
-COMPONENT_SETTINGS = {**OBJECTIVES.settings(), **AUXILIARY.settings()}
+# The settings the training components declare (objectives, auxiliary tasks, recipe parts), by name.
+COMPONENT_SETTINGS = {**OBJECTIVES.settings(), **AUXILIARY.settings(), **RECIPES.settings()}
 if set(COMPONENT_SETTINGS) & {f.name for f in fields(_TrainConfig)}:
     raise TypeError(f"declared settings {set(COMPONENT_SETTINGS) & {f.name for f in fields(_TrainConfig)}} clash "
                     f"with training config fields")

@@ -39,6 +39,12 @@ class GAT(Objective):
     def start_epoch(self, epoch):
         self.main.start_epoch(epoch)
 
+    def scale_budget(self, factor):
+        self.main.scale_budget(factor)
+
+    def after_step(self):
+        self.main.after_step()
+
     def shared_batch(self, images, targets, masks):
         """The batch every head sees under ``shared`` routing: images, targets with the auxiliary labels, masks.
         Labelled per-pixel targets of the data (depth) and their masks are warped along with the images."""

@@ -19,7 +19,8 @@ from mtrobust_fast.device import to_device
 from mtrobust_fast.files import atomic_write, remove_stale_temporaries
 from mtrobust_fast.models import save_checkpoint
 from mtrobust_fast.training import distributed
-from mtrobust_fast.training.config import SELECT, lr_at
+from mtrobust_fast.training.config import SELECT
+from mtrobust_fast.training.schedules import Schedule
 
 LOG_NAME = "metrics.jsonl"
 LAST, BEST = "last.pt", "best.pt"
@@ -68,7 +69,10 @@ class Trainer:
     """Trains ``model`` with ``objective`` and ``weighting`` on ``train_loader``; validates every task of ``losses``
     (a :class:`~mtrobust_fast.training.objectives.TaskLosses`) with its metrics.
 
-    ``schedule``: parsed step schedule (see ``config.parse_schedule``). ``robust``: optional
+    ``schedule``: a :class:`~mtrobust_fast.training.schedules.Schedule` (or a parsed step schedule, see
+    ``schedules.parse_schedule``). ``average``: an optional
+    :class:`~mtrobust_fast.training.averaging.WeightAverage`, updated after every optimiser step; it is then the
+    model that is validated, selected and saved (the raw weights travel in ``last.pt`` for resuming). ``robust``: optional
     :class:`RobustValidation`, run after the clean validation every epoch. ``select``: "clean" keeps as
     ``best.pt`` the epoch with the lowest weighted clean validation loss, "robust" the one with the lowest
     weighted adversarial validation error. Checkpoints (rank 0 only) go to ``run_dir``: ``last.pt`` every epoch,
@@ -78,7 +82,7 @@ class Trainer:
 
     def __init__(self, model, objective, weighting, optimizer, schedule, train_loader, val_loader, losses, *,
                  run_dir, ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None,
-                 robust=None, select="clean", augment=None):
+                 robust=None, select="clean", augment=None, average=None):
         if amp and ctx.device.type != "cuda":
             raise ValueError("amp (mixed precision) is supported on CUDA only; drop it on CPU")
         if len(train_loader) == 0:
@@ -93,7 +97,9 @@ class Trainer:
         self.model = DistributedDataParallel(
             self.module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         ) if ctx.distributed else self.module
-        self.objective, self.weighting, self.optimizer, self.schedule = objective, weighting, optimizer, schedule
+        self.objective, self.weighting, self.optimizer = objective, weighting, optimizer
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule, 1, len(train_loader))
+        self.average = average  # a WeightAverage: the model that is validated, selected and saved
         self.losses = losses
         self.train_loader, self.val_loader = train_loader, val_loader
         self.robust, self.select = robust, select
@@ -123,10 +129,20 @@ class Trainer:
                 return
             yield out
 
-    def train_epoch(self, epoch, epochs):
-        lr = lr_at(self.schedule, epoch)
+    @property
+    def evaluated(self):
+        """The model validation scores and checkpoints hold: the weight average when there is one."""
+        return self.average.model if self.average is not None else self.module
+
+    def _set_rates(self, epoch, step):
+        lr = self.schedule.lr(epoch, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.objective.scale_budget(self.schedule.eps_factor(epoch, step))
+        return lr
+
+    def train_epoch(self, epoch, epochs):
+        first_lr = lr = self._set_rates(epoch, 0)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -136,6 +152,8 @@ class Trainer:
         sums = torch.zeros(len(self.train_terms) + 2, dtype=torch.float64, device=self.ctx.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
+            if step:
+                lr = self._set_rates(epoch, step)
             images, targets, masks = to_device(batch, self.ctx.device)
             if self.augment:
                 images, targets, masks = self.augment(images, targets, masks)
@@ -146,6 +164,9 @@ class Trainer:
                 total = self.weighting.backward(out.task_losses, scaler=self.scaler, **extra)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                self.objective.after_step()
+                if self.average is not None:
+                    self.average.update(self.module)
                 values = [total] + [out.task_losses[name].detach() for name in self.train_terms]
                 sums[:-1] += torch.stack(values).double() * n
                 sums[-1] += n
@@ -155,19 +176,21 @@ class Trainer:
         means = (sums[:-1] / sums[-1]).tolist()
         if not math.isfinite(means[0]):
             raise FloatingPointError(f"training loss became {means[0]} in epoch {epoch + 1}; lower the learning rate")
-        return {"lr": lr, "loss": means[0], "samples": int(sums[-1]),
+        return {"lr": first_lr, "lr_last": lr, "loss": means[0], "samples": int(sums[-1]),
                 "task_losses": dict(zip(self.train_terms, means[1:]))}
 
     @torch.no_grad()
-    def validate(self):
-        """Per-task validation loss and clean metrics (pooled over every validation pixel of every process)."""
-        self.module.eval()
+    def validate(self, model=None):
+        """Per-task validation loss and clean metrics of ``model`` (default :attr:`evaluated`), pooled over every
+        validation pixel of every process."""
+        model = self.evaluated if model is None else model
+        model.eval()
         loss_sums = torch.zeros(len(self.task_names) + 1, dtype=torch.float64, device=self.ctx.device)
         stats = {}
         for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.progress):
             images, targets, masks = to_device(batch, self.ctx.device)
             with self._autocast():
-                outputs = self.module(images)
+                outputs = model(images)
             per_sample = self.losses.per_sample(outputs, targets, masks)
             loss_sums[:-1] += torch.stack([per_sample[name].double().sum() for name in self.task_names])
             loss_sums[-1] += images.shape[0]
@@ -186,9 +209,9 @@ class Trainer:
         return {"loss": float(self.weighting.combine(task_means)), "samples": int(loss_sums[-1]), "tasks": tasks}
 
     def validate_robust(self):
-        """Adversarial loss and error of every task on the robust validation subset (the attack of
-        ``self.robust``; per-process shards summed over processes)."""
-        summary = evaluation.evaluate(self.module, self.robust.loader, self.robust.make_attack(self.module),
+        """Adversarial loss and error of every task of :attr:`evaluated` on the robust validation subset (the
+        attack of ``self.robust``; per-process shards summed over processes)."""
+        summary = evaluation.evaluate(self.evaluated, self.robust.loader, self.robust.make_attack(self.evaluated),
                                       self.losses.tasks, gradients=False, device=self.ctx.device)
         (attacked,) = summary["attacks"].values()
         n = summary["samples"]
@@ -208,12 +231,15 @@ class Trainer:
     # ---- checkpoints and log ----
 
     def save(self, name, epoch, metrics, training_state=True):
-        """A checkpoint of the model with its metrics; ``training_state`` adds what resuming needs (optimiser
-        and scaler states, the best score), which ``best.pt`` leaves out."""
+        """A checkpoint of the evaluated model (the weight average, if any: ``meta["weights"]`` says which) with
+        its metrics; ``training_state`` adds what resuming needs (optimiser and scaler states, the best score,
+        and with averaging the raw weights and the number of averaged updates), which ``best.pt`` leaves out."""
         state = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                      best_score=self.best_score) if training_state else {}
-        save_checkpoint(self.run_dir / name, self.module, epoch=epoch, select=self.select, train_config=self.record,
-                        metrics=_plain(metrics), **state)
+        if training_state and self.average is not None:
+            state.update(raw_state_dict=self.module.state_dict(), ema_updates=self.average.updates)
+        save_checkpoint(self.run_dir / name, self.evaluated, epoch=epoch, select=self.select, train_config=self.record,
+                        metrics=_plain(metrics), weights="ema" if self.average is not None else "raw", **state)
 
     def restore(self, payload):
         """Continue from a checkpoint payload (``models.read_checkpoint``): weights, optimiser, scaler, best score.
@@ -224,8 +250,14 @@ class Trainer:
         meta = payload["meta"]
         if "optimizer" not in meta or "epoch" not in meta:
             raise ValueError("checkpoint holds no training state (optimizer, epoch); it cannot be resumed")
+        if (self.average is not None) != (meta.get("weights") == "ema"):
+            raise ValueError("the checkpoint's weight averaging (meta 'weights') does not match this run's ema setting")
         try:
-            self.module.load_state_dict(payload["state_dict"])
+            if self.average is not None:
+                self.module.load_state_dict(meta["raw_state_dict"])
+                self.average.load(payload["state_dict"], meta["ema_updates"])
+            else:
+                self.module.load_state_dict(payload["state_dict"])
             self.optimizer.load_state_dict(meta["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0:3]

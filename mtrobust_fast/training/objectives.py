@@ -5,11 +5,15 @@ the weighting strategy (:mod:`mtrobust_fast.weighting`) turns them into gradient
 output per parameter update: one for most objectives, several when an objective replays a batch (Free
 adversarial training). The clean objective is here; the adversarial ones are in ``adversarial.py``.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.multitask import MultiTaskModel
+from mtrobust_fast.registry import Setting, number
+from mtrobust_fast.tasks.classification import ClassificationTask, cross_entropy
+from mtrobust_fast.training.recipes import RECIPES
 
 
 @dataclass
@@ -38,16 +42,34 @@ def forward(model, images, features=None):
     return outputs
 
 
-class TaskLosses:
-    """The per-sample losses of the trained tasks (task records of the open protocol, or registry names)."""
+LABEL_SMOOTHING = Setting("label_smoothing", number, 0.0, low=0, high=0.99,
+                          help="train softmax classification heads against (1 - s) one-hot + s/K labels; attacks, "
+                               "validation and robust validation keep plain cross-entropy")
 
-    def __init__(self, tasks):
+
+@RECIPES.register("label_smoothing")
+class TaskLosses:
+    """The per-sample losses of the trained tasks (task records of the open protocol, or registry names).
+
+    ``label_smoothing``: the training losses (:meth:`means`) of softmax classification heads use smoothed
+    labels; :meth:`per_sample` (validation, regularisers) and every attack keep the records' own losses, so a
+    smoothed model is attacked and scored on plain cross-entropy."""
+
+    settings = (LABEL_SMOOTHING,)
+
+    def __init__(self, tasks, label_smoothing=0.0):
         self.tasks = [task_registry.record(t) for t in tasks]
         if not self.tasks:
             raise ValueError("at least one task must be trained")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"a task is given twice: {names}")
+        self.label_smoothing = LABEL_SMOOTHING.parse(label_smoothing)
+        self.smoothed = [t.name for t in self.tasks if isinstance(t, ClassificationTask) and t.loss_name == "ce"] \
+            if self.label_smoothing else []
+        if self.label_smoothing and not self.smoothed:
+            raise ValueError(f"label_smoothing: none of the trained tasks {names} is a softmax classification head "
+                             f"(cross-entropy over classes); leave it at 0")
 
     @property
     def names(self):
@@ -62,8 +84,13 @@ class TaskLosses:
         return {t.name: t.loss(outputs[t.name], targets[t.name], masks.get(t.name)) for t in chosen}
 
     def means(self, outputs, targets, masks, tasks=None):
-        """{task name: batch-mean loss} (with graph)."""
-        return {name: loss.mean() for name, loss in self.per_sample(outputs, targets, masks, tasks).items()}
+        """{task name: batch-mean training loss} (with graph; smoothed labels where ``label_smoothing`` applies)."""
+        losses = self.per_sample(outputs, targets, masks, [n for n in self.names if n not in self.smoothed
+                                                           and (tasks is None or n in tasks)])
+        for name in self.smoothed:
+            if tasks is None or name in tasks:
+                losses[name] = cross_entropy(outputs[name], targets[name], label_smoothing=self.label_smoothing)
+        return {name: losses[name].mean() for name in self.names if name in losses}
 
 
 class Objective:
@@ -76,6 +103,17 @@ class Objective:
 
     def start_epoch(self, epoch):
         """Called before each training epoch (0-based); objectives that carry state across batches reset it."""
+
+    def scale_budget(self, factor):
+        """Called before each batch with the fraction of the adversarial budget in force (the ε warm-up)."""
+
+    def after_step(self):
+        """Called after each optimiser step (AWP takes its weight perturbation back here)."""
+
+    def holding(self):
+        """A context in which the adversarial points of the batch are computed once and reused (see
+        :meth:`~mtrobust_fast.training.adversarial.AdversarialObjective.holding`); nothing to hold here."""
+        return nullcontext()
 
     def describe(self):
         """Plain-data settings recorded with checkpoints."""

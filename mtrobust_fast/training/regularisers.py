@@ -133,6 +133,12 @@ class CurvatureRegularised(Objective):
     def start_epoch(self, epoch):
         self.inner.start_epoch(epoch)
 
+    def scale_budget(self, factor):
+        self.inner.scale_budget(factor)
+
+    def after_step(self):
+        self.inner.after_step()
+
     def updates(self, model, images, targets, masks):
         for out in self.inner.updates(model, images, targets, masks):
             inputs, labels, valid = out.batch or (images, targets, masks)

@@ -29,7 +29,10 @@ from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_che
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import OBJECTIVES, RobustValidation, make_objective
 from mtrobust_fast.training.augment import Augment
-from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig, parse_schedule
+from mtrobust_fast.training.averaging import WeightAverage
+from mtrobust_fast.training.awp import AWP
+from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig
+from mtrobust_fast.training.schedules import Schedule, parse_schedule
 from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, seed_everything
 from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
@@ -167,6 +170,8 @@ def make_objective_for(config, model, losses):
         declared = OBJECTIVES[config.adversarial].settings
         objective = make_objective(config.adversarial, losses, settings, attacked,
                                    **{s.name: getattr(config, s.name) for s in declared})
+    if config.awp_gamma:  # the main objective trained at perturbed weights (inside GAT, which adds the heads)
+        objective = AWP(objective, model.config["task_weights"], config.awp_gamma, config.awp_warmup)
     auxiliary_tasks = [model.task_records[name] for name in model.config.get("auxiliary", [])]
     if auxiliary_tasks:
         objective = GAT(objective, auxiliary_tasks, config.aux_routing)
@@ -243,7 +248,8 @@ def _run(config, ctx, run_dir):
     train_set, val_set, model = make_datasets(config)
     records = {name: task_registry.training_record(name, config.segment_loss) if name in task_registry.BY_NAME
                else record for name, record in model.task_records.items()}
-    losses = TaskLosses([records[name] for name in model.evaluated_task_names])  # trained on labels; validated
+    losses = TaskLosses([records[name] for name in model.evaluated_task_names],  # trained on labels; validated
+                        label_smoothing=config.label_smoothing)
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
     weights = dict(model.config["task_weights"])
@@ -254,17 +260,24 @@ def _run(config, ctx, run_dir):
         objective = CurvatureRegularised(objective, TaskLosses(records.values()), *curvature_tasks(config, model),
                                          config.curvature)
         weights["curvature"] = config.curvature_weight
+    if config.awp_gamma and ctx.distributed:
+        raise ValueError("awp_gamma: the weight perturbation is computed without DDP's gradient averaging; train it "
+                         "in one process")
     if config.weighting != "static" and ctx.distributed:
         raise ValueError(f"weighting: {config.weighting} aggregates each process's own task gradients, which DDP "
                          f"cannot average correctly; use --weighting static under torchrun")
+    schedule = Schedule(parse_schedule(config.lr_schedule), config.epochs, len(train_loader), config.schedule_kind,
+                        config.warmup_epochs, config.eps_warmup_epochs)
+    model.to(ctx.device)
     trainer = Trainer(
         model, objective, make_weighting(config.weighting, weights),
         make_optimizer(config, model.parameters()),
-        parse_schedule(config.lr_schedule), train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
+        schedule, train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
         amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,
         record={**config.to_dict(), "objective_settings": objective.describe()},
         robust=robust_validation(config, ctx, val_set, losses, attacked) if attacked else None,
         select=config.select, augment=Augment(config.augment, {t.name: t for t in losses.tasks}),
+        average=None if config.ema is None else WeightAverage(model, config.ema, config.ema_warmup),
     )
     start = 0
     if config.resume and last.exists():
