@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mtrobust_fast.attacks import NFGSM, classification
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth.objects import synthesize_objects
+from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.tasks.classification import ClassificationTask
 from mtrobust_fast.training import AttackSettings, TaskLosses, make_objective
 from mtrobust_fast.training.adversarial import mart_loss
@@ -262,3 +263,22 @@ def test_recipe_settings_are_checked_and_reach_sweep_train_specs(tmp_path):
     config = train_config({"adversarial": "mart", "ema": 0.999, "schedule_kind": "cosine", "lr": 0.1,
                            "awp_gamma": 0.005, "nfgsm_noise": 1.5}, "data", str(tmp_path / "m" / "last.pt"))
     assert (config.adversarial, config.ema, config.schedule_kind, config.awp_gamma) == ("mart", 0.999, "cosine", 0.005)
+
+
+def test_gat_trains_with_mart_awp_and_averaging(objects, tmp_path):
+    assert _train(objects, tmp_path / "gat", "--epochs", "1", "--aux", "rotation", "--weighting", "ew",
+                  "--adversarial", "mart", "--steps", "1", "--awp-gamma", "0.01", "--ema", "0.9") == 0
+    payload = torch.load(tmp_path / "gat" / "last.pt", weights_only=True)
+    settings = payload["meta"]["train_config"]["objective_settings"]
+    assert settings["objective"] == "mart" and settings["awp"]["gamma"] == 0.01 and settings["gat"]["aux"]
+    assert payload["meta"]["weights"] == "ema"
+
+
+def test_a_taskonomy_model_trains_with_nfgsm_awp_and_averaging(tmp_path):
+    data = synthesize(tmp_path / "synth", 12, size=32, seed=0, workers=1, progress=False)
+    code = cli_main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--tasks", "sd", "--size", "32",
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress", "--lr", "1e-3",
+                     "--adversarial", "nfgsm", "--attack-tasks", "s", "--awp-gamma", "0.005", "--ema", "0.5",
+                     "--schedule-kind", "cosine", "--robust-val", "2", "--robust-val-steps", "1"])
+    assert code == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["meta"]["weights"] == "ema"
