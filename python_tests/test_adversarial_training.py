@@ -197,7 +197,8 @@ def test_madry_training_on_objects_records_settings_and_robust_validation(object
 
 @pytest.mark.parametrize("objective", ["madry", "free"])
 def test_adversarial_resume_equals_an_uninterrupted_run(objects, tmp_path, objective):
-    common = ("--adversarial", objective, "--steps", "2", "--robust-val", "0", "--seed", "5", "--limit-train", "40")
+    steps = ("--steps", "2") if objective == "madry" else ()  # free takes replays, not steps
+    common = ("--adversarial", objective, *steps, "--robust-val", "0", "--seed", "5", "--limit-train", "40")
     assert _train(objects, tmp_path / "straight", "--epochs", "2", *common) == 0
     assert _train(objects, tmp_path / "split", "--epochs", "1", *common) == 0
     assert _train(objects, tmp_path / "split", "--epochs", "2", "--resume", *common) == 0
@@ -224,6 +225,9 @@ def test_resume_refuses_changed_adversarial_settings(objects, tmp_path, capsys):
     (["--weights", "class=0"], "weights: at least one task weight must be non-zero"),
     (["--weights", "s=1"], "weights: 's' is not one of the model's tasks"),
     (["--adversarial", "madry", "--steps", "0"], "steps must be at least 1"),
+    (["--adversarial", "fgsm_rs", "--steps", "5"], "steps: fgsm_rs takes no steps"),
+    (["--adversarial", "free", "--steps", "3"], "steps: free takes no steps"),
+    (["--steps", "3"], "steps: clean training has no inner attack"),
 ])
 def test_bad_settings_are_named(objects, tmp_path, capsys, argv, message):
     try:

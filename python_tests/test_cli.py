@@ -110,12 +110,21 @@ def test_a_corrupt_file_read_by_a_worker_process_is_one_clear_line(workspace, tm
     assert err.endswith(f"{broken.name}: not a PNG file") and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["quickstart", "train", "attack"])
 @pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_quickstart_waits_passively_unless_told_otherwise(preset, expected):
-    code = ("import os\nfrom mtrobust_fast.cli import main\ntry:\n    main(['quickstart', '--help'])\n"
+def test_every_command_waits_passively_unless_told_otherwise(command, preset, expected):
+    code = (f"import os\nfrom mtrobust_fast.cli import main\ntry:\n    main(['{command}', '--help'])\n"
             "except SystemExit:\n    pass\nprint(os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("attack", ["fab", "apgdt", "square", "autoattack"])
+def test_quickstart_refuses_classifier_attacks_before_any_work(attack, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quickstart", "--attack", attack, "--out", str(tmp_path / "q")])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -61,7 +61,10 @@ def add_arguments(parser):
     parser.add_argument("--size", type=positive_int, default=64, help="image side in px (default 64)")
     parser.add_argument("--epochs", type=positive_int, default=8, help="training epochs per model (default 8)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--attack", choices=ATTACKS.names(), default="pgd", help="attack (default pgd)")
+    dense = [name for name in ATTACKS if not ATTACKS[name].classifier_only]
+    parser.add_argument("--attack", choices=dense, default="pgd",
+                        help="attack (default pgd); the classifier-head attacks (AutoAttack and its members) do not "
+                             "apply to the quickstart's dense models: ensemble is the dense AutoAttack")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
     parser.add_argument("--eps", type=budget, default=8 / 255, help="default 8/255")
     parser.add_argument("--alpha", type=budget, default=None,

@@ -49,7 +49,9 @@ def add_arguments(parser):
     add("--out", required=True, type=lambda text: str(folder(text)), help="run directory: checkpoints, metrics.jsonl, config.json")
     add("--size", type=int, default=None,
         help="image side in px (default: the images' own; Taskonomy models need a multiple of 32)")
-    add("--epochs", type=int, default=_default("epochs"), help="total epochs (default %(default)s)")
+    add("--epochs", type=int, default=_default("epochs"),
+        help="total epochs (default %(default)s, the papers' schedule: hours on a GPU, days on a "
+             "CPU; 5-10 epochs of the synthetic sets take minutes on a CPU)")
     add("--batch-size", type=int, default=_default("batch_size"),
         help="per-process batch size (default %(default)s)")
     add("--val-batch-size", type=int, default=None, help="validation batch size (default: --batch-size)")

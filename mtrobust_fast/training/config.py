@@ -7,10 +7,10 @@ from typing import Any, Optional
 from mtrobust_fast import task_names
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
-from mtrobust_fast.attacks import MODEL_MODES
+from mtrobust_fast.attacks import ATTACKS, MODEL_MODES
 from mtrobust_fast.budgets import MAX_SEED
 from mtrobust_fast.tasks.auxiliary import AUXILIARY
-from mtrobust_fast.training.adversarial import OBJECTIVES, AttackSettings
+from mtrobust_fast.training.adversarial import FREE, OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS
 from mtrobust_fast.training import averaging, awp  # noqa: F401 - they register their recipe parts
@@ -161,6 +161,11 @@ class _TrainConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1] (pixels in [0, 1]; 8/255 for 8 grey levels), got {value}")
+        if self.steps != _TrainConfig.steps and (self.adversarial == "none" or self.attack_settings().attack == FREE
+                                                 or not ATTACKS[self.attack_settings().attack].takes("steps")):
+            what = "clean training has no inner attack" if self.adversarial == "none" else \
+                f"{self.adversarial} takes no steps (one step, or Free's replays)"
+            raise ValueError(f"steps: {what}; leave it out (robust validation's PGD takes robust_val_steps)")
         if self.aux_routing not in ROUTINGS:
             raise ValueError(f"aux_routing must be one of {ROUTINGS}, got {self.aux_routing!r}")
         unknown = [a for a in self.aux_names if a not in AUXILIARY]

@@ -170,7 +170,7 @@ class Trainer:
                 values = [total] + [out.task_losses[name].detach() for name in self.train_terms]
                 sums[:-1] += torch.stack(values).double() * n
                 sums[-1] += n
-            if self.progress and step % 10 == 0:
+            if self.progress and (step % 10 == 0 or step == len(self.train_loader) - 1):  # every 10th and the last
                 bar.set_postfix(loss=f"{total.item():.4f}")
         distributed.all_reduce_sum(self.ctx, sums)
         means = (sums[:-1] / sums[-1]).tolist()
