@@ -146,6 +146,21 @@ def test_gat_command_trains_augmented_and_validates_on_untransformed_images(obje
                      "--no-progress", "--no-gradients"]) == 0
 
 
+def test_gat_logs_the_main_task_loss_and_error_undiluted(objects, tmp_path):
+    """With two auxiliary heads the class head has a third of the training weight; the validation loss and the
+    robust error it logs must still be the class head's own (they were a third of it)."""
+    run = tmp_path / "gat"
+    assert cli_main(["train", "--data", str(objects), "--out", str(run), "--epochs", "1", "--batch-size", "10",
+                     "--lr", "1e-3", "--workers", "0", "--no-progress", "--adversarial", "madry_mix",
+                     "--attack-tasks", "main", "--steps", "1", "--aux", "rotation,jigsaw", "--robust-val", "8",
+                     "--robust-val-steps", "2"]) == 0
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["val"]["loss"] == pytest.approx(record["val"]["tasks"]["class"]["loss"])
+    robust = record["robust_val"]
+    assert robust["error"] == pytest.approx(robust["tasks"]["class"]["adv_error"])
+    assert robust["loss"] == pytest.approx(robust["tasks"]["class"]["adv_loss"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--aux", "rotation,colour"], "aux: unknown auxiliary task(s) ['colour']"),
     (["--aux", "rotation", "--aux-routing", "separate", "--curvature", "xi"], "use aux_routing shared"),

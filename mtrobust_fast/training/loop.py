@@ -206,7 +206,16 @@ class Trainer:
         for task in self.losses.tasks:
             scores = task.metric_scores(distributed.all_reduce_sum(self.ctx, stats[task.name]).cpu())
             tasks[task.name] = {"loss": task_means[task.name], **scores}
-        return {"loss": float(self.weighting.combine(task_means)), "samples": int(loss_sums[-1]), "tasks": tasks}
+        return {"loss": self.validated_mean(task_means), "samples": int(loss_sums[-1]), "tasks": tasks}
+
+    def validated_mean(self, values):
+        """The validated tasks' numbers combined with their training weights renormalised to sum to 1 over them:
+        a model trained with terms that are not validated (GAT's auxiliary heads, the curvature term) reports its
+        main task's loss and error as they are, not shrunk by the other terms' share of the weights (which also
+        kept the catastrophic-overfitting warning from firing)."""
+        weights = getattr(self.weighting, "weights", None)
+        total = sum(weights[name] for name in values) if weights else 0
+        return float(self.weighting.combine(values)) / (total if total > 0 else 1)
 
     def validate_robust(self):
         """Adversarial loss and error of every task of :attr:`evaluated` on the robust validation subset (the
@@ -224,8 +233,8 @@ class Trainer:
         tasks = {name: {"adv_loss": float(sums[i, 0]) / count, "adv_error": float(sums[i, 1]) / count,
                         "clean_error": float(sums[i, 2]) / count} for i, name in enumerate(self.task_names)}
         return {"attack": self.robust.describe(), "attacked": attacked["attacked"], "samples": int(count),
-                "loss": float(self.weighting.combine({k: v["adv_loss"] for k, v in tasks.items()})),
-                "error": float(self.weighting.combine({k: v["adv_error"] for k, v in tasks.items()})),
+                "loss": self.validated_mean({k: v["adv_loss"] for k, v in tasks.items()}),
+                "error": self.validated_mean({k: v["adv_error"] for k, v in tasks.items()}),
                 "tasks": tasks}
 
     # ---- checkpoints and log ----
