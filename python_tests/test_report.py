@@ -174,7 +174,7 @@ def test_table_cells_carry_the_interval_of_one_row_or_the_spread_of_several(tmp_
     seeds = pd.concat([table, table.assign(rel_vuln=table["rel_vuln"] + 1, model=table["model"] + "_seed1")])
     seeds.to_parquet(path)
     report.build(path, tmp_path / "two")
-    assert "| d | 10.5 (10–11, 2 rows) |" in (tmp_path / "two" / "summary.md").read_text()
+    assert "| d | 10.5 (10–11, mean of 2 rows) |" in (tmp_path / "two" / "summary.md").read_text()
     assert any(p.name.startswith("vuln_vs_tasks_") for p in (tmp_path / "two").iterdir())
 
 
@@ -200,3 +200,35 @@ def test_the_report_says_what_each_configuration_spent(tmp_path):
     results().to_parquet(path)  # a table from before the cost columns: no section
     report.build(path, tmp_path / "old")
     assert "What the attacks spent" not in (tmp_path / "old" / "summary.md").read_text()
+
+
+def test_models_of_different_recipes_are_never_averaged(tmp_path):
+    """Two models with the same task set, one clean and one adversarially trained (examples/sweep.yaml's point),
+    and two seeds of the clean one: the seeds are averaged, the recipes are not."""
+    rows = []
+    for model, recipe, value in (("sd", "adversarial=none epochs=2 seed_free=1", 0.18),
+                                 ("sd_seed1", "adversarial=none epochs=2 seed_free=1", 0.20),
+                                 ("sd-madry", "adversarial=madry epochs=2 seed_free=1", 0.00002)):
+        for task in ("segment_semantic", "depth_zbuffer"):
+            rows.append(dict(model=model, recipe=recipe, model_tasks="sd", attacked=task, task=task,
+                             attack="pgd", norm="linf", eps=8 / 255, rel_vuln=value, joint_adv_vuln=value))
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    table = results_table.read(path)
+    assert set(table["recipe"]) == {"adversarial=none", "adversarial=madry"}  # only what differs is kept
+    pairs = results_table.pair_values(table, "rel_vuln", "single")
+    clean = pairs[(pairs.recipe == "adversarial=none") & (pairs.main == "s")]
+    madry = pairs[(pairs.recipe == "adversarial=madry") & (pairs.main == "s")]
+    assert clean["value"].item() == pytest.approx(0.19) and clean["rows"].item() == 2
+    assert madry["value"].item() == pytest.approx(0.00002) and madry["rows"].item() == 1
+    assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "3 models of 2 kinds" in summary and "average the 2 models of a kind (seeds)" in summary
+    assert "adversarial=madry" in summary and "adversarial=none" in summary
+
+
+def test_a_sweep_row_carries_its_models_recipe(tmp_path):
+    from mtrobust_fast.sweep.plan import recipe_label
+    label = recipe_label({"tasks": "sd", "seed": 3, "adversarial": "madry", "eps": 0.0157, "out": "x",
+                          "schedule": "0:1e-3, 5:1e-4"})
+    assert label == "adversarial=madry eps=0.0157 schedule=0:1e-3,5:1e-4"

@@ -77,6 +77,20 @@ def _groups(table, keys):
             for values, group in table.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)]
 
 
+def _model_count(table):
+    """How many models the table holds, and over what a cell averages when several share one (the seeds of one
+    recipe; models of different recipes are kept apart by the ``recipe`` column)."""
+    if "model" not in table.columns:
+        return f"{table['model_tasks'].nunique()} task sets of models"
+    keys = [c for c in ("recipe", "task_weights", "model_tasks") if c in table.columns]
+    per_kind = table.groupby(keys, dropna=False)["model"].nunique()
+    text = f"{table['model'].nunique()} models of {len(per_kind)} kinds (task set" + \
+        (", recipe" if "recipe" in keys else "") + ")"
+    if per_kind.max() > 1:
+        text += f"; cells average the {int(per_kind.max())} models of a kind (seeds) where there are several"
+    return text
+
+
 def _fmt(value):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
@@ -88,7 +102,7 @@ def _cell_text(pair):
         return "-"
     value = _fmt(pair["value"])
     if pair["rows"] > 1:
-        return f"{value} ({_fmt(pair['min'])}–{_fmt(pair['max'])}, {int(pair['rows'])} rows)"
+        return f"{value} ({_fmt(pair['min'])}–{_fmt(pair['max'])}, mean of {int(pair['rows'])} rows)"
     if np.isfinite(pair["low"]) and np.isfinite(pair["high"]):
         return f"{value} [{_fmt(pair['low'])}, {_fmt(pair['high'])}]"
     return value
@@ -290,7 +304,7 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     configs = results_table.config_columns(table)
     fixed = results_table.fixed_settings(table)
     lines = [f"# Robustness report: `{results.name}`", "",
-             f"{len(table)} rows, {table['model_tasks'].nunique()} task sets of models"
+             f"{len(table)} rows, {_model_count(table)}"
              + (f", configurations by {', '.join(configs)}" if configs else "") + ".", ""]
     if fixed:
         lines += ["Fixed settings: " + results_table.config_label(list(fixed), list(fixed.values())) + ".", ""]

@@ -12,8 +12,11 @@ from mtrobust_fast import task_names
 # Columns that tell attack configurations apart; the ones present in a table split it into groups.
 # ``attack_options``: every other declared setting of the attack set away from its default, as one label
 # ("grid_weights=0,1 grid_task=d"), so a setting an attack declares splits groups with no change here.
-CONFIG_COLUMNS = ("encoder", "checkpoint_epoch", "task_weights", "surrogate", "attack", "attack_options", "norm", "eps",
-                  "alpha", "steps", "restarts", "split", "limit")
+# ``recipe``: how each model was trained apart from its tasks and seed (read() keeps only the settings in which
+# the table's recipes differ), so models of different recipes are never averaged together; seeds are.
+CONFIG_COLUMNS = ("encoder", "recipe", "checkpoint_epoch", "task_weights", "surrogate", "attack", "attack_options",
+                  "norm", "eps", "alpha", "steps", "restarts", "split", "limit")
+LABEL_ONLY = ("attack_options", "recipe")  # shown as their value alone: they are lists of key=value already
 
 
 class TableError(ValueError):
@@ -37,7 +40,17 @@ def read(path, required=()):
     for column in ("model_tasks", "attacked", "task", "main"):
         if column in table.columns:
             table[column] = table[column].map(letters)
+    if "recipe" in table.columns:
+        table["recipe"] = distinguishing(table["recipe"])
     return table
+
+
+def distinguishing(recipes):
+    """Each "key=value ..." recipe reduced to the settings not shared by every recipe of the column ("" when all
+    agree), so that labels say what tells the models apart: "adversarial=madry steps=3" vs "adversarial=none"."""
+    tokens = recipes.fillna("").astype(str).map(str.split)
+    common = set.intersection(*map(set, tokens)) if len(tokens) else set()
+    return tokens.map(lambda items: " ".join(t for t in items if t not in common))
 
 
 def letters(value):
@@ -67,7 +80,7 @@ def fixed_settings(table):
 def config_label(keys, values):
     """A short human label of one configuration, e.g. "attack=pgd norm=linf eps=0.0314"; settings the attack does
     not have (alpha of APGD or the ensemble: None/NaN in the table) are left out."""
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else (str(v) if k == "attack_options" else f"{k}={v}")
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else (str(v) if k in LABEL_ONLY else f"{k}={v}")
                     for k, v in zip(keys, values) if not pd.isna(v) and v != "")
 
 

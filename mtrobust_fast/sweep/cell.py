@@ -30,7 +30,7 @@ def rows(cell, config, summary, seconds):
             "cell_id": cell.cell_id, "model": cell.model.name, "checkpoint": cell.model.checkpoint,
             "model_tasks": cell.model.tasks, "main": cell.model.main, "encoder": cell.model.encoder,
             "task_weights": cell.model.weights, "checkpoint_epoch": config["checkpoint_epoch"],
-            "surrogate": cell.model.surrogate,
+            "surrogate": cell.model.surrogate, "recipe": cell.model.recipe,
             "attack": cell.attack, "norm": cell.norm, "eps": cell.eps, "alpha": config["alpha"],
             "steps": config["steps"], "restarts": cell.restarts, "seed": cell.seed, "data": cell.data,
             "split": cell.split, "limit": cell.limit, "task_letter": _letter(task), **row,

@@ -65,6 +65,7 @@ class Model:
     checkpoint: str  # the file to attack (for a train spec: where it will be written)
     train: str = ""  # JSON of the TrainConfig fields to train it with, or "" for a given checkpoint
     surrogate: str = ""  # a checkpoint that crafts the attacks (transfer), or "" (white-box)
+    recipe: str = ""  # how it was trained apart from its tasks and seed (recipe_label); not part of cell ids
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _model(i, entry, settings, out):
         main = main or record.get("main") or tasks[0]
         identity, checkpoint, train = f"sha256:{file_hash(path)}", str(path), ""
         name = entry.get("name") or default_model_name(path)
+        recipe = recipe_label(record) if record else f"checkpoint={name}"  # unknown training: never pooled
     else:
         spec = entry["train"]
         if not isinstance(spec, dict):
@@ -315,6 +317,7 @@ def _model(i, entry, settings, out):
         tasks, encoder, weights = config.tasks or DEFAULT_TASKS, config.encoder, config.weights
         main = main or config.main or tasks[0]
         identity, train = f"train:{spec_hash}", json.dumps(spec, sort_keys=True)
+        recipe = recipe_label(config.to_dict())
         name = entry.get("name") or f"{encoder}_{tasks}_{spec_hash[:8]}"
     if main not in tasks:
         raise PlanError(f"{key}.main: task {main} is not one of the model's tasks {tasks}")
@@ -324,7 +327,21 @@ def _model(i, entry, settings, out):
         if not Path(surrogate).is_file():
             raise PlanError(f"{key}.surrogate: checkpoint not found: {surrogate}")
         identity += f"|surrogate:sha256:{file_hash(surrogate)}"
-    return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train, surrogate)
+    return Model(str(name), tasks, encoder, weights, main, identity, checkpoint, train, surrogate, recipe)
+
+
+# Training settings that do not make a different kind of model: the task set, main task and task weights (their
+# own columns), the seed (models of one recipe with different seeds are replicates), and bookkeeping.
+RECIPE_IGNORED = {"tasks", "main", "weights", "encoder", "seed", "data", "out", "resume", "progress", "workers",
+                  "device", "val_before", "save_every", "limit_val", "val_batch_size", "objective_settings",
+                  "split_csv", "layout", "robust_val", "robust_val_steps", "select", "amp"}
+
+
+def recipe_label(train_config):
+    """How a model was trained apart from what the table's other columns say and its seed: "key=value ..." of its
+    training settings (sorted), so a report keeps models of different recipes apart and averages only seeds."""
+    return " ".join(f"{key}={str(value).replace(' ', '')}" for key, value in sorted(train_config.items())
+                    if key not in RECIPE_IGNORED)
 
 
 def default_model_name(path):
