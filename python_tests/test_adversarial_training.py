@@ -257,6 +257,9 @@ def test_attack_cli_evaluates_a_trained_classifier(objects, tmp_path, capsys):
                      "--target", "class", "--no-progress", "--out", str(tmp_path / "res")]) == 0
     printed = capsys.readouterr().out
     assert "attacked set class:" in printed
+    # a classifier's headline is its robust accuracy and drop; the per-image relative change of a 0/1 error
+    # (which only wrong images enter) is not printed as a number
+    assert "n/a (0/1 error)" in printed and "(drop " in printed and "class accuracy" in printed
     summary = json.loads((tmp_path / "res" / "results.json").read_text())["summary"]
     assert summary["samples"] == 20 and summary["attacks"]["class"]["tasks"]["class"]["adv_accuracy"] <= \
         summary["clean"]["class"]["accuracy"]

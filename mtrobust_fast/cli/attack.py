@@ -135,16 +135,22 @@ def format_report(config, summary):
              f"images, model {config['model']} ({config['encoder']})"
              + (f", transferred from {config['surrogate']}" if config.get("surrogate") else ""),
              "err/img: the per-image error averaged over images (1 - the image's own mIoU for segmentation, masked "
-             "MSE for regression, 0/1 for classification); [low, high]: 95 % bootstrap interval over images"]
+             "MSE for regression, 0/1 for classification); [low, high]: 95 % bootstrap interval over images",
+             "rel vuln: the mean over images of (adv - clean error) / clean error, images with clean error 0 left "
+             "out (n/a for 0/1 errors, where only wrong images remain and cannot get worse: read robust accuracy and "
+             "its drop); ratio of means: (mean adv - mean clean error) / mean clean error; adv vuln: the mean over "
+             "images of |adv - clean loss|"]
     for label, entry in summary["attacks"].items():
         rows = [header] + [(metrics.set_label([t]), _with_ci(summary["clean"][t], "error"), _with_ci(v, "adv_error"),
-                            _with_ci(v, "rel_vuln"), _fmt(v["rel_vuln_ratio_of_means"]), _with_ci(v, "adv_vuln"))
+                            "n/a (0/1 error)" if "adv_accuracy" in v else _with_ci(v, "rel_vuln"),
+                            _fmt(v["rel_vuln_ratio_of_means"]), _with_ci(v, "adv_vuln"))
                            for t, v in entry["tasks"].items()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines.append(f"\nattacked set {label}: joint adversarial vulnerability {_with_ci(entry, 'joint_adv_vuln')}"
                      + (f" (first order {_fmt(entry['first_order_joint'])})" if "first_order_joint" in entry else ""))
         lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
         scored = [f"{metrics.set_label([t])} {m} {_with_ci(summary['clean'][t], m)} -> {_with_ci(v, 'adv_' + m)}"
+                  + (f" (drop {_fmt(summary['clean'][t][m] - v['adv_' + m])})" if m == "accuracy" else "")
                   for t, v in entry["tasks"].items() for m in HEADLINE_METRICS if "adv_" + m in v]
         if scored:
             lines.append("  clean -> adversarial: " + ", ".join(scored))
