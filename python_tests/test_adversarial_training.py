@@ -12,7 +12,7 @@ from mtrobust_fast.attacks import PGD
 from mtrobust_fast.tasks.classification import ClassificationTask
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth.objects import synthesize_objects
-from mtrobust_fast.models import build_classifier, load_checkpoint
+from mtrobust_fast.models import build_classifier, load_checkpoint, save_checkpoint
 from mtrobust_fast.training import AttackSettings, CleanObjective, TaskLosses, Trainer, make_objective
 from mtrobust_fast.weighting import StaticWeighting
 
@@ -287,3 +287,19 @@ def test_data_subset_keeps_a_fraction_of_the_training_set(objects, tmp_path, cap
     assert record["train"]["samples"] == 15  # ceil(0.25 * 70 training images) = 18, in full batches of 5
     assert _train(objects, tmp_path / "bad", "--epochs", "1", "--data-subset", "1.5") == 2
     assert "data_subset must be a fraction" in capsys.readouterr().err
+
+
+def test_attack_warns_about_a_collapsed_classifier(objects, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(objects, run, "--epochs", "1", "--robust-val", "0") == 0
+    model, meta = load_checkpoint(run / "last.pt")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("weight") and parameter.dim() == 2:  # the head ignores its features: one output
+                parameter.zero_()
+    save_checkpoint(tmp_path / "collapsed.pt", model, **meta)
+    assert cli_main(["attack", "--checkpoint", str(tmp_path / "collapsed.pt"), "--data", str(objects), "--steps",
+                     "2", "--no-progress", "--no-gradients", "--out", str(tmp_path / "res")]) == 0
+    assert "class looks collapsed (the same output for every image)" in capsys.readouterr().out
+    row = json.loads((tmp_path / "res" / "results.json").read_text())["summary"]["collapsed"]
+    assert row == {"class": "the same output for every image"}

@@ -293,3 +293,24 @@ def test_set_label_of_names_outside_the_registry_also_from_a_generator():
     assert metrics.set_label(["segment_semantic", "depth_zbuffer"]) == "sd"
     assert metrics.set_label(n for n in ["class", "rotation"]) == "class+rotation"
     assert metrics.set_label(iter(["class"])) == "class"
+
+
+def test_collapsed_heads_are_flagged():
+    """A head that outputs one value for every image, or one class everywhere, looks robust; it is flagged."""
+    from mtrobust_fast.evaluation.collapse import CollapseDetector
+    from mtrobust_fast.tasks.classification import ClassificationTask
+    head = ClassificationTask("class", 3)
+    labels = {"class": torch.tensor([0, 1, 2, 1])}
+    constant = CollapseDetector([head])
+    constant.add({"class": torch.tensor([[0.1, 2.0, -1.0]]).repeat(4, 1)}, labels, {})
+    assert constant.result() == {"class": "the same output for every image"}
+    one_class = CollapseDetector([head])
+    one_class.add({"class": torch.tensor([[0.0, 5.0, 0.0], [0.1, 4.0, 0.0], [0.2, 3.0, 0.3], [0.0, 2.0, 1.0]])},
+                  labels, {})
+    assert "predicts class 1 everywhere" in one_class.result()["class"]
+    healthy = CollapseDetector([head])
+    healthy.add({"class": torch.eye(3)[[0, 1, 2, 1]]}, labels, {})
+    assert healthy.result() == {}
+    agreeing = CollapseDetector([head])  # one class predicted where the labels hold one class too: not flagged
+    agreeing.add({"class": torch.tensor([[3.0, 0.0, 0.0], [2.0, 1.0, 0.0]])}, {"class": torch.tensor([0, 0])}, {})
+    assert agreeing.result() == {}

@@ -232,3 +232,14 @@ def test_a_sweep_row_carries_its_models_recipe(tmp_path):
     label = recipe_label({"tasks": "sd", "seed": 3, "adversarial": "madry", "eps": 0.0157, "out": "x",
                           "schedule": "0:1e-3, 5:1e-4"})
     assert label == "adversarial=madry eps=0.0157 schedule=0:1e-3,5:1e-4"
+
+
+def test_the_report_names_collapsed_heads(tmp_path):
+    table = results()
+    table["collapsed"] = ""
+    table.loc[table["model"] == "runs/sd_uniform", "collapsed"] = "the same output for every image"
+    path = tmp_path / "results.parquet"
+    table.to_parquet(path)
+    assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "collapsed heads" in summary and "runs/sd_uniform" in summary.split("collapsed heads")[1].split("\n")[0]

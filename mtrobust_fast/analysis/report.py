@@ -77,6 +77,21 @@ def _groups(table, keys):
             for values, group in table.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)]
 
 
+def _collapsed_lines(table):
+    """A warning naming the models whose heads look collapsed (their outputs do not depend on the input, so they
+    look robust without being so); nothing when none does or the table predates the check."""
+    if "collapsed" not in table.columns:
+        return []
+    found = table[table["collapsed"].fillna("").astype(str) != ""]
+    if found.empty:
+        return []
+    model = "model" if "model" in found.columns else "model_tasks"
+    pairs = found.drop_duplicates(subset=[model, "task"])
+    return ["**Warning: collapsed heads** (outputs that do not depend on the input: their adversarial error equals "
+            "the clean one, which is no robustness): " + "; ".join(
+                f"{row[model]} {row['task']} ({row['collapsed']})" for _, row in pairs.iterrows()) + ".", ""]
+
+
 def _model_count(table):
     """How many models the table holds, and over what a cell averages when several share one (the seeds of one
     recipe; models of different recipes are kept apart by the ``recipe`` column)."""
@@ -308,6 +323,7 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
              + (f", configurations by {', '.join(configs)}" if configs else "") + ".", ""]
     if fixed:
         lines += ["Fixed settings: " + results_table.config_label(list(fixed), list(fixed.values())) + ".", ""]
+    lines += _collapsed_lines(table)
     written = []
     lines += [f"## Relative vulnerability of the main task (`{metric}`), main × auxiliary (Tables 1–2)", "",
               "Row = main task m (evaluated), column = auxiliary a: m on the model {m, a}; diagonal: the one-task "

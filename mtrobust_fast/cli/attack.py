@@ -167,6 +167,9 @@ def format_report(config, summary):
         if undefined:
             lines.append("  samples left out of rel vuln (clean error 0): "
                          + ", ".join(f"{metrics.set_label([t])} {n}" for t, n in undefined.items()))
+    for task, why in (summary.get("collapsed") or {}).items():
+        lines.append(f"warning: {metrics.set_label([task])} looks collapsed ({why}): the attack cannot change its "
+                     f"answers, so its adversarial error equals its clean one; that is not robustness")
     if "cost" in summary:
         lines.append(format_cost(summary["cost"]))
     if "members" in summary:

@@ -522,5 +522,7 @@ def summary_rows(summary):
             if "perturbation" in entry:
                 row.update({f"pert_{n}": v for n, v in entry["perturbation"].items()})
             row.update({f"cost_{n}": summary["cost"][n] for n in COST_COLUMNS if "cost" in summary})
+            if "collapsed" in summary:
+                row["collapsed"] = summary["collapsed"].get(t, "")
             table.append(row)
     return table

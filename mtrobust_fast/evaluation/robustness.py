@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mtrobust_fast import task_names
 from mtrobust_fast.evaluation import metrics
+from mtrobust_fast.evaluation.collapse import CollapseDetector
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.attacks import build_attack, dense
 from mtrobust_fast.data import open_dataset
@@ -94,13 +95,16 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     own ``model_mode``; the model's mode is restored afterwards. The summary's ``cost`` is what the attack spent
     (:class:`~mtrobust_fast.attacks.cost.Cost`: passes per attacked row, steps saved by early exit, seconds). ``intervals``, ``per_sample``: 95 % bootstrap
     intervals over samples next to every per-sample mean, and the per-sample errors and losses (see
-    :meth:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter.compute`).
+    :meth:`~mtrobust_fast.evaluation.metrics.VulnerabilityMeter.compute`). ``collapsed``: ``{task: why}`` for
+    heads whose clean outputs do not depend on the input (:mod:`~mtrobust_fast.evaluation.collapse`): their
+    adversarial error equals the clean one, which is no robustness.
     """
     records = _records(model, tasks)
     sets = [tuple(attack.target_tasks)] if sets is None else [tuple(s) for s in sets]
     device = device or next(model.parameters()).device
     meter = metrics.VulnerabilityMeter(records, eps=_scalar(attack.eps), norm=attack.norm)
     curves = _Curves(sets)
+    collapse = CollapseDetector(records)
     seen = first_id
     was_training = model.training
     model.eval()
@@ -116,7 +120,9 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
             ids = torch.arange(seen, seen + x.shape[0])
             seen += x.shape[0]
             with torch.no_grad():
-                clean = metrics.evaluate(model(x), targets, masks, records)
+                outputs = model(x)
+                clean = metrics.evaluate(outputs, targets, masks, records)
+                collapse.add(outputs, targets, masks)
             grads = metrics.input_gradients(model, x, targets, masks, records) if gradients else None
             if len(sets) == 1:
                 adv = attack(x, targets, masks, sample_ids=ids)[None]
@@ -140,6 +146,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
         raise SettingError("data", "the loader yielded no batch to evaluate")
     summary = meter.compute(intervals=intervals, per_sample=per_sample)
     summary["cost"] = attack.cost.since(spent).as_dict()
+    summary["collapsed"] = collapse.result()
     if attack.summary_key is not None:  # a cascade or an ensemble: what each member achieved
         summary[attack.summary_key] = attack.summary()
     if record_steps:
