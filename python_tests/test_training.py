@@ -277,3 +277,13 @@ def test_a_classification_loss_on_taskonomy_data_is_refused_not_ignored(data, tm
     err = capsys.readouterr().err
     assert code == 2 and "class_loss: " in err and "has no classification head" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_closing_summary_says_when_a_task_got_worse(tmp_path):
+    from mtrobust_fast.training.runner import _worsened
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"epoch": 0, "val": {"tasks": {"s": {"loss": 1.0}, "e": {"loss": 1.03}}}},
+             {"epoch": 5, "val": {"tasks": {"s": {"loss": 0.5}, "e": {"loss": 23.4}}}}]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (warning,) = _worsened(log)
+    assert "e got worse during training: validation loss 1.03 at epoch 0 -> 23.4 at epoch 5" in warning

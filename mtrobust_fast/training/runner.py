@@ -325,6 +325,25 @@ def trivial_predictors(config, run_dir, records, train_set, val_set, device):
     return scores
 
 
+WORSENED = 1.1  # a task whose validation loss ends this many times above where the log started got worse
+
+
+def _worsened(log):
+    """Warnings for tasks whose validation loss rose over the run (first logged epoch → last), which a final
+    table of metrics alone does not show (an auxiliary head can be trained into the ground by the others)."""
+    try:
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    if len(entries) < 2:
+        return []
+    first, last = entries[0]["val"]["tasks"], entries[-1]["val"]["tasks"]
+    return [f"  warning: {name} got worse during training: validation loss {first[name]['loss']:.4g} at epoch "
+            f"{entries[0]['epoch']} -> {last[name]['loss']:.4g} at epoch {entries[-1]['epoch']}"
+            for name in last if name in first and first[name].get("loss") is not None
+            and last[name].get("loss") is not None and last[name]["loss"] > WORSENED * first[name]["loss"]]
+
+
 def closing_summary(record, trivial, records, run_dir):
     """What the run produced: the last epoch's validation metrics against the trivial predictors, and where the
     checkpoints are."""
@@ -334,6 +353,7 @@ def closing_summary(record, trivial, records, run_dir):
         text = baselines.compare(scores, base, records[name].higher_is_better) if base else \
             " ".join(f"{k} {v:.4g}" for k, v in scores.items() if not k.startswith("auc_"))
         lines.append(f"  {name}: {text}" + (f" [{base['predictor']}]" if base else ""))
+    lines += _worsened(run_dir / LOG_NAME)
     saved = [p.name for p in (run_dir / LAST, run_dir / BEST) if p.exists()]
     lines.append(f"checkpoints in {run_dir}: {', '.join(saved) or 'none'}; log {run_dir / LOG_NAME}")
     return "\n".join(lines)
