@@ -426,3 +426,14 @@ def test_a_model_name_holding_the_api_key_is_redacted_on_stdout(setup, tmp_path,
     assert cli_main(["sweep", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert key not in out and "model-<redacted>" in out
+
+
+def test_a_sweep_ends_with_what_it_found(reference, capsys):
+    from mtrobust_fast.cli.sweep import result_lines
+    table = reference.copy()
+    lines = result_lines(table)
+    assert lines[0].startswith("main task attacked alone")
+    assert len(lines) == 1 + 8  # 2 models x 2 eps x 2 steps, their main task attacked alone
+    assert all("->" in line and "rel vuln" in line for line in lines[1:])
+    table.loc[table["model"] == table["model"].iloc[0], "collapsed"] = "the same output for every image"
+    assert any("looks collapsed" in line for line in result_lines(table))

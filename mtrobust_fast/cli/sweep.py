@@ -208,4 +208,32 @@ def run(args):
         return 2
     print(f"sweep: ran {len(ran)} cells; {len(table)} rows from {len(store.done())} cells; wrote "
           + " and ".join(map(str, paths)))
+    print("\n".join(result_lines(table)))
+    print(f"next: mtrobust-fast report {paths[0]} --out {Path(args.out) / 'report'}  (figures and tables)")
     return 0
+
+
+SHOWN = 12  # result lines printed at the end of a sweep; the table has them all
+
+
+def result_lines(table):
+    """A few lines of what the sweep found: each model's main task under each attack configuration when only it
+    is attacked (clean -> adversarial error/img, relative vulnerability), and any collapsed head."""
+    needed = {"model", "attacked", "task_letter", "main", "attack", "eps", "clean_error", "adv_error", "rel_vuln"}
+    if not needed <= set(table.columns) or table.empty:
+        return []
+    own = table[(table["attacked"].astype(str) == table["main"].astype(str))
+                & (table["task_letter"].astype(str) == table["main"].astype(str))]
+    keys = [c for c in ("model", "attack", "norm", "eps", "steps") if c in own.columns]
+    grouped = own.groupby(keys, dropna=False, sort=True)[["clean_error", "adv_error", "rel_vuln"]].mean()
+    lines = ["main task attacked alone (mean over seeds and rows; err/img clean -> adversarial, rel vuln):"]
+    for index, row in list(grouped.iterrows())[:SHOWN]:
+        label = " ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in index)
+        lines.append(f"  {label}: {row['clean_error']:.4f} -> {row['adv_error']:.4f}, rel vuln {row['rel_vuln']:.4f}")
+    if len(grouped) > SHOWN:
+        lines.append(f"  ... {len(grouped) - SHOWN} more in the table")
+    if "collapsed" in table.columns:
+        collapsed = table[table["collapsed"].fillna("").astype(str) != ""].drop_duplicates(["model", "task"])
+        lines += [f"warning: {row['model']} {row['task']} looks collapsed ({row['collapsed']}); its numbers mean "
+                  f"no robustness" for _, row in collapsed.iterrows()]
+    return lines
