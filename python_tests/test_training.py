@@ -287,3 +287,20 @@ def test_the_closing_summary_says_when_a_task_got_worse(tmp_path):
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     (warning,) = _worsened(log)
     assert "e got worse during training: validation loss 1.03 at epoch 0 -> 23.4 at epoch 5" in warning
+
+
+def test_keep_weights_leaves_a_finished_run_with_weights_only(data, tmp_path, capsys):
+    common = ("--tasks", "d", "--batch-size", "2", "--limit-train", "2", "--limit-val", "1", "--optim", "adam")
+    assert _train_cli(data, tmp_path / "all", "--epochs", "1", *common, size=32) == 0
+    assert _train_cli(data, tmp_path / "weights", "--epochs", "1", "--keep", "weights", *common, size=32) == 0
+    full = torch.load(tmp_path / "all" / "last.pt", weights_only=True)
+    slim = torch.load(tmp_path / "weights" / "last.pt", weights_only=True)
+    assert "optimizer" in full["meta"] and "optimizer" not in slim["meta"] and slim["meta"]["epoch"] == 1
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, slim["state_dict"][key])
+    assert (tmp_path / "weights" / "last.pt").stat().st_size < 0.5 * (tmp_path / "all" / "last.pt").stat().st_size
+    capsys.readouterr()
+    assert _train_cli(data, tmp_path / "weights", "--epochs", "1", "--resume", *common, size=32) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert _train_cli(data, tmp_path / "weights", "--epochs", "2", "--resume", *common, size=32) == 2
+    assert "no training state" in capsys.readouterr().err

@@ -33,10 +33,9 @@ from mtrobust_fast.cli import attack as attack_cli
 from mtrobust_fast.cli.args import MAX_SEED, add_budget_units, budget, pixel_budgets, positive_int, seed, workers
 from mtrobust_fast.data.synth import taskonomy
 from mtrobust_fast.training import TrainConfig, train
-from mtrobust_fast.files import atomic_write
-from mtrobust_fast.models import build_model, read_checkpoint
+from mtrobust_fast.models import build_model
 from mtrobust_fast.models.registry import canonical_encoder_name
-from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME
+from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, keep_weights_only
 
 MAIN_TASKS = "s,n"  # segmentation and one regression task (surface normals)
 MODELS = "s,sd,sn,n"  # each main task alone and with auxiliary tasks: Table 1's rows
@@ -123,11 +122,7 @@ def _train(args, data, tasks, run_dir, seed):
                       epochs=args.epochs, batch_size=args.batch_size, schedule=schedule(args.epochs), seed=seed,
                       workers=args.workers, val_before=True, resume=True, save_every=0,
                       progress=not args.no_progress))
-    last = run_dir / LAST
-    payload = read_checkpoint(last)
-    if "optimizer" in payload["meta"] or "scaler" in payload["meta"]:
-        meta = {k: v for k, v in payload["meta"].items() if k not in ("optimizer", "scaler")}
-        atomic_write(last, lambda tmp: torch.save({**payload, "meta": meta}, tmp))
+    keep_weights_only(run_dir / LAST)
     (run_dir / BEST).unlink(missing_ok=True)
 
 

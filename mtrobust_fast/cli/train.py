@@ -20,6 +20,7 @@ from mtrobust_fast.training.config import (
     DEFAULT_SCHEDULES,
     DEFAULT_TASKS,
     DEFAULT_WEIGHT_DECAY,
+    KEEP,
     NORMS,
     OPTIMIZERS,
     SELECT,
@@ -143,7 +144,12 @@ def add_arguments(parser):
                           "(default %(default)s)")
     add("--seed", type=seed, default=_default("seed"), help="random seed (default %(default)s)")
     add("--save-every", type=int, default=_default("save_every"),
-        help="also keep epoch_NNNN.pt every N epochs; 0: never (default %(default)s)")
+        help="also keep epoch_NNNN.pt (weights and optimiser state, like last.pt) every N epochs; 0: never "
+             "(default %(default)s)")
+    add("--keep", choices=KEEP, default=_default("keep"),
+        help="what the finished run's last.pt keeps: all (weights and what --resume needs: the optimiser state, "
+             "1x the weights more with SGD momentum, 2x with Adam, and the raw weights with --ema) or weights (a "
+             "finished run can then not be extended). best.pt always holds the weights only (default %(default)s)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt")
     add("--amp", action="store_true", help="mixed precision (CUDA only)")
     add("--workers", type=workers, default=_default("workers"),

@@ -31,6 +31,7 @@ ADVERSARIAL = ("none",) + OBJECTIVES.names()
 NORMS = ("linf", "l2")
 CLASS_LOSSES = ("ce", "bce")
 CURVATURE = ("none",) + CURVATURE_KINDS
+KEEP = ("all", "weights")  # what a finished run's last.pt holds
 SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
 DEFAULT_ROBUST_VAL = 64  # validation images attacked every epoch when training adversarially
 
@@ -99,6 +100,7 @@ class _TrainConfig:
     robust_val_steps: int = 10
     select: str = "clean"
     progress: bool = True
+    keep: str = "all"  # "weights": a finished run's last.pt keeps the weights only (no optimiser state)
 
     def __post_init__(self):
         for name, setting in COMPONENT_SETTINGS.items():  # errors name the setting
@@ -136,6 +138,8 @@ class _TrainConfig:
             raise ValueError(f"data_subset must be a fraction in (0, 1], got {self.data_subset}")
         if self.save_every < 0 or self.workers < 0:
             raise ValueError(f"save_every and workers must be >= 0, got {self.save_every}, {self.workers}")
+        if self.keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, got {self.keep!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         steps = parse_schedule(self.lr_schedule)

@@ -17,13 +17,23 @@ from tqdm import tqdm
 from mtrobust_fast import evaluation
 from mtrobust_fast.device import to_device
 from mtrobust_fast.files import atomic_write, remove_stale_temporaries
-from mtrobust_fast.models import save_checkpoint
+from mtrobust_fast.models import read_checkpoint, save_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.config import SELECT
 from mtrobust_fast.training.schedules import Schedule
 
 LOG_NAME = "metrics.jsonl"
 LAST, BEST = "last.pt", "best.pt"
+TRAINING_STATE = ("optimizer", "scaler", "best_score", "raw_state_dict", "ema_updates")  # what only resuming needs
+
+
+def keep_weights_only(path):
+    """Rewrite the checkpoint at ``path`` without what only resuming needs (optimiser and scaler states, the raw
+    weights of an averaged run): a finished run's ``last.pt`` then costs what its weights cost."""
+    payload = read_checkpoint(path)
+    if any(key in payload["meta"] for key in TRAINING_STATE):
+        meta = {k: v for k, v in payload["meta"].items() if k not in TRAINING_STATE}
+        atomic_write(path, lambda tmp: torch.save({**payload, "meta": meta}, tmp))
 COLLAPSE_RISE = 0.2  # a jump of the adversarial validation error between epochs that triggers the warning
 
 

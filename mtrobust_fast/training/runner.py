@@ -33,7 +33,7 @@ from mtrobust_fast.training.averaging import WeightAverage
 from mtrobust_fast.training.awp import AWP
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig
 from mtrobust_fast.training.schedules import Schedule, parse_schedule
-from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, seed_everything
+from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, keep_weights_only, seed_everything
 from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
 from mtrobust_fast.training.regularisers import CurvatureRegularised
@@ -299,6 +299,8 @@ def _run(config, ctx, run_dir):
         (run_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         trivial = trivial_predictors(config, run_dir, losses.tasks, train_set, val_set, ctx.device)
     record = trainer.fit(config.epochs, start_epoch=start, val_before=config.val_before)
+    if ctx.is_main and config.keep == "weights":
+        keep_weights_only(last)
     if ctx.is_main:
         print(closing_summary(record, trivial, {t.name: t for t in losses.tasks}, run_dir), flush=True)
     return record
