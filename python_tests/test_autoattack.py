@@ -387,3 +387,21 @@ def test_classifier_attacks_skip_auxiliary_heads_and_land_where_the_whole_model_
     monkeypatch.setattr(Attack, "_splits_heads", lambda self, names: False)
     whole = build_attack(name, model, ["class"], **settings)(x, {"class": labels})
     assert calls and torch.equal(heads_only, whole)
+
+
+def test_the_cascade_announces_each_member_with_the_points_left_and_its_work(trained):
+    """Progress: each member's name, the points still robust, and a total the rows it evaluates stay within."""
+    model, x, labels = trained
+    cascade = AutoAttack(model, [classification("label")], eps=0.2, steps=5, queries=7, target_classes=2, seed=0)
+    stages, counted = [], []
+    cascade.on_stage = lambda description, total: (stages.append((description, total)), counted.append(0))
+    cascade.on_gradient = lambda rows: counted.__setitem__(-1, counted[-1] + rows) if counted else None
+    cascade(x, labels)
+    names = [description.split(":")[0] for description, _ in stages]
+    assert names == [n for n in ("apgd-ce", "apgd-t", "fab-t", "square") if n in names] and names[0] == "apgd-ce"
+    robust = int((model(x).argmax(1) == labels).sum())
+    assert stages[0][0] == f"apgd-ce: {robust} of {len(labels)} points robust" and stages[0][1] == robust * 5
+    for (description, total), done in zip(stages, counted):
+        assert done <= total, description
+        if description.startswith("square"):
+            assert total == int(description.split(": ")[1].split()[0]) * 7  # --queries sets Square's budget

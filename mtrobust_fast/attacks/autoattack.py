@@ -43,7 +43,7 @@ from mtrobust_fast.attacks.base import ATTACKS, STEPS, Attack
 from mtrobust_fast.attacks.ensemble import DenseEnsemble
 from mtrobust_fast.attacks.fab import FAB
 from mtrobust_fast.attacks.square import Square
-from mtrobust_fast.registry import Setting, text
+from mtrobust_fast.registry import Setting, integer, text
 
 MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-t-malt", "fab-t", "fab", "square")
 # version -> ((member, restarts), ...) in cascade order; "rand" members also average 20 passes per gradient.
@@ -66,6 +66,10 @@ VERSION = Setting("version", text, None, choices=("standard", "plus", "rand", "f
                        "dense multi-task heads)")
 
 
+QUERIES = Setting("queries", integer, 5000, low=1,
+                  help="autoattack: Square's queries per point (most of its cost on a CPU)")
+
+
 @ATTACKS.register("autoattack")
 class AutoAttack(Attack):
     """The cascade on one classification head (``target_tasks``), L∞ or L2.
@@ -76,7 +80,7 @@ class AutoAttack(Attack):
 
     default_random_start = False
     classifier_only = True
-    settings = (STEPS, VERSION)
+    settings = (STEPS, VERSION, QUERIES)
     summary_key = "members"
     refused = {**Attack.refused, "alpha": "autoattack's members set their own step sizes",
                "dense_loss": "autoattack attacks one classification head (use the dense attacks for dense heads)"}
@@ -145,6 +149,14 @@ class AutoAttack(Attack):
         specs = [replace(s, loss=loss) if s.name == head else s for s in self.specs]
         return APGD(self.model, specs, steps=self.steps, eot=RAND_EOT if self.version == "rand" else 1, **common)
 
+    def _work(self, name):
+        """Row evaluations one point may cost in member ``name`` (its steps or queries, times its targets and EOT
+        passes): the total a progress bar counts towards."""
+        if name == "square":
+            return self.queries
+        targets = self.target_classes if name in ("apgd-t", "apgd-t-malt", "fab-t") else 1
+        return self.steps * targets * (RAND_EOT if self.version == "rand" and name.startswith("apgd") else 1)
+
     def _predictions(self, points):
         spec = next(s for s in self.specs if s.name == self.target_tasks[0])
         with torch.no_grad():
@@ -171,6 +183,9 @@ class AutoAttack(Attack):
                     break
                 member = self._member(name, rows.eps[index].double().cpu(), restarts, restart)
                 member.on_gradient = self.on_gradient
+                if self.on_stage is not None:  # progress: the member, the points left, the work it may take
+                    self.on_stage(f"{name}{f' run {restart + 1}/{runs}' if runs > 1 else ''}: {index.numel()} of "
+                                  f"{labels.shape[0]} points robust", index.numel() * self._work(name))
                 subset = member(rows.x0[index], {k: v[index] for k, v in rows.targets.items()},
                                 {k: v[index] for k, v in rows.masks.items()}, sample_ids=rows.ids[index.cpu()])
                 fooled = self._predictions(subset).argmax(1) != labels[index]

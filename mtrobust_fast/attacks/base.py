@@ -230,6 +230,7 @@ class Attack(abc.ABC):
         self._evaluations = 0  # gradient evaluations of the current restart: the dense losses' progress
         self.step_losses = None
         self.on_gradient = None  # optional callable(rows), told of every gradient evaluation and its rows (progress)
+        self.on_stage = None  # optional callable(description, total rows): a composite attack announces each member
         self._generator = None
 
     # ---- public API ----

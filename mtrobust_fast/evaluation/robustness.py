@@ -112,6 +112,12 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     # shown only once a batch has run for a few seconds.
     steps = tqdm(desc="  attack gradients", unit="row", leave=False, delay=3, disable=not progress)
     attack.on_gradient = steps.update if progress else None
+
+    def stage(description, total):  # a cascade's member: its name, the points left, and a total for an ETA
+        steps.reset(total=total)
+        steps.set_description(f"  {description}")
+
+    attack.on_stage = stage if progress else None
     spent = copy.copy(attack.cost)
     try:
         for batch in tqdm(loader, desc=f"attack {type(attack).__name__}", unit="batch", disable=not progress):
@@ -140,7 +146,7 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
                 on_batch(x, targets, masks, adv, sets)
     finally:
         model.train(was_training)
-        attack.on_gradient = None
+        attack.on_gradient = attack.on_stage = None
         steps.close()
     if meter.samples == 0:
         raise SettingError("data", "the loader yielded no batch to evaluate")
