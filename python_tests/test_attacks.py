@@ -411,3 +411,26 @@ def test_every_step_is_reported_to_on_gradient():
         atk.on_gradient = calls.append
         atk(x, targets, masks)
         assert calls == [x.shape[0]] * (2 * steps), cls.__name__
+
+
+def test_the_attack_progress_bar_has_a_total(capsys):
+    """A long batch shows its gradient work against a total (rows x steps), not an open-ended count."""
+    import time
+    from mtrobust_fast.evaluation import evaluate
+    from mtrobust_fast.tasks.classification import ClassificationTask
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            time.sleep(0.4)
+            return {"class": self.fc(x.flatten(1))}
+
+    torch.manual_seed(0)
+    model, head = Slow(), ClassificationTask("class", 3)
+    x, y = torch.rand(4, 3, 2, 2), torch.randint(0, 3, (4,))
+    attack = PGD(model, [head], eps=0.03, steps=8, early_exit=False)
+    evaluate(model, [(x, {"class": y}, {})], attack, [head], gradients=False, progress=True)
+    assert "/32" in capsys.readouterr().err  # 4 rows x 8 steps

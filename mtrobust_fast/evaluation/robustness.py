@@ -121,8 +121,10 @@ def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, ad
     spent = copy.copy(attack.cost)
     try:
         for batch in tqdm(loader, desc=f"attack {type(attack).__name__}", unit="batch", disable=not progress):
-            steps.reset()
             x, targets, masks = to_device(batch, device)
+            # rows x steps x restarts of gradient work at most (early exits finish short; a cascade sets its own)
+            steps.reset(total=x.shape[0] * len(sets) * getattr(attack, "steps", 1) * getattr(attack, "restarts", 1))
+            steps.set_description("  attack gradients")
             ids = torch.arange(seen, seen + x.shape[0])
             seen += x.shape[0]
             with torch.no_grad():
