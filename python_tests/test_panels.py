@@ -59,3 +59,22 @@ def test_panels_and_tracker_need_out(tmp_path, capsys):
 
     assert cli_main(["attack", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path), "--panels", "2"]) == 2
     assert "--panels needs --out" in capsys.readouterr().err
+
+
+def test_a_panel_has_colour_bars_and_a_class_legend():
+    """One-channel rows and the perturbation carry colour bars; a segmentation row names its classes."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 8, 8)
+    adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    seg_clean, seg_adv = torch.randn(18, 8, 8), torch.randn(18, 8, 8)
+    depth = torch.rand(1, 8, 8)
+    fig = panels.figure(x, adv, {"s": seg_clean, "d": depth}, {"s": seg_adv, "d": depth + 0.1},
+                        {"s": torch.randint(0, 3, (8, 8)), "d": torch.rand(1, 8, 8)})
+    colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colour_bars) == 2  # the perturbation and the depth row
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    shown = {text.get_text() for text in legends[0].get_texts()}
+    expected = {f"class {c}" for c in set(seg_clean.argmax(0).flatten().tolist()) | set(seg_adv.argmax(0).flatten().tolist())
+                | {0, 1, 2}}
+    assert shown <= expected and len(shown) >= 3

@@ -243,3 +243,26 @@ def test_the_report_names_collapsed_heads(tmp_path):
     assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "collapsed heads" in summary and "runs/sd_uniform" in summary.split("collapsed heads")[1].split("\n")[0]
+
+
+def test_heatmaps_leave_out_rows_that_have_no_colour_scale(tmp_path, monkeypatch):
+    """A task that is only ever an auxiliary (here d: its one-task model, no {d, a} pair) has one value in its
+    row: drawn, it was a grey band; it stays in the Markdown table."""
+    rows = []
+    for model, value in (("s", 1.0), ("d", 2.0), ("sd", 1.5), ("sn", 1.2), ("n", 3.0)):
+        task = model[0]
+        rows.append(dict(model=model, model_tasks=model, attacked=task, task=NAMES[task], attack="pgd",
+                         norm="linf", eps=8 / 255, rel_vuln=value))
+    drawn = []
+    monkeypatch.setattr(report, "_draw_matrix", lambda ax, matrix, title: drawn.append(matrix))
+    table = pd.DataFrame(rows)
+    table["task"] = table["task"].map(results_table.letters)
+    lines, _ = report.heatmaps(table, tmp_path, "rel_vuln", 50)
+    assert list(drawn[0].index) == ["s"]  # the single-task attack panel (the multi-task one has no pairs here)
+    assert any(line.startswith("| d |") for line in lines)
+
+
+def test_cka_figures_name_their_checkpoints():
+    from mtrobust_fast.cli.analyze import short_names
+    assert short_names(["runs/sd/last.pt", "runs/sd_madry/best.pt"]) == ["sd", "sd_madry"]
+    assert short_names(["a/sd/last.pt", "b/sd/last.pt"]) == ["a/sd/last.pt", "b/sd/last.pt"]

@@ -12,6 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -78,6 +81,22 @@ def _range(values, mask=None):
 def draw(path, x, adv, clean_outputs, adv_outputs, targets, masks=None, title="", dpi=100):
     """Write the panel of one image to ``path``: ``x``/``adv`` [C, H, W] in [0, 1]; ``clean_outputs`` /
     ``adv_outputs`` ``{task: output of this image}``; ``targets``/``masks`` ``{task: this image's target}``."""
+    fig = figure(x, adv, clean_outputs, adv_outputs, targets, masks, title)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _class_legend(ax, pictures):
+    """A legend of the palette classes present in a segmentation row's pictures."""
+    present = sorted({int(c) for picture in pictures for c in picture})
+    handles = [Patch(facecolor=PALETTE[c % len(PALETTE)], edgecolor="grey", label=f"class {c}") for c in present]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6, frameon=False)
+
+
+def figure(x, adv, clean_outputs, adv_outputs, targets, masks=None, title=""):
+    """The panel of one image as a matplotlib figure (see :func:`draw`): one-channel rows and the perturbation
+    carry a colour bar of their scale, segmentation rows a legend of the classes they show."""
     masks = masks or {}
     tasks = list(clean_outputs)
     fig, axes = plt.subplots(1 + len(tasks), 3, figsize=(7.5, 2.5 * (1 + len(tasks))), squeeze=False)
@@ -86,6 +105,8 @@ def draw(path, x, adv, clean_outputs, adv_outputs, targets, masks=None, title=""
     for ax, (name, image) in zip(axes[0], row):
         ax.imshow(image)
         ax.set_title(name, fontsize=8)
+    fig.colorbar(ScalarMappable(Normalize(-max(top, 1e-12), max(top, 1e-12)), "gray"), ax=axes[0][2], fraction=0.046, pad=0.04,
+                 label="δ per channel")
     for r, task in enumerate(tasks, start=1):
         clean, adversarial = clean_outputs[task], adv_outputs[task]
         target, mask = targets.get(task), masks.get(task)
@@ -102,15 +123,21 @@ def draw(path, x, adv, clean_outputs, adv_outputs, targets, masks=None, title=""
             else:
                 ax.text(0.5, 0.5, value, ha="center", va="center", fontsize=10, transform=ax.transAxes)
             ax.set_title(f"{task}: {name}", fontsize=8)
+        if scale is not None:  # one channel: the viridis scale shared by the row
+            fig.colorbar(ScalarMappable(Normalize(*scale), "viridis"), ax=axes[r][2], fraction=0.046, pad=0.04)
+        elif clean.dim() == 3 and clean.shape[0] > 3:  # segmentation: which colour is which class
+            classes = [clean.argmax(0).flatten().tolist(), adversarial.argmax(0).flatten().tolist()]
+            if target is not None and target.dim() == 2:
+                valid = target if mask is None else target[mask.bool().reshape(target.shape)]
+                classes.append(valid.flatten().long().tolist())
+            _class_legend(axes[r][2], classes)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return fig
 
 
 class PanelCollector:

@@ -185,12 +185,16 @@ def heatmaps(table, out, metric, dpi):
                 cell = group[(group["kind"] == kind) & (group["weights"] == weight)]
                 matrix = (cell.pivot_table(index="main", columns="aux", values="value", aggfunc="mean")
                           .reindex(index=mains, columns=auxes))
+                paired = matrix.notna().sum(axis=1) > 1  # a row with one value (a task that is only ever an
+                if paired.any():                          # auxiliary here) has no colour scale: not drawn
+                    matrix = matrix[paired]
                 title = f"{kind}-task attack, {weight} weights"
                 _draw_matrix(axes[r][c], matrix, title)
                 lines += [f"{title}:", ""] + _markdown_matrix(cell, mains, auxes) + [""]
         width = fig.get_size_inches()[0]
         fig.suptitle(textwrap.fill(f"{label_of_metric} of the main task — {config} (colour: per-row min–max, "
-                                   f"darker = more vulnerable; grey: a row with a single value)",
+                                   f"darker = more vulnerable; grey: no value or one value in its row; rows "
+                                   f"with a single value are in the table below, not drawn)",
                                    max(30, int(width * 10))), fontsize=9)
         fig.tight_layout()
         path = out / f"heatmap_{_slug(config)}.png"

@@ -75,11 +75,20 @@ def run_cka(args):
             writer = csv.writer(f)
             writer.writerow(["checkpoint"] + names)
             writer.writerows([name] + row for name, row in zip(names, matrix))
-        _draw_matrix(matrix, [f"[{i}]" for i in range(len(names))], out / "cka.png", args.dpi)
+        _draw_matrix(matrix, short_names(args.checkpoints), out / "cka.png", args.dpi)
         print(f"wrote {out / 'cka.csv'} and {out / 'cka.png'}")
         return 0
 
     return run_reporting("analyze cka", work)
+
+
+def short_names(paths):
+    """Labels for checkpoints in a figure: the run folder for RUN/last.pt or RUN/best.pt, else the file name
+    without suffix; the whole path where two would read the same."""
+    from mtrobust_fast.sweep.plan import default_model_name
+
+    names = [default_model_name(Path(path)) for path in paths]
+    return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
 def _draw_matrix(matrix, labels, path, dpi):
@@ -90,14 +99,14 @@ def _draw_matrix(matrix, labels, path, dpi):
 
     fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(labels), 1.2 + 0.6 * len(labels)))
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                     color="black" if value > 0.6 else "white")
     fig.colorbar(image, ax=ax)
-    ax.set_title("linear CKA (checkpoints as numbered in cka.csv)", fontsize=8)
+    ax.set_title("linear CKA of the encoders' features", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
