@@ -22,9 +22,34 @@ def _fsync_folder(folder):
         os.close(descriptor)
 
 
+class WriteError(ValueError):
+    """A file could not be written (a full disk, a read-only or vanished folder); the previous version of the file,
+    if any, is left as it was. One line for the command line."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot write {path}: {reason} (is the disk full, or the folder read-only?); the previous "
+                         f"version, if any, is unchanged")
+        self.path = path
+
+
+# How torch.save reports a failed write (its zip writer raises RuntimeError, not OSError).
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
+
+
+def write_failure(path, error):
+    """``error`` as a :class:`WriteError` when it is a failed write (OSError, or torch's writer errors), else
+    None."""
+    if isinstance(error, OSError):
+        return WriteError(path, error.strerror or str(error))
+    if isinstance(error, RuntimeError) and any(marker in str(error) for marker in _TORCH_WRITE_FAILURES):
+        return WriteError(path, str(error).strip().splitlines()[0])
+    return None
+
+
 def atomic_write(path, write):
     """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder: ``path`` is whole or absent (a kill
-    leaves the previous version). The temporary is removed if ``write`` fails."""
+    leaves the previous version). The temporary is removed if ``write`` fails; a failed write (full disk,
+    read-only folder) raises :class:`WriteError`."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -32,9 +57,14 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except (OSError, RuntimeError) as error:
+        failure = write_failure(path, error)
+        if failure is None:
+            raise
+        raise failure from error
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
     return path
 
 

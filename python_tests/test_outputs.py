@@ -61,3 +61,50 @@ def test_the_lock_is_exclusive_within_its_holder_and_released(tmp_path):
     with FolderLock(tmp_path):
         assert (tmp_path / ".lock").read_text().strip().isdigit()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_a_failed_write_is_one_named_error_and_leaves_the_previous_file(tmp_path, failure):
+    from mtrobust_fast.files import WriteError, atomic_write
+    target = tmp_path / "last.pt"
+    target.write_text("previous")
+
+    def write(tmp):
+        tmp.write_text("half")
+        raise failure
+
+    with pytest.raises(WriteError, match="cannot write .*last.pt: .*disk full"):
+        atomic_write(target, write)
+    assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_train_on_a_disk_that_fills_up_stops_with_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    """The second epoch's checkpoint fails as torch.save fails on a full disk: one line, exit 2, the first
+    epoch's last.pt intact and no temporary left; --resume then finishes the run."""
+    import torch
+    from mtrobust_fast.data.synth.objects import synthesize_objects
+    from mtrobust_fast.models import checkpoint
+
+    data = synthesize_objects(tmp_path / "data", 40, size=16, seed=0, workers=1, progress=False)
+    saves = []
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) >= 3:  # epoch 1: best.pt, last.pt; epoch 2: best.pt fails
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--encoder", "resnet18_cpu", "--epochs",
+            "2", "--batch-size", "10", "--lr", "1e-3", "--workers", "0", "--no-progress", "--save-every", "0"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write" in err and "disk full" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["meta"]["epoch"] == 1
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert cli_main(argv + ["--resume"]) == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["meta"]["epoch"] == 2

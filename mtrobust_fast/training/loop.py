@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mtrobust_fast import evaluation
 from mtrobust_fast.device import to_device
-from mtrobust_fast.files import atomic_write, remove_stale_temporaries
+from mtrobust_fast.files import atomic_write, remove_stale_temporaries, write_failure
 from mtrobust_fast.models import read_checkpoint, save_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.config import SELECT
@@ -310,10 +310,13 @@ class Trainer:
         """Append the epoch's record to ``metrics.jsonl`` (flushed to disk) and print its summary line."""
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / LOG_NAME, "a") as f:
-                f.write(json.dumps(_plain(record)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:  # a line cut short by a full disk is dropped on --resume, like one cut by a kill
+                with open(self.run_dir / LOG_NAME, "a") as f:
+                    f.write(json.dumps(_plain(record)) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as error:
+                raise write_failure(self.run_dir / LOG_NAME, error) from error
             tqdm.write(summary_line(record))
 
     def _warn_if_collapsed(self, record):
