@@ -158,6 +158,12 @@ def run(args):
         print(f"mtrobust-fast sweep: error: {error}", file=sys.stderr)
         return 2
     store = Store(args.out)
+    changed = store.changed_checkpoints(cells)
+    if changed:  # before any work: its new cells could never be exported next to the old ones
+        print(f"mtrobust-fast sweep: error: checkpoint {next(iter(changed))} changed since the cells in "
+              f"{Path(args.out) / 'cells'} measured it (retrained in place?); sweep it into another --out, or move "
+              f"the older parts out of that folder", file=sys.stderr)
+        return 2
     done = store.done()
     # a finished cell runs again when per-image values are asked for and it has none
     pending = [cell for cell in cells if cell.cell_id not in done

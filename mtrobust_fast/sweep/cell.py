@@ -28,6 +28,7 @@ def rows(cell, config, summary, seconds):
         extra = marginal.get((row["attacked"], task), {})
         out = {
             "cell_id": cell.cell_id, "model": cell.model.name, "checkpoint": cell.model.checkpoint,
+            "model_identity": cell.model.identity,
             "model_tasks": cell.model.tasks, "main": cell.model.main, "encoder": cell.model.encoder,
             "task_weights": cell.model.weights, "checkpoint_epoch": config["checkpoint_epoch"],
             "surrogate": cell.model.surrogate, "recipe": cell.model.recipe,

@@ -108,6 +108,26 @@ class Store:
         atomic_write(self.cells / f"{cell_id}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
         self.release(cell_id)
 
+    def identities(self):
+        """{checkpoint path: the model identities (content hashes) its finished cells measured}, from the parts
+        that record them."""
+        found = {}
+        for cell_id in self.done():
+            try:
+                part = pq.read_table(self.cells / f"{cell_id}.parquet", columns=["checkpoint", "model_identity"])
+            except (OSError, ValueError, KeyError, pa.ArrowException):
+                continue  # a part from before identities were recorded (export still checks it)
+            for path, identity in set(zip(*(part.column(c).to_pylist() for c in ("checkpoint", "model_identity")))):
+                found.setdefault(path, set()).add(identity)
+        return found
+
+    def changed_checkpoints(self, cells):
+        """Checkpoints of ``cells`` whose content differs from what finished cells in this folder measured at the
+        same path (retrained in place): ``{path: model name}``."""
+        earlier = self.identities()
+        return {cell.model.checkpoint: cell.model.name for cell in cells
+                if cell.model.checkpoint in earlier and cell.model.identity not in earlier[cell.model.checkpoint]}
+
     def table(self):
         """Every part, parts ordered by their settings (so the order does not depend on which finished first),
         each part's rows in their reported order."""
