@@ -128,3 +128,10 @@ def test_quickstart_refuses_classifier_attacks_before_any_work(attack, tmp_path,
         cli.main(["quickstart", "--attack", attack, "--out", str(tmp_path / "q")])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_running_out_of_memory_is_one_line_in_any_command(capsys):
+    assert cli.main(["complexity", "--encoders", "resnet18", "--tasks", "s", "--size", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtrobust-fast complexity: error: out of memory (111.8 GiB at once)")
+    assert len(err.splitlines()) == 1

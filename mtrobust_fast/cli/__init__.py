@@ -6,6 +6,7 @@ that module's ``add_NAME_arguments`` and ``run_NAME`` instead (several sub-comma
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -94,4 +95,26 @@ def main(argv=None):
     chosen = chosen_command(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser(chosen).parse_args(argv)
-    return args._run(args)
+    try:
+        return args._run(args)
+    except (MemoryError, RuntimeError) as error:  # one rule for every command: running out of memory is one line
+        message = out_of_memory(error)
+        if message is None:
+            raise
+        print(f"mtrobust-fast {' '.join(chosen or ())}: error: {message}", file=sys.stderr)
+        return 2
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Unable to allocate")
+
+
+def out_of_memory(error):
+    """The one line for an allocation that failed (torch's CPU or CUDA allocator, numpy), or None."""
+    text = str(error)
+    if not isinstance(error, MemoryError) and not any(marker in text for marker in _OUT_OF_MEMORY):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)
+    wanted = f" ({int(size.group(1)) / 2 ** 30:.1f} GiB at once)" if size else \
+        (f" ({m.group(1)})" if (m := re.search(r"allocate ([\d.]+ [KMGT]iB)", text)) else "")
+    return (f"out of memory{wanted}: lower --size, --batch-size or --images (a size much larger than the data's "
+            f"own is rarely meant)")
