@@ -43,19 +43,22 @@ def label(column):
 
 
 def spread(xs, ys, step=8):
-    """Vertical text offsets in points for labels at (xs, ys): labels that share an x and lie within 4 % of the
-    y range of each other are pushed apart by ``step`` points each, so they do not print over one another."""
+    """Vertical text offsets in points for labels at (xs, ys): a label closer than 4 % of both axes' ranges to
+    labels placed before it (in order of x, then y) is pushed up by ``step`` points per such neighbour, so
+    labels of nearby points do not print over one another."""
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    span = np.nanmax(ys) - np.nanmin(ys) if len(ys) and np.isfinite(ys).any() else 0.0
-    close = max(span * 0.04, 1e-12)
+
+    def closeness(values):
+        finite = values[np.isfinite(values)]
+        return max((finite.max() - finite.min()) * 0.04 if finite.size else 0.0, 1e-12)
+
+    near_x, near_y = closeness(xs), closeness(ys)
     offsets = np.full(len(xs), 2.0)
-    for x in np.unique(xs):
-        index = np.flatnonzero(xs == x)
-        index = index[np.argsort(ys[index], kind="stable")]
-        run = 0
-        for previous, current in zip(index, index[1:]):
-            run = run + 1 if abs(ys[current] - ys[previous]) < close else 0
-            offsets[current] = 2.0 + step * run
+    order = np.lexsort((ys, xs))
+    for k, current in enumerate(order):
+        earlier = order[:k]
+        crowd = (np.abs(xs[earlier] - xs[current]) < near_x) & (np.abs(ys[earlier] - ys[current]) < near_y)
+        offsets[current] = 2.0 + step * int(crowd.sum())
     return offsets
 
 
