@@ -141,7 +141,7 @@ def test_figure_helpers_mark_lone_rows_spread_labels_and_name_columns():
     offsets = report.spread([1, 1, 1, 2], [0.50, 0.51, 0.90, 0.505])
     assert offsets[0] != offsets[1] and offsets[2] == offsets[3] == 2.0  # only the close pair at x=1 is spread
     # points at nearby (not equal) x overlap just as well: spread too; far ones are not
-    offsets = report.spread([1.0, 1.01, 1.02, 3.0], [0.50, 0.505, 0.51, 0.50])
+    offsets = report.spread([1.0, 1.01, 1.02, 3.0], [0.50, 0.505, 0.51, 0.90])
     assert len({offsets[0], offsets[1], offsets[2]}) == 3 and offsets[3] == 2.0
     assert report.label("rel_vuln") == "relative vulnerability" and report.label("few_epochs") == "few epochs"
 
