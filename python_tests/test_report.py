@@ -228,6 +228,7 @@ def test_models_of_different_recipes_are_never_averaged(tmp_path):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "3 models of 2 kinds" in summary and "average the 2 models of a kind (seeds)" in summary
     assert "adversarial=madry" in summary and "adversarial=none" in summary
+    assert "Definitions: `rel_vuln` is the mean over images" in summary  # which definition each column uses
 
 
 def test_a_sweep_row_carries_its_models_recipe(tmp_path):

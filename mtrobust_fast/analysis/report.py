@@ -80,6 +80,13 @@ def _groups(table, keys):
             for values, group in table.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)]
 
 
+DEFINITIONS = ("Definitions: `rel_vuln` is the mean over images of each image's relative change of error, (adv − "
+               "clean) / clean, images with clean error 0 left out (for a 0/1 classification error only wrong images "
+               "remain and it is always 0: read accuracy); `rel_vuln_ratio_of_means` is (mean adv − mean clean "
+               "error) / mean clean error over the dataset; `adv_vuln` the mean over images of |adv − clean loss|; "
+               "`joint_adv_vuln` the same for the attacked set's weighted joint loss.")
+
+
 def _collapsed_lines(table):
     """A warning naming the models whose heads look collapsed (their outputs do not depend on the input, so they
     look robust without being so); nothing when none does or the table predates the check."""
@@ -335,7 +342,8 @@ def build(results, out, metric="rel_vuln", selection_path=None, dpi=120):
     lines += [f"## Relative vulnerability of the main task (`{metric}`), main × auxiliary (Tables 1–2)", "",
               "Row = main task m (evaluated), column = auxiliary a: m on the model {m, a}; diagonal: the one-task "
               "model {m}. Single-task attack: only m attacked; multi-task: every task of the model. "
-              "Lower is more robust; cell colours are scaled per row (per main task).", ""]
+              "Lower is more robust; cell colours are scaled per row (per main task).", "",
+              DEFINITIONS, ""]
     section, paths = heatmaps(table, out, metric, dpi)
     lines += section + [""]
     written += paths
