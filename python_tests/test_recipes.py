@@ -184,7 +184,7 @@ def test_awp_perturbation_bound_and_restore():
     model.train()
     out = awp(model, x, {"class": y}, {})
     for parameter, v in awp._applied:  # the bound: per layer, gamma times the layer's own norm
-        assert v.norm() == pytest.approx(0.01 * (parameter.detach() - v).norm(), rel=1e-4)
+        assert float(v.norm()) == pytest.approx(0.01 * float((parameter.detach() - v).norm()), rel=1e-4)
     assert {id(p) for p, _ in awp._applied} == {id(model.conv.weight), id(model.fc.weight)}
     perturbed = {k: v.clone() for k, v in model.state_dict().items()}
     assert not torch.equal(perturbed["conv.weight"], before["conv.weight"])
