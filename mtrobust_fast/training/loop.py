@@ -25,6 +25,7 @@ from mtrobust_fast.training.schedules import Schedule
 LOG_NAME = "metrics.jsonl"
 LAST, BEST = "last.pt", "best.pt"
 TRAINING_STATE = ("optimizer", "scaler", "best_score", "raw_state_dict", "ema_updates")  # what only resuming needs
+COLLAPSE_RISE = 0.2  # a jump of the adversarial validation error between epochs that triggers the warning
 
 
 def keep_weights_only(path):
@@ -34,7 +35,6 @@ def keep_weights_only(path):
     if any(key in payload["meta"] for key in TRAINING_STATE):
         meta = {k: v for k, v in payload["meta"].items() if k not in TRAINING_STATE}
         atomic_write(path, lambda tmp: torch.save({**payload, "meta": meta}, tmp))
-COLLAPSE_RISE = 0.2  # a jump of the adversarial validation error between epochs that triggers the warning
 
 
 def seed_everything(seed):
@@ -190,10 +190,10 @@ class Trainer:
                 "task_losses": dict(zip(self.train_terms, means[1:]))}
 
     @torch.no_grad()
-    def validate(self, model=None):
-        """Per-task validation loss and clean metrics of ``model`` (default :attr:`evaluated`), pooled over every
-        validation pixel of every process."""
-        model = self.evaluated if model is None else model
+    def validate(self):
+        """Per-task validation loss and clean metrics of :attr:`evaluated`, pooled over every validation pixel of
+        every process."""
+        model = self.evaluated
         model.eval()
         loss_sums = torch.zeros(len(self.task_names) + 1, dtype=torch.float64, device=self.ctx.device)
         stats = {}
