@@ -16,7 +16,7 @@ class CollapseDetector:
     and which classes a categorical head predicts (and which the labels hold)."""
 
     def __init__(self, records):
-        self.records = [r for r in records]
+        self.records = list(records)
         self.first, self.deviation, self.scale = {}, {}, {}
         self.predicted, self.labelled, self.images = {}, {}, 0
 
