@@ -15,7 +15,7 @@ from mtrobust_fast.models import (
 )
 
 SMALL_ENCODERS = ["resnet18", "resnet18_cpu", "resnet50", "xception_small"]
-BIG_ENCODERS = ["resnet152", "wide_resnet50_2"]
+BIG_ENCODERS = ["resnet152", "resnet50_dilated", "wide_resnet50_2"]
 TASK_SETS = ["s", "dnE", "DpA"]  # every channel count (18, 1, 3, 2) appears
 
 

@@ -85,7 +85,7 @@ def resolve_specs(model, tasks):
             raise ValueError(f"tasks: the model's head {item!r} has no task record; give a TaskSpec for it, e.g. "
                              f"TaskSpec({item!r}, loss, key={item!r}), or the model records")
         else:
-            specs.extend(from_task(t) for t in task_registry.resolve(item))
+            specs.extend(from_task(records.get(t.name, t)) for t in task_registry.resolve(item))  # the model's own
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"tasks names a task twice: {names}")

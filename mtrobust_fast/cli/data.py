@@ -1,7 +1,7 @@
 """``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
 (:mod:`mtrobust_fast.data.synth.taskonomy`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.synth.objects`)."""
 from mtrobust_fast.cli.args import folder, positive_int
-from mtrobust_fast.data.synth import objects
+from mtrobust_fast.data.synth import nyuv2, objects
 from mtrobust_fast.data.synth import rooms
 from mtrobust_fast.data.synth import taskonomy
 
@@ -36,6 +36,10 @@ def add_synth_arguments(parser):
                              "classes, many small at a distance; 'large' 2-4 pieces of five big furniture classes "
                              "(table, chair, couch, bed, refrigerator) seen from 1.2-3.2 m, which small CPU models "
                              "learn to segment in minutes (the quickstart's data)")
+    parser.add_argument("--layout", choices=("taskonomy", "nyuv2"), default="taskonomy",
+                        help="'taskonomy' (default): Taskonomy's PNG encodings and omnidata folders, all 11 tasks; "
+                             "'nyuv2': NYUv2's preprocessed .npy layout (train/ and val/ with image, label (13 "
+                             "classes), depth, normal), what `train`, `attack` and `sweep` read as NYUv2")
     parser.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in --out")
     _add_max_images(parser)
     parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
@@ -44,12 +48,13 @@ def add_synth_arguments(parser):
 
 def run_synth(args):
     _check_count(args, "data synth")
+    write = nyuv2.synthesize_nyuv2 if args.layout == "nyuv2" else taskonomy.synthesize
     try:
-        out = taskonomy.synthesize(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
-                                   args.buildings, args.overwrite, preset=args.scene)
+        out = write(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings,
+                    args.overwrite, preset=args.scene)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"mtrobust-fast data synth: error: {error}")
-    print(f"wrote {args.images} images ({args.size} px) to {out}")
+    print(f"wrote {args.images} images ({args.size} px, {args.layout} layout) to {out}")
     return 0
 
 

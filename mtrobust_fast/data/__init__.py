@@ -1,5 +1,6 @@
-"""Datasets: Taskonomy (real or synthetic) for dense multi-task models; classification (the synthetic object set,
-CIFAR-10/100, STL-10, image folders, chest X-rays) for classifiers.
+"""Datasets: Taskonomy (real or synthetic) and NYUv2 / Cityscapes (:mod:`~mtrobust_fast.data.benchmarks`) for dense
+multi-task models; classification (the synthetic object set, CIFAR-10/100, STL-10, image folders, chest X-rays)
+for classifiers.
 
 Every dataset yields ``(image, targets, masks)`` with images in [0, 1] and targets/masks as dicts keyed by task
 name, so training, attacks and evaluation handle both kinds the same way.
@@ -29,6 +30,15 @@ def open_dataset(root, model, split="val", size=None):
             if data_record is None and name in classes and classes[name] != record.classes:
                 raise ValueError(f"{root} has {classes[name]} {name} labels but the model's {name!r} head has "
                                  f"{record.classes}")
+        return dataset
+    if model.config.get("kind") == "dense":
+        from mtrobust_fast.data.benchmarks import BenchmarkDataset
+
+        dataset = BenchmarkDataset(root, model.evaluated_task_names, split=split, size=size)
+        for record in dataset.records:
+            if record.to_config() != model.task_records[record.name].to_config():
+                raise ValueError(f"{root}: its {record.name!r} labels ({record.to_config()}) do not match the "
+                                 f"model's head ({model.task_records[record.name].to_config()})")
         return dataset
     from mtrobust_fast.data.taskonomy import TaskonomyDataset
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mtrobust_fast.device import to_device
-from mtrobust_fast.tasks import classification
+from mtrobust_fast.tasks import benchmarks, classification
 from mtrobust_fast.tasks.decoding import SEGMENT_IGNORE
 from mtrobust_fast.tasks.taskonomy import Task
 
@@ -26,23 +26,27 @@ BACKGROUND = 1  # the Taskonomy label of walls, floors, ceilings and unlabelled 
 MAX_BATCHES = 64
 
 
+DENSE_RECORDS = (Task, benchmarks.SegmentationTask, benchmarks.DepthTask, benchmarks.NormalTask)
+
+
 def _is_dense(record):
-    return isinstance(record, Task)
+    return isinstance(record, DENSE_RECORDS)
 
 
 def _is_class_label(record):
-    return (isinstance(record, Task) and record.is_segmentation) or isinstance(record, classification.ClassificationTask)
+    return (_is_dense(record) and record.is_segmentation) or isinstance(record, classification.ClassificationTask)
 
 
 def _channels(record):
-    return record.channels if isinstance(record, Task) else record.classes
+    return record.channels if _is_dense(record) else record.classes
 
 
 def _encoded(record, target, mask):
     """(target as per-channel values [B, C, ...], validity of the same shape)."""
     channels = _channels(record)
     if _is_class_label(record):
-        valid = target != SEGMENT_IGNORE if _is_dense(record) else torch.ones_like(target, dtype=torch.bool)
+        ignore = SEGMENT_IGNORE if isinstance(record, Task) else None  # benchmark labels: the mask says
+        valid = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
         values = F.one_hot(target.long().clamp(0, channels - 1), channels).movedim(-1, 1).double()
         valid = valid.unsqueeze(1).expand_as(values)
     else:

@@ -77,7 +77,8 @@ def _records(model, tasks):
     records = dict(getattr(model, "task_records", {}) or {})
     if tasks is None:
         tasks = list(getattr(model, "evaluated_task_names", None) or getattr(model, "task_names", records))
-    return [records[t] if isinstance(t, str) and t in records else task_registry.record(t) for t in tasks]
+    chosen = [records[t] if isinstance(t, str) and t in records else task_registry.record(t) for t in tasks]
+    return [records.get(t.name, t) for t in chosen]  # a letter names the model's own head record
 
 
 def evaluate(model, loader, attack, tasks=None, *, sets=None, gradients=True, adv_gradients=False, progress=False,

@@ -1,11 +1,12 @@
 """Models: encoders, task heads, the registry that assembles multi-task Taskonomy models and classifiers, and
 checkpoints."""
-from mtrobust_fast.models import source_import
+from mtrobust_fast.models import libmtl, source_import
 from mtrobust_fast.models.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from mtrobust_fast.models.decoders import ClassificationHead, TaskonomyDecoder
 from mtrobust_fast.models.multitask import STRIDE, MultiTaskModel, check_image_batch
 from mtrobust_fast.models.registry import (
     build_classifier,
+    build_dense_model,
     build_encoder,
     build_model,
     list_encoders,
@@ -20,6 +21,7 @@ __all__ = [
     "MultiTaskModel",
     "TaskonomyDecoder",
     "build_classifier",
+    "build_dense_model",
     "build_encoder",
     "build_model",
     "check_image_batch",
@@ -29,5 +31,6 @@ __all__ = [
     "read_checkpoint",
     "register_encoder",
     "save_checkpoint",
+    "libmtl",
     "source_import",
 ]

@@ -1,4 +1,6 @@
 """Encoders registered by name, and ``build_model`` which assembles a multi-task model from a task string."""
+import torch.nn as nn
+
 import mtrobust_fast
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models import encoders
@@ -153,8 +155,63 @@ def build_classifier(encoder="resnet18", classes=10, input_size=32, loss="ce", n
     return MultiTaskModel(trunk, heads, config)
 
 
+def build_dense_model(records, encoder="resnet18", input_size=256, task_weights=None, normalization=None, **kw):
+    """A dense multi-task model for the heads ``records`` (task records with ``channels``, e.g. NYUv2's
+    :mod:`~mtrobust_fast.tasks.benchmarks` heads): the named encoder and one head per record, named after it. The
+    head is the one the encoder asks for (``resnet50_dilated``: LibMTL's DeepLab ASPP head), else the Taskonomy
+    decoder (stride 32) or its last stages (``DenseHead``). ``input_size``: the training height (any multiple of
+    the encoder's stride runs, not only squares). ``normalization``: ``{"mean", "std"}`` applied inside the model
+    (default none: [0, 1] pixels go in as they are, as LibMTL's loaders give them). ``task_weights``: by task name
+    (default uniform 1/N). ``**kw``: passed to the encoder and recorded."""
+    from mtrobust_fast.models.libmtl import IDENTITY_NORMALIZATION, DeepLabHead
+
+    records = list(records)
+    names = [r.name for r in records]
+    if not records or len(set(names)) != len(names):
+        raise ValueError(f"records must be one or more task records with distinct names, got {names}")
+    name = canonical_encoder_name(encoder)
+    trunk = build_encoder(name, **kw)
+    stride = getattr(trunk, "stride", STRIDE)
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % stride:
+        raise ValueError(f"input_size must be a positive multiple of {stride} (the {name} encoder's stride), got "
+                         f"{input_size!r}")
+    head = getattr(trunk, "head", None)
+
+    def decoder(record):
+        if head == "aspp":
+            return DeepLabHead(trunk.out_channels, record.channels, stride)
+        if stride == STRIDE:
+            return TaskonomyDecoder(trunk.out_channels, record.channels)
+        dense = DenseHead(trunk.out_channels, record.channels, stride)
+        if getattr(record, "scale_invariant", False):  # its loss's gradient is unbounded at the zero output
+            nn.init.normal_(dense[-1].weight, 0.0, 1e-3)
+        return dense
+
+    weights = {n: 1.0 / len(names) for n in names} if task_weights is None else \
+        {n: float(task_weights[n]) for n in names}
+    normalization = normalization or IDENTITY_NORMALIZATION
+    config = {
+        "kind": "dense",
+        "encoder": name,
+        "encoder_kwargs": dict(kw),
+        "tasks": task_registry.task_string(names),
+        "heads": {r.name: r.to_config() for r in records},
+        "task_weights": weights,
+        "input_size": input_size,
+        "input_stride": stride,
+        "normalization": {k: [float(v) for v in normalization[k]] for k in ("mean", "std")},
+        "version": mtrobust_fast.__version__,
+    }
+    return MultiTaskModel(trunk, {r.name: decoder(r) for r in records}, config)
+
+
 def model_from_config(config):
     """Rebuild (fresh weights) the model a ``MultiTaskModel.config`` describes."""
+    if config.get("kind") == "dense":
+        heads = config["heads"]
+        return build_dense_model([classification.task_from_config(n, heads[n]) for n in heads], config["encoder"],
+                                 config["input_size"], config["task_weights"], config.get("normalization"),
+                                 **config.get("encoder_kwargs", {}))
     if config.get("kind") == "classifier":
         kwargs = dict(config.get("encoder_kwargs", {}))
         kwargs.pop("small_input", None)

@@ -6,6 +6,7 @@
 - ``losses.py``: per-sample losses, errors and summable metric statistics of the Taskonomy tasks;
 - ``weights.py``: task loss weights (uniform, the AAAI'22 Zamir table);
 - ``classification.py``: classification, multi-label and regression heads (the head kinds of ``TASK_KINDS``);
+- ``benchmarks.py``: the segmentation, depth and normal heads of NYUv2 and Cityscapes (more kinds of ``TASK_KINDS``);
 - ``auxiliary.py``: GAT's self-supervised auxiliary tasks (``AUXILIARY``);
 - ``meter.py``: a task's clean metrics accumulated over batches.
 
@@ -21,6 +22,7 @@ from mtrobust_fast.tasks.protocol import TaskRecord
 from mtrobust_fast.tasks.taskonomy import (BY_LETTER, BY_NAME, TASKS, Task, get_task, record, resolve, task_string,
                                            training_record)
 from mtrobust_fast.tasks.weights import task_weights
+from mtrobust_fast.tasks import benchmarks  # noqa: F401  (registers its head kinds in TASK_KINDS)
 
 __all__ = ["BY_LETTER", "BY_NAME", "DEPTH_INVALID_FROM", "FORMAT_NAMES", "SEGMENT_IGNORE", "SEGMENT_LOSSES", "TASKS",
            "Task", "TaskMeter", "TaskRecord", "dense_scores", "dense_stats", "get_task", "image_array", "l1_loss",

@@ -53,30 +53,31 @@ def mse_error(output, target, mask=None):
     return _masked_mean((output - target.to(output.dtype)).square(), _dense_mask(mask))
 
 
-def label_mask(output, target, mask):
-    """Valid pixels [B,H,W] of a labelled batch: target != 0 and the given mask."""
+def label_mask(output, target, mask, ignore=SEGMENT_IGNORE):
+    """Valid pixels [B,H,W] of a labelled batch: target != ``ignore`` (Taskonomy's 0, "uncertain"; None: every
+    label is a class and only ``mask`` says which pixels count) and the given mask."""
     if output.dim() != 4 or target.shape != output.shape[:1] + output.shape[2:]:
         raise ValueError(f"segmentation needs output [B,C,H,W] and target [B,H,W], "
                          f"got {tuple(output.shape)} and {tuple(target.shape)}")
-    valid = target != SEGMENT_IGNORE
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore is None else target != ignore
     mask = _dense_mask(mask)
     return valid if mask is None else valid & mask[:, 0]
 
 
-def segment_loss(output, target, mask=None):
-    """Cross-entropy per sample [B], averaged over the sample's pixels with a label other than 0 (uncertain)."""
-    valid = label_mask(output, target, mask)
-    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=SEGMENT_IGNORE)
+def segment_loss(output, target, mask=None, ignore=SEGMENT_IGNORE):
+    """Cross-entropy per sample [B], averaged over the sample's valid pixels (:func:`label_mask`)."""
+    valid = label_mask(output, target, mask, ignore)
+    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=-100 if ignore is None else ignore)
     return _masked_mean(ce, valid)
 
 
-def segment_loss_balanced(output, target, mask=None):
+def segment_loss_balanced(output, target, mask=None, ignore=SEGMENT_IGNORE):
     """Class-balanced cross-entropy per sample [B]: the mean over the classes present in the sample's valid
     pixels of that class's mean pixel cross-entropy. Every class of an image counts equally whatever its area,
     so a model cannot reach a low loss by predicting the dominant background everywhere (the failure of plain
     cross-entropy on small, background-heavy sets). A sample without valid pixels has loss 0."""
-    valid = label_mask(output, target, mask)
-    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=SEGMENT_IGNORE)
+    valid = label_mask(output, target, mask, ignore)
+    ce = F.cross_entropy(opmath(output), target, reduction="none", ignore_index=-100 if ignore is None else ignore)
     batch, classes = output.shape[0], output.shape[1]
     index = (torch.arange(batch, device=target.device).view(batch, 1, 1) * classes + target)[valid]
     sums = ce.new_zeros(batch * classes).index_add(0, index, ce[valid]).view(batch, classes)
@@ -115,27 +116,27 @@ def _class_iou(confusion):
     return inter / union.clamp_min(1), union > 0
 
 
-def segment_error(output, target, mask=None):
+def segment_error(output, target, mask=None, ignore=SEGMENT_IGNORE):
     """1 - mIoU per sample [B], over classes present in the sample's target or prediction (valid pixels only).
 
     A sample without valid pixels has error 0.
     """
-    valid = label_mask(output, target, mask)
+    valid = label_mask(output, target, mask, ignore)
     iou, present = _class_iou(_confusion(output.argmax(1), target, valid, output.shape[1]))
     count = present.sum(-1)
     miou = (iou * present).sum(-1) / count.clamp_min(1)
     return torch.where(count > 0, 1.0 - miou, torch.zeros_like(miou))
 
 
-def segment_stats(output, target, mask=None):
+def segment_stats(output, target, mask=None, ignore=SEGMENT_IGNORE):
     """Confusion counts over the batch's valid pixels, flattened (float64, summable across batches)."""
-    valid = label_mask(output, target, mask)
+    valid = label_mask(output, target, mask, ignore)
     return _confusion(output.argmax(1), target, valid, output.shape[1]).sum(0).flatten().double()
 
 
 def segment_scores(stats):
-    """mIoU (a fraction, over classes present in target or prediction) and pixel accuracy, on pixels whose label
-    is not 0. The source averaged IoU x 100 over all 18 classes and counted uncertain pixels as background."""
+    """mIoU (a fraction, over classes present in target or prediction) and pixel accuracy, on the valid pixels.
+    The Taskonomy source averaged IoU x 100 over all 18 classes and counted uncertain pixels as background."""
     classes = math.isqrt(stats.numel())
     confusion = stats.view(classes, classes)
     iou, present = _class_iou(confusion)

@@ -24,8 +24,9 @@ from mtrobust_fast.data import readers
 from mtrobust_fast.evaluation import baselines
 from mtrobust_fast.files import FolderLock, atomic_write, writable_folder
 from mtrobust_fast.data.classification import is_classification_data, open_classification
+from mtrobust_fast.data.benchmarks import BenchmarkDataset, find_layout
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
-from mtrobust_fast.models import STRIDE, build_classifier, build_model, read_checkpoint
+from mtrobust_fast.models import STRIDE, build_classifier, build_dense_model, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
 from mtrobust_fast.training.adversarial import OBJECTIVES, RobustValidation, make_objective
 from mtrobust_fast.training.augment import Augment
@@ -37,6 +38,7 @@ from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, keep_weig
 from mtrobust_fast.training.gat import GAT
 from mtrobust_fast.training.objectives import CleanObjective, TaskLosses
 from mtrobust_fast.training.regularisers import CurvatureRegularised
+from mtrobust_fast.tasks.benchmarks import SegmentationTask
 from mtrobust_fast.weighting import make_weighting
 
 CONFIG_NAME = "config.json"
@@ -66,10 +68,40 @@ def _limited(dataset, limit):
     return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
+def _refuse_classifier_options(config, what):
+    if config.aux_names:
+        raise ValueError(f"aux: auxiliary self-supervised tasks train classifiers (classification data); "
+                         f"{what}'s other tasks are its auxiliary tasks")
+    if config.domain_labels:
+        raise ValueError("domain_labels: domain heads are for classification data")
+    if config.findings:
+        raise ValueError(f"findings: {config.data} is not a chest X-ray set")
+    if config.class_loss != "ce":
+        raise ValueError(f"class_loss: {config.data} is dense multi-task data, whose model has no classification "
+                         f"head (the loss of its segmentation task is segment_loss)")
+
+
+def _benchmark_datasets(config):
+    """(train set, val set, model) for a NYUv2 / Cityscapes root: a dense model with the benchmark's heads."""
+    _refuse_classifier_options(config, "a NYUv2 or Cityscapes model")
+    train_set = BenchmarkDataset(config.data, config.tasks, "train", config.size)
+    val_set = BenchmarkDataset(config.data, config.tasks, "val", config.size)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
+    if config.segment_loss != "ce" and "segment_semantic" not in [r.name for r in train_set.records]:
+        raise ValueError("segment_loss: the task set has no segmentation (s)")
+    names = [r.name for r in train_set.records]
+    model = build_dense_model(train_set.records, config.encoder, input_size=int(train_set[0][0].shape[1]),
+                              task_weights=config.task_weights(names))
+    return train_set, val_set, model
+
+
 def make_datasets(config):
-    """(train set, val set, model) for the config's data: a classifier on classification data, else a
-    multi-task Taskonomy model."""
-    if is_classification_data(config.data):
+    """(train set, val set, model) for the config's data: a dense model with the benchmark's heads on NYUv2 /
+    Cityscapes, a classifier on classification data, else a multi-task Taskonomy model."""
+    if find_layout(config.data) is not None:
+        train_set, val_set, model = _benchmark_datasets(config)
+    elif is_classification_data(config.data):
         if config.tasks is not None:
             raise ValueError(f"tasks: {config.data} is a classification dataset; its model has one 'class' head "
                              f"(leave --tasks out)")
@@ -93,16 +125,7 @@ def make_datasets(config):
                                  input_channels=getattr(train_set, "input_channels", 3))
         model.config["task_weights"] = config.task_weights(model.task_names)
     else:
-        if config.aux_names:
-            raise ValueError("aux: auxiliary self-supervised tasks train classifiers (classification data); "
-                             "a Taskonomy model's other tasks are its auxiliary tasks")
-        if config.domain_labels:
-            raise ValueError("domain_labels: domain heads are for classification data")
-        if config.findings:
-            raise ValueError(f"findings: {config.data} is not a chest X-ray set")
-        if config.class_loss != "ce":
-            raise ValueError(f"class_loss: {config.data} is Taskonomy data, whose model has no classification head "
-                             f"(the loss of its segmentation task is segment_loss)")
+        _refuse_classifier_options(config, "a Taskonomy model")
         tasks = config.tasks or DEFAULT_TASKS
 
         def split(name, size):
@@ -118,6 +141,14 @@ def make_datasets(config):
     if config.data_subset is not None:  # limited-data training: the first fraction of the training images
         train_set = _limited(train_set, max(1, math.ceil(config.data_subset * len(train_set))))
     return _limited(train_set, config.limit_train), _limited(val_set, config.limit_val), model
+
+
+def training_record(record, segment_loss):
+    """The record a head trains with: segmentation heads with the ``segment_loss`` chosen (attacks, errors and
+    metrics keep the model's own record, plain cross-entropy)."""
+    if isinstance(record, task_registry.Task):
+        return task_registry.training_record(record.name, segment_loss)
+    return record.with_loss(segment_loss) if isinstance(record, SegmentationTask) else record
 
 
 def make_loaders(config, ctx, train_set, val_set):
@@ -246,8 +277,7 @@ def _run(config, ctx, run_dir):
     last = run_dir / LAST
     seed_everything(config.seed)
     train_set, val_set, model = make_datasets(config)
-    records = {name: task_registry.training_record(name, config.segment_loss) if name in task_registry.BY_NAME
-               else record for name, record in model.task_records.items()}
+    records = {name: training_record(record, config.segment_loss) for name, record in model.task_records.items()}
     losses = TaskLosses([records[name] for name in model.evaluated_task_names],  # trained on labels; validated
                         label_smoothing=config.label_smoothing)
     objective, attacked = make_objective_for(config, model, losses)

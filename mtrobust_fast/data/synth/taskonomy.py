@@ -280,6 +280,24 @@ def clear_outputs(out, names, overwrite, what="a synthetic dataset"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def run_jobs(write, jobs, workers=None, progress=True):
+    """``write(job)`` for every job, in ``workers`` processes (default: CPU count), with a progress bar."""
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    with tqdm(total=len(jobs), disable=not progress, unit="img", desc="synth") as bar:
+        if workers == 1:
+            for job in jobs:
+                write(job)
+                bar.update()
+        else:
+            chunk = max(1, min(8, len(jobs) // (4 * workers)))
+            # fork where there is one: no re-import of the caller's script (which spawn needs guarded by
+            # __main__) and a fast start; the workers use numpy, scipy and Pillow only, never torch.
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
+                for _ in pool.map(write, jobs, chunksize=chunk):
+                    bar.update()
+
+
 def synthesize(out, images, size=256, seed=0, workers=None, progress=True, buildings=None, overwrite=False,
                preset="rooms"):
     """Write ``images`` synthetic Taskonomy images of ``size`` px under ``out``; returns ``out`` as a Path.
@@ -294,21 +312,7 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
         for name in splits:
             (out / domain / "taskonomy" / name).mkdir(parents=True, exist_ok=True)
 
-    workers = min(workers or os.cpu_count() or 1, images)
-    jobs = [(str(out), size, seed, preset, image_id) for image_id in ids]
-    with tqdm(total=images, disable=not progress, unit="img", desc="synth") as bar:
-        if workers == 1:
-            for job in jobs:
-                _write_image(job)
-                bar.update()
-        else:
-            chunk = max(1, min(8, images // (4 * workers)))
-            # fork where there is one: no re-import of the caller's script (which spawn needs guarded by
-            # __main__) and a fast start; the workers use numpy, scipy and Pillow only, never torch.
-            method = "fork" if "fork" in get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
-                for _ in pool.map(_write_image, jobs, chunksize=chunk):
-                    bar.update()
+    run_jobs(_write_image, [(str(out), size, seed, preset, image_id) for image_id in ids], workers, progress)
 
     write_split_csv(out / SPLIT_CSV, splits)
     info = {

@@ -1,0 +1,30 @@
+"""Δp, the multi-task summary number of LibMTL-style papers: how much better a model is than a baseline (usually
+the single-task models), in percent, averaged first over each task's metrics and then over tasks.
+
+For every metric m of task t with baseline value B and new value N, the relative change (N − B) / B counts as an
+improvement when the metric is higher-is-better and (B − N) / B when it is lower-is-better; Δp is 100 times the
+mean over tasks of the mean over that task's metrics. Positive: better than the baseline.
+"""
+import math
+
+
+def delta_p(scores, baseline, higher_is_better):
+    """Δp in percent. ``scores`` and ``baseline``: ``{task: {metric: value}}``; ``higher_is_better``: ``{task:
+    {metric: bool}}``. Every metric of ``higher_is_better`` must be in both results, with a non-zero baseline."""
+    if not higher_is_better:
+        raise ValueError("higher_is_better: no task given")
+    per_task = []
+    for task, directions in higher_is_better.items():
+        if not directions:
+            raise ValueError(f"higher_is_better: task {task!r} has no metric")
+        changes = []
+        for metric, higher in directions.items():
+            try:
+                new, base = float(scores[task][metric]), float(baseline[task][metric])
+            except KeyError:
+                raise ValueError(f"{task} {metric}: missing from the scores or the baseline") from None
+            if base == 0 or not math.isfinite(base) or not math.isfinite(new):
+                raise ValueError(f"{task} {metric}: needs finite values and a non-zero baseline, got {new} vs {base}")
+            changes.append((new - base) / base if higher else (base - new) / base)
+        per_task.append(sum(changes) / len(changes))
+    return 100.0 * sum(per_task) / len(per_task)
