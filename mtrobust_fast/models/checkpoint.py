@@ -8,7 +8,7 @@ import os
 import torch
 
 from mtrobust_fast.files import atomic_write
-from mtrobust_fast.models import source_import
+from mtrobust_fast.models import libmtl, source_import
 from mtrobust_fast.models.registry import model_from_config
 
 FORMAT = "mtrobust-fast/multitask-checkpoint/v1"
@@ -69,12 +69,15 @@ def load_plain(path, map_location="cpu"):
 def read_checkpoint(path, map_location="cpu"):
     """Load and validate the raw checkpoint dict (format, config, state_dict, meta) without building a model.
 
-    A checkpoint of the MTRobust / AAAI'22 training code is recognised by its keys and converted on the fly
-    (:mod:`mtrobust_fast.models.source_import`), so it is accepted wherever a checkpoint is."""
+    A checkpoint of the MTRobust / AAAI'22 training code (:mod:`mtrobust_fast.models.source_import`) or a state
+    dict saved by LibMTL's trainer (:mod:`mtrobust_fast.models.libmtl`) is recognised by its keys and converted on
+    the fly, so it is accepted wherever a checkpoint is."""
     path = os.fspath(path)
     payload = load_plain(path, map_location)
     if source_import.is_source_payload(payload):
         return source_import.convert(payload, where=path)
+    if libmtl.is_libmtl_state_dict(payload):
+        return libmtl.convert(payload, where=path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not an mtrobust-fast checkpoint (expected format {FORMAT!r}, found {found!r})")

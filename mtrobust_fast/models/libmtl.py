@@ -146,6 +146,7 @@ def convert(state_dict, where="the file"):
     config (an NYUv2 model when it has a normal head, else a Cityscapes one), the renamed tensors, and what was
     dropped (a weighting's ``loss_scale``). Every tensor must land on a parameter or buffer of the same shape and
     every parameter and buffer must be given: anything else is an error naming the keys."""
+    from mtrobust_fast.models.checkpoint import FORMAT
     from mtrobust_fast.models.registry import build_dense_model
     from mtrobust_fast.tasks.benchmarks import DepthTask, NormalTask, SegmentationTask
 
@@ -198,4 +199,4 @@ def convert(state_dict, where="the file"):
     if mixed:
         raise ValueError(f"{where}: {mixed[0]} is stored as {renamed[mixed[0]].dtype}, not as floating point")
     meta = {"epoch": None, "source": "libmtl", "benchmark": benchmark, "dropped_keys": dropped}
-    return {"config": model.config, "state_dict": renamed, "meta": meta}
+    return {"format": FORMAT, "config": dict(model.config), "state_dict": renamed, "meta": meta}

@@ -170,13 +170,3 @@ def _plain_number(value):
         return float(value)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-
-def load_source_payload(path, map_location="cpu"):
-    """The raw dict of a source checkpoint file, loaded with ``weights_only=True``."""
-    from mtrobust_fast.models.checkpoint import load_plain
-
-    payload = load_plain(path, map_location)
-    if not is_source_payload(payload):
-        raise SourceCheckpointError(f"{path} is not an MTRobust/AAAI'22 checkpoint (no state_dict with an "
-                                    f"encoder.conv1 trunk)")
-    return payload
