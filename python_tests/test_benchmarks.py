@@ -336,6 +336,8 @@ def test_train_attack_sweep_report_on_nyuv2_layout(nyu, tmp_path, capsys):
     assert model.config["kind"] == "dense" and set(model.task_records) == {"segment_semantic", "depth_zbuffer",
                                                                            "normal"}
     assert isinstance(model.task_records["normal"], NormalTask)
+    assert cli_main(["analyze", "delta-p", "--model", str(run / "best.pt"), "--baselines", str(run / "best.pt")]) == 0
+    assert "delta_p +0.00 %" in capsys.readouterr().out
     for attack in ("pgd", "wgd", "ensemble"):
         assert cli_main(["attack", "--checkpoint", str(run / "best.pt"), "--data", str(nyu), "--attack", attack,
                          "--steps", "2", "--target", "sdn,n", "--limit", "4", "--batch-size", "4", "--no-progress",

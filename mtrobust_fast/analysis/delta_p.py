@@ -28,3 +28,22 @@ def delta_p(scores, baseline, higher_is_better):
             changes.append((new - base) / base if higher else (base - new) / base)
         per_task.append(sum(changes) / len(changes))
     return 100.0 * sum(per_task) / len(per_task)
+
+
+def checkpoint_scores(payload):
+    """``({task: {metric: value}}, {task: {metric: higher is better}})``: the validation scores a training
+    checkpoint (its ``meta["metrics"]``) was saved with, and their directions from its task records."""
+    from mtrobust_fast import tasks as task_registry
+    from mtrobust_fast.tasks.classification import task_from_config
+
+    config, metrics = payload["config"], (payload.get("meta") or {}).get("metrics")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("val", {}).get("tasks"), dict):
+        raise ValueError("the checkpoint holds no validation scores (meta metrics); use one written by `train`")
+    heads = config.get("heads", {})
+    directions = {}
+    for name in metrics["val"]["tasks"]:
+        record = task_from_config(name, heads[name]) if name in heads else task_registry.get_task(name)
+        directions[name] = dict(record.higher_is_better)
+    scores = {name: {m: v for m, v in values.items() if m in directions[name]}
+              for name, values in metrics["val"]["tasks"].items()}
+    return scores, directions

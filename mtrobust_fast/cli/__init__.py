@@ -30,6 +30,8 @@ COMMANDS = [
      "input-space loss landscape along the adversarial and a random direction"),
     (("analyze", "paired"), "mtrobust_fast.cli.analyze:paired",
      "paired tests between two attack runs on the same images (two models, or two attacks)"),
+    (("analyze", "delta-p"), "mtrobust_fast.cli.analyze:delta_p",
+     "LibMTL's delta_p: a multi-task model's mean relative improvement over single-task baselines"),
 ]
 
 

@@ -1,7 +1,9 @@
-"""``mtrobust-fast analyze cka``, ``analyze landscape`` and ``analyze paired``: representation similarity between
-checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.analysis.cka`) and input-space loss landscapes
-around a batch of images (:mod:`mtrobust_fast.analysis.landscape`), each as a table, a JSON/CSV file and a figure;
-paired tests between two attack runs' per-image results (:mod:`mtrobust_fast.analysis.per_sample`)."""
+"""``mtrobust-fast analyze cka``, ``analyze landscape``, ``analyze paired`` and ``analyze delta-p``: representation
+similarity between checkpoints (linear CKA of their encoder features, :mod:`mtrobust_fast.analysis.cka`) and
+input-space loss landscapes around a batch of images (:mod:`mtrobust_fast.analysis.landscape`), each as a table, a
+JSON/CSV file and a figure; paired tests between two attack runs' per-image results
+(:mod:`mtrobust_fast.analysis.per_sample`); LibMTL's Δp of a multi-task model over single-task baselines
+(:mod:`mtrobust_fast.analysis.delta_p`)."""
 import argparse
 import csv
 import json
@@ -200,3 +202,39 @@ def run_paired(args):
         return 0
 
     return run_reporting("analyze paired", work)
+
+
+def add_delta_p_arguments(parser):
+    add = parser.add_argument
+    add("--model", required=True, type=Path, help="the multi-task model: a checkpoint written by `train`")
+    add("--baselines", required=True, type=lambda t: [Path(p.strip()) for p in t.split(",") if p.strip()],
+        help="comma-separated checkpoints of the baselines (usually one single-task model per task); each task of "
+             "--model is compared with the first baseline that has it")
+
+
+def run_delta_p(args):
+    def work():
+        from mtrobust_fast.analysis.delta_p import checkpoint_scores, delta_p
+        from mtrobust_fast.models import read_checkpoint
+
+        scores, directions = checkpoint_scores(read_checkpoint(args.model))
+        baseline = {}
+        for path in args.baselines:
+            found, _ = checkpoint_scores(read_checkpoint(path))
+            for task, values in found.items():
+                baseline.setdefault(task, (path, values))
+        missing = [task for task in scores if task not in baseline]
+        if missing:
+            raise ValueError(f"--baselines: none of them has the task(s) {', '.join(missing)} of --model")
+        print(f"validation scores the checkpoints were saved with; relative change vs the baseline, positive = "
+              f"better; one run each (train more seeds for a spread)")
+        for task, values in scores.items():
+            path, base = baseline[task]
+            parts = [f"{m} {values[m]:.4g} vs {base[m]:.4g} ({(1 if up else -1) * (values[m] - base[m]) / base[m]:+.1%})"
+                     for m, up in directions[task].items() if m in base and base[m]]
+            print(f"  {task} (baseline {path}): " + ", ".join(parts))
+        value = delta_p(scores, {t: baseline[t][1] for t in scores}, directions)
+        print(f"delta_p {value:+.2f} % (mean over tasks of the mean relative improvement over their metrics)")
+        return 0
+
+    return run_reporting("analyze delta-p", work)

@@ -61,7 +61,7 @@ def add_arguments(parser):
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a checkpoint written by `mtrobust-fast train`")
     add("--data", required=True, type=Path,
-        help="the data the model was trained on: a Taskonomy root, an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
+        help="the data the model was trained on: a Taskonomy root, a NYUv2 or Cityscapes root (.npy layout), an object set, a CIFAR or STL-10 binary folder, an image folder or a chest X-ray set")
     add("--attack", choices=ATTACKS.names(), default="pgd", help="attack (default %(default)s)")
     add("--surrogate", type=Path, default=None,
         help="transfer attack: craft the adversarial examples on this checkpoint's model and evaluate them on "

@@ -29,8 +29,8 @@ def add_synth_arguments(parser):
     parser.add_argument("--buildings", nargs="+", default=None, metavar="NAME",
                         help="building names; whole buildings go to one split, in the order given: the last "
                              "round(15%%) (at least 1 from 3 buildings) are test, the ones before them val, the "
-                             "rest train (10 buildings: 6/2/2). Default: synth000, ... one per 100 images, at "
-                             "least 3")
+                             "rest train (10 buildings: 6/2/2). Default: synth000, ... one per 100 images (--layout "
+                             "nyuv2: one per 30), at least 3")
     parser.add_argument("--scene", choices=tuple(rooms.SCENE_PRESETS), default="rooms",
                         help="what the rooms hold: 'rooms' (default) cluttered furnished rooms with 16 object "
                              "classes, many small at a distance; 'large' 2-4 pieces of five big furniture classes "

@@ -31,7 +31,8 @@ def add_arguments(parser):
     add = parser.add_argument
     add("--config", type=Path, default=None, help="settings file (.yaml/.yml/.toml); see mtrobust_fast.sweep")
     add("--out", type=folder, required=True, help="sweep folder: cells/, results.parquet, results.csv, models/")
-    add("--data", default=None, help="Taskonomy root the models are evaluated on")
+    add("--data", default=None, help="the dense data the models are evaluated on: a Taskonomy root, or a NYUv2 or "
+                                     "Cityscapes root in the .npy layout")
     add("--checkpoint", type=_list, default=None, help="checkpoints, comma-separated (replaces the file's models)")
     add("--attack", type=_list, default=None,
         help="attacks, comma-separated: any dense attack of `mtrobust-fast attack --attack` (pgd, wgd, apgd, "

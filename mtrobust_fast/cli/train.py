@@ -41,15 +41,18 @@ def _default(name):
 def add_arguments(parser):
     add = parser.add_argument
     add("--tasks", default=None,
-        help=f"Taskonomy task letters, e.g. sdnE (default {DEFAULT_TASKS}); leave out on classification data")
+        help=f"Taskonomy task letters, e.g. sdnE (default {DEFAULT_TASKS}); on NYUv2/Cityscapes a subset of their s, "
+             f"d (, n) (default all); leave out on classification data")
     add("--encoder", default=_default("encoder"),
         help=f"one of {', '.join(list_encoders())} (default %(default)s)")
     add("--data", required=True,
-        help="Taskonomy root (real or `mtrobust-fast data synth`), or classification data: an object set "
+        help="Taskonomy root (real or `mtrobust-fast data synth`), a NYUv2 or Cityscapes root in the MTAN/LibMTL "
+             ".npy layout (real or `data synth --layout nyuv2`), or classification data: an object set "
              "(`mtrobust-fast data synth-objects`) or a CIFAR-10/100 binary folder")
     add("--out", required=True, type=lambda text: str(folder(text)), help="run directory: checkpoints, metrics.jsonl, config.json")
     add("--size", type=int, default=None,
-        help="image side in px (default: the images' own; Taskonomy models need a multiple of 32)")
+        help="image side in px (default: the images' own; Taskonomy models need a multiple of 32; on "
+             "NYUv2/Cityscapes the height, the width in proportion)")
     add("--epochs", type=int, default=_default("epochs"),
         help="total epochs (default %(default)s, the papers' schedule: hours on a GPU, days on a "
              "CPU; 5-10 epochs of the synthetic sets take minutes on a CPU)")

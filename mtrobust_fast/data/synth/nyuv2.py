@@ -7,7 +7,9 @@ classes; ``depth/i.npy`` float32 [S, S, 1], z-depth in metres, 0 where a ray mee
 ``normal/i.npy`` float32 [S, S, 3], unit camera-frame normals (x right, y up, z towards the viewer), the zero
 vector where there is no geometry. Images are square (the renderer's), unlike NYUv2's 288×384.
 
-Buildings split as in the Taskonomy layout; NYUv2 has no test split, so the test buildings join ``val``.
+Buildings split as in the Taskonomy layout, one building per ``IMAGES_PER_BUILDING`` images by default (at least
+3), so that even a few hundred images split about 60/40; NYUv2 has no test split, so the test buildings join
+``val``.
 
 Class mapping (synthetic -> NYUv2): the room's floor -> floor, ceiling -> ceiling, its four walls -> wall;
 what is seen through windows and doors (no geometry) -> window; bed -> bed, book -> books, chair -> chair,
@@ -16,6 +18,7 @@ couch -> sofa, dining table -> table, tv -> tv; refrigerator, oven, sink, toilet
 vase -> objects. NYUv2's "picture" never occurs (pictures are not told apart from the other furniture).
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from mtrobust_fast.data.synth import scene
 from mtrobust_fast.data.synth.taskonomy import _check_arguments, clear_outputs, plan, render_image, run_jobs
 
 INFO_JSON = "synthetic_info.json"
+IMAGES_PER_BUILDING = 30
 FOLDERS = ("image", "label", "depth", "normal")
 NYU = {name: i for i, name in enumerate(NYUV2_CLASSES)}
 ROOM_SURFACES = {0: "wall", 1: "wall", 2: "floor", 3: "ceiling", 4: "wall", 5: "wall"}  # scene.Room surfaces
@@ -69,6 +73,8 @@ def synthesize_nyuv2(out, images, size=64, seed=0, workers=None, progress=True, 
                      preset="rooms"):
     """Write ``images`` synthetic rooms of ``size`` px in the NYUv2 layout under ``out``; returns ``out``."""
     _check_arguments(images, size, seed, workers, preset)
+    if buildings is None:
+        buildings = [f"synth{b:03d}" for b in range(min(images, max(3, math.ceil(images / IMAGES_PER_BUILDING))))]
     ids, splits = plan(images, buildings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
