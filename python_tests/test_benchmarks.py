@@ -166,8 +166,10 @@ def test_delta_p_by_hand():
     b = (0.5 - 0.2) / 0.2
     assert delta_p(new, base, directions) == pytest.approx(100 * (a + b) / 2)
     assert delta_p(base, base, directions) == 0
+    zero = {"A": {"m1": 0, "m2": 98}, "B": {"m": 0.2}}
     with pytest.raises(ValueError, match="non-zero baseline"):
-        delta_p(new, {"A": {"m1": 0, "m2": 98}, "B": {"m": 0.2}}, directions)
+        delta_p(new, zero, directions)
+    assert delta_p(new, zero, directions, skip_undefined=True) == pytest.approx(100 * ((98 - 99) / 98 + b) / 2)
 
 
 # ---- the LibMTL model, written here from LibMTL's description, and its import ----

@@ -8,9 +8,16 @@ mean over tasks of the mean over that task's metrics. Positive: better than the 
 import math
 
 
-def delta_p(scores, baseline, higher_is_better):
+def defined(new, base):
+    """Whether a relative change from ``base`` to ``new`` exists (finite values, non-zero baseline)."""
+    return base != 0 and math.isfinite(base) and math.isfinite(new)
+
+
+def delta_p(scores, baseline, higher_is_better, skip_undefined=False):
     """Δp in percent. ``scores`` and ``baseline``: ``{task: {metric: value}}``; ``higher_is_better``: ``{task:
-    {metric: bool}}``. Every metric of ``higher_is_better`` must be in both results, with a non-zero baseline."""
+    {metric: bool}}``. Every metric of ``higher_is_better`` must be in both results, with a non-zero baseline;
+    with ``skip_undefined``, a metric whose relative change does not exist (a baseline of 0, e.g. no pixel within
+    11.25°) is left out of its task's mean instead, and a task with none left out of the mean over tasks."""
     if not higher_is_better:
         raise ValueError("higher_is_better: no task given")
     per_task = []
@@ -23,10 +30,15 @@ def delta_p(scores, baseline, higher_is_better):
                 new, base = float(scores[task][metric]), float(baseline[task][metric])
             except KeyError:
                 raise ValueError(f"{task} {metric}: missing from the scores or the baseline") from None
-            if base == 0 or not math.isfinite(base) or not math.isfinite(new):
+            if not defined(new, base):
+                if skip_undefined:
+                    continue
                 raise ValueError(f"{task} {metric}: needs finite values and a non-zero baseline, got {new} vs {base}")
             changes.append((new - base) / base if higher else (base - new) / base)
-        per_task.append(sum(changes) / len(changes))
+        if changes:
+            per_task.append(sum(changes) / len(changes))
+    if not per_task:
+        raise ValueError("no metric has a relative change (every baseline is 0 or not finite)")
     return 100.0 * sum(per_task) / len(per_task)
 
 

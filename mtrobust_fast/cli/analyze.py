@@ -214,7 +214,7 @@ def add_delta_p_arguments(parser):
 
 def run_delta_p(args):
     def work():
-        from mtrobust_fast.analysis.delta_p import checkpoint_scores, delta_p
+        from mtrobust_fast.analysis.delta_p import checkpoint_scores, defined, delta_p
         from mtrobust_fast.models import read_checkpoint
 
         scores, directions = checkpoint_scores(read_checkpoint(args.model))
@@ -230,10 +230,11 @@ def run_delta_p(args):
               f"better; one run each (train more seeds for a spread)")
         for task, values in scores.items():
             path, base = baseline[task]
-            parts = [f"{m} {values[m]:.4g} vs {base[m]:.4g} ({(1 if up else -1) * (values[m] - base[m]) / base[m]:+.1%})"
-                     for m, up in directions[task].items() if m in base and base[m]]
+            parts = [f"{m} {values[m]:.4g} vs {base[m]:.4g} "
+                     + (f"({(1 if up else -1) * (values[m] - base[m]) / base[m]:+.1%})" if defined(values[m], base[m])
+                        else "(no relative change: left out)") for m, up in directions[task].items()]
             print(f"  {task} (baseline {path}): " + ", ".join(parts))
-        value = delta_p(scores, {t: baseline[t][1] for t in scores}, directions)
+        value = delta_p(scores, {t: baseline[t][1] for t in scores}, directions, skip_undefined=True)
         print(f"delta_p {value:+.2f} % (mean over tasks of the mean relative improvement over their metrics)")
         return 0
 
