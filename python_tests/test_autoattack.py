@@ -7,7 +7,7 @@ import torch
 
 from mtrobust_fast.attacks import APGD, APGDT, FAB, PGD, AutoAttack, Square, build_attack, classification
 from mtrobust_fast.attacks.fab import project_onto_hyperplane
-from mtrobust_fast.attacks.square import margin, pattern, square_fraction
+from mtrobust_fast.attacks.square import l2_proposal, margin, pattern, square_fraction
 from mtrobust_fast.tasks.classification import targeted_dlr
 from mtrobust_fast.cli import main as cli_main
 from mtrobust_fast.data.synth.objects import synthesize_objects
@@ -326,6 +326,25 @@ def test_the_l2_pattern_is_unit_norm_with_opposite_halves():
     assert values.norm().item() == pytest.approx(1.0)
     assert (values[:2] > 0).all() and (values[2:] < 0).all()
     assert values[1, 2] == values[:2].max() and values[3, 2] == values[2:].min()  # the centres weigh most
+
+
+def test_an_l2_query_keeps_each_channels_energy():
+    torch.manual_seed(0)
+    current = torch.randn(2, 3, 8, 8) * torch.tensor([0.1, 1.0, 3.0]).view(1, 3, 1, 1)  # unequal channels
+    first = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    second = torch.zeros_like(first)
+    first[:, :, 1:4, 1:4] = True
+    second[:, :, 4:7, 3:6] = True
+    placed = torch.randn(2, 3, 8, 8) * first
+    eps = torch.full((2, 1, 1, 1), 40.0)  # above the current norm: an unused budget to share
+    proposal = l2_proposal(current, first, second, placed, eps)
+    unused = (eps ** 2 - current.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)).clamp_min(0)
+    before = (current * (first | second)).pow(2).sum((2, 3), keepdim=True)
+    after = (proposal * first).pow(2).sum((2, 3), keepdim=True)
+    assert torch.allclose(after, before + unused / 3, rtol=1e-5)
+    assert (proposal[second.expand_as(proposal) & ~first.expand_as(proposal)] == 0).all()
+    outside = ~(first | second).expand_as(current)
+    assert torch.equal(proposal[outside], current[outside])
 
 
 def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_member(tmp_path, capsys):
