@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from mtrobust_fast.analysis.delta_p import delta_p
 from mtrobust_fast.cli import main as cli_main
-from mtrobust_fast.data.benchmarks import BenchmarkDataset, find_layout
+from mtrobust_fast.data.benchmarks import BenchmarkDataset, find_layout, open_benchmark
 from mtrobust_fast.data.synth.nyuv2 import synthesize_nyuv2
 from mtrobust_fast.models import build_dense_model, load_checkpoint, read_checkpoint
 from mtrobust_fast.models.libmtl import convert
@@ -77,6 +78,49 @@ def test_cityscapes_layout_with_mtan_folder_names_and_resizing(tmp_path):
     assert data.records[0].classes == 7
     with pytest.raises(ValueError, match="cityscapes has the tasks"):
         BenchmarkDataset(root, "sn", "train")
+
+
+def write_cityscapes(root, shape=(16, 32), seed=0):
+    """The official release's files: RGB PNGs, one-channel label-id PNGs (ids 0..33), 16-bit disparity PNGs."""
+    rng = np.random.default_rng(seed)
+    for split, cities in (("train", ("aachen", "bonn")), ("val", ("lindau",))):
+        for city in cities:
+            for folder in ("leftImg8bit", "gtFine", "disparity"):
+                (root / folder / split / city).mkdir(parents=True)
+            for i in range(2):
+                stem = f"{city}_{i:06d}_000019"
+                Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(
+                    root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+                Image.fromarray(rng.integers(0, 34, shape, dtype=np.uint8)).save(
+                    root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+                disparity = np.where(rng.random(shape) < 0.2, 0, rng.integers(1, 30000, shape)).astype(np.uint16)
+                Image.fromarray(disparity).save(root / "disparity" / split / city / f"{stem}_disparity.png")
+    return root
+
+
+def test_official_cityscapes_layout_reads_categories_and_disparity(tmp_path):
+    root = write_cityscapes(tmp_path)
+    assert find_layout(root).name == "cityscapes_official"
+    data = open_benchmark(root, None, "train")
+    assert len(data) == 4 and [r.classes for r in data.records[:1]] == [7]
+    image, targets, masks = data[2]  # bonn's first image (sorted by city)
+    stem = "bonn_000000_000019"
+    ids = np.asarray(Image.open(root / "gtFine/train/bonn" / f"{stem}_gtFine_labelIds.png")).astype(int)
+    disparity = np.asarray(Image.open(root / "disparity/train/bonn" / f"{stem}_disparity.png")).astype(np.float32)
+    # the categories by hand: void 0-6, flat 7-10, construction 11-16, object 17-20, nature 21-22, sky 23,
+    # human 24-25, vehicle 26-33
+    bounds = [7, 11, 17, 21, 23, 24, 26, 34]
+    category = np.searchsorted(bounds, ids, side="right") - 1
+    assert torch.equal(masks["segment_semantic"][0], torch.from_numpy(ids >= 7))
+    assert torch.equal(targets["segment_semantic"], torch.from_numpy(np.maximum(category, 0)))
+    assert torch.equal(masks["depth_zbuffer"][0], torch.from_numpy(disparity > 0))
+    assert torch.allclose(targets["depth_zbuffer"][0], torch.from_numpy(np.where(disparity > 0, (disparity - 1) / 256, 0)))
+    assert image.shape == (3, 16, 32) and float(image.max()) <= 1
+    small = open_benchmark(root, "s", "test", size=8)[0]  # test reads val
+    assert small[0].shape == (3, 8, 16) and list(small[1]) == ["segment_semantic"]
+    (root / "disparity/val/lindau/lindau_000001_000019_disparity.png").unlink()
+    with pytest.raises(FileNotFoundError, match="lindau_000001_000019_disparity.png: missing"):
+        open_benchmark(root, None, "val")[1]
 
 
 @pytest.mark.parametrize("damage, message", [

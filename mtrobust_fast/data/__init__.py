@@ -32,9 +32,9 @@ def open_dataset(root, model, split="val", size=None):
                                  f"{record.classes}")
         return dataset
     if model.config.get("kind") == "dense":
-        from mtrobust_fast.data.benchmarks import BenchmarkDataset
+        from mtrobust_fast.data.benchmarks import open_benchmark
 
-        dataset = BenchmarkDataset(root, model.evaluated_task_names, split=split, size=size)
+        dataset = open_benchmark(root, model.evaluated_task_names, split=split, size=size)
         for record in dataset.records:
             if record.to_config() != model.task_records[record.name].to_config():
                 raise ValueError(f"{root}: its {record.name!r} labels ({record.to_config()}) do not match the "

@@ -24,7 +24,7 @@ from mtrobust_fast.data import readers
 from mtrobust_fast.evaluation import baselines
 from mtrobust_fast.files import FolderLock, atomic_write, writable_folder
 from mtrobust_fast.data.classification import is_classification_data, open_classification
-from mtrobust_fast.data.benchmarks import BenchmarkDataset, find_layout
+from mtrobust_fast.data.benchmarks import find_layout, open_benchmark
 from mtrobust_fast.data.taskonomy import TaskonomyDataset
 from mtrobust_fast.models import STRIDE, build_classifier, build_dense_model, build_model, read_checkpoint
 from mtrobust_fast.training import distributed
@@ -84,8 +84,8 @@ def _refuse_classifier_options(config, what):
 def _benchmark_datasets(config):
     """(train set, val set, model) for a NYUv2 / Cityscapes root: a dense model with the benchmark's heads."""
     _refuse_classifier_options(config, "a NYUv2 or Cityscapes model")
-    train_set = BenchmarkDataset(config.data, config.tasks, "train", config.size)
-    val_set = BenchmarkDataset(config.data, config.tasks, "val", config.size)
+    train_set = open_benchmark(config.data, config.tasks, "train", config.size)
+    val_set = open_benchmark(config.data, config.tasks, "val", config.size)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"data: {config.data} has no {'training' if not len(train_set) else 'validation'} images")
     if config.segment_loss != "ce" and "segment_semantic" not in [r.name for r in train_set.records]:
