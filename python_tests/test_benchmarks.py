@@ -69,12 +69,12 @@ def test_reader_round_trips_the_files_with_masks_and_ignore_labels(tmp_path):
 
 
 def test_cityscapes_layout_with_mtan_folder_names_and_resizing(tmp_path):
-    root = write_layout(tmp_path, folders=("image", "label_7", "depth"), classes=7, shape=(16, 32))
+    root = write_layout(tmp_path, folders=("image", "label_7", "depth"), classes=7, shape=(16, 64))
     assert find_layout(root).name == "cityscapes"
     data = BenchmarkDataset(root, None, "val", size=8)
-    image, targets, masks = data[0]
-    assert image.shape == (3, 8, 16) and targets["depth_zbuffer"].shape == (1, 8, 16)
-    assert targets["segment_semantic"].shape == (8, 16) and masks["segment_semantic"].shape == (1, 8, 16)
+    image, targets, masks = data[0]  # the width follows in proportion, a multiple of 32
+    assert image.shape == (3, 8, 32) and targets["depth_zbuffer"].shape == (1, 8, 32)
+    assert targets["segment_semantic"].shape == (8, 32) and masks["segment_semantic"].shape == (1, 8, 32)
     assert data.records[0].classes == 7
     with pytest.raises(ValueError, match="cityscapes has the tasks"):
         BenchmarkDataset(root, "sn", "train")
@@ -116,8 +116,8 @@ def test_official_cityscapes_layout_reads_categories_and_disparity(tmp_path):
     assert torch.equal(masks["depth_zbuffer"][0], torch.from_numpy(disparity > 0))
     assert torch.allclose(targets["depth_zbuffer"][0], torch.from_numpy(np.where(disparity > 0, (disparity - 1) / 256, 0)))
     assert image.shape == (3, 16, 32) and float(image.max()) <= 1
-    small = open_benchmark(root, "s", "test", size=8)[0]  # test reads val
-    assert small[0].shape == (3, 8, 16) and list(small[1]) == ["segment_semantic"]
+    small = open_benchmark(root, "s", "test", size=32)[0]  # test reads val
+    assert small[0].shape == (3, 32, 64) and list(small[1]) == ["segment_semantic"]
     (root / "disparity/val/lindau/lindau_000001_000019_disparity.png").unlink()
     with pytest.raises(FileNotFoundError, match="lindau_000001_000019_disparity.png: missing"):
         open_benchmark(root, None, "val")[1]
@@ -402,3 +402,14 @@ def test_train_attack_sweep_report_on_nyuv2_layout(nyu, tmp_path, capsys):
     assert rows["adv_error"].notna().all() and all(math.isfinite(v) for v in rows["adv_error"])
     assert cli_main(["report", str(out / "results.parquet"), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "summary.md").exists()
+
+
+def test_images_the_encoder_cannot_take_are_refused_before_training(tmp_path, capsys):
+    root = write_layout(tmp_path / "nyu", shape=(16, 24))
+    assert cli_main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--encoder", "resnet18",
+                     "--epochs", "1", "--no-progress"]) == 2
+    assert "size: the images are 16x24 px" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--encoder", "resnet18_cpu",
+                     "--epochs", "1", "--no-progress"]) == 2
+    assert "not a multiple of the resnet18_cpu encoder's stride 16" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -26,7 +26,7 @@ unknown where p = 0; MTAN's preprocessed "depth" is a rescaled version of it, so
 Its images are 1024×2048: give ``size`` (MTAN used 128).
 
 ``size``: None keeps the files' resolution; an int resizes every sample to that height (the width in proportion,
-rounded to a multiple of 8): images bilinearly, labels, depths and normals by nearest neighbour so that no
+rounded to a multiple of 32, which every encoder accepts): images bilinearly, labels, depths and normals by nearest neighbour so that no
 value is blended with an unknown one.
 """
 from dataclasses import dataclass
@@ -47,7 +47,8 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "test": "val"}
 NYUV2_CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa", "table",
                  "tv", "wall", "window")
 CITYSCAPES_CLASSES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
-WIDTH_MULTIPLE = 8
+WIDTH_MULTIPLE = 32  # resized widths: what every encoder accepts (its largest output stride)
+MIN_SIZE = 8
 
 
 @dataclass
@@ -114,8 +115,8 @@ def _chosen(layout, tasks):
 def _check_split_and_size(split, size):
     if split not in SPLIT_FOLDERS:
         raise ValueError(f"split must be one of {', '.join(SPLIT_FOLDERS)}, got {split!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < WIDTH_MULTIPLE):
-        raise ValueError(f"size must be None or an integer >= {WIDTH_MULTIPLE}, got {size!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE):
+        raise ValueError(f"size must be None or an integer >= {MIN_SIZE}, got {size!r}")
 
 
 def _labels(path, array, shape, classes):
@@ -131,7 +132,7 @@ def _labels(path, array, shape, classes):
 
 
 def _resized(size, image, targets, masks):
-    """The sample at height ``size`` (width in proportion, a multiple of 8): the image bilinearly, targets and
+    """The sample at height ``size`` (width in proportion, a multiple of 32): the image bilinearly, targets and
     masks by nearest neighbour."""
     height = size
     width = max(WIDTH_MULTIPLE, round(image.shape[2] * height / image.shape[1] / WIDTH_MULTIPLE) * WIDTH_MULTIPLE)

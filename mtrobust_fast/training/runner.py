@@ -91,8 +91,18 @@ def _benchmark_datasets(config):
     if config.segment_loss != "ce" and "segment_semantic" not in [r.name for r in train_set.records]:
         raise ValueError("segment_loss: the task set has no segmentation (s)")
     names = [r.name for r in train_set.records]
-    model = build_dense_model(train_set.records, config.encoder, input_size=int(train_set[0][0].shape[1]),
-                              task_weights=config.task_weights(names))
+    height, width = train_set[0][0].shape[1:]
+    try:
+        model = build_dense_model(train_set.records, config.encoder, input_size=int(height),
+                                  task_weights=config.task_weights(names))
+    except ValueError as error:
+        if "input_size" not in str(error):
+            raise
+        raise ValueError(f"size: the images are {height}x{width} px; {error}; give --size (the height; the width "
+                         f"follows in proportion)") from None
+    if width % model.config["input_stride"]:
+        raise ValueError(f"size: the images are {height}x{width} px, a width that is not a multiple of the "
+                         f"{config.encoder} encoder's stride {model.config['input_stride']}; give --size")
     return train_set, val_set, model
 
 
