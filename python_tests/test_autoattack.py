@@ -220,6 +220,25 @@ def test_fab_finds_points_inside_the_budget_as_often_as_torchattacks(trained, no
     assert fooled <= _accuracy(model, theirs, labels) + 0.01
 
 
+def test_fab_restarts_only_the_points_not_yet_fooled(trained, monkeypatch):
+    model, x, labels = trained
+    fab = FAB(model, [classification("label")], eps=1.0, norm="l2", steps=20, targeted=False, restarts=3)
+    walked = []
+    original = FAB._walk
+
+    def counting(self, start, x0, labels_, targets):
+        found, norm = original(self, start, x0, labels_, targets)
+        walked.append((start.shape[0], int((norm <= 1.0).sum())))
+        return found, norm
+
+    monkeypatch.setattr(FAB, "_walk", counting)
+    fab(x, labels)
+    # every start after the first runs only on the points that earlier starts left outside the budget
+    for (before, fooled), (after, _) in zip(walked, walked[1:]):
+        assert after <= before - fooled
+    assert walked[0][1] > 0 and len(walked) >= 2
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.2), ("l2", 1.0)])
 def test_untargeted_fab_takes_the_nearest_boundary_and_matches_torchattacks(trained, norm, eps):
     model, x, labels = trained

@@ -76,8 +76,8 @@ def _norm(delta, norm):
 class FAB(Attack):
     """FAB-T on one classification head (``target_tasks``), L∞ or L2: ``steps`` iterations (100 in AutoAttack) per
     target class, ``target_classes`` targets (9), ``restarts`` starts per target (the first at the clean image,
-    the others at a random point at half the best distance found so far, or half of eps). See the module
-    docstring for the algorithm.
+    the others at a random point at half the best distance found so far, or half of eps), each target and each
+    start only on the points not yet fooled within eps. See the module docstring for the algorithm.
 
     ``targeted=False`` is the untargeted FAB of AutoAttack's "plus" version: no target list; at every iteration
     each sample takes the class k ≠ y whose linearised boundary is nearest, the smallest |z_y − z_k| / ‖∇(z_y −
@@ -121,11 +121,11 @@ class FAB(Attack):
         gen = torch.Generator(device=x0.device).manual_seed(self.seed)
         ranks = range(1, min(self.target_classes, logits.shape[1] - 1) + 1) if self.targeted else [None]
         for rank in ranks:
-            index = (best_norm > eps).nonzero().flatten()
-            if index.numel() == 0:
-                break
-            targets = None if rank is None else ranked[index, rank]  # robust points rank their true class first
             for restart in range(self.fab_restarts):
+                index = (best_norm > eps).nonzero().flatten()  # each start only on the points not yet fooled
+                if index.numel() == 0:
+                    break
+                targets = None if rank is None else ranked[index, rank]  # robust points rank their class first
                 start = x0[index] if restart == 0 else self._random_start(x0[index], best_norm[index], eps[index], gen)
                 found, norm = self._walk(start, x0[index], labels[index], targets)
                 better = norm < best_norm[index]
