@@ -145,6 +145,25 @@ def test_inner_attacks_raise_the_batch_loss():
     assert not model.training  # the attack restores the model's mode
 
 
+@pytest.mark.parametrize("name", ["madry", "trades"])
+def test_a_training_attack_runs_one_forward_pass_per_step(name):
+    """The inner attack spends its k steps and nothing more: no early-exit determinism probe per batch (it cost
+    about 1.5 forward passes of every training batch), while attacks outside training keep the exit."""
+    torch.manual_seed(0)
+    model = build_classifier("resnet18_cpu", classes=4, input_size=16).eval()
+    losses = TaskLosses(model.task_records.values())
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    calls = []
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))  # runs once per forward pass
+    first_conv.register_forward_hook(lambda *_: calls.append(1))
+    objective = make_objective(name, losses, AttackSettings(steps=3), ["class"])
+    objective.adversarial(model, x, {"class": y}, {})
+    reference = 1 if name == "trades" else 0  # TRADES attacks the divergence from the clean outputs
+    assert len(calls) == 3 + reference
+    calls.clear()
+    PGD(model, ["class"], eps=8 / 255, steps=3)(x, y)
+    assert len(calls) > 3  # the probe: the exit stays on for evaluation
+
 def test_free_replays_step_the_perturbation_inside_the_ball():
     torch.manual_seed(0)
     model = build_classifier("resnet18", classes=4, input_size=16)

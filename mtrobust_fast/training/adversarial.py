@@ -74,12 +74,15 @@ class AttackSettings:
     def step_size(self):
         return default_alpha(self.attack, self.eps, self.steps) if self.alpha is None else self.alpha
 
-    def build(self, model, tasks, attacked, seed, deterministic=False):
-        """The attack on ``model`` (unwrapped from DDP by the attack) raising the losses of ``attacked``."""
+    def build(self, model, tasks, attacked, seed, deterministic=False, early_exit=True):
+        """The attack on ``model`` (unwrapped from DDP by the attack) raising the losses of ``attacked``.
+        ``early_exit=False`` turns the attack's exact early exit off where it has one (see ``AdversarialObjective``)."""
+        cls = ATTACKS[self.attack]
         return build_attack(self.attack, model, tasks, eps=self.eps, norm=self.norm, alpha=self.step_size,
-                            steps=self.steps if ATTACKS[self.attack].takes("steps") else None,
+                            steps=self.steps if cls.takes("steps") else None,
                             random_start=True, target_tasks=list(attacked), seed=seed,
                             deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast,
+                            early_exit=None if early_exit or not cls.takes("early_exit") else False,
                             **dict(self.options))
 
     def describe(self):
@@ -139,8 +142,13 @@ class AdversarialObjective(Objective):
 
     def attack_points(self, model, images, targets, masks):
         """The inner attack's points for this batch (subclasses attack another objective)."""
-        attack = self.attack.build(model, self.losses.tasks, self.attacked, draw_seed())
-        return attack(images, targets, masks)
+        return self.build_attack(model, self.losses.tasks)(images, targets, masks)
+
+    def build_attack(self, model, specs):
+        """The inner attack on ``specs`` for one batch. Its exact early exit is off: a training attack runs a few
+        steps from a random start, where rows rarely repeat an iterate, and the exit's determinism probe would cost
+        about 1.5 forward passes per batch (the points are the same either way)."""
+        return self.attack.build(model, specs, self.attacked, draw_seed(), early_exit=False)
 
     def describe(self):
         return {"objective": self.name, "attacked": self.attacked, **self.attack.to_dict()}
@@ -221,7 +229,7 @@ class Trades(AdversarialObjective):
 
     def attack_points(self, model, images, targets, masks):
         """The point that most moves the attacked outputs away from the clean ones."""
-        attack = self.attack.build(model, self.specs, self.attacked, draw_seed())
+        attack = self.build_attack(model, self.specs)
         clean_in_attack_mode = attack.outputs(images)
         reference = {n: clean_in_attack_mode[n] for n in self.attacked}
         return attack(images, reference, {n: m for n, m in masks.items() if n in self.attacked})
