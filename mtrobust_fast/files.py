@@ -113,12 +113,12 @@ def writable_folder(folder, name="out"):
 
 
 class FolderLock:
-    """Held while one process writes a run folder: ``.lock`` created atomically, holding the pid. A second
-    process is refused while the holder lives (a ValueError naming ``name``); a dead holder's lock is taken over,
-    so a killed run leaves nothing locked."""
+    """Held while one process writes a run folder: ``marker`` (``.lock``) created atomically, holding the pid. A
+    second process is refused while the holder lives (a ValueError naming ``name``); a dead holder's lock is taken
+    over, so a killed run leaves nothing locked."""
 
-    def __init__(self, folder, name="out"):
-        self.path, self.name = Path(folder) / ".lock", name
+    def __init__(self, folder, name="out", marker=".lock"):
+        self.path, self.name = Path(folder) / marker, name
 
     def __enter__(self):
         for _ in range(2):

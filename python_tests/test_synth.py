@@ -299,3 +299,66 @@ def test_large_preset_holds_only_big_furniture_that_covers_much_of_each_image(tm
     assert json.loads((out / synth.INFO_JSON).read_text())["scene"] == "large"
     with pytest.raises(ValueError, match="preset must be one of rooms, large"):
         synth.synthesize(tmp_path / "bad", 3, size=32, progress=False, preset="tiny")
+
+
+# ---- interrupted and failing generators ------------------------------------------------------------------
+def test_a_killed_synth_is_refused_by_readers_and_replaced_without_overwrite(tmp_path, capsys):
+    """kill -9 mid-way leaves some images and the unfinished mark: every reader refuses the folder, and the same
+    command run again replaces the partial files (no --overwrite: they were never a finished dataset)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mtrobust_fast.data import UNFINISHED
+    from mtrobust_fast.data.taskonomy import TaskonomyDataset
+
+    out = tmp_path / "ds"
+    argv = ["data", "synth", "--out", str(out), "--images", "400", "--size", "32", "--workers", "1", "--no-progress"]
+    writer = subprocess.Popen([sys.executable, "-m", "mtrobust_fast.cli", *argv],
+                              cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not files_of(out, "rgb") and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert files_of(out, "rgb") and (out / UNFINISHED).exists()
+    with pytest.raises(ValueError, match="did not finish"):
+        TaskonomyDataset(out, "s", split="all", size=None)
+    assert cli.main(["train", "--data", str(out), "--out", str(tmp_path / "run"), "--tasks", "s"]) == 2
+    assert "did not finish" in capsys.readouterr().err
+    assert cli.main(argv[:5] + ["3", *argv[6:]]) == 0  # no --overwrite needed
+    assert not (out / UNFINISHED).exists() and len(files_of(out, "rgb")) == 3
+    assert len(TaskonomyDataset(out, "s", split="all", size=None)) == 3
+
+
+def test_a_failing_synth_leaves_nothing_and_a_living_one_is_not_disturbed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from mtrobust_fast.data import UNFINISHED
+
+    calls = []
+
+    def failing(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return write(job)
+
+    write = synth._write_image
+    monkeypatch.setattr(synth, "_write_image", failing)
+    with pytest.raises(OSError):
+        synth.synthesize(tmp_path / "ds", 3, size=32, workers=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == []  # the image written first is gone too
+    monkeypatch.undo()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / UNFINISHED).write_text(str(sleeper.pid))
+        with pytest.raises(ValueError, match="another process"):
+            synth.synthesize(tmp_path / "busy", 1, size=32, workers=1, progress=False)
+        assert (tmp_path / "busy" / UNFINISHED).read_text() == str(sleeper.pid)
+    finally:
+        sleeper.kill()

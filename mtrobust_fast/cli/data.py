@@ -1,5 +1,7 @@
 """``mtrobust-fast data synth`` and ``data synth-objects``: write the synthetic Taskonomy scenes
 (:mod:`mtrobust_fast.data.synth.taskonomy`) or the synthetic object-classification set (:mod:`mtrobust_fast.data.synth.objects`)."""
+import sys
+
 from mtrobust_fast.cli.args import folder, positive_int
 from mtrobust_fast.data.synth import nyuv2, objects
 from mtrobust_fast.data.synth import rooms
@@ -46,14 +48,23 @@ def add_synth_arguments(parser):
                         help="no progress bar (as in the other commands; --quiet is the same)")
 
 
+def _generate(command, write):
+    """``write()``'s result; its refusals are one line, and an interrupt says that nothing partial was kept."""
+    try:
+        return write()
+    except (ValueError, FileExistsError) as error:
+        raise SystemExit(f"mtrobust-fast {command}: error: {error}")
+    except KeyboardInterrupt:
+        print(f"\nmtrobust-fast {command}: interrupted; the files it had written were removed", file=sys.stderr)
+        raise SystemExit(130)
+
+
 def run_synth(args):
     _check_count(args, "data synth")
     write = nyuv2.synthesize_nyuv2 if args.layout == "nyuv2" else taskonomy.synthesize
-    try:
-        out = write(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.buildings,
-                    args.overwrite, preset=args.scene)
-    except (ValueError, FileExistsError) as error:
-        raise SystemExit(f"mtrobust-fast data synth: error: {error}")
+    out = _generate("data synth", lambda: write(args.out, args.images, args.size, args.seed, args.workers,
+                                                not args.no_progress, args.buildings, args.overwrite,
+                                                preset=args.scene))
     print(f"wrote {args.images} images ({args.size} px, {args.layout} layout) to {out}")
     return 0
 
@@ -72,10 +83,7 @@ def add_synth_objects_arguments(parser):
 
 def run_synth_objects(args):
     _check_count(args, "data synth-objects")
-    try:
-        out = objects.synthesize_objects(args.out, args.images, args.size, args.seed, args.workers, not args.no_progress,
-                                 args.overwrite)
-    except (ValueError, FileExistsError) as error:
-        raise SystemExit(f"mtrobust-fast data synth-objects: error: {error}")
+    out = _generate("data synth-objects", lambda: objects.synthesize_objects(
+        args.out, args.images, args.size, args.seed, args.workers, not args.no_progress, args.overwrite))
     print(f"wrote {args.images} object images ({args.size} px, {len(objects.CLASSES)} classes) to {out}")
     return 0

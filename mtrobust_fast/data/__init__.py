@@ -6,6 +6,18 @@ Every dataset yields ``(image, targets, masks)`` with images in [0, 1] and targe
 name, so training, attacks and evaluation handle both kinds the same way.
 """
 
+from pathlib import Path
+
+UNFINISHED = ".synth-unfinished"  # in a folder a data generator is writing (or was killed while writing)
+
+
+def refuse_unfinished(root):
+    """A ValueError when ``root`` holds a generated dataset whose writing has not finished: a generator killed
+    mid-way leaves some images and no complete index, which a reader could otherwise take for a small dataset."""
+    if (Path(root) / UNFINISHED).exists():
+        raise ValueError(f"{root}: its data generator did not finish (it was interrupted, or is still writing); "
+                         f"run the same `data synth` command again, which replaces the partial files")
+
 
 def open_dataset(root, model, split="val", size=None):
     """The dataset at ``root`` that fits ``model``: its tasks, and its input size unless ``size`` is given."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mtrobust_fast import task_names
+from mtrobust_fast.data import refuse_unfinished
 from mtrobust_fast.registry import Registry
 from mtrobust_fast.tasks.benchmarks import DepthTask, NormalTask, SegmentationTask
 
@@ -95,6 +96,7 @@ def find_layout(root):
 def open_benchmark(root, tasks=None, split="train", size=None):
     """Split ``split`` of the NYUv2 / Cityscapes root ``root`` with the heads ``tasks`` (letters or names; all by
     default), read by the layout that detects it."""
+    refuse_unfinished(root)
     layout = find_layout(root)
     if layout is None:
         raise FileNotFoundError(f"{root} is not a NYUv2 or Cityscapes root (the preprocessed layout: "

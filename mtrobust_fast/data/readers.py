@@ -9,6 +9,7 @@ that matches several layouts is read by the first).
 import importlib
 import pkgutil
 
+from mtrobust_fast.data import refuse_unfinished
 from mtrobust_fast.registry import Registry, Setting, boolean, text
 
 READERS = Registry("dataset reader")
@@ -43,6 +44,7 @@ def find(root):
 def open_split(root, split="train", size=None, **options):
     """Split ``split`` of the classification dataset at ``root``; ``options``: values of reader options (False or
     None: not wanted)."""
+    refuse_unfinished(root)
     reader = find(root)
     declared = set() if reader is None else {s.name for s in reader.settings}
     for name, value in options.items():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mtrobust_fast.data import refuse_unfinished
 from mtrobust_fast.tasks import DEPTH_INVALID_FROM, FORMAT_NAMES, image_array, resolve
 
 SPLITS = ("train", "val", "test", "all")
@@ -172,6 +173,7 @@ class TaskonomyDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"Taskonomy root {self.root} is not a directory")
+        refuse_unfinished(self.root)
         self.tasks = resolve(tasks)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from mtrobust_fast.data.benchmarks import NYUV2_CLASSES
 from mtrobust_fast.data.synth import scene
-from mtrobust_fast.data.synth.taskonomy import _check_arguments, clear_outputs, plan, render_image, run_jobs
+from mtrobust_fast.data.synth.taskonomy import _check_arguments, plan, render_image, run_jobs, writing_dataset
 
 INFO_JSON = "synthetic_info.json"
 IMAGES_PER_BUILDING = 30
@@ -76,9 +76,12 @@ def synthesize_nyuv2(out, images, size=64, seed=0, workers=None, progress=True, 
     if buildings is None:
         buildings = [f"synth{b:03d}" for b in range(min(images, max(3, math.ceil(images / IMAGES_PER_BUILDING))))]
     ids, splits = plan(images, buildings)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out, ["train", "val", INFO_JSON], overwrite, "a NYUv2-layout dataset")
+    with writing_dataset(out, ["train", "val", INFO_JSON], overwrite, "a NYUv2-layout dataset") as out:
+        _write_nyuv2(out, ids, splits, size, seed, preset, images, workers, progress)
+    return out
+
+
+def _write_nyuv2(out, ids, splits, size, seed, preset, images, workers, progress):
     counters, jobs = {"train": 0, "val": 0}, []
     for image_id in ids:
         split = "train" if splits[image_id.building] == "train" else "val"
@@ -93,4 +96,3 @@ def synthesize_nyuv2(out, images, size=64, seed=0, workers=None, progress=True, 
             "normal_frame": "camera: x right, y up, z towards the viewer; 0 vector unknown",
             "splits": {name: "train" if s == "train" else "val" for name, s in splits.items()}, "counts": counters}
     (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
-    return out

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mtrobust_fast.data.synth import rooms
 from mtrobust_fast.data.synth import scene
-from mtrobust_fast.data.synth.taskonomy import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID, clear_outputs
+from mtrobust_fast.data.synth.taskonomy import DEPTH_UNITS_PER_M, INVALID_DEPTH, NORMAL_INVALID, writing_dataset
 
 FORMAT = "mtrobust-fast/objects/v1"
 META_JSON = "objects.json"
@@ -147,8 +147,12 @@ def synthesize_objects(out, images, size=32, seed=0, workers=None, progress=True
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    out = Path(out)
-    clear_outputs(out, list(DOMAINS) + [LABELS_CSV, META_JSON], overwrite, "an object dataset")
+    with writing_dataset(out, list(DOMAINS) + [LABELS_CSV, META_JSON], overwrite, "an object dataset") as out:
+        _write_objects(out, images, size, seed, workers, progress)
+    return out
+
+
+def _write_objects(out, images, size, seed, workers, progress):
     for domain in DOMAINS:
         (out / domain).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), size, seed, i) for i in range(images)]
@@ -178,4 +182,3 @@ def synthesize_objects(out, images, size=32, seed=0, workers=None, progress=True
             "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std],
             "depth_units_per_m": DEPTH_UNITS_PER_M, "domains": list(DOMAINS)}
     (out / META_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-    return out

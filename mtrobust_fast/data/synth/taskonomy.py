@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -39,8 +40,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from mtrobust_fast.data import UNFINISHED
 from mtrobust_fast.data.synth import rooms
 from mtrobust_fast.data.synth import scene
+from mtrobust_fast.files import FolderLock, writable_folder
 
 # Folder name -> file tag (only segmentation differs), in the order files are written.
 DOMAIN_TAGS = {
@@ -280,6 +283,24 @@ def clear_outputs(out, names, overwrite, what="a synthetic dataset"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+@contextmanager
+def writing_dataset(out, names, overwrite, what="a synthetic dataset"):
+    """The folder ``out`` (a Path), checked writable, emptied of the outputs ``names`` and marked unfinished
+    (``data.UNFINISHED``, holding this process's id) while a generator writes them. Readers refuse a marked
+    folder; another generator is refused while this one lives. An error removes what was written (nothing is
+    left half written); a killed generator leaves the mark, and the next run replaces its partial outputs
+    without asking for ``overwrite`` (they were never a finished dataset)."""
+    out = writable_folder(out, "out")
+    interrupted = (out / UNFINISHED).exists()
+    with FolderLock(out, "out", marker=UNFINISHED):
+        clear_outputs(out, names, overwrite or interrupted, what)
+        try:
+            yield out
+        except BaseException:
+            clear_outputs(out, names, True)
+            raise
+
+
 def run_jobs(write, jobs, workers=None, progress=True):
     """``write(job)`` for every job, in ``workers`` processes (default: CPU count), with a progress bar."""
     workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -305,15 +326,16 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
     objects seen from closer), recorded in the info JSON."""
     _check_arguments(images, size, seed, workers, preset)
     ids, splits = plan(images, buildings)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out, list(DOMAIN_TAGS) + [SPLIT_CSV, INFO_JSON], overwrite)
+    with writing_dataset(out, list(DOMAIN_TAGS) + [SPLIT_CSV, INFO_JSON], overwrite) as out:
+        _write_taskonomy(out, ids, splits, size, seed, preset, images, workers, progress)
+    return out
+
+
+def _write_taskonomy(out, ids, splits, size, seed, preset, images, workers, progress):
     for domain in DOMAIN_TAGS:
         for name in splits:
             (out / domain / "taskonomy" / name).mkdir(parents=True, exist_ok=True)
-
     run_jobs(_write_image, [(str(out), size, seed, preset, image_id) for image_id in ids], workers, progress)
-
     write_split_csv(out / SPLIT_CSV, splits)
     info = {
         "generator": "mtrobust_fast.data.synth.taskonomy",
@@ -327,4 +349,3 @@ def synthesize(out, images, size=256, seed=0, workers=None, progress=True, build
         "splits": splits,
     }
     (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
-    return out
