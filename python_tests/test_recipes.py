@@ -15,7 +15,7 @@ from mtrobust_fast.data.synth.objects import synthesize_objects
 from mtrobust_fast.data.synth.taskonomy import synthesize
 from mtrobust_fast.tasks.classification import ClassificationTask
 from mtrobust_fast.training import AttackSettings, TaskLosses, make_objective
-from mtrobust_fast.training.adversarial import mart_loss
+from mtrobust_fast.training.adversarial import Madry, mart_loss
 from mtrobust_fast.training.averaging import WeightAverage
 from mtrobust_fast.training.awp import AWP
 from mtrobust_fast.training.config import TrainConfig
@@ -282,3 +282,59 @@ def test_a_taskonomy_model_trains_with_nfgsm_awp_and_averaging(tmp_path):
                      "--schedule-kind", "cosine", "--robust-val", "2", "--robust-val-steps", "1"])
     assert code == 0
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["meta"]["weights"] == "ema"
+
+
+# ---- precision and memory layout ----
+
+def test_bf16_and_channels_last_training_from_the_cli(objects, tmp_path, capsys):
+    """bf16 autocast and channels-last run on the CPU, reach the inner attack, are recorded, and the checkpoint
+    loads as an ordinary model; fp16 on the CPU is one line naming the setting."""
+    assert _train(objects, tmp_path / "run", "--epochs", "1", "--adversarial", "madry", "--steps", "2",
+                  "--amp", "bf16", "--channels-last", "--ema", "0.9") == 0
+    payload = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    config = payload["meta"]["train_config"]
+    assert (config["amp"], config["channels_last"]) == ("bf16", True)
+    assert all(math.isfinite(v) for v in payload["meta"]["metrics"]["train"]["task_losses"].values())
+    from mtrobust_fast.models import load_checkpoint
+    model, _ = load_checkpoint(tmp_path / "run" / "best.pt")
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 16, 16))["class"].isfinite().all()
+    capsys.readouterr()
+    assert _train(objects, tmp_path / "fp16", "--epochs", "1", "--amp", "--device", "cpu") == 2
+    assert "fp16" in capsys.readouterr().err
+    assert TrainConfig(data="d", out="o", amp=True).amp == "fp16"  # records of runs from before the choice
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(data="d", out="o", amp="fp8")
+
+
+def test_the_trainer_keeps_the_layout_and_runs_the_attack_under_its_autocast(tmp_path):
+    from mtrobust_fast.models import build_classifier
+    from mtrobust_fast.training import Trainer
+    from mtrobust_fast.weighting import StaticWeighting
+    torch.manual_seed(0)
+    model = build_classifier("resnet18_cpu", classes=3, input_size=16)
+    losses = TaskLosses([HEAD])
+    seen = []
+
+    class Watching(Madry):
+        def attack_points(self, model, images, targets, masks):
+            seen.append((images.is_contiguous(memory_format=torch.channels_last), torch.get_autocast_dtype("cpu"),
+                         torch.is_autocast_enabled("cpu"), self.attack.autocast))
+            return super().attack_points(model, images, targets, masks)
+
+    objective = Watching(losses, AttackSettings(steps=1, autocast=torch.bfloat16), ["class"])
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    loader = [(x, {"class": y}, {})]
+    average = WeightAverage(model, 0.9)
+    trainer = Trainer(model, objective, StaticWeighting({"class": 1.0}), torch.optim.SGD(model.parameters(), lr=0.01),
+                      [(0, 0.01)], loader, loader, losses, run_dir=tmp_path, progress=False, amp=torch.bfloat16,
+                      channels_last=True, average=average)
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    averaged_conv = next(m for m in average.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert averaged_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.train_epoch(0, 1)
+    assert seen == [(True, torch.bfloat16, True, torch.bfloat16)]
+    with pytest.raises(ValueError, match="float16"):
+        Trainer(Net(), objective, StaticWeighting({"class": 1.0}), torch.optim.SGD(Net().parameters(), lr=0.01),
+                [(0, 0.01)], loader, loader, losses, run_dir=tmp_path, progress=False, amp=torch.float16)

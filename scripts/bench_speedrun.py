@@ -28,6 +28,7 @@ import argparse
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -126,8 +127,8 @@ def library_trainer(recipe, model, average, x, y, args, per_epoch):
     losses = TaskLosses([ClassificationTask("class", 10)])
     inner = {"madry": AttackSettings("pgd", "linf", EPS, None, args.pgd_steps),
              "fgsm_rs": AttackSettings("fgsm", "linf", EPS), "nfgsm": AttackSettings("nfgsm", "linf", EPS)}[recipe]
-    if args.autocast == "bf16":
-        inner = AttackSettings(inner.attack, inner.norm, inner.eps, inner.alpha, inner.steps, autocast=torch.bfloat16)
+    amp = torch.bfloat16 if args.autocast == "bf16" else None
+    inner = replace(inner, autocast=amp)
     objective = make_objective(recipe, losses, inner, ["class"])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     schedule = Schedule([(0, args.lr)], args.epochs, per_epoch, kind="onecycle")
@@ -144,7 +145,8 @@ def library_trainer(recipe, model, average, x, y, args, per_epoch):
 
     loader = Epoch()
     trainer = Trainer(model, objective, make_weighting("static", {"class": 1.0}), optimizer, schedule, loader,
-                      loader, losses, run_dir=tempfile.mkdtemp(), progress=False, average=average,
+                      loader, losses, run_dir=tempfile.mkdtemp(), progress=False, average=average, amp=amp,
+                      channels_last=args.channels_last,
                       ctx=DistContext(device=torch.device(args.device)))
     return trainer, loader
 
@@ -209,12 +211,12 @@ def main():
         seconds, curve = 0.0, []
         for epoch in range(args.epochs):
             started = time.perf_counter()
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
-                if recipe == "plain":
+            if recipe == "plain":
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
                     update = plain_pgd_epoch(model, average, optimizer, rate, train_x, train_y, args, epoch, update)
-                else:
-                    loader.epoch = epoch
-                    trainer.train_epoch(epoch, args.epochs)
+            else:
+                loader.epoch = epoch
+                trainer.train_epoch(epoch, args.epochs)  # the trainer's own amp and channels_last
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - started

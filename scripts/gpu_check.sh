@@ -4,7 +4,7 @@
 #   2. run the CUDA tests: fused-op properties and errors against the oracle on the GPU, every attack run on CPU
 #      and on CUDA side by side (test_attacks_cuda.py), and the CPU attack tests next to them;
 #   3. run bench_ops.py, bench_attack.py, bench_train.py and bench_eval.py on the GPU (bench_eval's early-exit and
-#      fast-screen parts as a step of their own);
+#      fast-screen parts as a step of their own), then bench_speedrun.py (bf16, channels_last) with what is left;
 # then print one summary: each step's status and its key lines. Logs go to $OUT (or ./gpu_check_logs).
 # The whole run keeps to BUDGET seconds (default 540, under the device tool's 600-s call limit): each step's own
 # limit is cut to what is left, and a step that would start with under 20 s left is skipped, so the summary is
@@ -78,6 +78,8 @@ step bench_eval 100 "$PY" scripts/bench_eval.py --device cuda --work "$WORK/benc
   --parts autoattack,dense
 step bench_exit 90 "$PY" scripts/bench_eval.py --device cuda --work "$WORK/bench_eval" --images 128 --classifier-epochs 4 \
   --parts early-exit,fast
+step speedrun 150 "$PY" scripts/bench_speedrun.py --device cuda --images 3000 --epochs 6 --batch 128 --autocast bf16 \
+  --channels-last --val-images 256 --test-images 300 --aa-images 32
 
 echo
 echo "================ GPU check summary ================"
@@ -89,3 +91,4 @@ echo "-- bench_attack:"; tail -n 14 "$LOGS/bench_attack.log"
 echo "-- bench_train:"; tail -n 10 "$LOGS/bench_train.log"
 echo "-- bench_eval:"; tail -n 16 "$LOGS/bench_eval.log"
 echo "-- bench_exit:"; tail -n 22 "$LOGS/bench_exit.log"
+echo "-- speedrun (if the budget allowed):"; tail -n 14 "$LOGS/speedrun.log" 2>/dev/null

@@ -154,7 +154,12 @@ def add_arguments(parser):
              "1x the weights more with SGD momentum, 2x with Adam, and the raw weights with --ema) or weights (a "
              "finished run can then not be extended). best.pt always holds the weights only (default %(default)s)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    add("--amp", action="store_true", help="mixed precision (CUDA only)")
+    add("--amp", nargs="?", const="fp16", choices=("fp16", "bf16"), default=None,
+        help="mixed precision: fp16 (CUDA only, with loss scaling; --amp alone) or bf16 (CUDA or CPU); the "
+             "training attack runs under it too")
+    add("--channels-last", action="store_true",
+        help="keep weights and batches in channels-last memory order (same arithmetic precision; on this "
+             "project's 2-core CPU a ResNet-18 step ran about 1.3x faster, see the README)")
     add("--workers", type=workers, default=_default("workers"),
         help="data-loading processes per training process (default %(default)s)")
     add("--limit-train", type=int, default=None, help="use only the first N training samples")

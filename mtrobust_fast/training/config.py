@@ -4,6 +4,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
+import torch
+
 from mtrobust_fast import task_names
 from mtrobust_fast import tasks as task_registry
 from mtrobust_fast.models.registry import canonical_encoder_name
@@ -30,6 +32,7 @@ DEFAULT_TASKS = "sdnE"  # Taskonomy tasks when none are given
 ADVERSARIAL = ("none",) + OBJECTIVES.names()
 NORMS = ("linf", "l2")
 CLASS_LOSSES = ("ce", "bce")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precision's compute type
 CURVATURE = ("none",) + CURVATURE_KINDS
 KEEP = ("all", "weights")  # what a finished run's last.pt holds
 SELECT = ("clean", "robust")  # best.pt: lowest weighted clean validation loss, or adversarial validation error
@@ -69,7 +72,8 @@ class _TrainConfig:
     seed: int = 42
     save_every: int = 50
     resume: bool = False
-    amp: bool = False
+    amp: Optional[str] = None  # mixed precision: "fp16" (CUDA only, loss scaling) or "bf16"; True means "fp16"
+    channels_last: bool = False  # the model's weights and every batch in channels-last memory order
     workers: int = min(4, os.cpu_count() or 1)  # data-loading processes: at most the CPU count
     limit_train: Optional[int] = None
     data_subset: Optional[float] = None  # keep this fraction of the training set (its first images)
@@ -116,6 +120,11 @@ class _TrainConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS.names()}, got {self.weighting!r}")
         self._check_adversarial()
+        self.amp = {True: "fp16", False: None}.get(self.amp, self.amp) if isinstance(self.amp, bool) else self.amp
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("amp: fp16 mixed precision needs CUDA (its loss scaling); use bf16 on the CPU")
         check_augment(self.augment)
         if self.lr is not None and self.schedule is not None:
             raise ValueError("give lr (a constant rate) or schedule, not both")
@@ -242,6 +251,11 @@ class _TrainConfig:
         if self.lr is not None:
             return f"0:{self.lr}"
         return DEFAULT_SCHEDULES[self.optim]
+
+    @property
+    def amp_dtype(self):
+        """The torch dtype mixed precision computes in, or None (full precision)."""
+        return AMP_DTYPES.get(self.amp)
 
     @property
     def decay(self):

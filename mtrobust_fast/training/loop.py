@@ -87,14 +87,20 @@ class Trainer:
     ``best.pt`` the epoch with the lowest weighted clean validation loss, "robust" the one with the lowest
     weighted adversarial validation error. Checkpoints (rank 0 only) go to ``run_dir``: ``last.pt`` every epoch,
     ``best.pt``, and ``epoch_NNNN.pt`` every ``save_every`` epochs; their ``meta`` holds the epoch, optimiser and
-    scaler states, the best score so far and ``record`` (the run's configuration).
+    scaler states, the best score so far and ``record`` (the run's configuration). ``amp``: None, torch.float16
+    (CUDA, with loss scaling) or torch.bfloat16 (any device): the objective (its inner attack included) and the
+    clean validation run under autocast to it. ``channels_last``: the model (and its average) and every batch are
+    kept in channels-last memory order, which oneDNN and cuDNN convolutions run faster.
     """
 
     def __init__(self, model, objective, weighting, optimizer, schedule, train_loader, val_loader, losses, *,
-                 run_dir, ctx=distributed.DistContext(), amp=False, save_every=0, progress=True, seed=0, record=None,
-                 robust=None, select="clean", augment=None, average=None):
-        if amp and ctx.device.type != "cuda":
-            raise ValueError("amp (mixed precision) is supported on CUDA only; drop it on CPU")
+                 run_dir, ctx=distributed.DistContext(), amp=None, channels_last=False, save_every=0, progress=True,
+                 seed=0, record=None, robust=None, select="clean", augment=None, average=None):
+        amp = torch.float16 if amp is True else amp or None
+        if amp not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp must be None, torch.float16 or torch.bfloat16, got {amp!r}")
+        if amp == torch.float16 and ctx.device.type != "cuda":
+            raise ValueError("amp: float16 mixed precision (with loss scaling) needs CUDA; use torch.bfloat16 on CPU")
         if len(train_loader) == 0:
             raise ValueError("the training loader yields no batch: the (per-process) training set is smaller "
                              "than one batch; lower the batch size or add data")
@@ -103,7 +109,10 @@ class Trainer:
         if select == "robust" and robust is None:
             raise ValueError("select='robust' needs robust validation (a robust validation subset)")
         self.ctx = ctx
-        self.module = model.to(ctx.device)
+        self.channels_last = bool(channels_last)
+        self.module = model.to(ctx.device, memory_format=self._layout)
+        if average is not None:
+            average.model.to(memory_format=self._layout)
         self.model = DistributedDataParallel(
             self.module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         ) if ctx.distributed else self.module
@@ -118,7 +127,7 @@ class Trainer:
         self.amp, self.save_every, self.seed = amp, save_every, seed
         self.progress = progress and ctx.is_main
         self.record = dict(record or {})
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16)  # bf16 needs no scaling
         self.best_score = math.inf
         self._last_robust_error = None
         self.task_names = losses.names
@@ -127,7 +136,18 @@ class Trainer:
     # ---- one epoch ----
 
     def _autocast(self):
-        return torch.autocast(self.ctx.device.type, enabled=self.amp)
+        return torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    @property
+    def _layout(self):
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+    def _batch(self, batch):
+        """A loader's batch on the training device, in the training memory layout."""
+        images, targets, masks = to_device(batch, self.ctx.device)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets, masks
 
     def _updates(self, images, targets, masks):
         """The objective's outputs for one batch, each computed under autocast."""
@@ -164,7 +184,7 @@ class Trainer:
         for step, batch in enumerate(bar):
             if step:
                 lr = self._set_rates(epoch, step)
-            images, targets, masks = to_device(batch, self.ctx.device)
+            images, targets, masks = self._batch(batch)
             if self.augment:
                 images, targets, masks = self.augment(images, targets, masks)
             n = images.shape[0]
@@ -198,7 +218,7 @@ class Trainer:
         loss_sums = torch.zeros(len(self.task_names) + 1, dtype=torch.float64, device=self.ctx.device)
         stats = {}
         for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.progress):
-            images, targets, masks = to_device(batch, self.ctx.device)
+            images, targets, masks = self._batch(batch)
             with self._autocast():
                 outputs = model(images)
             per_sample = self.losses.per_sample(outputs, targets, masks)

@@ -207,7 +207,7 @@ def make_objective_for(config, model, losses):
     if config.adversarial == "none":
         objective = CleanObjective(losses)
     else:
-        settings = config.attack_settings(autocast=torch.float16 if config.amp else None)
+        settings = config.attack_settings(autocast=config.amp_dtype)
         declared = OBJECTIVES[config.adversarial].settings
         objective = make_objective(config.adversarial, losses, settings, attacked,
                                    **{s.name: getattr(config, s.name) for s in declared})
@@ -313,7 +313,8 @@ def _run(config, ctx, run_dir):
         model, objective, make_weighting(config.weighting, weights),
         make_optimizer(config, model.parameters()),
         schedule, train_loader, val_loader, losses, run_dir=run_dir, ctx=ctx,
-        amp=config.amp, save_every=config.save_every, progress=config.progress, seed=config.seed,
+        amp=config.amp_dtype, channels_last=config.channels_last, save_every=config.save_every,
+        progress=config.progress, seed=config.seed,
         record={**config.to_dict(), "objective_settings": objective.describe()},
         robust=robust_validation(config, ctx, val_set, losses, attacked) if attacked else None,
         select=config.select, augment=Augment(config.augment, {t.name: t for t in losses.tasks}),
