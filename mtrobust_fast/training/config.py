@@ -120,7 +120,8 @@ class _TrainConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS.names()}, got {self.weighting!r}")
         self._check_adversarial()
-        self.amp = {True: "fp16", False: None}.get(self.amp, self.amp) if isinstance(self.amp, bool) else self.amp
+        if isinstance(self.amp, bool):  # runs recorded before bf16 was a choice
+            self.amp = "fp16" if self.amp else None
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.amp == "fp16" and self.device == "cpu":
