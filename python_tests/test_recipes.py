@@ -261,8 +261,10 @@ def test_recipe_settings_are_checked_and_reach_sweep_train_specs(tmp_path):
         TrainConfig(data="d", out="o", schedule_kind="linear")
     from mtrobust_fast.sweep.plan import train_config
     config = train_config({"adversarial": "mart", "ema": 0.999, "schedule_kind": "cosine", "lr": 0.1,
-                           "awp_gamma": 0.005, "nfgsm_noise": 1.5}, "data", str(tmp_path / "m" / "last.pt"))
-    assert (config.adversarial, config.ema, config.schedule_kind, config.awp_gamma) == ("mart", 0.999, "cosine", 0.005)
+                           "awp_gamma": 0.005, "nfgsm_noise": 1.5, "gradalign": 0.2}, "data",
+                          str(tmp_path / "m" / "last.pt"))
+    assert (config.adversarial, config.ema, config.schedule_kind, config.awp_gamma, config.gradalign) == \
+        ("mart", 0.999, "cosine", 0.005, 0.2)
 
 
 def test_gat_trains_with_mart_awp_and_averaging(objects, tmp_path):
@@ -338,3 +340,51 @@ def test_the_trainer_keeps_the_layout_and_runs_the_attack_under_its_autocast(tmp
     with pytest.raises(ValueError, match="float16"):
         Trainer(Net(), objective, StaticWeighting({"class": 1.0}), torch.optim.SGD(Net().parameters(), lr=0.01),
                 [(0, 0.01)], loader, loader, losses, run_dir=tmp_path, progress=False, amp=torch.float16)
+
+
+# ---- GradAlign ----
+
+def test_gradient_misalignment_on_hand_cases():
+    from mtrobust_fast.training.gradalign import gradient_misalignment
+    g1 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    g2 = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    # parallel 0, opposite 2, orthogonal 1; the zero gradient has no direction and is left out
+    assert torch.allclose(gradient_misalignment(g1, g2), torch.tensor(1.0))
+    assert gradient_misalignment(torch.zeros(2, 3), torch.ones(2, 3)) == 0
+
+
+def test_gradalign_term_equals_its_formula_reaches_the_weights_and_keeps_batchnorm_statistics():
+    from mtrobust_fast.training.gradalign import GradAlign
+    torch.manual_seed(0)
+    model = Net()
+    losses = TaskLosses([HEAD])
+    x, y = _batch()
+    wrapped = GradAlign(make_objective("fgsm_rs", losses, AttackSettings("fgsm", eps=0.1), ["class"]), losses,
+                        ["class"])
+    statistics = model.norm.running_mean.clone()
+    torch.manual_seed(5)
+    term = wrapped.term(model, x, {"class": y}, {})
+
+    torch.manual_seed(5)
+    noise = (torch.rand_like(x) * 2 - 1) * 0.1
+    gradients = []
+    for point in (x, (x + noise).clamp(0, 1)):
+        point = point.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(point)["class"], y, reduction="sum")
+        gradients.append(torch.autograd.grad(loss, point)[0].flatten(1))
+    expected = (1 - F.cosine_similarity(*gradients, dim=1)).mean()
+    assert torch.allclose(term, expected, atol=1e-5)
+    term.backward()  # double backprop: the term trains the weights
+    assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
+    wrapped.after_step()
+    assert torch.equal(model.norm.running_mean, statistics)  # the term's passes do not count in the statistics
+
+
+def test_gradalign_trains_from_the_cli_and_is_refused_without_an_adversarial_objective(objects, tmp_path, capsys):
+    assert _train(objects, tmp_path / "ga", "--epochs", "1", "--adversarial", "fgsm_rs", "--gradalign", "0.2") == 0
+    payload = torch.load(tmp_path / "ga" / "last.pt", weights_only=True)
+    assert payload["meta"]["train_config"]["objective_settings"]["gradalign"]
+    assert 0 <= payload["meta"]["metrics"]["train"]["task_losses"]["gradalign"] <= 2
+    capsys.readouterr()
+    assert _train(objects, tmp_path / "clean", "--epochs", "1", "--gradalign", "0.2") == 2
+    assert "gradalign" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def add_arguments(parser):
     add("--schedule", default=None,
         help="step schedule EPOCH:LR,... from 0-based epochs; default adam "
              f"{DEFAULT_SCHEDULES['adam']}, sgd {DEFAULT_SCHEDULES['sgd']}")
-    add_setting_flags(parser.add_argument_group("recipe: schedule, weight averaging, AWP, label smoothing"),
+    add_setting_flags(parser.add_argument_group("recipe: schedule, weight averaging, AWP, label smoothing, GradAlign"),
                       RECIPES)  # each part's declared settings (--schedule-kind, --ema, --awp-gamma, ...)
     add("--momentum", type=float, default=_default("momentum"), help="SGD momentum (default %(default)s)")
     add("--weight-decay", type=float, default=None,

@@ -15,7 +15,7 @@ from mtrobust_fast.tasks.auxiliary import AUXILIARY
 from mtrobust_fast.training.adversarial import FREE, OBJECTIVES, AttackSettings
 from mtrobust_fast.training.augment import check as check_augment
 from mtrobust_fast.training.gat import ROUTINGS
-from mtrobust_fast.training import averaging, awp  # noqa: F401 - they register their recipe parts
+from mtrobust_fast.training import averaging, awp, gradalign  # noqa: F401 - they register their recipe parts
 from mtrobust_fast.training.recipes import RECIPES
 from mtrobust_fast.training.regularisers import KINDS as CURVATURE_KINDS
 from mtrobust_fast.training.schedules import parse_schedule
@@ -158,6 +158,9 @@ class _TrainConfig:
                              f"schedule ({self.lr_schedule})")
         if self.schedule_kind == "step" and self.warmup_epochs:
             raise ValueError("warmup_epochs: the step schedule has no warm-up; use schedule_kind cosine or onecycle")
+        if self.gradalign and self.adversarial in ("none", "free"):
+            raise ValueError(f"gradalign: needs an adversarial objective with one update per batch (its eps sets the "
+                             f"noise), not {self.adversarial!r}")
         if self.awp_gamma and self.adversarial == "free":
             raise ValueError("awp_gamma: free replays each batch with a carried perturbation; AWP wraps the other "
                              "objectives")

@@ -32,6 +32,7 @@ from mtrobust_fast.training.adversarial import OBJECTIVES, RobustValidation, mak
 from mtrobust_fast.training.augment import Augment
 from mtrobust_fast.training.averaging import WeightAverage
 from mtrobust_fast.training.awp import AWP
+from mtrobust_fast.training.gradalign import GradAlign
 from mtrobust_fast.training.config import DEFAULT_TASKS, RESUME_FIXED, TrainConfig
 from mtrobust_fast.training.schedules import Schedule, parse_schedule
 from mtrobust_fast.training.loop import BEST, LAST, LOG_NAME, Trainer, keep_weights_only, seed_everything
@@ -211,6 +212,8 @@ def make_objective_for(config, model, losses):
         declared = OBJECTIVES[config.adversarial].settings
         objective = make_objective(config.adversarial, losses, settings, attacked,
                                    **{s.name: getattr(config, s.name) for s in declared})
+    if config.gradalign:  # GradAlign's term on the attacked tasks (inside AWP and GAT)
+        objective = GradAlign(objective, losses, attacked)
     if config.awp_gamma:  # the main objective trained at perturbed weights (inside GAT, which adds the heads)
         objective = AWP(objective, model.config["task_weights"], config.awp_gamma, config.awp_warmup)
     auxiliary_tasks = [model.task_records[name] for name in model.config.get("auxiliary", [])]
@@ -293,6 +296,10 @@ def _run(config, ctx, run_dir):
     objective, attacked = make_objective_for(config, model, losses)
     train_loader, val_loader = make_loaders(config, ctx, train_set, val_set)
     weights = dict(model.config["task_weights"])
+    if config.gradalign:
+        if ctx.distributed:
+            raise ValueError("gradalign: its double backward does not go through DDP; train it in one process")
+        weights["gradalign"] = config.gradalign
     if config.curvature != "none":
         if ctx.distributed:
             raise ValueError("curvature: the regulariser's double backward does not go through DDP; train it in "
