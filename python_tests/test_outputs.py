@@ -28,6 +28,21 @@ def test_an_unwritable_out_is_refused_before_the_attack_runs(tmp_path, capsys):
     assert code != 0 and "--out: cannot write into" in err and "missing.pt" not in err  # before the checkpoint
 
 
+def test_earlier_attack_results_are_kept_unless_overwrite_is_given(tmp_path, capsys):
+    """A second attack into the same --out is refused before it runs (it silently replaced the first one's
+    results); --overwrite replaces them."""
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "results.csv").write_text("earlier\n")
+    argv = ["attack", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds the results" in err and "--overwrite" in err and "missing.pt" not in err
+    assert (out / "results.csv").read_text() == "earlier\n"
+    assert cli_main([*argv, "--overwrite"]) == 2  # gets past the check, to the missing checkpoint
+    assert "missing.pt" in capsys.readouterr().err
+
+
 def test_writable_folder_names_the_problem(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="out: .* is a file"):

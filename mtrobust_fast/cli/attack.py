@@ -88,6 +88,7 @@ def add_arguments(parser):
         help="also measure the input-gradient norms (L1, L2, Linf) per task and of the joint loss at each attacked "
              "set's adversarial input (one more backward per task and set and batch)")
     add("--out", type=folder, default=None, help="a folder: write OUT/results.csv and OUT/results.json")
+    add("--overwrite", action="store_true", help="replace the results an earlier attack wrote into --out")
     add("--per-sample", action="store_true",
         help="also write OUT/per_sample.csv: each image's clean and adversarial error and loss per attacked set "
              "and task, for paired tests between runs on the same images (`mtrobust-fast analyze paired`); "
@@ -262,8 +263,11 @@ def run(args):
         for option in ("panels", "tracker", "per_sample"):
             if getattr(args, option) not in (None, False) and args.out is None:
                 raise ValueError(f"--{option.replace('_', '-')} needs --out (a folder to write into)")
-        if args.out is not None:  # a bad --out is refused before the work
-            output_paths(args.out)
+        if args.out is not None:  # a bad --out, or one holding earlier results, is refused before the work
+            earlier = [path for path in output_paths(args.out) if path.exists()]
+            if earlier and not args.overwrite:
+                raise FileExistsError(f"--out: {args.out} already holds the results of an attack ({earlier[0].name}); "
+                                      f"pass --overwrite to replace them, or choose another folder")
             writable_folder(args.out, "--out")
         collector = PanelCollector(args.panels) if args.panels else None
         config, summary = attack_dataset(args, on_batch=collector)
