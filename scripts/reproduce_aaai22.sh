@@ -130,7 +130,7 @@ PY
 full_pair=$(checkpoint_of "$OUT/full")
 few_pair=$(checkpoint_of "$OUT/few_epochs")
 mtrobust-fast attack --checkpoint "$full_pair" --data "$OUT/data" --target "${pair:0:1},$pair" --steps "$STEPS" \
-  --limit 4 --panels 2 --out "$OUT/panels" --no-progress --no-gradients
+  --limit 4 --panels 2 --out "$OUT/panels" --overwrite --no-progress --no-gradients
 mtrobust-fast analyze cka --checkpoints "$full_pair,$few_pair" --data "$OUT/data" --limit 48 --out "$OUT/cka" --no-progress
 mtrobust-fast analyze landscape --checkpoint "$full_pair" --data "$OUT/data" --limit 8 --points 11 --out "$OUT/landscape" --no-progress
 echo "tables and verdicts: $OUT/aaai22_tables.md; report: $OUT/report/summary.md; analyses:"

@@ -55,7 +55,7 @@ for variant in "${VARIANTS[@]}"; do
   for attack in pgd apgd; do  # both at the training budget (--eps train)
     [ -f "$OUT/eval/$name/$attack/per_sample.csv" ] || mtrobust-fast attack --checkpoint "$run/last.pt" \
       --data "$OUT/data" --split test --attack "$attack" --eps train --steps "$EVAL_STEPS" --target class \
-      --no-gradients --no-progress --per-sample --out "$OUT/eval/$name/$attack" >/dev/null
+      --no-gradients --no-progress --per-sample --overwrite --out "$OUT/eval/$name/$attack" >/dev/null
   done
 done
 
