@@ -381,7 +381,7 @@ def test_attack_cli_runs_the_cascade_on_a_trained_classifier_and_reports_each_me
     with pytest.warns(UserWarning, match="version='rand' is for models with randomness"):
         assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack",
                          "autoattack", "--aa-version", "rand", "--steps", "2", "--target", "class", "--no-gradients",
-                         "--no-progress", "--out", str(out)]) == 0
+                         "--no-progress", "--out", str(out), "--overwrite"]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["summary"]["members"]) == ["apgd-ce", "apgd-dlr"] and saved["config"]["version"] == "rand"
     assert cli_main(["attack", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--attack", "autoattack",
