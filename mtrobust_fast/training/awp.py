@@ -13,7 +13,7 @@ import torch
 
 from mtrobust_fast.attacks.base import unwrap
 from mtrobust_fast.registry import Setting, integer, number
-from mtrobust_fast.training.objectives import Objective
+from mtrobust_fast.training.objectives import Objective, Wrapper
 from mtrobust_fast.training.recipes import RECIPES
 
 AWP_GAMMA = Setting("awp_gamma", number, 0.0, low=0, high=1,
@@ -23,7 +23,7 @@ AWP_WARMUP = Setting("awp_warmup", integer, 0, low=0, help="epochs trained befor
 
 
 @RECIPES.register("awp")
-class AWP(Objective):
+class AWP(Wrapper):
     """``inner`` trained at adversarially perturbed weights. ``weights``: the static task weights that combine
     its losses into the loss the perturbation raises; ``gamma``, ``warmup``: see the settings."""
 
@@ -41,9 +41,6 @@ class AWP(Objective):
     def start_epoch(self, epoch):
         self.active = epoch >= self.warmup
         self.inner.start_epoch(epoch)
-
-    def scale_budget(self, factor):
-        self.inner.scale_budget(factor)
 
     def perturbation(self, module, task_losses):
         """[(parameter, v)]: the per-layer ascent step of relative size ``gamma`` on the weighted loss."""

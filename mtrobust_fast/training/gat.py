@@ -16,13 +16,14 @@ on those clean inputs. Which images each head sees is ``routing``:
 
 The weighting strategy then combines the main and auxiliary losses (and the curvature term, if any).
 """
-from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, forward
+from mtrobust_fast.training.objectives import Objective, ObjectiveOutput, Wrapper, forward
 
 ROUTINGS = ("shared", "separate")
 
 
-class GAT(Objective):
-    """``main``: the objective over the main tasks; ``aux``: auxiliary task records; ``routing``: see above."""
+class GAT(Wrapper):
+    """``main``: the objective over the main tasks (held as ``inner``); ``aux``: auxiliary task records;
+    ``routing``: see above."""
 
     name = "gat"
 
@@ -33,17 +34,8 @@ class GAT(Objective):
             raise ValueError("GAT needs at least one auxiliary task")
         if type(main).updates is not Objective.updates:
             raise ValueError("GAT's main objective must make one update per batch (free replays batches)")
-        self.main, self.routing = main, routing
+        self.inner, self.routing = main, routing
         self.aux = sorted(aux, key=lambda task: task.order)  # targets come from what the ones before made
-
-    def start_epoch(self, epoch):
-        self.main.start_epoch(epoch)
-
-    def scale_budget(self, factor):
-        self.main.scale_budget(factor)
-
-    def after_step(self):
-        self.main.after_step()
 
     def shared_batch(self, images, targets, masks):
         """The batch every head sees under ``shared`` routing: images, targets with the auxiliary labels, masks.
@@ -64,7 +56,7 @@ class GAT(Objective):
     def updates(self, model, images, targets, masks):
         if self.routing == "shared":
             x, all_targets, all_masks = self.shared_batch(images, targets, masks)
-            out = self.main(model, x, targets, masks)
+            out = self.inner(model, x, targets, masks)
             features = [] if out.features is not None else None
             outputs = out.clean_outputs  # every head's output on x, when the main objective had a clean pass
             if outputs is None:
@@ -73,7 +65,7 @@ class GAT(Objective):
                           for t in self.aux}
             batch = (x, all_targets, all_masks)
         else:
-            out = self.main(model, images, targets, masks)
+            out = self.inner(model, images, targets, masks)
             features = [] if out.features is not None else None
             aux_losses = {}
             for task in self.aux:
@@ -86,4 +78,4 @@ class GAT(Objective):
                               None if features is None else out.features + features, batch)
 
     def describe(self):
-        return {**self.main.describe(), "gat": {"aux": [t.to_config() for t in self.aux], "routing": self.routing}}
+        return {**self.inner.describe(), "gat": {"aux": [t.to_config() for t in self.aux], "routing": self.routing}}

@@ -18,7 +18,7 @@ import torch
 
 from mtrobust_fast.attacks.base import unwrap
 from mtrobust_fast.registry import Setting, number
-from mtrobust_fast.training.objectives import Objective
+from mtrobust_fast.training.objectives import Objective, Wrapper
 from mtrobust_fast.training.recipes import RECIPES
 
 GRADALIGN = Setting("gradalign", number, 0.0, low=0,
@@ -38,7 +38,7 @@ def gradient_misalignment(g1, g2):
 
 
 @RECIPES.register("gradalign")
-class GradAlign(Objective):
+class GradAlign(Wrapper):
     """``inner`` (an adversarial objective with one update per batch) with GradAlign's term on the tasks it
     attacks."""
 
@@ -51,12 +51,6 @@ class GradAlign(Objective):
         self.inner, self.losses, self.attacked = inner, losses, list(attacked)
         self._saved = []  # (BatchNorm buffer, its value before the term's passes)
 
-    def start_epoch(self, epoch):
-        self.inner.start_epoch(epoch)
-
-    def scale_budget(self, factor):
-        self.inner.scale_budget(factor)
-
     def after_step(self):
         """After the optimiser step (the term's backward is done): BatchNorm's statistics back to what they were
         before the term's passes (restoring them earlier would change tensors its backward still needs)."""
@@ -65,9 +59,6 @@ class GradAlign(Objective):
                 buffer.copy_(saved)
         self._saved = []
         self.inner.after_step()
-
-    def holding(self):
-        return self.inner.holding()
 
     def _input_gradient(self, model, x, targets, masks):
         x = x.detach().requires_grad_(True)

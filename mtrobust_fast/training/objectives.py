@@ -120,6 +120,25 @@ class Objective:
         return {"objective": "clean"}
 
 
+class Wrapper(Objective):
+    """An objective around another (``inner``): the trainer's calls reach the inner objective unless a wrapper
+    adds to them (AWP, GradAlign, the curvature term, GAT)."""
+
+    inner: Objective
+
+    def start_epoch(self, epoch):
+        self.inner.start_epoch(epoch)
+
+    def scale_budget(self, factor):
+        self.inner.scale_budget(factor)
+
+    def after_step(self):
+        self.inner.after_step()
+
+    def holding(self):
+        return self.inner.holding()
+
+
 class CleanObjective(Objective):
     """Standard (non-adversarial) multi-task training: every task's loss on the clean images."""
 

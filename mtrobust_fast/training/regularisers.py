@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from mtrobust_fast.training.objectives import Objective
+from mtrobust_fast.training.objectives import Wrapper
 
 TINY = 1e-30  # squared norms at or below this count as zero
 
@@ -111,7 +111,7 @@ def curvature_term(kind, g1, g2, logits=None, labels=None):
     return _mean_where(houdini(xi, softmax_margin(logits, labels)), keep)
 
 
-class CurvatureRegularised(Objective):
+class CurvatureRegularised(Wrapper):
     """Wraps an objective: each of its outputs gains a ``"curvature"`` term, the mean ξ between the input
     gradients of tasks ``first`` and ``second`` at the clean images (the objective's own batch when it replaced
     it, e.g. GAT's transformed images with their auxiliary labels; one extra forward pass, double backprop),
@@ -129,15 +129,6 @@ class CurvatureRegularised(Objective):
         if first == second:
             raise ValueError("curvature: needs two different tasks")
         self.inner, self.losses, self.first, self.second, self.kind = inner, losses, first, second, kind
-
-    def start_epoch(self, epoch):
-        self.inner.start_epoch(epoch)
-
-    def scale_budget(self, factor):
-        self.inner.scale_budget(factor)
-
-    def after_step(self):
-        self.inner.after_step()
 
     def updates(self, model, images, targets, masks):
         for out in self.inner.updates(model, images, targets, masks):
