@@ -134,8 +134,8 @@ class AutoAttack(Attack):
     def _member(self, name, eps, restarts=1, restart=0):
         """Member ``name``; APGD's ``restart``-th run (a new random start: seed + restart), FAB's own restarts."""
         common = dict(eps=eps, norm=self.norm, seed=self.seed + restart, deterministic=self.deterministic,
-                      autocast=self.autocast, channels_last=self.channels_last, lo=self.lo, hi=self.hi,
-                      model_mode=self.model_mode, target_tasks=self.target_tasks)
+                      autocast=self.autocast, channels_last=self.channels_last, fold_batchnorm=self.fold_batchnorm,
+                      lo=self.lo, hi=self.hi, model_mode=self.model_mode, target_tasks=self.target_tasks)
         head = self.target_tasks[0]
         if name == "square":
             return Square(self.model, self.specs, steps=self.queries, **common)

@@ -20,6 +20,7 @@ from mtrobust_fast import budgets, ops, task_names
 from mtrobust_fast.attacks import dense
 from mtrobust_fast.attacks.cost import Cost
 from mtrobust_fast.attacks.specs import resolve_specs
+from mtrobust_fast.models import folding
 from mtrobust_fast.models.multitask import MultiTaskModel
 from mtrobust_fast.registry import Registry, Setting, boolean, integer, number, text
 from mtrobust_fast.tasks import opmath
@@ -191,7 +192,7 @@ class Attack(abc.ABC):
     def __init__(self, model, tasks=None, *, eps=8 / 255, alpha=None, steps=25, norm="linf",
                  random_start=None, restarts=1, target_tasks=None, seed=0, deterministic=False, autocast=None,
                  channels_last=False, lo=0.0, hi=1.0, record_steps=False, model_mode="eval", dense_loss="task",
-                 early_exit=True):
+                 early_exit=True, fold_batchnorm=False):
         model = unwrap(model)
         self.model = model
         self.specs = resolve_specs(model, tasks)
@@ -221,6 +222,7 @@ class Attack(abc.ABC):
             raise ValueError(f"dense_loss must be one of {dense.LOSSES}, got {dense_loss!r}")
         self.dense_loss = dense_loss
         self.early_exit = bool(early_exit)
+        self.fold_batchnorm = bool(fold_batchnorm)
         self._fingerprint = None  # set by early_exit.iterate for the step it runs
         self._stopped = None  # set by a step: its rows that stop on success (early_exit.iterate reads it)
         self._keep_step_errors = False  # loss evaluations also keep the heads' errors (success stops read them)
@@ -547,18 +549,24 @@ class Attack(abc.ABC):
 
         "eval": eval mode (BatchNorm uses its running statistics, dropout is off). "train": train mode (batch
         statistics, as during training) with every BatchNorm's running statistics left exactly as they were,
-        so attacking inside a training step does not update them."""
+        so attacking inside a training step does not update them. With ``fold_batchnorm`` (eval mode only) the
+        block sees ``self.model`` as its view with BatchNorms folded into convolutions
+        (:func:`~mtrobust_fast.models.folding.folded`)."""
+        original = self.model
         was_training = self.model.training
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         saved = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
                  for m in norms] if self.model_mode == "train" else []
         self.model.train(self.model_mode == "train")
+        if self.fold_batchnorm and self.model_mode == "eval":
+            self.model = folding.folded(original)
         if self.deterministic:
             torch.use_deterministic_algorithms(True)
         try:
             yield
         finally:
+            self.model = original
             for module, state in zip(norms, saved):
                 for key, value in state.items():
                     getattr(module, key).copy_(value)

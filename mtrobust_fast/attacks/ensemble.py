@@ -98,7 +98,8 @@ class DenseEnsemble(Attack):
             start = time.perf_counter()
             member = MEMBERS[name](self.model, self.specs, eps=rows.eps.double().cpu(), norm=self.norm,
                                    steps=self.steps, seed=self.seed, deterministic=self.deterministic,
-                                   autocast=self.autocast, channels_last=self.channels_last, lo=self.lo, hi=self.hi,
+                                   autocast=self.autocast, channels_last=self.channels_last,
+                                   fold_batchnorm=self.fold_batchnorm, lo=self.lo, hi=self.hi,
                                    model_mode=self.model_mode, target_tasks=self.target_tasks)
             member.on_gradient = self.on_gradient
             adv = member(rows.x0, rows.targets, rows.masks, sample_ids=rows.ids)

@@ -74,15 +74,17 @@ class AttackSettings:
     def step_size(self):
         return default_alpha(self.attack, self.eps, self.steps) if self.alpha is None else self.alpha
 
-    def build(self, model, tasks, attacked, seed, deterministic=False, early_exit=True):
+    def build(self, model, tasks, attacked, seed, deterministic=False, early_exit=True, fold_batchnorm=False):
         """The attack on ``model`` (unwrapped from DDP by the attack) raising the losses of ``attacked``.
-        ``early_exit=False`` turns the attack's exact early exit off where it has one (see ``AdversarialObjective``)."""
+        ``early_exit=False`` turns the attack's exact early exit off where it has one, ``fold_batchnorm`` runs an
+        eval-mode attack on the model with BatchNorms folded into convolutions (see ``AdversarialObjective``)."""
         cls = ATTACKS[self.attack]
         return build_attack(self.attack, model, tasks, eps=self.eps, norm=self.norm, alpha=self.step_size,
                             steps=self.steps if cls.takes("steps") else None,
                             random_start=True, target_tasks=list(attacked), seed=seed,
                             deterministic=deterministic, model_mode=self.model_mode, autocast=self.autocast,
                             early_exit=None if early_exit or not cls.takes("early_exit") else False,
+                            fold_batchnorm=fold_batchnorm,
                             **dict(self.options))
 
     def describe(self):
@@ -147,8 +149,10 @@ class AdversarialObjective(Objective):
     def build_attack(self, model, specs):
         """The inner attack on ``specs`` for one batch. Its exact early exit is off: a training attack runs a few
         steps from a random start, where rows rarely repeat an iterate, and the exit's determinism probe would cost
-        about 1.5 forward passes per batch (the points are the same either way)."""
-        return self.attack.build(model, specs, self.attacked, draw_seed(), early_exit=False)
+        about 1.5 forward passes per batch (the points are the same either way). In eval ``model_mode`` it runs on
+        the model with BatchNorms folded into convolutions (the same function up to float rounding, computed in
+        fewer passes; the folded weights are recomputed after every optimiser step)."""
+        return self.attack.build(model, specs, self.attacked, draw_seed(), early_exit=False, fold_batchnorm=True)
 
     def describe(self):
         return {"objective": self.name, "attacked": self.attacked, **self.attack.to_dict()}
