@@ -1,5 +1,6 @@
 """BatchNorm folding (models/folding.py): the folded view computes the eval-mode model's function, follows its
 weights, folds only what it may, and is what training's inner attacks run on."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,6 +116,17 @@ def test_a_convolution_used_twice_or_hooked_is_not_folded():
     assert folded(model) is model
     grouped = nn.Sequential(nn.ConvTranspose2d(4, 4, 2, 2, groups=2), nn.BatchNorm2d(4)).eval()
     assert folded(grouped) is grouped
+
+    class Shared(nn.Module):  # one convolution called twice, once before the BatchNorm
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)) + self.conv(x * 2)
+
+    shared = randomise_statistics(Shared()).eval()
+    assert folded(shared) is shared
     hooked = randomise_statistics(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).eval()
     seen = []
     hooked[1].register_forward_hook(lambda module, args, out: seen.append(out))
@@ -151,3 +163,22 @@ def test_training_inner_attack_runs_on_the_folded_model(monkeypatch):
     objective(model, x, {"class": y}, {})
     assert len(calls) == norms  # the training forward alone; 3 attack steps would add 3 x norms unfolded
     assert model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_view_on_cuda_matches_under_bf16_autocast(channels_last):
+    torch.manual_seed(0)
+    model = randomise_statistics(build_classifier("resnet18_cpu", 10, 32, "ce", None)).cuda().eval()
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    view = folded(model)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x)["class"], model(x)["class"], rtol=1e-3, atol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, expected = view(x)["class"].float(), model(x)["class"].float()
+    assert float((got - expected).abs().max()) <= 0.05 * float(expected.abs().max())  # bf16: 8 mantissa bits
+    y = torch.randint(0, 10, (8,), device="cuda")
+    points = PGD(model, ["class"], eps=8 / 255, steps=3, fold_batchnorm=True, autocast=torch.bfloat16)(x, {"class": y})
+    assert points.is_cuda and float((points - x).abs().max()) <= 8 / 255 + 1e-6

@@ -70,7 +70,8 @@ step build 300 env MTROBUST_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" "$PY" setup
 
 step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_ops_properties.py \
   python_tests/test_ops_errors.py python_tests/test_ops_reference.py python_tests/test_attacks.py \
-  python_tests/test_attacks_wgd_apgd.py python_tests/test_attacks_cuda.py python_tests/test_early_exit.py
+  python_tests/test_attacks_wgd_apgd.py python_tests/test_attacks_cuda.py python_tests/test_early_exit.py \
+  python_tests/test_folding.py
 step bench_ops 120 "$PY" scripts/bench_ops.py --device cuda --repeats 20
 step bench_attack 150 "$PY" scripts/bench_attack.py --device cuda --size 256 --batch 64 --autocast bf16 --repeats 5 --steps 4
 step bench_train 150 "$PY" scripts/bench_train.py --device cuda --batch 256 --autocast bf16 --channels-last --repeats 5

@@ -10,11 +10,12 @@ batch 64, 32 px, 2 cores: the encoder's forward + input gradient 104 ms, folded 
 recomputed whenever the model's weights or statistics change (tensor version counters), so one view follows a
 model through training. Its outputs equal the model's in eval mode up to float rounding (the folded weights are
 rounded once), not bitwise. Pairs are found by tracing each module with ``torch.fx``; a module that does not
-trace is searched child by child, and a convolution whose output is also used elsewhere, a grouped transposed
-convolution, or a module with hooks, is left as it is.
+trace is searched child by child, and a convolution whose output is also used elsewhere, a module called or
+registered twice, a grouped transposed convolution, or a module with hooks, is left as it is.
 """
 import copy
 import weakref
+from collections import Counter
 
 import torch
 import torch.fx
@@ -94,12 +95,17 @@ def _pairs(module, prefix=""):
             found.update(_pairs(child, f"{prefix}{name}."))
         return found
     modules = dict(module.named_modules())
+    registered = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     found = {}
     for node in graph.nodes:
         source = node.args[0] if node.op == "call_module" and node.args else None
         if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
                 and len(node.args) == 1 and not node.kwargs and len(source.args) == 1 and not source.kwargs
-                and _foldable(modules.get(source.target), modules.get(node.target))):
+                # each module called once and registered once: replacing it changes no other use
+                and calls[source.target] == calls[node.target] == 1
+                and _foldable(modules.get(source.target), modules.get(node.target))
+                and registered[id(modules[source.target])] == registered[id(modules[node.target])] == 1):
             found[prefix + source.target] = prefix + node.target
     return found
 
