@@ -4,7 +4,8 @@ Model: Taskonomy ResNet-18 with tasks sdnE (untrained weights: timing does not d
   - bare fwd+bwd: one forward of the whole model and a backward of the segmentation loss to the input (what
     an eager loop, or torchattacks, computes), and the minimal one for attacking s: encoder + s head only
     (our attacks run only the heads of attacked tasks);
-  - PGD step, WGD step (r-weighted, and with per-task normalised gradients): marginal time per step,
+  - PGD step (also with ``fold_batchnorm=True``: the model's BatchNorms folded into its convolutions), WGD step
+    (r-weighted, and with per-task normalised gradients): marginal time per step,
     (time of steps+1 steps − time of 1 step) / steps, so set-up and random start are excluded;
   - torchattacks PGD on the segmentation head (the same model, plain cross-entropy), measured the same way;
   - run_subsets over the 15 attacked sets of the 4 tasks vs 15 separate runs (images per second).
@@ -99,6 +100,9 @@ def main():
     attack = lambda atk: atk(x, targets, masks)  # noqa: E731
     rows.append(("PGD step (attack s)", per_step(
         lambda n: PGD(model, steps=n, target_tasks="s", **common), attack, args.steps, device, args.repeats)))
+    rows.append(("PGD step (attack s), BatchNorms folded", per_step(
+        lambda n: PGD(model, steps=n, target_tasks="s", fold_batchnorm=True, **common), attack, args.steps, device,
+        args.repeats)))
     rows.append(("PGD step (attack sdnE)", per_step(
         lambda n: PGD(model, steps=n, **common), attack, args.steps, device, args.repeats)))
     rows.append(("WGD step (attack sdnE)", per_step(
