@@ -116,10 +116,9 @@ def _view(module, replaced, name=""):
     if name in replaced:
         return replaced[name]
     view = copy.copy(module)
-    view._modules = {child_name: None if child is None else _view(child, replaced, f"{name}{child_name}" if not name
-                                                                  else f"{name}.{child_name}")
+    view._modules = {child_name: None if child is None else _view(child, replaced,
+                                                                  f"{name}.{child_name}" if name else child_name)
                      for child_name, child in module._modules.items()}
-    view.is_folded_view = True
     return view
 
 
@@ -138,6 +137,9 @@ def folded(model):
     for conv, norm in pairs.items():
         replaced[conv] = FoldedConv(modules[conv], modules[norm])
         replaced[norm] = nn.Identity()
-    view = _view(model, replaced).eval() if pairs else model
+    view = model
+    if pairs:
+        view = _view(model, replaced).eval()
+        view.is_folded_view = True
     _VIEWS[model] = (identities, view)
     return view
